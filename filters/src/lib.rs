@@ -1,0 +1,171 @@
+//! The flashgate filter chain.
+//!
+//! Filters sit between admission and the cache in the gateway's pipeline
+//! (see `docs/pipeline.md`): they see every request's head before it is
+//! looked up or forwarded, and every response's head on its way back. A
+//! filter may let the stream go on, answer it locally, or pause it until
+//! some asynchronous work (an HTTP callout, say) is done.
+//!
+//! This crate deliberately knows nothing about listeners, connection pools or
+//! Redis: it works on `http` request/response heads and a small
+//! [`StreamInfo`], so that native filters and the proxy-wasm host (a later
+//! addition behind the same [`FilterFactory`] trait) can be tested without a
+//! network.
+//!
+//! The model is Envoy's: a [`FilterFactory`] is built once per configured
+//! filter and makes one [`StreamFilter`] per request, so a filter can keep
+//! per-request state without locks.
+
+mod chain;
+pub mod native;
+
+pub use chain::{ChainStream, FilterChain};
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+/// What a filter wants done with the stream after one of its phases.
+pub enum Flow {
+    /// Go on with the next filter (or the next pipeline phase).
+    Continue,
+    /// Stop here and answer the client with this response. Filters after
+    /// this one never see the request.
+    Respond(LocalResponse),
+    /// Hold the stream until the future completes, then call the same
+    /// phase's `resume` hook. The future must not borrow the request: a
+    /// filter that needs to change the head after the wait records what to
+    /// do and applies it in `resume_*`.
+    Pause(Pending),
+}
+
+impl fmt::Debug for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Flow::Continue => f.write_str("Continue"),
+            Flow::Respond(r) => f.debug_tuple("Respond").field(&r.status).finish(),
+            Flow::Pause(_) => f.write_str("Pause"),
+        }
+    }
+}
+
+/// A paused stream's wake-up: when it completes, the chain resumes the filter.
+pub type Pending = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A response produced by a filter instead of the upstream.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl LocalResponse {
+    pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        LocalResponse {
+            status,
+            headers: HeaderMap::new(),
+            body: body.into(),
+        }
+    }
+}
+
+/// How important a route is when the gateway is overloaded. Checkout is
+/// `Critical`, the catalog `Normal`, recommendations and the like
+/// `Sheddable`. Filters read it to decide what to strip under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Sheddable,
+    #[default]
+    Normal,
+    Critical,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Sheddable => "sheddable",
+            Priority::Normal => "normal",
+            Priority::Critical => "critical",
+        }
+    }
+}
+
+/// Facts about the stream that filters may read but not change.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// The resolved client address (after PROXY protocol / trusted hops).
+    pub client_ip: IpAddr,
+    /// The matched route's name.
+    pub route: Arc<str>,
+    pub priority: Priority,
+    /// The gateway's current load level (0 = calm; higher = more loaded).
+    pub load_level: u8,
+    pub request_id: Arc<str>,
+}
+
+/// Per-request filter state. Every phase has a default that lets the stream
+/// continue, so a filter implements only the phases it cares about.
+pub trait StreamFilter: Send {
+    /// Runs once the request head is known, before the cache and upstream.
+    /// Changes to `req` are what the upstream sees.
+    fn on_request_headers(&mut self, _req: &mut http::request::Parts, _info: &StreamInfo) -> Flow {
+        Flow::Continue
+    }
+
+    /// Called after a `Flow::Pause` from `on_request_headers` completed.
+    fn resume_request_headers(
+        &mut self,
+        _req: &mut http::request::Parts,
+        _info: &StreamInfo,
+    ) -> Flow {
+        Flow::Continue
+    }
+
+    /// Runs on the response head on its way to the client, in the reverse
+    /// order of the request phase (the filter nearest the upstream first).
+    /// Local responses from earlier filters pass through here too.
+    fn on_response_headers(
+        &mut self,
+        _resp: &mut http::response::Parts,
+        _info: &StreamInfo,
+    ) -> Flow {
+        Flow::Continue
+    }
+
+    /// Called after a `Flow::Pause` from `on_response_headers` completed.
+    fn resume_response_headers(
+        &mut self,
+        _resp: &mut http::response::Parts,
+        _info: &StreamInfo,
+    ) -> Flow {
+        Flow::Continue
+    }
+
+    /// The stream is over (answered, failed or aborted by the client). Runs
+    /// exactly once per stream, also when the client went away mid-request.
+    fn on_done(&mut self) {}
+}
+
+/// A configured filter: built once from config, shared by all requests.
+pub trait FilterFactory: Send + Sync {
+    /// The name routes refer to it by.
+    fn name(&self) -> &str;
+    /// Makes the per-request state.
+    fn new_stream(&self) -> Box<dyn StreamFilter>;
+}
+
+/// Why a filter could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("unknown native filter `{0}` (known: {known})", known = native::KNOWN.join(", "))]
+    UnknownNative(String),
+    #[error("invalid config: {0}")]
+    Config(String),
+}

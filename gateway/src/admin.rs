@@ -1,0 +1,177 @@
+//! The admin listener: health, readiness, metrics, status and the mutating
+//! calls. It is a separate port, on loopback by default, so that neither the
+//! public internet nor the proxy's own load can reach or starve it.
+//! Mutating calls need `authorization: Bearer <admin.token>`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::Shared;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(shared.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> AdminResponse {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json_reply(status: StatusCode, value: serde_json::Value) -> AdminResponse {
+    reply(status, "application/json", value.to_string())
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte
+/// from response times.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn authorized(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminResponse> {
+    let runtime = shared.runtime.load();
+    let Some(expected) = runtime.config.admin.token.as_deref() else {
+        return Err(json_reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": "mutating admin calls are disabled: set admin.token"}),
+        ));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token_matches(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        let mut resp = json_reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong bearer token"}));
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        Err(resp)
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResponse, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method(), path.as_str()) {
+        // Liveness: answering at all is the signal; it never fails for
+        // slowness, so a busy gateway is not restarted into a worse state.
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if shared.draining.load(Ordering::Relaxed) {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            for c in &shared.runtime.load().clusters {
+                c.refresh_gauges();
+            }
+            reply(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render())
+        }
+        (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared)),
+        (&Method::POST, "/admin/reload") => match authorized(&shared, &req) {
+            Err(resp) => resp,
+            Ok(()) => match shared.reload().await {
+                Ok(outcome) => json_reply(
+                    StatusCode::OK,
+                    json!({"reloaded": true, "restart_required": outcome.restart_required}),
+                ),
+                Err(e) => json_reply(StatusCode::BAD_REQUEST, json!({"reloaded": false, "error": e})),
+            },
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload") => {
+            json_reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method not allowed"}))
+        }
+        _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    };
+    Ok(resp)
+}
+
+fn status(shared: &Shared) -> serde_json::Value {
+    let runtime = shared.runtime.load();
+    let routes: Vec<_> = runtime
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": &*r.name,
+                "host": r.host,
+                "path_prefix": r.path_prefix,
+                "upstream": &*r.cluster.name,
+                "priority": r.priority.as_str(),
+                "filters": r.filters.names().collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let clusters: Vec<_> = runtime
+        .clusters
+        .iter()
+        .map(|c| {
+            let endpoints: Vec<_> = c
+                .endpoint_states()
+                .into_iter()
+                .map(|(addr, healthy, ejected, in_flight)| {
+                    json!({"address": addr, "healthy": healthy, "ejected": ejected, "in_flight": in_flight})
+                })
+                .collect();
+            json!({"name": &*c.name, "endpoints": endpoints})
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "draining": shared.draining.load(Ordering::Relaxed),
+        "load_level": 0,
+        "config_file": shared.config_path.as_ref().map(|p| p.display().to_string()),
+        "routes": routes,
+        "clusters": clusters,
+        "filters": runtime.config.filters.iter().map(|f| &f.name).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_compare() {
+        assert!(super::token_matches(b"secret", b"secret"));
+        assert!(!super::token_matches(b"secreT", b"secret"));
+        assert!(!super::token_matches(b"secre", b"secret"));
+        assert!(!super::token_matches(b"", b"secret"));
+    }
+}

@@ -1,0 +1,687 @@
+//! Configuration: one TOML file -> typed structs -> validated as a whole.
+//!
+//! Parsing and validation are two steps, like sozu's and Pingora's: serde
+//! (with `deny_unknown_fields` everywhere) catches typos and bad values at
+//! their key path, then [`Config::validate`] checks what only the whole file
+//! can tell (names that must exist, listeners that overlap). Either way the
+//! first error comes back with its key path, e.g.
+//! `routes[2].upstream: unknown upstream "catalgo"`. Nothing listens until
+//! the whole file is valid, and a reload with an invalid file changes nothing.
+//!
+//! Every key and its default is documented in `docs/config.md`.
+
+pub mod units;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use filters::Priority;
+use serde::Deserialize;
+
+pub use units::{Dur, Rate, Size};
+
+/// A config error: where (key path) and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// Dotted key path such as `upstreams[0].health.interval`; `line N` when
+    /// the TOML itself does not parse.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback by default: the admin port can reload config and purge caches.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token for mutating calls. Without one, mutating calls are
+    /// refused; a non-loopback admin listener requires one.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter directive (`info`, `gateway=debug,warn`). The
+    /// `RUST_LOG` environment variable overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+    /// One line per request (route, upstream, status, latency).
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Time a client has to send a complete request head (slowloris bound).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// Largest request head (request line + headers) accepted, HTTP/1.1 and
+    /// HTTP/2 alike. Larger heads get 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: Size,
+}
+
+fn default_header_read_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+
+fn default_max_header_bytes() -> Size {
+    Size(64 * 1024)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    /// Power of two random choices by in-flight requests.
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `host:port` of each endpoint; host names are resolved per connection.
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Time from sending the request to the upstream's response head (504).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Dur,
+    /// Extra attempts for idempotent requests without a body after a connect
+    /// failure or a connection reset before any response (on another
+    /// endpoint when there is one).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Requests in flight to this cluster at most; more get 503 at once.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests: usize,
+    /// Idle keep-alive connections kept per endpoint.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_endpoint: usize,
+    /// An idle pooled connection is closed after this long.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub idle_timeout: Dur,
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn default_request_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(15))
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_max_concurrent() -> usize {
+    1024
+}
+fn default_max_idle() -> usize {
+    256
+}
+fn default_pool_idle_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+
+/// Active health checking: `GET path` on every endpoint every `interval`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Dur,
+    /// Consecutive passes that bring an unhealthy endpoint back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take an endpoint out.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+fn default_health_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_health_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+/// Passive outlier ejection from live traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive 5xx answers or connect failures that eject an endpoint;
+    /// 0 turns passive ejection off.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each further ejection adds as much.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection: Dur,
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection: Dur,
+    /// Never eject more than this share of a cluster (at least one endpoint
+    /// may always be ejected), so a bad deploy cannot empty a cluster.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection: default_base_ejection(),
+            max_ejection: default_max_ejection(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_max_ejection() -> Dur {
+    Dur(std::time::Duration::from_secs(300))
+}
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Used in metrics and logs; defaults to `host` + `path_prefix`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Exact host (`shop.example.com`) or suffix wildcard (`*.example.com`);
+    /// absent = any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    pub upstream: String,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Filter names, run in this order.
+    #[serde(default)]
+    pub filters: Vec<String>,
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+impl RouteConfig {
+    pub fn display_name(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!("{}{}", self.host.as_deref().unwrap_or("*"), self.path_prefix),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// A failing filter is skipped.
+    Open,
+    /// A failing filter fails the request (500).
+    #[default]
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub name: String,
+    /// A built-in filter kind (see `filters::native::KNOWN`).
+    #[serde(default)]
+    pub native: Option<String>,
+    /// A proxy-wasm module (`.wasm`).
+    #[serde(default)]
+    pub wasm: Option<PathBuf>,
+    /// Handed to the filter as its configuration (JSON for native filters).
+    #[serde(default)]
+    pub config: String,
+    #[serde(default)]
+    pub fail: FailMode,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::at(path.display().to_string(), format!("cannot read: {e}")))?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let path = if path == "." || path.is_empty() {
+                line.map_or_else(|| "config".to_string(), |l| format!("line {l}"))
+            } else {
+                path
+            };
+            ConfigError::at(path, inner.message().trim().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: cross references, uniqueness, overlaps.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let admin = &self.admin;
+        if !admin.listen.ip().is_loopback() && admin.token.is_none() {
+            return Err(ConfigError::at(
+                "admin.token",
+                "required when admin.listen is not a loopback address",
+            ));
+        }
+        if let Some(t) = &admin.token {
+            if t.trim().is_empty() {
+                return Err(ConfigError::at("admin.token", "must not be empty"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::at("log.level", e.to_string()));
+        }
+
+        if self.listeners.is_empty() {
+            return Err(ConfigError::at("listeners", "at least one [[listeners]] entry is required"));
+        }
+        let mut names = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let p = format!("listeners[{i}]");
+            if l.name.trim().is_empty() {
+                return Err(ConfigError::at(format!("{p}.name"), "must not be empty"));
+            }
+            if !names.insert(l.name.as_str()) {
+                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate listener name {:?}", l.name)));
+            }
+            if l.max_header_bytes.0 < 8 * 1024 || l.max_header_bytes.0 > 16 << 20 {
+                return Err(ConfigError::at(format!("{p}.max_header_bytes"), "must be between 8KiB and 16MiB"));
+            }
+            if l.header_read_timeout.0.is_zero() {
+                return Err(ConfigError::at(format!("{p}.header_read_timeout"), "must be above zero"));
+            }
+            if overlaps(l.listen, admin.listen) {
+                return Err(ConfigError::at(format!("{p}.listen"), format!("{} overlaps admin.listen {}", l.listen, admin.listen)));
+            }
+            for (j, other) in self.listeners[..i].iter().enumerate() {
+                if overlaps(l.listen, other.listen) {
+                    return Err(ConfigError::at(
+                        format!("{p}.listen"),
+                        format!("{} overlaps listeners[{j}] ({})", l.listen, other.listen),
+                    ));
+                }
+            }
+        }
+
+        let mut upstreams = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let p = format!("upstreams[{i}]");
+            if u.name.trim().is_empty() {
+                return Err(ConfigError::at(format!("{p}.name"), "must not be empty"));
+            }
+            if !upstreams.insert(u.name.as_str()) {
+                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate upstream name {:?}", u.name)));
+            }
+            if u.endpoints.is_empty() {
+                return Err(ConfigError::at(format!("{p}.endpoints"), "at least one endpoint is required"));
+            }
+            let mut seen = HashSet::new();
+            for (j, e) in u.endpoints.iter().enumerate() {
+                if let Err(m) = check_authority(e) {
+                    return Err(ConfigError::at(format!("{p}.endpoints[{j}]"), m));
+                }
+                if !seen.insert(e.as_str()) {
+                    return Err(ConfigError::at(format!("{p}.endpoints[{j}]"), format!("duplicate endpoint {e:?}")));
+                }
+            }
+            for (key, d) in [("connect_timeout", u.connect_timeout), ("request_timeout", u.request_timeout)] {
+                if d.0.is_zero() {
+                    return Err(ConfigError::at(format!("{p}.{key}"), "must be above zero"));
+                }
+            }
+            if u.max_concurrent_requests == 0 {
+                return Err(ConfigError::at(format!("{p}.max_concurrent_requests"), "must be above zero"));
+            }
+            if u.retries > 5 {
+                return Err(ConfigError::at(format!("{p}.retries"), "at most 5 (retries multiply load on a sick cluster)"));
+            }
+            if let Some(h) = &u.health {
+                if !h.path.starts_with('/') {
+                    return Err(ConfigError::at(format!("{p}.health.path"), "must start with '/'"));
+                }
+                if h.interval.0.is_zero() || h.timeout.0.is_zero() {
+                    return Err(ConfigError::at(format!("{p}.health.interval"), "interval and timeout must be above zero"));
+                }
+                if h.healthy_threshold == 0 {
+                    return Err(ConfigError::at(format!("{p}.health.healthy_threshold"), "must be at least 1"));
+                }
+                if h.unhealthy_threshold == 0 {
+                    return Err(ConfigError::at(format!("{p}.health.unhealthy_threshold"), "must be at least 1"));
+                }
+            }
+            let o = &u.outlier;
+            if o.max_ejection_percent > 100 {
+                return Err(ConfigError::at(format!("{p}.outlier.max_ejection_percent"), "must be between 0 and 100"));
+            }
+            if o.max_ejection < o.base_ejection {
+                return Err(ConfigError::at(format!("{p}.outlier.max_ejection"), "must not be below base_ejection"));
+            }
+        }
+
+        let mut filter_names = HashSet::new();
+        for (i, f) in self.filters.iter().enumerate() {
+            let p = format!("filters[{i}]");
+            if !filter_names.insert(f.name.as_str()) {
+                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate filter name {:?}", f.name)));
+            }
+            match (&f.native, &f.wasm) {
+                (Some(kind), None) => {
+                    if let Err(e) = filters::native::build(kind, &f.name, &f.config) {
+                        let key = if matches!(e, filters::FilterError::UnknownNative(_)) { "native" } else { "config" };
+                        return Err(ConfigError::at(format!("{p}.{key}"), e.to_string()));
+                    }
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::at(
+                        format!("{p}.wasm"),
+                        "Wasm filters are not available in this build yet (see docs/filters.md); use a native filter",
+                    ));
+                }
+                _ => {
+                    return Err(ConfigError::at(p, "set exactly one of `native` or `wasm`"));
+                }
+            }
+        }
+
+        let mut route_names = HashSet::new();
+        let mut matches = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let p = format!("routes[{i}]");
+            if !route_names.insert(r.display_name()) {
+                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate route name {:?}", r.display_name())));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(ConfigError::at(format!("{p}.path_prefix"), "must start with '/'"));
+            }
+            if let Some(h) = &r.host {
+                if let Err(m) = check_host_pattern(h) {
+                    return Err(ConfigError::at(format!("{p}.host"), m));
+                }
+            }
+            let key = (r.host.as_ref().map(|h| h.to_ascii_lowercase()), r.path_prefix.clone());
+            if !matches.insert(key) {
+                return Err(ConfigError::at(
+                    format!("{p}.path_prefix"),
+                    "another route already has the same host and path_prefix",
+                ));
+            }
+            if !upstreams.contains(r.upstream.as_str()) {
+                return Err(ConfigError::at(format!("{p}.upstream"), format!("unknown upstream {:?}", r.upstream)));
+            }
+            for (j, f) in r.filters.iter().enumerate() {
+                if !filter_names.contains(f.as_str()) {
+                    return Err(ConfigError::at(format!("{p}.filters[{j}]"), format!("unknown filter {f:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Two listen addresses overlap when they share a port and either binds all
+/// interfaces or both bind the same address. Port 0 (any free port) never
+/// overlaps.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `host:port` with a non-zero port; IPv6 literals in brackets.
+fn check_authority(s: &str) -> Result<(), String> {
+    let auth: http::uri::Authority = s
+        .parse()
+        .map_err(|_| format!("invalid endpoint {s:?}: expected host:port"))?;
+    match auth.port_u16() {
+        Some(0) | None => Err(format!("invalid endpoint {s:?}: expected host:port with a non-zero port")),
+        Some(_) if auth.as_str().contains('@') => Err(format!("invalid endpoint {s:?}: credentials are not allowed")),
+        Some(_) => Ok(()),
+    }
+}
+
+fn check_host_pattern(h: &str) -> Result<(), String> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid host {h:?}: expected a host name or *.suffix (no port)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[listeners]]
+name = "public"
+listen = "127.0.0.1:8080"
+
+[[upstreams]]
+name = "catalog"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+path_prefix = "/"
+upstream = "catalog"
+"#;
+
+    fn err(extra: &str) -> ConfigError {
+        Config::parse(&format!("{BASE}{extra}")).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn base_is_valid_with_defaults() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.upstreams[0].lb, LbPolicy::RoundRobin);
+        assert_eq!(c.upstreams[0].retries, 1);
+        assert_eq!(c.routes[0].priority, Priority::Normal);
+        assert_eq!(c.listeners[0].max_header_bytes, Size(65536));
+    }
+
+    #[test]
+    fn unknown_key_has_its_path() {
+        let e = Config::parse(&BASE.replace("upstream = \"catalog\"", "upstream = \"catalog\"\nupstrem = 1")).unwrap_err();
+        assert_eq!(e.path, "routes[0].upstrem");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_have_their_paths() {
+        let e = Config::parse(&BASE.replace("endpoints = [\"127.0.0.1:9000\"]", "endpoints = [\"127.0.0.1:9000\"]\nconnect_timeout = \"5x\"")).unwrap_err();
+        assert_eq!(e.path, "upstreams[0].connect_timeout");
+        let e = Config::parse(&BASE.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:8080\"\nmax_header_bytes = \"lots\"")).unwrap_err();
+        assert_eq!(e.path, "listeners[0].max_header_bytes");
+        let e = Config::parse(&BASE.replace("upstream = \"catalog\"", "upstream = \"catalog\"\npriority = \"urgent\"")).unwrap_err();
+        assert_eq!(e.path, "routes[0].priority");
+        let e = Config::parse(&BASE.replace("endpoints = [\"127.0.0.1:9000\"]", "endpoints = [\"127.0.0.1:9000\"]\nlb = \"random\"")).unwrap_err();
+        assert_eq!(e.path, "upstreams[0].lb");
+    }
+
+    #[test]
+    fn toml_syntax_error_names_the_line() {
+        let e = Config::parse("[[listeners]]\nname = \n").unwrap_err();
+        assert_eq!(e.path, "line 2", "{e}");
+    }
+
+    #[test]
+    fn unknown_upstream() {
+        let e = err("[[routes]]\npath_prefix = \"/x\"\nupstream = \"catalgo\"\n");
+        assert_eq!(e.path, "routes[1].upstream");
+        assert!(e.message.contains("catalgo"));
+    }
+
+    #[test]
+    fn overlapping_listeners() {
+        let e = err("[[listeners]]\nname = \"b\"\nlisten = \"0.0.0.0:8080\"\n");
+        assert_eq!(e.path, "listeners[1].listen");
+        let e = err("[[listeners]]\nname = \"b\"\nlisten = \"127.0.0.1:9901\"\n");
+        assert_eq!(e.path, "listeners[1].listen");
+        assert!(e.message.contains("admin"));
+        // Different ports, and port 0, never overlap.
+        Config::parse(&format!("{BASE}[[listeners]]\nname = \"b\"\nlisten = \"0.0.0.0:8081\"\n")).unwrap();
+        Config::parse(&format!("{BASE}[[listeners]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"c\"\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+    }
+
+    #[test]
+    fn duplicates_and_shapes() {
+        assert_eq!(err("[[upstreams]]\nname = \"catalog\"\nendpoints = [\"a:1\"]\n").path, "upstreams[1].name");
+        assert_eq!(err("[[upstreams]]\nname = \"x\"\nendpoints = [\"nohost\"]\n").path, "upstreams[1].endpoints[0]");
+        assert_eq!(err("[[upstreams]]\nname = \"x\"\nendpoints = []\n").path, "upstreams[1].endpoints");
+        assert_eq!(err("[[routes]]\npath_prefix = \"/\"\nupstream = \"catalog\"\nname = \"other\"\n").path, "routes[1].path_prefix");
+        assert_eq!(err("[[routes]]\npath_prefix = \"nope\"\nupstream = \"catalog\"\n").path, "routes[1].path_prefix");
+        assert_eq!(err("[[routes]]\nhost = \"a.com:80\"\nupstream = \"catalog\"\n").path, "routes[1].host");
+    }
+
+    #[test]
+    fn filters_are_checked() {
+        let e = err("[[routes]]\npath_prefix = \"/f\"\nupstream = \"catalog\"\nfilters = [\"missing\"]\n");
+        assert_eq!(e.path, "routes[1].filters[0]");
+        let e = err("[[filters]]\nname = \"h\"\nnative = \"headers\"\nconfig = '{\"bogus\": 1}'\n");
+        assert_eq!(e.path, "filters[0].config");
+        let e = err("[[filters]]\nname = \"h\"\nnative = \"nope\"\n");
+        assert_eq!(e.path, "filters[0].native");
+        let e = err("[[filters]]\nname = \"h\"\n");
+        assert_eq!(e.path, "filters[0]");
+        let e = err("[[filters]]\nname = \"h\"\nnative = \"headers\"\nfail = \"sometimes\"\n");
+        assert_eq!(e.path, "filters[0].fail");
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_token() {
+        let e = err("[admin]\nlisten = \"0.0.0.0:9901\"\n");
+        assert_eq!(e.path, "admin.token");
+        Config::parse(&format!("{BASE}[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"t\"\n")).unwrap();
+    }
+
+    #[test]
+    fn health_and_outlier_bounds() {
+        let e = err("[upstreams.health]\npath = \"healthz\"\n");
+        assert_eq!(e.path, "upstreams[0].health.path");
+        let e = err("[upstreams.health]\nunhealthy_threshold = 0\n");
+        assert_eq!(e.path, "upstreams[0].health.unhealthy_threshold");
+        let e = err("[upstreams.outlier]\nmax_ejection_percent = 101\n");
+        assert_eq!(e.path, "upstreams[0].outlier.max_ejection_percent");
+    }
+}

@@ -1,0 +1,197 @@
+//! The embedded default: a demo shop origin and the config that puts the
+//! gateway in front of it, so `flashgate demo` shows the whole product
+//! without installing anything.
+//!
+//! The origin is deliberately simple but shaped like a shop: a catalog of a
+//! few hundred products as JSON and HTML, a slow recommendations endpoint
+//! (the kind of feature a sale degrades first), static assets and a health
+//! path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+/// The demo config, also shipped as `config/demo.toml`.
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+/// How many products the demo catalog has.
+pub const PRODUCTS: u32 = 300;
+
+/// How long the recommendations endpoint takes, on purpose.
+pub const RECOMMENDATION_DELAY: Duration = Duration::from_millis(250);
+
+/// The demo config with the shop upstream pointed at `origin`.
+pub fn config(origin: SocketAddr) -> Config {
+    let mut config = Config::parse(DEMO_CONFIG).expect("the embedded demo config is valid");
+    for u in &mut config.upstreams {
+        if u.name == "shop" {
+            u.endpoints = vec![origin.to_string()];
+        }
+    }
+    config
+}
+
+const ADJECTIVES: &[&str] = &["Swift", "Cloud", "Retro", "Urban", "Trail", "Court", "Street", "Limited"];
+const NOUNS: &[&str] = &["Sneaker", "Runner", "Hoodie", "Cap", "Backpack", "Jacket", "Sock Pack", "Tee"];
+
+fn product(id: u32) -> serde_json::Value {
+    let i = id as usize;
+    json!({
+        "id": id,
+        "sku": format!("sku-{id:05}"),
+        "name": format!("{} {}", ADJECTIVES[i % ADJECTIVES.len()], NOUNS[(i / ADJECTIVES.len()) % NOUNS.len()]),
+        "price_cents": 1999 + (id * 3700) % 19000,
+        "in_stock": id % 17 != 0,
+    })
+}
+
+/// Pre-rendered responses: the origin should cost little, so benchmarks and
+/// the demo measure the gateway, not JSON encoding.
+struct Catalog {
+    products: Vec<Bytes>,
+    pages: Vec<Bytes>,
+}
+
+impl Catalog {
+    fn new() -> Catalog {
+        Catalog {
+            products: (1..=PRODUCTS).map(|id| Bytes::from(product(id).to_string())).collect(),
+            pages: (1..=PRODUCTS).map(|id| Bytes::from(product_page(id))).collect(),
+        }
+    }
+}
+
+fn product_page(id: u32) -> String {
+    let p = product(id);
+    format!(
+        "<!doctype html><html><head><title>{name}</title><link rel=\"stylesheet\" href=\"/static/app.css\"></head>\
+         <body><h1>{name}</h1><p class=\"price\">${dollars}.{cents:02}</p><p>{stock}</p>\
+         <div id=\"reco\" data-product=\"{id}\"></div><script src=\"/static/app.js\"></script></body></html>\n",
+        name = p["name"].as_str().unwrap_or(""),
+        dollars = p["price_cents"].as_u64().unwrap_or(0) / 100,
+        cents = p["price_cents"].as_u64().unwrap_or(0) % 100,
+        stock = if p["in_stock"].as_bool() == Some(true) { "In stock" } else { "Sold out" },
+    )
+}
+
+const APP_CSS: &str = "body{font-family:sans-serif;max-width:40em;margin:2em auto}.price{font-size:2em}\n";
+const APP_JS: &str = "fetch('/recommendations?product='+document.getElementById('reco').dataset.product)\
+.then(r=>r.json()).then(j=>{document.getElementById('reco').textContent='You may also like: '+j.items.map(p=>p.name).join(', ')});\n";
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+async fn origin(catalog: Arc<Catalog>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#));
+    }
+    let path = req.uri().path();
+    let query = req.uri().query();
+    let lookup = |id: &str| id.parse::<u32>().ok().filter(|id| (1..=PRODUCTS).contains(id));
+    let resp = match path {
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/" => {
+            let items: String = (1..=50)
+                .map(|id| format!("<li><a href=\"/shop/{id}\">{}</a></li>", product(id)["name"].as_str().unwrap_or("")))
+                .collect();
+            respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                format!("<!doctype html><html><head><title>flashgate demo shop</title></head><body><h1>Demo shop</h1><ul>{items}</ul></body></html>\n"),
+            )
+        }
+        "/products" => {
+            let page: u32 = query_param(query, "page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
+            let per_page: u32 = query_param(query, "per_page").and_then(|p| p.parse().ok()).unwrap_or(50).clamp(1, 100);
+            let first = (page - 1).saturating_mul(per_page) + 1;
+            let items: Vec<_> = (first..first.saturating_add(per_page)).filter(|id| *id <= PRODUCTS).map(product).collect();
+            respond(StatusCode::OK, "application/json", json!({"page": page, "total": PRODUCTS, "items": items}).to_string())
+        }
+        "/recommendations" => {
+            tokio::time::sleep(RECOMMENDATION_DELAY).await;
+            let seed = query_param(query, "product").and_then(lookup).unwrap_or(1);
+            let items: Vec<_> = (1..=4).map(|k| product((seed + k * 7) % PRODUCTS + 1)).collect();
+            respond(StatusCode::OK, "application/json", json!({"items": items}).to_string())
+        }
+        "/static/app.css" => respond(StatusCode::OK, "text/css", APP_CSS),
+        "/static/app.js" => respond(StatusCode::OK, "application/javascript", APP_JS),
+        _ => {
+            if let Some(id) = path.strip_prefix("/products/").and_then(lookup) {
+                respond(StatusCode::OK, "application/json", catalog.products[id as usize - 1].clone())
+            } else if let Some(id) = path.strip_prefix("/shop/").and_then(lookup) {
+                respond(StatusCode::OK, "text/html; charset=utf-8", catalog.pages[id as usize - 1].clone())
+            } else {
+                respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#)
+            }
+        }
+    };
+    let mut resp = resp;
+    if path.starts_with("/static/") {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("public, max-age=3600"));
+    } else if path.starts_with("/products") || path.starts_with("/shop/") {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("public, max-age=30"));
+    }
+    Ok(resp)
+}
+
+/// Serves the demo origin on `listener` until the task is dropped.
+pub async fn serve_origin(listener: TcpListener) {
+    let catalog = Arc::new(Catalog::new());
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let catalog = catalog.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| origin(catalog.clone(), req));
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn demo_config_is_valid() {
+        let c = super::config("127.0.0.1:1234".parse().unwrap());
+        assert_eq!(c.upstreams[0].endpoints, ["127.0.0.1:1234"]);
+    }
+
+    #[test]
+    fn products_are_stable() {
+        assert_eq!(super::product(1)["sku"], "sku-00001");
+        assert_eq!(super::product(1), super::product(1));
+    }
+}

@@ -1,0 +1,212 @@
+//! Header rules every proxied request and response follows: hop-by-hop
+//! removal (RFC 9110 section 7.6.1), forwarding headers, request ids and W3C
+//! trace context.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use rand::RngCore;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers that are never forwarded, whether or not `Connection`
+/// names them. `Proxy-Authenticate`/`Proxy-Authorization` are addressed to
+/// this proxy, not to the origin.
+fn fixed_hop_headers() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection`
+/// header lists (a client must not be able to smuggle `x-internal` past the
+/// proxy by naming it there, nor strip a header the origin relies on except
+/// by this rule).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let listed: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(&name);
+        }
+    }
+    for name in fixed_hop_headers() {
+        headers.remove(name);
+    }
+}
+
+/// Sets `x-forwarded-for` (appending the client), `x-forwarded-proto` and
+/// an RFC 7239 `forwarded` element for the hop from the client to us.
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, host: &str) {
+    let ip = client.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+
+    let node = match client {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(_) => format!("\"[{ip}]\""),
+    };
+    let mut element = format!("for={node};proto={proto}");
+    if !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+        element.push_str(";host=");
+        element.push_str(host);
+    }
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
+        _ => element,
+    };
+    if let Ok(v) = HeaderValue::try_from(forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Keeps a client's `x-request-id` when it is sane (1-128 visible ASCII
+/// characters), otherwise generates one. Returns the id in use.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    let v = HeaderValue::try_from(hex(&id)).expect("hex is a valid header value");
+    headers.insert(X_REQUEST_ID.clone(), v.clone());
+    v
+}
+
+/// Continues the client's W3C trace (same trace id and flags, a new parent
+/// id for our hop, as a participating intermediary must) or starts a new
+/// sampled one when there is none or it is malformed.
+pub fn continue_trace(headers: &mut HeaderMap) {
+    let mut rng = rand::thread_rng();
+    let mut span = [0u8; 8];
+    rng.fill_bytes(&mut span);
+    let value = match headers.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
+        Some((trace, flags)) => format!("00-{trace}-{}-{flags}", hex(&span)),
+        None => {
+            let mut trace = [0u8; 16];
+            rng.fill_bytes(&mut trace);
+            format!("00-{}-{}-01", hex(&trace), hex(&span))
+        }
+    };
+    headers.insert(TRACEPARENT.clone(), HeaderValue::try_from(value).expect("hex"));
+}
+
+/// Returns (trace id, flags) of a valid version-00 traceparent.
+fn parse_traceparent(v: &[u8]) -> Option<(&str, &str)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let mut parts = s.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let lower_hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = parts.next().is_none()
+        && version == "00"
+        && lower_hex(trace, 32)
+        && lower_hex(parent, 16)
+        && lower_hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    ok.then_some((trace, flags))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("x-kept", "yes".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarded_appends() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), "http", "shop.com");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["forwarded"], "for=10.0.0.1;proto=http;host=shop.com");
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, "::1".parse().unwrap(), "https", "bad host\"");
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=https");
+    }
+
+    #[test]
+    fn request_id_kept_or_made() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "abc-123".parse().unwrap());
+        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "has space".parse().unwrap());
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"], id);
+    }
+
+    #[test]
+    fn traceparent_continued_or_started() {
+        let mut h = HeaderMap::new();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", incoming.parse().unwrap());
+        continue_trace(&mut h);
+        let out = h["traceparent"].to_str().unwrap().to_string();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(out.ends_with("-01"));
+        assert_ne!(out, incoming);
+        assert!(parse_traceparent(out.as_bytes()).is_some());
+
+        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"] {
+            let mut h = HeaderMap::new();
+            h.insert("traceparent", bad.parse().unwrap());
+            continue_trace(&mut h);
+            let out = h["traceparent"].to_str().unwrap();
+            assert!(parse_traceparent(out.as_bytes()).is_some());
+            assert!(!out.contains("4bf92f"));
+        }
+    }
+}

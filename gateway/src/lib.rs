@@ -1,0 +1,209 @@
+//! flashgate's gateway: the ingress tier of a shop during a flash sale.
+//!
+//! It sits behind the cloud load balancer, accepts client connections
+//! ([`server`]), runs each request through the pipeline in [`proxy`]
+//! (identity, route, admission, filters, cache, upstream) and forwards it to
+//! an upstream cluster ([`upstream`]). The [`admin`] listener serves health,
+//! readiness, metrics and reloads. [`demo`] is the embedded default that
+//! `flashgate demo` runs.
+//!
+//! The library is what the `flashgate` binary and the end-to-end tests use:
+//! [`Gateway::start`] binds every listener of a validated [`Config`] and
+//! returns the bound addresses.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Config, ConfigError};
+use metrics::Metrics;
+use runtime::Runtime;
+
+/// State shared by every connection and the admin listener.
+pub struct Shared {
+    /// Swapped whole on reload; requests load it once and keep their copy.
+    pub runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    /// Set when shutdown starts: readiness fails so the load balancer stops
+    /// sending new connections while in-flight work finishes.
+    pub draining: AtomicBool,
+    /// Where `reload` reads the config from; `None` for the embedded demo.
+    pub config_path: Option<PathBuf>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// What a successful reload could not apply without a restart.
+#[derive(Debug, Default)]
+pub struct ReloadOutcome {
+    pub restart_required: Vec<String>,
+}
+
+impl Shared {
+    /// Re-reads the config file and swaps the runtime. An invalid file is
+    /// refused with its first error and the running config stays.
+    /// Listener and admin addresses are bound once; changes to them are
+    /// reported as needing a restart.
+    pub async fn reload(&self) -> Result<ReloadOutcome, String> {
+        let _serial = self.reload_lock.lock().await;
+        let result = self.try_reload();
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.config_reloads.with_label_values(&[label]).inc();
+        match &result {
+            Ok(o) => tracing::info!(restart_required = ?o.restart_required, "config reloaded"),
+            Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<ReloadOutcome, String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or_else(|| "this gateway runs the embedded demo config; there is no file to reload".to_string())?;
+        let new = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.runtime.load();
+        let mut outcome = ReloadOutcome::default();
+        let old_listeners: Vec<_> = old.config.listeners.iter().map(|l| (&l.name, l.listen)).collect();
+        let new_listeners: Vec<_> = new.listeners.iter().map(|l| (&l.name, l.listen)).collect();
+        if old_listeners != new_listeners {
+            outcome.restart_required.push("listeners".into());
+        }
+        if old.config.admin.listen != new.admin.listen {
+            outcome.restart_required.push("admin.listen".into());
+        }
+        let runtime = Runtime::build(new, &self.metrics).map_err(|e| e.to_string())?;
+        self.runtime.store(Arc::new(runtime));
+        Ok(outcome)
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway: its bound addresses and the handle to stop it.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    listeners: Vec<(String, SocketAddr)>,
+    admin: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How long open connections get to finish once shutdown starts.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Gateway {
+    /// Binds every listener and the admin port, then serves. Nothing is
+    /// served unless everything could be bound.
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Gateway, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let listener = TcpListener::bind(l.listen).await.map_err(|source| StartError::Bind {
+                what: format!("listener {:?}", l.name),
+                addr: l.listen,
+                source,
+            })?;
+            bound.push((l.clone(), listener));
+        }
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "admin".into(),
+                addr: config.admin.listen,
+                source,
+            })?;
+        let admin = admin_listener.local_addr().map_err(|source| StartError::Bind {
+            what: "admin".into(),
+            addr: config.admin.listen,
+            source,
+        })?;
+        let runtime = Runtime::build(config, &metrics)?;
+        let shared = Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            draining: AtomicBool::new(false),
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
+        for (cfg, listener) in bound {
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                what: format!("listener {:?}", cfg.name),
+                addr: cfg.listen,
+                source,
+            })?;
+            listeners.push((cfg.name.clone(), addr));
+            tasks.push(tokio::spawn(server::serve(
+                shared.clone(),
+                listener,
+                cfg,
+                rx.clone(),
+                DEFAULT_DRAIN_TIMEOUT,
+            )));
+        }
+        tasks.push(tokio::spawn(admin::serve(shared.clone(), admin_listener, rx)));
+        Ok(Gateway {
+            shared,
+            listeners,
+            admin,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The bound address of the listener named `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Graceful stop: readiness fails, listeners stop accepting, open
+    /// connections finish (bounded by the drain timeout), then it returns.
+    pub async fn shutdown(self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

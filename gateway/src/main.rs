@@ -1,0 +1,168 @@
+//! The `flashgate` command: `run`, `check` and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gateway::config::{Config, LogConfig, LogFormat};
+use gateway::{demo, Gateway};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "flashgate", version, about = "An edge-first flash-sale gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Validate config files; prints the first error with its key path.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run the embedded default: the gateway in front of a demo shop.
+    Demo {
+        /// Public listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// The demo shop origin.
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        origin: SocketAddr,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files } => check(&files),
+        Command::Run { config, threads } => exit(runtime(threads).and_then(|rt| rt.block_on(run(config)))),
+        Command::Demo {
+            listen,
+            admin,
+            origin,
+            threads,
+        } => exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin)))),
+    }
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flashgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for f in files {
+        match Config::load(f) {
+            Ok(_) => println!("{}: ok", f.display()),
+            Err(e) => {
+                eprintln!("{}: {e}", f.display());
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all().build().context("starting the tokio runtime")
+}
+
+fn init_logging(cfg: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    init_logging(&config.log);
+    let gw = Gateway::start(config, Some(path)).await?;
+    for (name, addr) in gw.listeners() {
+        tracing::info!(listener = %name, %addr, "listening");
+    }
+    tracing::info!(addr = %gw.admin_addr(), "admin listening");
+    serve_until_signal(gw).await
+}
+
+async fn run_demo(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> anyhow::Result<()> {
+    let origin_listener = TcpListener::bind(origin)
+        .await
+        .with_context(|| format!("cannot listen on {origin} for the demo origin (try --origin)"))?;
+    let origin = origin_listener.local_addr()?;
+    tokio::spawn(demo::serve_origin(origin_listener));
+    let mut config = demo::config(origin);
+    config.listeners[0].listen = listen;
+    config.admin.listen = admin;
+    init_logging(&config.log);
+    let token = config.admin.token.clone().unwrap_or_default();
+    let gw = Gateway::start(config, None).await?;
+    let public = gw.addr("public").context("demo config has a public listener")?;
+    let admin = gw.admin_addr();
+    println!(
+        "flashgate demo is running (not durable: everything lives in this process)\n\
+         \n  shop through the gateway  http://{public}/\n  \
+         a product (JSON)          http://{public}/products/1\n  \
+         a product page (HTML)     http://{public}/shop/1\n  \
+         slow recommendations      http://{public}/recommendations?product=1\n  \
+         demo origin (direct)      http://{origin}/\n  \
+         admin status              http://{admin}/admin/status\n  \
+         metrics                   http://{admin}/metrics\n  \
+         reload (token)            curl -X POST -H 'authorization: Bearer {token}' http://{admin}/admin/reload\n\
+         \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
+         \nCtrl-C stops it."
+    );
+    serve_until_signal(gw).await
+}
+
+/// SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.
+async fn serve_until_signal(gw: Gateway) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { let _ = gw.shared.reload().await; }
+        }
+    }
+    tracing::info!("shutting down: draining connections");
+    gw.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Prometheus metrics, all prefixed `flashgate_`. Handles that sit on the
+//! request path (per-route histograms, per-endpoint counters) are resolved
+//! once when config loads, so a request does not hash label values for them.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 0.5 ms to 10 s: a cache hit and a slow checkout both
+/// land in a useful bucket.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route and status (`route="none"` for 404s).
+    pub requests: IntCounterVec,
+    /// Time from request head to response head, by route.
+    pub request_duration: HistogramVec,
+    pub connections_active: IntGaugeVec,
+    pub connections_total: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    /// Failed upstream attempts by cause (`connect_refused`, `timeout`, ...).
+    pub upstream_errors: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    /// New TCP connections to upstreams; with `upstream_requests` this gives
+    /// pool reuse: 1 - connections / requests.
+    pub upstream_connections: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
+    /// Requests refused because the cluster was at `max_concurrent_requests`.
+    pub upstream_overflow: IntCounterVec,
+    /// Requests routed to all endpoints because none was available.
+    pub upstream_panic: IntCounterVec,
+    pub endpoint_healthy: IntGaugeVec,
+    pub endpoint_ejected: IntGaugeVec,
+    pub endpoint_ejections: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("flashgate".into()), None).expect("valid prefix");
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            reg(&registry, HistogramVec::new(opts, labels).expect("valid metric"))
+        };
+        Metrics {
+            requests: counter("requests_total", "Requests answered, by route and status.", &["route", "status"]),
+            request_duration: histogram(
+                "request_duration_seconds",
+                "Time from request head to response head, by route.",
+                &["route"],
+            ),
+            connections_active: gauge("connections_active", "Open client connections.", &["listener"]),
+            connections_total: counter("connections_total", "Accepted client connections.", &["listener"]),
+            upstream_requests: counter(
+                "upstream_requests_total",
+                "Requests sent to upstream endpoints.",
+                &["cluster", "endpoint"],
+            ),
+            upstream_errors: counter(
+                "upstream_errors_total",
+                "Failed upstream attempts, by cause.",
+                &["cluster", "cause"],
+            ),
+            upstream_duration: histogram(
+                "upstream_duration_seconds",
+                "Time from sending to an upstream to its response head.",
+                &["cluster"],
+            ),
+            upstream_connections: counter(
+                "upstream_connections_total",
+                "New TCP connections opened to upstreams (pool misses).",
+                &["cluster"],
+            ),
+            upstream_retries: counter("upstream_retries_total", "Retried upstream attempts.", &["cluster"]),
+            upstream_overflow: counter(
+                "upstream_overflow_total",
+                "Requests refused with 503 because the cluster was at max_concurrent_requests.",
+                &["cluster"],
+            ),
+            upstream_panic: counter(
+                "upstream_panic_total",
+                "Requests sent to an unavailable endpoint because no endpoint was available.",
+                &["cluster"],
+            ),
+            endpoint_healthy: gauge(
+                "upstream_endpoint_healthy",
+                "1 when the endpoint passes active health checks.",
+                &["cluster", "endpoint"],
+            ),
+            endpoint_ejected: gauge(
+                "upstream_endpoint_ejected",
+                "1 while the endpoint is ejected by outlier detection.",
+                &["cluster", "endpoint"],
+            ),
+            endpoint_ejections: counter(
+                "upstream_ejections_total",
+                "Outlier ejections of the endpoint.",
+                &["cluster", "endpoint"],
+            ),
+            config_reloads: counter("config_reloads_total", "Config reloads, by result.", &["result"]),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

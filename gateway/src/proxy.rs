@@ -1,0 +1,275 @@
+//! The request pipeline: one request's way through the gateway, phase by
+//! phase, in the order of `docs/pipeline.md`:
+//!
+//! ```text
+//! accept -> client identity -> route -> admission -> request filters
+//!        -> cache lookup -> upstream -> response filters -> log, metrics
+//! ```
+//!
+//! Phases that later issues fill in (admission, cache) have their place
+//! marked here, so the order stays readable in one function.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use filters::{LocalResponse, StreamInfo};
+use http::request::Parts;
+use http::{header, HeaderValue, Request, Response, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Incoming};
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::headers;
+use crate::router::request_host;
+use crate::upstream::{Cluster, Endpoint};
+use crate::Shared;
+
+/// What the listener knows about the connection a request came on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub listener: Arc<str>,
+    /// `http` or `https`, for `x-forwarded-proto`.
+    pub scheme: &'static str,
+}
+
+/// Handles one request. Never fails: every error becomes a response here or
+/// in [`ProxyError::response`].
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    // One runtime for the whole request, even if a reload lands meanwhile.
+    let runtime = shared.runtime.load_full();
+    let (mut head, body) = req.into_parts();
+
+    // Client identity. The peer address for now; PROXY protocol and trusted
+    // X-Forwarded-For hops plug in here, before anything uses the client IP.
+    let client_ip = conn.peer.ip();
+    let request_id = headers::ensure_request_id(&mut head.headers);
+
+    // Route: decides the cluster, the priority and the filters.
+    let host = request_host(&head.uri, &head.headers).to_string();
+    let Some(route) = runtime.route(&host, head.uri.path()) else {
+        let mut resp = ProxyError::NoRoute.response(&request_id);
+        resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+        shared
+            .metrics
+            .requests
+            .with_label_values(&["none", resp.status().as_str()])
+            .inc();
+        if runtime.config.log.access_log {
+            access_log(&head, &request_id, &conn, client_ip, "none", None, resp.status(), started);
+        }
+        return Ok(resp);
+    };
+
+    // Admission (bot rules, rate limits, waiting room, overload shedding)
+    // comes here: after routing, because limits and priorities are per
+    // route; before filters, so refused traffic costs no filter time.
+
+    // Request filters: may rewrite the head, answer locally, or pause.
+    let info = StreamInfo {
+        client_ip,
+        route: route.name.clone(),
+        priority: route.priority,
+        load_level: 0,
+        request_id: request_id.to_str().unwrap_or("").into(),
+    };
+    let mut chain = route.filters.start();
+    let local = if route.filters.is_empty() {
+        None
+    } else {
+        chain.on_request(&mut head, &info).await
+    };
+
+    // Cache lookup comes here: after filters (they may change the key or
+    // bypass), before the upstream.
+
+    let (mut resp, endpoint) = match local {
+        Some(local) => (local_response(local), None),
+        None => match forward(&route.cluster, head_for_upstream(&mut head, client_ip, &conn, &host), body).await {
+            Ok((resp, ep)) => (resp, Some(ep)),
+            Err(e) => (e.response(&request_id), None),
+        },
+    };
+
+    // Response filters, in reverse order; then our own response headers.
+    if !route.filters.is_empty() {
+        let (mut parts, mut body) = resp.into_parts();
+        if let Some(replaced) = chain.on_response(&mut parts, &info).await {
+            body = ProxyBody::full(replaced.body);
+        }
+        body.attach(chain);
+        resp = Response::from_parts(parts, body);
+    }
+    resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+
+    // Cache store, metrics and the access log close the request.
+    let status = resp.status();
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[&route.name, status.as_str()])
+        .inc();
+    route.latency.observe(started.elapsed().as_secs_f64());
+    if runtime.config.log.access_log {
+        access_log(&head, &request_id, &conn, client_ip, &route.name, endpoint.as_deref().map(|e| &*e.addr), status, started);
+    }
+    Ok(resp)
+}
+
+/// The request head as the upstream sees it.
+fn head_for_upstream(head: &mut Parts, client_ip: IpAddr, conn: &ConnInfo, host: &str) -> UpstreamHead {
+    // The client's head keeps only what the access log reads; the headers
+    // move to the upstream request rather than being copied.
+    let mut headers = std::mem::take(&mut head.headers);
+    // HTTP/2 clients send :authority instead of Host; the HTTP/1.1 upstream
+    // needs Host.
+    if !headers.contains_key(header::HOST) {
+        if let Some(auth) = head.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    headers::remove_hop_by_hop(&mut headers);
+    headers::set_forwarded(&mut headers, client_ip, conn.scheme, host);
+    headers::continue_trace(&mut headers);
+    UpstreamHead {
+        method: head.method.clone(),
+        path: head
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        headers,
+    }
+}
+
+struct UpstreamHead {
+    method: http::Method,
+    path: String,
+    headers: http::HeaderMap,
+}
+
+/// Sends the request to an endpoint of the cluster, retrying where that is
+/// safe: idempotent methods without a body, after a failed connect or a
+/// reset before any response, on another endpoint when there is one. A
+/// timeout is not retried (the request may be running upstream, and a retry
+/// would double the load on a cluster that is already slow).
+async fn forward(
+    cluster: &Arc<Cluster>,
+    mut head: UpstreamHead,
+    body: Incoming,
+) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+    let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
+    let retriable = head.method.is_idempotent() && body.is_end_stream();
+    let attempts = if retriable { cluster.retries + 1 } else { 1 };
+    let mut body = Some(body);
+    let mut tried = Vec::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last = attempt >= attempts;
+        let i = cluster.pick(&tried);
+        tried.push(i);
+        let endpoint = cluster.endpoints[i].clone();
+        let uri: Uri = format!("http://{}{}", endpoint.addr, head.path)
+            .parse()
+            .map_err(|_| ProxyError::ConnectFailed)?;
+        let req_body = match body.take() {
+            Some(b) => Either::Left(b),
+            None => Either::Right(Full::new(Bytes::new())),
+        };
+        let mut req = Request::new(req_body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = if last {
+            std::mem::take(&mut head.headers)
+        } else {
+            head.headers.clone()
+        };
+
+        let in_flight = cluster.start(i, None);
+        let sent = Instant::now();
+        let outcome = tokio::time::timeout(cluster.request_timeout, cluster.client.request(req)).await;
+        let err = match outcome {
+            Ok(Ok(resp)) => {
+                cluster.duration.observe(sent.elapsed().as_secs_f64());
+                cluster.observe(i, resp.status().is_server_error());
+                let (mut parts, body) = resp.into_parts();
+                headers::remove_hop_by_hop(&mut parts.headers);
+                let in_flight = in_flight.hold(permit);
+                return Ok((Response::from_parts(parts, ProxyBody::upstream(body, in_flight)), endpoint));
+            }
+            Ok(Err(e)) => classify(&e),
+            Err(_elapsed) => ProxyError::Timeout,
+        };
+        cluster.observe(i, true);
+        cluster.record_error(err.code());
+        tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempt, "upstream attempt failed");
+        if last || err == ProxyError::Timeout {
+            return Err(err);
+        }
+        cluster.metrics.upstream_retries.with_label_values(&[&cluster.name]).inc();
+    }
+}
+
+/// Maps a client error to its cause by walking the error chain down to the
+/// I/O error.
+fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut io_kind = None;
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        match io_kind {
+            Some(std::io::ErrorKind::ConnectionRefused) => ProxyError::ConnectRefused,
+            Some(std::io::ErrorKind::TimedOut) => ProxyError::ConnectTimeout,
+            _ => ProxyError::ConnectFailed,
+        }
+    } else {
+        ProxyError::UpstreamReset
+    }
+}
+
+fn local_response(local: LocalResponse) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(local.body));
+    *resp.status_mut() = local.status;
+    *resp.headers_mut() = local.headers;
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    head: &Parts,
+    request_id: &HeaderValue,
+    conn: &ConnInfo,
+    client_ip: IpAddr,
+    route: &str,
+    upstream: Option<&str>,
+    status: http::StatusCode,
+    started: Instant,
+) {
+    tracing::info!(
+        target: "flashgate::access",
+        listener = %conn.listener,
+        client = %client_ip,
+        method = %head.method,
+        path = head.uri.path(),
+        route,
+        upstream = upstream.unwrap_or("-"),
+        status = status.as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        request_id = request_id.to_str().unwrap_or("-"),
+    );
+}
