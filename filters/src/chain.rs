@@ -172,7 +172,10 @@ mod tests {
             req: &mut http::request::Parts,
             _: &StreamInfo,
         ) -> Flow {
-            self.log.lock().unwrap().push(format!("resume:{}", self.name));
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("resume:{}", self.name));
             req.headers
                 .append("x-seen", HeaderValue::from_static(self.name));
             Flow::Continue

@@ -49,7 +49,9 @@ struct HeaderEdits {
     response_remove: Vec<HeaderName>,
 }
 
-fn parse_pairs(pairs: Vec<(String, String)>) -> Result<Vec<(HeaderName, HeaderValue)>, FilterError> {
+fn parse_pairs(
+    pairs: Vec<(String, String)>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, FilterError> {
     pairs
         .into_iter()
         .map(|(n, v)| {
@@ -113,11 +115,19 @@ struct HeadersStream(Arc<HeaderEdits>);
 
 impl StreamFilter for HeadersStream {
     fn on_request_headers(&mut self, req: &mut http::request::Parts, _: &StreamInfo) -> Flow {
-        apply(&mut req.headers, &self.0.request_set, &self.0.request_remove);
+        apply(
+            &mut req.headers,
+            &self.0.request_set,
+            &self.0.request_remove,
+        );
         Flow::Continue
     }
     fn on_response_headers(&mut self, resp: &mut http::response::Parts, _: &StreamInfo) -> Flow {
-        apply(&mut resp.headers, &self.0.response_set, &self.0.response_remove);
+        apply(
+            &mut resp.headers,
+            &self.0.response_set,
+            &self.0.response_remove,
+        );
         Flow::Continue
     }
 }
@@ -165,7 +175,10 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        assert!(matches!(s.on_request_headers(&mut req, &info), Flow::Continue));
+        assert!(matches!(
+            s.on_request_headers(&mut req, &info),
+            Flow::Continue
+        ));
         assert_eq!(req.headers["x-a"], "1");
         assert!(req.headers.get("x-b").is_none());
         let (mut resp, ()) = http::Response::builder()

@@ -20,7 +20,11 @@ use crate::Shared;
 
 type AdminResponse = Response<Full<Bytes>>;
 
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -59,13 +63,19 @@ fn json_reply(status: StatusCode, value: serde_json::Value) -> AdminResponse {
 /// Constant-time comparison, so the token cannot be guessed byte by byte
 /// from response times.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
-fn authorized(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminResponse> {
+/// `None` when the request carries the admin token; otherwise the refusal.
+fn refusal(shared: &Shared, req: &Request<Incoming>) -> Option<AdminResponse> {
     let runtime = shared.runtime.load();
     let Some(expected) = runtime.config.admin.token.as_deref() else {
-        return Err(json_reply(
+        return Some(json_reply(
             StatusCode::FORBIDDEN,
             json!({"error": "mutating admin calls are disabled: set admin.token"}),
         ));
@@ -77,12 +87,17 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminRespo
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if token_matches(given.as_bytes(), expected.as_bytes()) {
-        Ok(())
+        None
     } else {
-        let mut resp = json_reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong bearer token"}));
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        Err(resp)
+        let mut resp = json_reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong bearer token"}),
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        Some(resp)
     }
 }
 
@@ -103,22 +118,30 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             for c in &shared.runtime.load().clusters {
                 c.refresh_gauges();
             }
-            reply(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render())
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                shared.metrics.render(),
+            )
         }
         (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared)),
-        (&Method::POST, "/admin/reload") => match authorized(&shared, &req) {
-            Err(resp) => resp,
-            Ok(()) => match shared.reload().await {
+        (&Method::POST, "/admin/reload") => match refusal(&shared, &req) {
+            Some(resp) => resp,
+            None => match shared.reload().await {
                 Ok(outcome) => json_reply(
                     StatusCode::OK,
                     json!({"reloaded": true, "restart_required": outcome.restart_required}),
                 ),
-                Err(e) => json_reply(StatusCode::BAD_REQUEST, json!({"reloaded": false, "error": e})),
+                Err(e) => json_reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"reloaded": false, "error": e}),
+                ),
             },
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload") => {
-            json_reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method not allowed"}))
-        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload") => json_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method not allowed"}),
+        ),
         _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
     };
     Ok(resp)

@@ -75,7 +75,9 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
-            Inner::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Inner::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
         };
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = polled {
             this.release();

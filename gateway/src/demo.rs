@@ -44,8 +44,19 @@ pub fn config(origin: SocketAddr) -> Config {
     config
 }
 
-const ADJECTIVES: &[&str] = &["Swift", "Cloud", "Retro", "Urban", "Trail", "Court", "Street", "Limited"];
-const NOUNS: &[&str] = &["Sneaker", "Runner", "Hoodie", "Cap", "Backpack", "Jacket", "Sock Pack", "Tee"];
+const ADJECTIVES: &[&str] = &[
+    "Swift", "Cloud", "Retro", "Urban", "Trail", "Court", "Street", "Limited",
+];
+const NOUNS: &[&str] = &[
+    "Sneaker",
+    "Runner",
+    "Hoodie",
+    "Cap",
+    "Backpack",
+    "Jacket",
+    "Sock Pack",
+    "Tee",
+];
 
 fn product(id: u32) -> serde_json::Value {
     let i = id as usize;
@@ -54,7 +65,7 @@ fn product(id: u32) -> serde_json::Value {
         "sku": format!("sku-{id:05}"),
         "name": format!("{} {}", ADJECTIVES[i % ADJECTIVES.len()], NOUNS[(i / ADJECTIVES.len()) % NOUNS.len()]),
         "price_cents": 1999 + (id * 3700) % 19000,
-        "in_stock": id % 17 != 0,
+        "in_stock": !id.is_multiple_of(17),
     })
 }
 
@@ -68,8 +79,12 @@ struct Catalog {
 impl Catalog {
     fn new() -> Catalog {
         Catalog {
-            products: (1..=PRODUCTS).map(|id| Bytes::from(product(id).to_string())).collect(),
-            pages: (1..=PRODUCTS).map(|id| Bytes::from(product_page(id))).collect(),
+            products: (1..=PRODUCTS)
+                .map(|id| Bytes::from(product(id).to_string()))
+                .collect(),
+            pages: (1..=PRODUCTS)
+                .map(|id| Bytes::from(product_page(id)))
+                .collect(),
         }
     }
 }
@@ -87,15 +102,22 @@ fn product_page(id: u32) -> String {
     )
 }
 
-const APP_CSS: &str = "body{font-family:sans-serif;max-width:40em;margin:2em auto}.price{font-size:2em}\n";
+const APP_CSS: &str =
+    "body{font-family:sans-serif;max-width:40em;margin:2em auto}.price{font-size:2em}\n";
 const APP_JS: &str = "fetch('/recommendations?product='+document.getElementById('reco').dataset.product)\
 .then(r=>r.json()).then(j=>{document.getElementById('reco').textContent='You may also like: '+j.items.map(p=>p.name).join(', ')});\n";
 
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
@@ -107,18 +129,34 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn origin(catalog: Arc<Catalog>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn origin(
+    catalog: Arc<Catalog>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#));
+        return Ok(respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "application/json",
+            r#"{"error":"method not allowed"}"#,
+        ));
     }
     let path = req.uri().path();
     let query = req.uri().query();
-    let lookup = |id: &str| id.parse::<u32>().ok().filter(|id| (1..=PRODUCTS).contains(id));
+    let lookup = |id: &str| {
+        id.parse::<u32>()
+            .ok()
+            .filter(|id| (1..=PRODUCTS).contains(id))
+    };
     let resp = match path {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/" => {
             let items: String = (1..=50)
-                .map(|id| format!("<li><a href=\"/shop/{id}\">{}</a></li>", product(id)["name"].as_str().unwrap_or("")))
+                .map(|id| {
+                    format!(
+                        "<li><a href=\"/shop/{id}\">{}</a></li>",
+                        product(id)["name"].as_str().unwrap_or("")
+                    )
+                })
                 .collect();
             respond(
                 StatusCode::OK,
@@ -127,37 +165,72 @@ async fn origin(catalog: Arc<Catalog>, req: Request<Incoming>) -> Result<Respons
             )
         }
         "/products" => {
-            let page: u32 = query_param(query, "page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
-            let per_page: u32 = query_param(query, "per_page").and_then(|p| p.parse().ok()).unwrap_or(50).clamp(1, 100);
+            let page: u32 = query_param(query, "page")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(1)
+                .max(1);
+            let per_page: u32 = query_param(query, "per_page")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(50)
+                .clamp(1, 100);
             let first = (page - 1).saturating_mul(per_page) + 1;
-            let items: Vec<_> = (first..first.saturating_add(per_page)).filter(|id| *id <= PRODUCTS).map(product).collect();
-            respond(StatusCode::OK, "application/json", json!({"page": page, "total": PRODUCTS, "items": items}).to_string())
+            let items: Vec<_> = (first..first.saturating_add(per_page))
+                .filter(|id| *id <= PRODUCTS)
+                .map(product)
+                .collect();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                json!({"page": page, "total": PRODUCTS, "items": items}).to_string(),
+            )
         }
         "/recommendations" => {
             tokio::time::sleep(RECOMMENDATION_DELAY).await;
             let seed = query_param(query, "product").and_then(lookup).unwrap_or(1);
-            let items: Vec<_> = (1..=4).map(|k| product((seed + k * 7) % PRODUCTS + 1)).collect();
-            respond(StatusCode::OK, "application/json", json!({"items": items}).to_string())
+            let items: Vec<_> = (1..=4)
+                .map(|k| product((seed + k * 7) % PRODUCTS + 1))
+                .collect();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                json!({"items": items}).to_string(),
+            )
         }
         "/static/app.css" => respond(StatusCode::OK, "text/css", APP_CSS),
         "/static/app.js" => respond(StatusCode::OK, "application/javascript", APP_JS),
         _ => {
             if let Some(id) = path.strip_prefix("/products/").and_then(lookup) {
-                respond(StatusCode::OK, "application/json", catalog.products[id as usize - 1].clone())
+                respond(
+                    StatusCode::OK,
+                    "application/json",
+                    catalog.products[id as usize - 1].clone(),
+                )
             } else if let Some(id) = path.strip_prefix("/shop/").and_then(lookup) {
-                respond(StatusCode::OK, "text/html; charset=utf-8", catalog.pages[id as usize - 1].clone())
+                respond(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    catalog.pages[id as usize - 1].clone(),
+                )
             } else {
-                respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#)
+                respond(
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    r#"{"error":"not found"}"#,
+                )
             }
         }
     };
     let mut resp = resp;
     if path.starts_with("/static/") {
-        resp.headers_mut()
-            .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("public, max-age=3600"));
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("public, max-age=3600"),
+        );
     } else if path.starts_with("/products") || path.starts_with("/shop/") {
-        resp.headers_mut()
-            .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("public, max-age=30"));
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("public, max-age=30"),
+        );
     }
     Ok(resp)
 }
@@ -176,7 +249,9 @@ pub async fn serve_origin(listener: TcpListener) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| origin(catalog.clone(), req));
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -11,6 +11,8 @@ use crate::body::ProxyBody;
 /// 502 from a refused connect from one from a reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
+    #[error("the request path is not acceptable (dot segments above the root or percent-encoded)")]
+    BadPath,
     #[error("no route matches this host and path")]
     NoRoute,
     #[error("the upstream cluster is at its concurrency limit")]
@@ -30,6 +32,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
+            ProxyError::BadPath => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectRefused | ProxyError::ConnectFailed | ProxyError::UpstreamReset => {
@@ -41,6 +44,7 @@ impl ProxyError {
 
     pub fn code(self) -> &'static str {
         match self {
+            ProxyError::BadPath => "bad_path",
             ProxyError::NoRoute => "no_route",
             ProxyError::Overflow => "upstream_overflow",
             ProxyError::ConnectRefused => "connect_refused",
@@ -60,7 +64,10 @@ impl ProxyError {
         let mut resp = Response::new(ProxyBody::full(body.to_string()));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert("x-flashgate-error", HeaderValue::from_static(self.code()));
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -70,7 +70,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
         IpAddr::V6(_) => format!("\"[{ip}]\""),
     };
     let mut element = format!("for={node};proto={proto}");
-    if !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+    if !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
         element.push_str(";host=");
         element.push_str(host);
     }
@@ -106,7 +110,10 @@ pub fn continue_trace(headers: &mut HeaderMap) {
     let mut rng = rand::thread_rng();
     let mut span = [0u8; 8];
     rng.fill_bytes(&mut span);
-    let value = match headers.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
+    let value = match headers
+        .get(&TRACEPARENT)
+        .and_then(|v| parse_traceparent(v.as_bytes()))
+    {
         Some((trace, flags)) => format!("00-{trace}-{}-{flags}", hex(&span)),
         None => {
             let mut trace = [0u8; 16];
@@ -114,15 +121,23 @@ pub fn continue_trace(headers: &mut HeaderMap) {
             format!("00-{}-{}-01", hex(&trace), hex(&span))
         }
     };
-    headers.insert(TRACEPARENT.clone(), HeaderValue::try_from(value).expect("hex"));
+    headers.insert(
+        TRACEPARENT.clone(),
+        HeaderValue::try_from(value).expect("hex"),
+    );
 }
 
 /// Returns (trace id, flags) of a valid version-00 traceparent.
 fn parse_traceparent(v: &[u8]) -> Option<(&str, &str)> {
     let s = std::str::from_utf8(v).ok()?;
     let mut parts = s.split('-');
-    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let lower_hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let lower_hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     let ok = parts.next().is_none()
         && version == "00"
         && lower_hex(trace, 32)
@@ -200,7 +215,11 @@ mod tests {
         assert_ne!(out, incoming);
         assert!(parse_traceparent(out.as_bytes()).is_some());
 
-        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"] {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
             let mut h = HeaderMap::new();
             h.insert("traceparent", bad.parse().unwrap());
             continue_trace(&mut h);

@@ -48,6 +48,10 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Where `reload` reads the config from; `None` for the embedded demo.
     pub config_path: Option<PathBuf>,
+    /// The listener and admin settings in effect: bound at start, so a
+    /// reload that changes them reports a restart as needed, also after
+    /// earlier reloads.
+    bound: (Vec<config::ListenerConfig>, SocketAddr),
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -66,10 +70,15 @@ impl Shared {
         let _serial = self.reload_lock.lock().await;
         let result = self.try_reload();
         let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.config_reloads.with_label_values(&[label]).inc();
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
         match &result {
             Ok(o) => tracing::info!(restart_required = ?o.restart_required, "config reloaded"),
-            Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload refused; the running config stays")
+            }
         }
         result
     }
@@ -78,19 +87,20 @@ impl Shared {
         let path = self
             .config_path
             .as_ref()
-            .ok_or_else(|| "this gateway runs the embedded demo config; there is no file to reload".to_string())?;
+            .ok_or_else(|| "this gateway was started without a config file (as `flashgate demo` is); there is nothing to reload".to_string())?;
         let new = Config::load(path).map_err(|e| e.to_string())?;
         let old = self.runtime.load();
         let mut outcome = ReloadOutcome::default();
-        let old_listeners: Vec<_> = old.config.listeners.iter().map(|l| (&l.name, l.listen)).collect();
-        let new_listeners: Vec<_> = new.listeners.iter().map(|l| (&l.name, l.listen)).collect();
-        if old_listeners != new_listeners {
+        if self.bound.0 != new.listeners {
             outcome.restart_required.push("listeners".into());
         }
-        if old.config.admin.listen != new.admin.listen {
+        if self.bound.1 != new.admin.listen {
             outcome.restart_required.push("admin.listen".into());
         }
-        let runtime = Runtime::build(new, &self.metrics).map_err(|e| e.to_string())?;
+        if old.config.log.level != new.log.level || old.config.log.format != new.log.format {
+            outcome.restart_required.push("log.level/log.format".into());
+        }
+        let runtime = Runtime::build(new, &self.metrics, Some(&old)).map_err(|e| e.to_string())?;
         self.runtime.store(Arc::new(runtime));
         Ok(outcome)
     }
@@ -117,6 +127,8 @@ pub struct Gateway {
     admin: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    admin_shutdown: watch::Sender<bool>,
+    admin_task: tokio::task::JoinHandle<()>,
 }
 
 /// How long open connections get to finish once shutdown starts.
@@ -125,15 +137,21 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 impl Gateway {
     /// Binds every listener and the admin port, then serves. Nothing is
     /// served unless everything could be bound.
-    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Gateway, StartError> {
+    pub async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let listener = TcpListener::bind(l.listen).await.map_err(|source| StartError::Bind {
-                what: format!("listener {:?}", l.name),
-                addr: l.listen,
-                source,
-            })?;
+            let listener =
+                TcpListener::bind(l.listen)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: format!("listener {:?}", l.name),
+                        addr: l.listen,
+                        source,
+                    })?;
             bound.push((l.clone(), listener));
         }
         let admin_listener = TcpListener::bind(config.admin.listen)
@@ -143,13 +161,17 @@ impl Gateway {
                 addr: config.admin.listen,
                 source,
             })?;
-        let admin = admin_listener.local_addr().map_err(|source| StartError::Bind {
-            what: "admin".into(),
-            addr: config.admin.listen,
-            source,
-        })?;
-        let runtime = Runtime::build(config, &metrics)?;
+        let admin = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "admin".into(),
+                addr: config.admin.listen,
+                source,
+            })?;
+        let bound_config = (config.listeners.clone(), config.admin.listen);
+        let runtime = Runtime::build(config, &metrics, None)?;
         let shared = Arc::new(Shared {
+            bound: bound_config,
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             draining: AtomicBool::new(false),
@@ -174,19 +196,25 @@ impl Gateway {
                 DEFAULT_DRAIN_TIMEOUT,
             )));
         }
-        tasks.push(tokio::spawn(admin::serve(shared.clone(), admin_listener, rx)));
+        let (admin_shutdown, admin_rx) = watch::channel(false);
+        let admin_task = tokio::spawn(admin::serve(shared.clone(), admin_listener, admin_rx));
         Ok(Gateway {
             shared,
             listeners,
             admin,
             shutdown,
             tasks,
+            admin_shutdown,
+            admin_task,
         })
     }
 
     /// The bound address of the listener named `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     pub fn listeners(&self) -> &[(String, SocketAddr)] {
@@ -199,11 +227,15 @@ impl Gateway {
 
     /// Graceful stop: readiness fails, listeners stop accepting, open
     /// connections finish (bounded by the drain timeout), then it returns.
+    /// The admin port stays up until the listeners are done, so probes see
+    /// `/readyz` answer 503 during the drain rather than a refused connect.
     pub async fn shutdown(self) {
         self.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.admin_shutdown.send(true);
+        let _ = self.admin_task.await;
     }
 }

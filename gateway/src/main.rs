@@ -11,7 +11,11 @@ use gateway::{demo, Gateway};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(name = "flashgate", version, about = "An edge-first flash-sale gateway")]
+#[command(
+    name = "flashgate",
+    version,
+    about = "An edge-first flash-sale gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,7 +56,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files } => check(&files),
-        Command::Run { config, threads } => exit(runtime(threads).and_then(|rt| rt.block_on(run(config)))),
+        Command::Run { config, threads } => {
+            exit(runtime(threads).and_then(|rt| rt.block_on(run(config))))
+        }
         Command::Demo {
             listen,
             admin,
@@ -101,7 +107,9 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging(cfg: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -131,7 +139,9 @@ async fn run_demo(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> 
     init_logging(&config.log);
     let token = config.admin.token.clone().unwrap_or_default();
     let gw = Gateway::start(config, None).await?;
-    let public = gw.addr("public").context("demo config has a public listener")?;
+    let public = gw
+        .addr("public")
+        .context("demo config has a public listener")?;
     let admin = gw.admin_addr();
     println!(
         "flashgate demo is running (not durable: everything lives in this process)\n\

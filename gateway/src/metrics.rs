@@ -21,7 +21,7 @@ pub struct Metrics {
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
     pub upstream_requests: IntCounterVec,
-    /// Failed upstream attempts by cause (`connect_refused`, `timeout`, ...).
+    /// Failed upstream attempts by cause (the `x-flashgate-error` codes: `connect_refused`, `upstream_timeout`, ...).
     pub upstream_errors: IntCounterVec,
     pub upstream_duration: HistogramVec,
     /// New TCP connections to upstreams; with `upstream_requests` this gives
@@ -42,18 +42,28 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("flashgate".into()), None).expect("valid prefix");
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-            reg(&registry, HistogramVec::new(opts, labels).expect("valid metric"))
+            reg(
+                &registry,
+                HistogramVec::new(opts, labels).expect("valid metric"),
+            )
         };
         Metrics {
             requests: counter("requests_total", "Requests answered, by route and status.", &["route", "status"]),
@@ -92,7 +102,7 @@ impl Metrics {
             ),
             upstream_panic: counter(
                 "upstream_panic_total",
-                "Requests sent to an unavailable endpoint because no endpoint was available.",
+                "Upstream attempts sent to an unavailable endpoint because no endpoint was available.",
                 &["cluster"],
             ),
             endpoint_healthy: gauge(

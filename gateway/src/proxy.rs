@@ -9,6 +9,7 @@
 //! Phases that later issues fill in (admission, cache) have their place
 //! marked here, so the order stays readable in one function.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,7 +25,8 @@ use hyper::body::{Body, Incoming};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::router::request_host;
+use crate::router::{normalize_path, request_host};
+use crate::runtime::Runtime;
 use crate::upstream::{Cluster, Endpoint};
 use crate::Shared;
 
@@ -53,20 +55,32 @@ pub async fn handle(
     let client_ip = conn.peer.ip();
     let request_id = headers::ensure_request_id(&mut head.headers);
 
-    // Route: decides the cluster, the priority and the filters.
+    // Route: decides the cluster, the priority and the filters. The path is
+    // normalized first, so the route and the upstream see the same path.
+    if let Err(e) = normalize_request_path(&mut head.uri) {
+        return Ok(reject(
+            &shared,
+            &runtime,
+            e,
+            &head,
+            &request_id,
+            &conn,
+            client_ip,
+            started,
+        ));
+    }
     let host = request_host(&head.uri, &head.headers).to_string();
     let Some(route) = runtime.route(&host, head.uri.path()) else {
-        let mut resp = ProxyError::NoRoute.response(&request_id);
-        resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), request_id.clone());
-        shared
-            .metrics
-            .requests
-            .with_label_values(&["none", resp.status().as_str()])
-            .inc();
-        if runtime.config.log.access_log {
-            access_log(&head, &request_id, &conn, client_ip, "none", None, resp.status(), started);
-        }
-        return Ok(resp);
+        return Ok(reject(
+            &shared,
+            &runtime,
+            ProxyError::NoRoute,
+            &head,
+            &request_id,
+            &conn,
+            client_ip,
+            started,
+        ));
     };
 
     // Admission (bot rules, rate limits, waiting room, overload shedding)
@@ -93,7 +107,13 @@ pub async fn handle(
 
     let (mut resp, endpoint) = match local {
         Some(local) => (local_response(local), None),
-        None => match forward(&route.cluster, head_for_upstream(&mut head, client_ip, &conn, &host), body).await {
+        None => match forward(
+            &route.cluster,
+            head_for_upstream(&mut head, client_ip, &conn, &host),
+            body,
+        )
+        .await
+        {
             Ok((resp, ep)) => (resp, Some(ep)),
             Err(e) => (e.response(&request_id), None),
         },
@@ -108,7 +128,8 @@ pub async fn handle(
         body.attach(chain);
         resp = Response::from_parts(parts, body);
     }
-    resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+    resp.headers_mut()
+        .insert(headers::X_REQUEST_ID.clone(), request_id.clone());
 
     // Cache store, metrics and the access log close the request.
     let status = resp.status();
@@ -119,23 +140,87 @@ pub async fn handle(
         .inc();
     route.latency.observe(started.elapsed().as_secs_f64());
     if runtime.config.log.access_log {
-        access_log(&head, &request_id, &conn, client_ip, &route.name, endpoint.as_deref().map(|e| &*e.addr), status, started);
+        access_log(
+            &head,
+            &request_id,
+            &conn,
+            client_ip,
+            &route.name,
+            endpoint.as_deref().map(|e| &*e.addr),
+            status,
+            started,
+        );
     }
     Ok(resp)
 }
 
+/// Rewrites the URI's path to its normalized form, keeping the query.
+fn normalize_request_path(uri: &mut Uri) -> Result<(), ProxyError> {
+    let normalized = match normalize_path(uri.path()).ok_or(ProxyError::BadPath)? {
+        Cow::Borrowed(_) => return Ok(()),
+        Cow::Owned(p) => p,
+    };
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(path_and_query.parse().map_err(|_| ProxyError::BadPath)?);
+    *uri = Uri::from_parts(parts).map_err(|_| ProxyError::BadPath)?;
+    Ok(())
+}
+
+/// Answers a request the gateway refuses before routing it anywhere.
+#[allow(clippy::too_many_arguments)]
+fn reject(
+    shared: &Shared,
+    runtime: &Runtime,
+    err: ProxyError,
+    head: &Parts,
+    request_id: &HeaderValue,
+    conn: &ConnInfo,
+    client_ip: IpAddr,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let mut resp = err.response(request_id);
+    resp.headers_mut()
+        .insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+    shared
+        .metrics
+        .requests
+        .with_label_values(&["none", resp.status().as_str()])
+        .inc();
+    if runtime.config.log.access_log {
+        access_log(
+            head,
+            request_id,
+            conn,
+            client_ip,
+            "none",
+            None,
+            resp.status(),
+            started,
+        );
+    }
+    resp
+}
+
 /// The request head as the upstream sees it.
-fn head_for_upstream(head: &mut Parts, client_ip: IpAddr, conn: &ConnInfo, host: &str) -> UpstreamHead {
+fn head_for_upstream(
+    head: &mut Parts,
+    client_ip: IpAddr,
+    conn: &ConnInfo,
+    host: &str,
+) -> UpstreamHead {
     // The client's head keeps only what the access log reads; the headers
     // move to the upstream request rather than being copied.
     let mut headers = std::mem::take(&mut head.headers);
-    // HTTP/2 clients send :authority instead of Host; the HTTP/1.1 upstream
-    // needs Host.
-    if !headers.contains_key(header::HOST) {
-        if let Some(auth) = head.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                headers.insert(header::HOST, v);
-            }
+    // The target's authority, when the request has one (HTTP/2 :authority,
+    // HTTP/1.1 absolute-form), is what we routed on, so it is the Host the
+    // upstream gets (RFC 9112 section 3.2.2: it replaces a Host header).
+    if let Some(auth) = head.uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+            headers.insert(header::HOST, v);
         }
     }
     headers::remove_hop_by_hop(&mut headers);
@@ -197,7 +282,8 @@ async fn forward(
 
         let in_flight = cluster.start(i, None);
         let sent = Instant::now();
-        let outcome = tokio::time::timeout(cluster.request_timeout, cluster.client.request(req)).await;
+        let outcome =
+            tokio::time::timeout(cluster.request_timeout, cluster.client.request(req)).await;
         let err = match outcome {
             Ok(Ok(resp)) => {
                 cluster.duration.observe(sent.elapsed().as_secs_f64());
@@ -205,7 +291,10 @@ async fn forward(
                 let (mut parts, body) = resp.into_parts();
                 headers::remove_hop_by_hop(&mut parts.headers);
                 let in_flight = in_flight.hold(permit);
-                return Ok((Response::from_parts(parts, ProxyBody::upstream(body, in_flight)), endpoint));
+                return Ok((
+                    Response::from_parts(parts, ProxyBody::upstream(body, in_flight)),
+                    endpoint,
+                ));
             }
             Ok(Err(e)) => classify(&e),
             Err(_elapsed) => ProxyError::Timeout,
@@ -216,7 +305,11 @@ async fn forward(
         if last || err == ProxyError::Timeout {
             return Err(err);
         }
-        cluster.metrics.upstream_retries.with_label_values(&[&cluster.name]).inc();
+        cluster
+            .metrics
+            .upstream_retries
+            .with_label_values(&[&cluster.name])
+            .inc();
     }
 }
 

@@ -83,12 +83,66 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             || path.as_bytes()[prefix.len()] == b'/')
 }
 
+/// Resolves `.` and `..` segments (RFC 3986 section 5.2.4) so that routing
+/// and the upstream see the same path: `/static/../admin` must not match the
+/// `/static` route and then reach the upstream as a path the upstream
+/// resolves to `/admin`. `None` means the path is refused (400): it climbs
+/// above the root, or hides a dot segment behind percent-encoding, which an
+/// upstream might decode after we routed.
+pub fn normalize_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !path.starts_with('/') {
+        // `*` (OPTIONS) and other non-origin forms: route as `/`.
+        return Some(std::borrow::Cow::Borrowed(if path == "*" {
+            "/"
+        } else {
+            path
+        }));
+    }
+    let mut needs_work = false;
+    for seg in path.split('/') {
+        let lower = seg.to_ascii_lowercase();
+        if lower.contains("%2e") && lower.replace("%2e", ".").chars().all(|c| c == '.') {
+            return None;
+        }
+        if seg == "." || seg == ".." {
+            needs_work = true;
+        }
+    }
+    if !needs_work {
+        return Some(std::borrow::Cow::Borrowed(path));
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop()?;
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    Some(std::borrow::Cow::Owned(format!("/{}", out.join("/"))))
+}
+
 /// The request's host without port, from the URI (HTTP/2, absolute-form) or
 /// the `Host` header.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> &'a str {
     let raw = uri
         .host()
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
     strip_port(raw)
 }
@@ -110,10 +164,26 @@ mod tests {
             (HostMatch::Any, "/".to_string(), "default"),
             (HostMatch::Any, "/products".to_string(), "products"),
             (HostMatch::Any, "/products/special/".to_string(), "special"),
-            (HostMatch::Exact("shop.example.com".into()), "/products".to_string(), "shop-products"),
-            (HostMatch::parse(Some("*.example.com")), "/products".to_string(), "wild-products"),
-            (HostMatch::parse(Some("*.eu.example.com")), "/products".to_string(), "eu-products"),
-            (HostMatch::Exact("api.example.com".into()), "/v1".to_string(), "api"),
+            (
+                HostMatch::Exact("shop.example.com".into()),
+                "/products".to_string(),
+                "shop-products",
+            ),
+            (
+                HostMatch::parse(Some("*.example.com")),
+                "/products".to_string(),
+                "wild-products",
+            ),
+            (
+                HostMatch::parse(Some("*.eu.example.com")),
+                "/products".to_string(),
+                "eu-products",
+            ),
+            (
+                HostMatch::Exact("api.example.com".into()),
+                "/v1".to_string(),
+                "api",
+            ),
         ])
     }
 
@@ -138,10 +208,19 @@ mod tests {
     #[test]
     fn host_specificity_breaks_ties() {
         let r = router();
-        assert_eq!(r.find("shop.example.com", "/products/1"), Some(&"shop-products"));
-        assert_eq!(r.find("SHOP.Example.com", "/products/1"), Some(&"shop-products"));
+        assert_eq!(
+            r.find("shop.example.com", "/products/1"),
+            Some(&"shop-products")
+        );
+        assert_eq!(
+            r.find("SHOP.Example.com", "/products/1"),
+            Some(&"shop-products")
+        );
         assert_eq!(r.find("m.example.com", "/products"), Some(&"wild-products"));
-        assert_eq!(r.find("de.eu.example.com", "/products"), Some(&"eu-products"));
+        assert_eq!(
+            r.find("de.eu.example.com", "/products"),
+            Some(&"eu-products")
+        );
         // The bare domain is not matched by its wildcard.
         assert_eq!(r.find("example.com", "/products"), Some(&"products"));
     }
@@ -154,12 +233,40 @@ mod tests {
     }
 
     #[test]
+    fn dot_segments() {
+        let n = |p| normalize_path(p).map(|c| c.into_owned());
+        assert_eq!(n("/a/b"), Some("/a/b".into()));
+        assert_eq!(n("/static/../admin"), Some("/admin".into()));
+        assert_eq!(n("/a/./b/."), Some("/a/b/".into()));
+        assert_eq!(n("/a/b/.."), Some("/a/".into()));
+        assert_eq!(n("/a/.hidden/..x"), Some("/a/.hidden/..x".into()));
+        assert_eq!(n("/.."), None);
+        assert_eq!(n("/a/../../b"), None);
+        assert_eq!(n("/a/%2e%2e/b"), None);
+        assert_eq!(n("/a/.%2E/b"), None);
+        assert_eq!(n("/a/%2e"), None);
+        assert_eq!(n("/a/%2ex"), Some("/a/%2ex".into()));
+        assert_eq!(n("*"), Some("/".into()));
+    }
+
+    #[test]
     fn host_extraction() {
-        let req = http::Request::builder().uri("/p").header("host", "Shop.com:8080").body(()).unwrap();
+        let req = http::Request::builder()
+            .uri("/p")
+            .header("host", "Shop.com:8080")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(req.uri(), req.headers()), "Shop.com");
-        let req = http::Request::builder().uri("http://h2.example:443/p").body(()).unwrap();
+        let req = http::Request::builder()
+            .uri("http://h2.example:443/p")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(req.uri(), req.headers()), "h2.example");
-        let req = http::Request::builder().uri("/p").header("host", "[::1]:80").body(()).unwrap();
+        let req = http::Request::builder()
+            .uri("/p")
+            .header("host", "[::1]:80")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(req.uri(), req.headers()), "[::1]");
     }
 }

@@ -33,11 +33,25 @@ pub struct Runtime {
 impl Runtime {
     /// Builds the runtime from a validated config. Must run inside a tokio
     /// runtime (clusters start their health checks).
-    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Runtime, ConfigError> {
+    ///
+    /// A cluster whose config did not change is carried over from
+    /// `previous` as it is: a reload must not empty warm connection pools,
+    /// forget which endpoints are down, or reset the concurrency limit
+    /// while the old requests still hold their slots.
+    pub fn build(
+        config: Config,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, ConfigError> {
         let clusters: Vec<Arc<Cluster>> = config
             .upstreams
             .iter()
-            .map(|u| Cluster::new(u, metrics.clone()))
+            .map(|u| {
+                previous
+                    .and_then(|p| p.clusters.iter().find(|c| c.config == *u))
+                    .cloned()
+                    .unwrap_or_else(|| Cluster::new(u, metrics.clone()))
+            })
             .collect();
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
         for (i, f) in config.filters.iter().enumerate() {
@@ -45,10 +59,11 @@ impl Runtime {
                 path: format!("filters[{i}]"),
                 message: "only native filters are available in this build".into(),
             })?;
-            let factory = filters::native::build(kind, &f.name, &f.config).map_err(|e| ConfigError {
-                path: format!("filters[{i}].config"),
-                message: e.to_string(),
-            })?;
+            let factory =
+                filters::native::build(kind, &f.name, &f.config).map_err(|e| ConfigError {
+                    path: format!("filters[{i}].config"),
+                    message: e.to_string(),
+                })?;
             factories.push((f.name.clone(), factory));
         }
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -81,12 +96,13 @@ impl Runtime {
                 filters: FilterChain::new(chain),
             });
         }
-        let router = Router::new(
-            routes
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (HostMatch::parse(r.host.as_deref()), r.path_prefix.clone(), i)),
-        );
+        let router = Router::new(routes.iter().enumerate().map(|(i, r)| {
+            (
+                HostMatch::parse(r.host.as_deref()),
+                r.path_prefix.clone(),
+                i,
+            )
+        }));
         Ok(Runtime {
             config: Arc::new(config),
             router,

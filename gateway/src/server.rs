@@ -47,8 +47,14 @@ pub async fn serve(
     let builder = http_builder(&cfg);
     let graceful = GracefulShutdown::new();
     let name: Arc<str> = cfg.name.as_str().into();
-    let active = shared.metrics.connections_active.with_label_values(&[&cfg.name]);
-    let total = shared.metrics.connections_total.with_label_values(&[&cfg.name]);
+    let active = shared
+        .metrics
+        .connections_active
+        .with_label_values(&[&cfg.name]);
+    let total = shared
+        .metrics
+        .connections_total
+        .with_label_values(&[&cfg.name]);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -72,7 +78,9 @@ pub async fn serve(
         });
         let shared = shared.clone();
         let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let watched = graceful.watch(connection);
         let active = active.clone();
         tokio::spawn(async move {
@@ -83,7 +91,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(listener = %name, "drain timeout: closing remaining connections");
     }
 }

@@ -1,1 +1,366 @@
-//! placeholder
+//! Test support for flashgate's end-to-end tests: real upstream servers,
+//! the real gateway (in process or as the `flashgate` binary) and real HTTP
+//! clients, all on loopback with ports chosen by the OS.
+//!
+//! Everything started here is stopped when its handle drops: servers by
+//! aborting their task, processes by killing their own pid.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub use gateway::{Config, Gateway};
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+/// A complete body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A response with a status and body.
+pub fn reply(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = StatusCode::from_u16(status).expect("valid status");
+    r
+}
+
+/// A real HTTP server (HTTP/1.1 and h2c) on 127.0.0.1:0 that counts the
+/// requests it answers.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
+        Self::start_handler(handler, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (to bring a stopped upstream back).
+    pub async fn start_handler(handler: Handler, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, hits, task }
+    }
+
+    /// An upstream that answers `200` with `body`.
+    pub async fn fixed(body: &'static str) -> Upstream {
+        Upstream::start(move |_| async move { reply(200, body) }).await
+    }
+
+    /// An upstream that answers with a JSON echo of what it received:
+    /// method, path (with query), headers (lower-case names, values joined
+    /// by ", " when repeated) and body length.
+    pub async fn echo() -> Upstream {
+        Upstream::start(|req: Request<Incoming>| async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let mut headers = serde_json::Map::new();
+            for name in parts.headers.keys() {
+                let values: Vec<_> = parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                headers.insert(name.as_str().to_string(), values.join(", ").into());
+            }
+            let json = serde_json::json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                "headers": headers,
+                "body_len": body.len(),
+            });
+            let mut r = reply(200, json.to_string());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            r
+        })
+        .await
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting; open connections end as their tasks notice.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback address that nothing listens on (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Starts the gateway in process from config text. Listeners and admin in
+/// the text should use port 0; read the bound ports from the handle.
+pub async fn gateway(toml: &str) -> Gateway {
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+    Gateway::start(config, None).await.expect("gateway starts")
+}
+
+/// A minimal config: one listener and admin on port 0, one upstream
+/// `origin` with `endpoints`, a catch-all route to it, plus `extra` TOML
+/// appended (more routes, sections, ...). `upstream_extra` goes inside the
+/// `[[upstreams]]` table.
+pub fn config(endpoints: &[SocketAddr], upstream_extra: &str, extra: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n\
+         [log]\naccess_log = false\n\
+         [[listeners]]\nname = \"public\"\nlisten = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nname = \"origin\"\nendpoints = [{}]\n{upstream_extra}\n\
+         [[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstream = \"origin\"\n{extra}\n",
+        eps.join(", ")
+    )
+}
+
+/// An HTTP/1.1 client with keep-alive.
+pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A collected response.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends a request and collects the whole response.
+pub async fn send(req: Request<Body>) -> Got {
+    send_with(&client(), req).await
+}
+
+pub async fn send_with(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    req: Request<Body>,
+) -> Got {
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("response within 30s")
+        .expect("request succeeds at the HTTP level");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `GET url`.
+pub async fn get(url: &str) -> Got {
+    send(Request::get(url).body(empty()).unwrap()).await
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads one sample from the gateway's /metrics: the value of the line
+/// whose name and labels start with `prefix`, summed over matches.
+pub async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
+    let text = get(&format!("http://{admin}/metrics")).await.text();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `flashgate` binary next to this test binary
+/// (`target/<profile>/flashgate`). `tests/run.sh` builds it first.
+pub fn flashgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let bin = dir.join("flashgate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p gateway`, as tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository root (for config/ and other fixtures).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A child process killed by its own pid when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        Proc(
+            cmd.stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+        )
+    }
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    /// Sends a signal by pid.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} {}", self.pid());
+    }
+    /// Waits for exit up to `within`; `None` if still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.0.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    /// Peak resident memory (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM line")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
+    eventually(within, || async move {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await
+}
+
+/// A free loopback port (bound then released; fine for tests that start a
+/// process which binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -122,12 +122,17 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
-    /// Time a client has to send a complete request head (slowloris bound).
+    /// Time a client has to send a complete request head. For HTTP/1.1 it
+    /// also bounds the idle wait for the next request on a keep-alive
+    /// connection (hyper starts the clock when it starts waiting for a
+    /// head), so behind a load balancer it must exceed the balancer's idle
+    /// timeout (an ALB's is 60s) or the balancer will sometimes reuse a
+    /// connection we just closed and answer 502.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
     /// Largest request head (request line + headers) accepted, HTTP/1.1 and
@@ -137,7 +142,7 @@ pub struct ListenerConfig {
 }
 
 fn default_header_read_timeout() -> Dur {
-    Dur(std::time::Duration::from_secs(10))
+    Dur(std::time::Duration::from_secs(75))
 }
 
 fn default_max_header_bytes() -> Size {
@@ -153,7 +158,7 @@ pub enum LbPolicy {
     LeastRequest,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -163,7 +168,8 @@ pub struct UpstreamConfig {
     pub lb: LbPolicy,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
-    /// Time from sending the request to the upstream's response head (504).
+    /// Time from picking an endpoint to its response head, connect included
+    /// (504). Must be above `connect_timeout`.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: Dur,
     /// Extra attempts for idempotent requests without a body after a connect
@@ -206,7 +212,7 @@ fn default_pool_idle_timeout() -> Dur {
 }
 
 /// Active health checking: `GET path` on every endpoint every `interval`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     #[serde(default = "default_health_path")]
@@ -240,7 +246,7 @@ fn default_unhealthy_threshold() -> u32 {
 }
 
 /// Passive outlier ejection from live traffic.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierConfig {
     /// Consecutive 5xx answers or connect failures that eject an endpoint;
@@ -310,7 +316,11 @@ impl RouteConfig {
     pub fn display_name(&self) -> String {
         match &self.name {
             Some(n) => n.clone(),
-            None => format!("{}{}", self.host.as_deref().unwrap_or("*"), self.path_prefix),
+            None => format!(
+                "{}{}",
+                self.host.as_deref().unwrap_or("*"),
+                self.path_prefix
+            ),
         }
     }
 }
@@ -345,8 +355,9 @@ pub struct FilterConfig {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::at(path.display().to_string(), format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::at(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
         Config::parse(&text)
     }
 
@@ -389,7 +400,10 @@ impl Config {
         }
 
         if self.listeners.is_empty() {
-            return Err(ConfigError::at("listeners", "at least one [[listeners]] entry is required"));
+            return Err(ConfigError::at(
+                "listeners",
+                "at least one [[listeners]] entry is required",
+            ));
         }
         let mut names = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -398,16 +412,28 @@ impl Config {
                 return Err(ConfigError::at(format!("{p}.name"), "must not be empty"));
             }
             if !names.insert(l.name.as_str()) {
-                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate listener name {:?}", l.name)));
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
             }
             if l.max_header_bytes.0 < 8 * 1024 || l.max_header_bytes.0 > 16 << 20 {
-                return Err(ConfigError::at(format!("{p}.max_header_bytes"), "must be between 8KiB and 16MiB"));
+                return Err(ConfigError::at(
+                    format!("{p}.max_header_bytes"),
+                    "must be between 8KiB and 16MiB",
+                ));
             }
             if l.header_read_timeout.0.is_zero() {
-                return Err(ConfigError::at(format!("{p}.header_read_timeout"), "must be above zero"));
+                return Err(ConfigError::at(
+                    format!("{p}.header_read_timeout"),
+                    "must be above zero",
+                ));
             }
             if overlaps(l.listen, admin.listen) {
-                return Err(ConfigError::at(format!("{p}.listen"), format!("{} overlaps admin.listen {}", l.listen, admin.listen)));
+                return Err(ConfigError::at(
+                    format!("{p}.listen"),
+                    format!("{} overlaps admin.listen {}", l.listen, admin.listen),
+                ));
             }
             for (j, other) in self.listeners[..i].iter().enumerate() {
                 if overlaps(l.listen, other.listen) {
@@ -426,10 +452,16 @@ impl Config {
                 return Err(ConfigError::at(format!("{p}.name"), "must not be empty"));
             }
             if !upstreams.insert(u.name.as_str()) {
-                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate upstream name {:?}", u.name)));
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate upstream name {:?}", u.name),
+                ));
             }
             if u.endpoints.is_empty() {
-                return Err(ConfigError::at(format!("{p}.endpoints"), "at least one endpoint is required"));
+                return Err(ConfigError::at(
+                    format!("{p}.endpoints"),
+                    "at least one endpoint is required",
+                ));
             }
             let mut seen = HashSet::new();
             for (j, e) in u.endpoints.iter().enumerate() {
@@ -437,53 +469,110 @@ impl Config {
                     return Err(ConfigError::at(format!("{p}.endpoints[{j}]"), m));
                 }
                 if !seen.insert(e.as_str()) {
-                    return Err(ConfigError::at(format!("{p}.endpoints[{j}]"), format!("duplicate endpoint {e:?}")));
+                    return Err(ConfigError::at(
+                        format!("{p}.endpoints[{j}]"),
+                        format!("duplicate endpoint {e:?}"),
+                    ));
                 }
             }
-            for (key, d) in [("connect_timeout", u.connect_timeout), ("request_timeout", u.request_timeout)] {
+            for (key, d) in [
+                ("connect_timeout", u.connect_timeout),
+                ("request_timeout", u.request_timeout),
+                ("idle_timeout", u.idle_timeout),
+                ("outlier.base_ejection", u.outlier.base_ejection),
+            ] {
                 if d.0.is_zero() {
                     return Err(ConfigError::at(format!("{p}.{key}"), "must be above zero"));
                 }
             }
+            if u.connect_timeout >= u.request_timeout {
+                return Err(ConfigError::at(
+                    format!("{p}.connect_timeout"),
+                    format!(
+                        "must be below request_timeout ({}), which includes the connect",
+                        u.request_timeout
+                    ),
+                ));
+            }
             if u.max_concurrent_requests == 0 {
-                return Err(ConfigError::at(format!("{p}.max_concurrent_requests"), "must be above zero"));
+                return Err(ConfigError::at(
+                    format!("{p}.max_concurrent_requests"),
+                    "must be above zero",
+                ));
             }
             if u.retries > 5 {
-                return Err(ConfigError::at(format!("{p}.retries"), "at most 5 (retries multiply load on a sick cluster)"));
+                return Err(ConfigError::at(
+                    format!("{p}.retries"),
+                    "at most 5 (retries multiply load on a sick cluster)",
+                ));
             }
             if let Some(h) = &u.health {
                 if !h.path.starts_with('/') {
-                    return Err(ConfigError::at(format!("{p}.health.path"), "must start with '/'"));
+                    return Err(ConfigError::at(
+                        format!("{p}.health.path"),
+                        "must start with '/'",
+                    ));
                 }
-                if h.interval.0.is_zero() || h.timeout.0.is_zero() {
-                    return Err(ConfigError::at(format!("{p}.health.interval"), "interval and timeout must be above zero"));
+                if h.interval.0.is_zero() {
+                    return Err(ConfigError::at(
+                        format!("{p}.health.interval"),
+                        "must be above zero",
+                    ));
+                }
+                if h.timeout.0.is_zero() {
+                    return Err(ConfigError::at(
+                        format!("{p}.health.timeout"),
+                        "must be above zero",
+                    ));
                 }
                 if h.healthy_threshold == 0 {
-                    return Err(ConfigError::at(format!("{p}.health.healthy_threshold"), "must be at least 1"));
+                    return Err(ConfigError::at(
+                        format!("{p}.health.healthy_threshold"),
+                        "must be at least 1",
+                    ));
                 }
                 if h.unhealthy_threshold == 0 {
-                    return Err(ConfigError::at(format!("{p}.health.unhealthy_threshold"), "must be at least 1"));
+                    return Err(ConfigError::at(
+                        format!("{p}.health.unhealthy_threshold"),
+                        "must be at least 1",
+                    ));
                 }
             }
             let o = &u.outlier;
             if o.max_ejection_percent > 100 {
-                return Err(ConfigError::at(format!("{p}.outlier.max_ejection_percent"), "must be between 0 and 100"));
+                return Err(ConfigError::at(
+                    format!("{p}.outlier.max_ejection_percent"),
+                    "must be between 0 and 100",
+                ));
             }
             if o.max_ejection < o.base_ejection {
-                return Err(ConfigError::at(format!("{p}.outlier.max_ejection"), "must not be below base_ejection"));
+                return Err(ConfigError::at(
+                    format!("{p}.outlier.max_ejection"),
+                    "must not be below base_ejection",
+                ));
             }
         }
 
         let mut filter_names = HashSet::new();
         for (i, f) in self.filters.iter().enumerate() {
             let p = format!("filters[{i}]");
+            if f.name.trim().is_empty() {
+                return Err(ConfigError::at(format!("{p}.name"), "must not be empty"));
+            }
             if !filter_names.insert(f.name.as_str()) {
-                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate filter name {:?}", f.name)));
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate filter name {:?}", f.name),
+                ));
             }
             match (&f.native, &f.wasm) {
                 (Some(kind), None) => {
                     if let Err(e) = filters::native::build(kind, &f.name, &f.config) {
-                        let key = if matches!(e, filters::FilterError::UnknownNative(_)) { "native" } else { "config" };
+                        let key = if matches!(e, filters::FilterError::UnknownNative(_)) {
+                            "native"
+                        } else {
+                            "config"
+                        };
                         return Err(ConfigError::at(format!("{p}.{key}"), e.to_string()));
                     }
                 }
@@ -504,17 +593,26 @@ impl Config {
         for (i, r) in self.routes.iter().enumerate() {
             let p = format!("routes[{i}]");
             if !route_names.insert(r.display_name()) {
-                return Err(ConfigError::at(format!("{p}.name"), format!("duplicate route name {:?}", r.display_name())));
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate route name {:?}", r.display_name()),
+                ));
             }
             if !r.path_prefix.starts_with('/') {
-                return Err(ConfigError::at(format!("{p}.path_prefix"), "must start with '/'"));
+                return Err(ConfigError::at(
+                    format!("{p}.path_prefix"),
+                    "must start with '/'",
+                ));
             }
             if let Some(h) = &r.host {
                 if let Err(m) = check_host_pattern(h) {
                     return Err(ConfigError::at(format!("{p}.host"), m));
                 }
             }
-            let key = (r.host.as_ref().map(|h| h.to_ascii_lowercase()), r.path_prefix.clone());
+            let key = (
+                r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                r.path_prefix.clone(),
+            );
             if !matches.insert(key) {
                 return Err(ConfigError::at(
                     format!("{p}.path_prefix"),
@@ -522,11 +620,17 @@ impl Config {
                 ));
             }
             if !upstreams.contains(r.upstream.as_str()) {
-                return Err(ConfigError::at(format!("{p}.upstream"), format!("unknown upstream {:?}", r.upstream)));
+                return Err(ConfigError::at(
+                    format!("{p}.upstream"),
+                    format!("unknown upstream {:?}", r.upstream),
+                ));
             }
             for (j, f) in r.filters.iter().enumerate() {
                 if !filter_names.contains(f.as_str()) {
-                    return Err(ConfigError::at(format!("{p}.filters[{j}]"), format!("unknown filter {f:?}")));
+                    return Err(ConfigError::at(
+                        format!("{p}.filters[{j}]"),
+                        format!("unknown filter {f:?}"),
+                    ));
                 }
             }
         }
@@ -549,8 +653,12 @@ fn check_authority(s: &str) -> Result<(), String> {
         .parse()
         .map_err(|_| format!("invalid endpoint {s:?}: expected host:port"))?;
     match auth.port_u16() {
-        Some(0) | None => Err(format!("invalid endpoint {s:?}: expected host:port with a non-zero port")),
-        Some(_) if auth.as_str().contains('@') => Err(format!("invalid endpoint {s:?}: credentials are not allowed")),
+        Some(0) | None => Err(format!(
+            "invalid endpoint {s:?}: expected host:port with a non-zero port"
+        )),
+        Some(_) if auth.as_str().contains('@') => Err(format!(
+            "invalid endpoint {s:?}: credentials are not allowed"
+        )),
         Some(_) => Ok(()),
     }
 }
@@ -564,7 +672,9 @@ fn check_host_pattern(h: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid host {h:?}: expected a host name or *.suffix (no port)"))
+        Err(format!(
+            "invalid host {h:?}: expected a host name or *.suffix (no port)"
+        ))
     }
 }
 
@@ -602,20 +712,40 @@ upstream = "catalog"
 
     #[test]
     fn unknown_key_has_its_path() {
-        let e = Config::parse(&BASE.replace("upstream = \"catalog\"", "upstream = \"catalog\"\nupstrem = 1")).unwrap_err();
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nupstrem = 1",
+        ))
+        .unwrap_err();
         assert_eq!(e.path, "routes[0].upstrem");
         assert!(e.message.contains("unknown field"), "{e}");
     }
 
     #[test]
     fn bad_values_have_their_paths() {
-        let e = Config::parse(&BASE.replace("endpoints = [\"127.0.0.1:9000\"]", "endpoints = [\"127.0.0.1:9000\"]\nconnect_timeout = \"5x\"")).unwrap_err();
+        let e = Config::parse(&BASE.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\"127.0.0.1:9000\"]\nconnect_timeout = \"5x\"",
+        ))
+        .unwrap_err();
         assert_eq!(e.path, "upstreams[0].connect_timeout");
-        let e = Config::parse(&BASE.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:8080\"\nmax_header_bytes = \"lots\"")).unwrap_err();
+        let e = Config::parse(&BASE.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_header_bytes = \"lots\"",
+        ))
+        .unwrap_err();
         assert_eq!(e.path, "listeners[0].max_header_bytes");
-        let e = Config::parse(&BASE.replace("upstream = \"catalog\"", "upstream = \"catalog\"\npriority = \"urgent\"")).unwrap_err();
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\npriority = \"urgent\"",
+        ))
+        .unwrap_err();
         assert_eq!(e.path, "routes[0].priority");
-        let e = Config::parse(&BASE.replace("endpoints = [\"127.0.0.1:9000\"]", "endpoints = [\"127.0.0.1:9000\"]\nlb = \"random\"")).unwrap_err();
+        let e = Config::parse(&BASE.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\"127.0.0.1:9000\"]\nlb = \"random\"",
+        ))
+        .unwrap_err();
         assert_eq!(e.path, "upstreams[0].lb");
     }
 
@@ -640,23 +770,46 @@ upstream = "catalog"
         assert_eq!(e.path, "listeners[1].listen");
         assert!(e.message.contains("admin"));
         // Different ports, and port 0, never overlap.
-        Config::parse(&format!("{BASE}[[listeners]]\nname = \"b\"\nlisten = \"0.0.0.0:8081\"\n")).unwrap();
+        Config::parse(&format!(
+            "{BASE}[[listeners]]\nname = \"b\"\nlisten = \"0.0.0.0:8081\"\n"
+        ))
+        .unwrap();
         Config::parse(&format!("{BASE}[[listeners]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"c\"\nlisten = \"127.0.0.1:0\"\n")).unwrap();
     }
 
     #[test]
     fn duplicates_and_shapes() {
-        assert_eq!(err("[[upstreams]]\nname = \"catalog\"\nendpoints = [\"a:1\"]\n").path, "upstreams[1].name");
-        assert_eq!(err("[[upstreams]]\nname = \"x\"\nendpoints = [\"nohost\"]\n").path, "upstreams[1].endpoints[0]");
-        assert_eq!(err("[[upstreams]]\nname = \"x\"\nendpoints = []\n").path, "upstreams[1].endpoints");
-        assert_eq!(err("[[routes]]\npath_prefix = \"/\"\nupstream = \"catalog\"\nname = \"other\"\n").path, "routes[1].path_prefix");
-        assert_eq!(err("[[routes]]\npath_prefix = \"nope\"\nupstream = \"catalog\"\n").path, "routes[1].path_prefix");
-        assert_eq!(err("[[routes]]\nhost = \"a.com:80\"\nupstream = \"catalog\"\n").path, "routes[1].host");
+        assert_eq!(
+            err("[[upstreams]]\nname = \"catalog\"\nendpoints = [\"a:1\"]\n").path,
+            "upstreams[1].name"
+        );
+        assert_eq!(
+            err("[[upstreams]]\nname = \"x\"\nendpoints = [\"nohost\"]\n").path,
+            "upstreams[1].endpoints[0]"
+        );
+        assert_eq!(
+            err("[[upstreams]]\nname = \"x\"\nendpoints = []\n").path,
+            "upstreams[1].endpoints"
+        );
+        assert_eq!(
+            err("[[routes]]\npath_prefix = \"/\"\nupstream = \"catalog\"\nname = \"other\"\n").path,
+            "routes[1].path_prefix"
+        );
+        assert_eq!(
+            err("[[routes]]\npath_prefix = \"nope\"\nupstream = \"catalog\"\n").path,
+            "routes[1].path_prefix"
+        );
+        assert_eq!(
+            err("[[routes]]\nhost = \"a.com:80\"\nupstream = \"catalog\"\n").path,
+            "routes[1].host"
+        );
     }
 
     #[test]
     fn filters_are_checked() {
-        let e = err("[[routes]]\npath_prefix = \"/f\"\nupstream = \"catalog\"\nfilters = [\"missing\"]\n");
+        let e = err(
+            "[[routes]]\npath_prefix = \"/f\"\nupstream = \"catalog\"\nfilters = [\"missing\"]\n",
+        );
         assert_eq!(e.path, "routes[1].filters[0]");
         let e = err("[[filters]]\nname = \"h\"\nnative = \"headers\"\nconfig = '{\"bogus\": 1}'\n");
         assert_eq!(e.path, "filters[0].config");
@@ -672,7 +825,10 @@ upstream = "catalog"
     fn admin_off_loopback_needs_token() {
         let e = err("[admin]\nlisten = \"0.0.0.0:9901\"\n");
         assert_eq!(e.path, "admin.token");
-        Config::parse(&format!("{BASE}[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"t\"\n")).unwrap();
+        Config::parse(&format!(
+            "{BASE}[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"t\"\n"
+        ))
+        .unwrap();
     }
 
     #[test]
@@ -683,5 +839,17 @@ upstream = "catalog"
         assert_eq!(e.path, "upstreams[0].health.unhealthy_threshold");
         let e = err("[upstreams.outlier]\nmax_ejection_percent = 101\n");
         assert_eq!(e.path, "upstreams[0].outlier.max_ejection_percent");
+        let e = err("[upstreams.health]\ntimeout = \"0s\"\n");
+        assert_eq!(e.path, "upstreams[0].health.timeout");
+    }
+
+    #[test]
+    fn connect_timeout_below_request_timeout() {
+        let e = Config::parse(&BASE.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\"127.0.0.1:9000\"]\nconnect_timeout = \"5s\"\nrequest_timeout = \"5s\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "upstreams[0].connect_timeout");
     }
 }

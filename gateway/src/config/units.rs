@@ -18,7 +18,9 @@ impl FromStr for Dur {
         let s = s.trim();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {s:?} has no unit (write e.g. \"250ms\", \"5s\", \"1m\")"))?;
+            .ok_or_else(|| {
+                format!("duration {s:?} has no unit (write e.g. \"250ms\", \"5s\", \"1m\")")
+            })?;
         let (num, unit) = s.split_at(split);
         let n: f64 = num
             .parse()
@@ -28,7 +30,11 @@ impl FromStr for Dur {
             "s" => n,
             "m" => n * 60.0,
             "h" => n * 3600.0,
-            _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+            _ => {
+                return Err(format!(
+                    "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
+                ))
+            }
         };
         if !secs.is_finite() || secs > 365.0 * 24.0 * 3600.0 {
             return Err(format!("duration {s:?} is out of range"));
@@ -54,9 +60,9 @@ impl FromStr for Size {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected a whole number and a unit like \"64KiB\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected a whole number and a unit like \"64KiB\"")
+        })?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" => 1_000,
@@ -65,7 +71,11 @@ impl FromStr for Size {
             "MiB" => 1 << 20,
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
-            u => return Err(format!("invalid size {s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+            u => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
         };
         n.checked_mul(mult)
             .map(Size)
@@ -98,7 +108,11 @@ impl FromStr for Rate {
             "s" => Duration::from_secs(1),
             "m" => Duration::from_secs(60),
             "h" => Duration::from_secs(3600),
-            u => return Err(format!("invalid rate {s:?}: unknown unit {u:?} (use s, m or h)")),
+            u => {
+                return Err(format!(
+                    "invalid rate {s:?}: unknown unit {u:?} (use s, m or h)"
+                ))
+            }
         };
         Ok(Rate { count, per })
     }
@@ -138,8 +152,14 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!("250ms".parse::<Dur>().unwrap().0, Duration::from_millis(250));
-        assert_eq!("1.5s".parse::<Dur>().unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "1.5s".parse::<Dur>().unwrap().0,
+            Duration::from_millis(1500)
+        );
         assert_eq!("2m".parse::<Dur>().unwrap().0, Duration::from_secs(120));
         assert_eq!("1h".parse::<Dur>().unwrap().0, Duration::from_secs(3600));
         assert!("5".parse::<Dur>().unwrap_err().contains("no unit"));
@@ -163,7 +183,10 @@ mod tests {
     fn rates() {
         let r: Rate = "20/s".parse().unwrap();
         assert_eq!((r.count, r.per), (20, Duration::from_secs(1)));
-        assert_eq!("600/m".parse::<Rate>().unwrap().per, Duration::from_secs(60));
+        assert_eq!(
+            "600/m".parse::<Rate>().unwrap().per,
+            Duration::from_secs(60)
+        );
         assert!("0/s".parse::<Rate>().is_err());
         assert!("20".parse::<Rate>().is_err());
         assert!("20/d".parse::<Rate>().is_err());

@@ -41,7 +41,9 @@ pub fn spawn(
                 let uri = format!("http://{}{}", ep.addr, cfg.path);
                 let client = client.clone();
                 async move {
-                    let Ok(uri) = uri.parse::<http::Uri>() else { return false };
+                    let Ok(uri) = uri.parse::<http::Uri>() else {
+                        return false;
+                    };
                     match tokio::time::timeout(cfg.timeout.0, client.get(uri)).await {
                         Ok(Ok(resp)) => resp.status().is_success(),
                         _ => false,

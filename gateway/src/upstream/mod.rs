@@ -62,6 +62,8 @@ impl Endpoint {
 /// A named group of endpoints with its pool and policies.
 pub struct Cluster {
     pub name: Arc<str>,
+    /// What it was built from; a reload keeps the cluster when this is equal.
+    pub config: UpstreamConfig,
     pub endpoints: Arc<[Arc<Endpoint>]>,
     pub client: HttpClient,
     pub request_timeout: Duration,
@@ -151,6 +153,7 @@ impl Cluster {
             .clone()
             .map(|h| health::spawn(name.clone(), endpoints.clone(), h, cfg.connect_timeout.0));
         Arc::new(Cluster {
+            config: cfg.clone(),
             duration: metrics.upstream_duration.with_label_values(&[&cfg.name]),
             name,
             endpoints,
@@ -171,7 +174,10 @@ impl Cluster {
     pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
         let permit = self.limiter.clone().try_acquire_owned().ok();
         if permit.is_none() {
-            self.metrics.upstream_overflow.with_label_values(&[&self.name]).inc();
+            self.metrics
+                .upstream_overflow
+                .with_label_values(&[&self.name])
+                .inc();
         }
         permit
     }
@@ -202,7 +208,10 @@ impl Cluster {
             }
         };
         if !any_usable && (0..n).all(|i| !self.available(&self.endpoints[i], now)) {
-            self.metrics.upstream_panic.with_label_values(&[&self.name]).inc();
+            self.metrics
+                .upstream_panic
+                .with_label_values(&[&self.name])
+                .inc();
         }
         match self.lb {
             LbPolicy::RoundRobin => {
@@ -247,7 +256,10 @@ impl Cluster {
     }
 
     pub fn record_error(&self, cause: &str) {
-        self.metrics.upstream_errors.with_label_values(&[&self.name, cause]).inc();
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&self.name, cause])
+            .inc();
     }
 
     /// Passive outlier detection: feeds the result of one attempt.
@@ -274,7 +286,8 @@ impl Cluster {
             .iter()
             .filter(|e| e.ejected_until.load(Ordering::Relaxed) > now)
             .count();
-        let allowed = (self.endpoints.len() * self.outlier.max_ejection_percent as usize / 100).max(1);
+        let allowed =
+            (self.endpoints.len() * self.outlier.max_ejection_percent as usize / 100).max(1);
         if ejected >= allowed {
             return;
         }
@@ -303,7 +316,8 @@ impl Cluster {
     pub fn refresh_gauges(&self) {
         let now = self.now_ms();
         for ep in self.endpoints.iter() {
-            ep.ejected_gauge.set((ep.ejected_until.load(Ordering::Relaxed) > now) as i64);
+            ep.ejected_gauge
+                .set((ep.ejected_until.load(Ordering::Relaxed) > now) as i64);
         }
     }
 
@@ -349,7 +363,11 @@ mod tests {
     #[tokio::test]
     async fn least_request_prefers_idle() {
         let c = cluster("lb = \"least_request\"");
-        let _busy: Vec<_> = [0, 1, 2].iter().flat_map(|&i| (0..5).map(move |_| i)).map(|i| c.start(i, None)).collect();
+        let _busy: Vec<_> = [0, 1, 2]
+            .iter()
+            .flat_map(|&i| (0..5).map(move |_| i))
+            .map(|i| c.start(i, None))
+            .collect();
         // Endpoint 3 is idle; P2C picks it whenever it is one of the two.
         let hits = (0..400).filter(|_| c.pick(&[]) == 3).count();
         assert!(hits > 150, "idle endpoint picked {hits}/400");
@@ -384,7 +402,10 @@ mod tests {
         c.observe(0, true);
         c.observe(0, true);
         let until = c.endpoints[0].ejected_until.load(Ordering::Relaxed);
-        assert!(until >= c.now_ms() + 19_000, "second ejection ~20s, got {until}");
+        assert!(
+            until >= c.now_ms() + 19_000,
+            "second ejection ~20s, got {until}"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,328 @@
+//! The `flashgate` binary as operators run it: `check`, `demo`, `run`,
+//! signals, and memory while streaming large bodies.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flashgate_tests::*;
+use http::Request;
+use http_body_util::BodyExt;
+
+#[test]
+fn check_accepts_every_shipped_config() {
+    let dir = repo_root().join("config");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 2,
+        "config/ holds demo.toml and production.toml at least"
+    );
+    let out = Command::new(flashgate_bin())
+        .arg("check")
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        files.len(),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_prints_the_key_path_of_the_first_error() {
+    let dir = std::env::temp_dir().join(format!("flashgate-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            config(
+                &["127.0.0.1:1".parse().unwrap()],
+                "connect_timeout = \"soon\"",
+                "",
+            ),
+            "upstreams[0].connect_timeout: invalid duration",
+        ),
+        (
+            config(&["127.0.0.1:1".parse().unwrap()], "", "")
+                .replace("upstream = \"origin\"", "upstream = \"catalgo\""),
+            "routes[0].upstream: unknown upstream \"catalgo\"",
+        ),
+        (
+            config(&["127.0.0.1:1".parse().unwrap()], "", "")
+                .replace("[log]", "[log]\ncolour = true"),
+            "log.colour: unknown field",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let file = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(flashgate_bin())
+            .arg("check")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr:?}"
+        );
+    }
+    // `run` refuses the same file before listening.
+    let out = Command::new(flashgate_bin())
+        .args(["run", "--config"])
+        .arg(dir.join("bad1.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("routes[0].upstream"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `flashgate demo` as a new user runs it (on free ports here): it prints
+/// the URLs, serves the shop through the gateway, and stops on SIGTERM.
+#[tokio::test]
+async fn demo_serves_the_shop() {
+    let mut child = Proc::spawn(
+        Command::new(flashgate_bin())
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--origin",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take_while(|l| !l.contains("Ctrl-C"))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let url_of = |label: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(label))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+            .unwrap_or_else(|| panic!("no {label} URL in {lines:?}"))
+            .to_string()
+    };
+    assert!(
+        lines.iter().any(|l| l.contains("wrk ")),
+        "prints a wrk command: {lines:?}"
+    );
+    let product = get(&url_of("a product (JSON)")).await;
+    assert_eq!(product.status, 200);
+    assert_eq!(product.json()["sku"], "sku-00001");
+    assert_eq!(
+        product.header("x-frame-options"),
+        Some("DENY"),
+        "demo filter on the catalog"
+    );
+    let page = get(&url_of("a product page")).await;
+    assert!(page.text().contains("<h1>"));
+    let status = get(&url_of("admin status")).await.json();
+    assert_eq!(status["clusters"][0]["name"], "shop");
+    assert!(get(&url_of("metrics"))
+        .await
+        .text()
+        .contains("flashgate_requests_total{route=\"catalog\",status=\"200\"} 1"));
+    child.signal("TERM");
+    let exit = child
+        .wait_exit(Duration::from_secs(10))
+        .expect("demo exits on SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+}
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flashgate-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A config with fixed free ports, for the binary.
+fn binary_config(
+    upstream: std::net::SocketAddr,
+    upstream_extra: &str,
+) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
+    let public: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let text = config(&[upstream], upstream_extra, "")
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{admin}\""),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{public}\""),
+            1,
+        );
+    (text, public, admin)
+}
+
+/// SIGTERM: readiness fails at once, the in-flight request completes, the
+/// process exits 0. SIGHUP reloads the file.
+#[tokio::test]
+async fn sigterm_drains_and_sighup_reloads() {
+    let slow = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        reply(200, req.uri().path().to_string())
+    })
+    .await;
+    let (text, public, admin) = binary_config(slow.addr, "");
+    let path = write_config("drain", &text);
+    let mut gw = Proc::spawn(
+        Command::new(flashgate_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_listening(public, Duration::from_secs(10)).await);
+    assert_eq!(get(&format!("http://{public}/a")).await.text(), "/a");
+
+    // SIGHUP with a new route.
+    std::fs::write(
+        &path,
+        text.clone()
+            + "[[routes]]\nname = \"new\"\npath_prefix = \"/new\"\nupstream = \"origin\"\n",
+    )
+    .unwrap();
+    gw.signal("HUP");
+    let reloaded = eventually(Duration::from_secs(5), || async {
+        get(&format!("http://{admin}/admin/status")).await.json()["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "new")
+    })
+    .await;
+    assert!(reloaded, "SIGHUP reloaded the config");
+
+    let in_flight = tokio::spawn(async move { get(&format!("http://{public}/slow")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    let ready = eventually(Duration::from_secs(1), || async {
+        get(&format!("http://{admin}/readyz")).await.status == 503
+    })
+    .await;
+    assert!(ready, "readiness fails during the drain");
+    let got = in_flight.await.unwrap();
+    assert_eq!(
+        (got.status, got.text().as_str()),
+        (200, "/slow"),
+        "in-flight request completed"
+    );
+    let exit = gw
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the drain");
+    assert!(exit.success(), "{exit:?}");
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+/// 256 MiB up and 256 MiB down through the real binary while its peak
+/// memory stays far below the body size: bodies stream, never buffer.
+#[tokio::test]
+async fn large_bodies_stream_in_bounded_memory() {
+    const CHUNK: usize = 256 * 1024;
+    const CHUNKS: usize = 1024; // 256 MiB
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.method() == http::Method::POST {
+            let mut body = req.into_body();
+            let mut total = 0usize;
+            while let Some(f) = body.frame().await {
+                if let Ok(d) = f.unwrap().into_data() {
+                    total += d.len();
+                }
+            }
+            return reply(200, total.to_string());
+        }
+        let (mut tx, body) = http_body_util::channel::Channel::<
+            Bytes,
+            Box<dyn std::error::Error + Send + Sync>,
+        >::new(4);
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; CHUNK]);
+            for _ in 0..CHUNKS {
+                if tx.send_data(chunk.clone()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        http::Response::new(BodyExt::boxed(body))
+    })
+    .await;
+    let (text, public, _admin) = binary_config(up.addr, "request_timeout = \"60s\"");
+    let path = write_config("stream", &text);
+    let gw = Proc::spawn(
+        Command::new(flashgate_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_listening(public, Duration::from_secs(10)).await);
+
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(4);
+    let sender = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![1u8; CHUNK]);
+        for _ in 0..CHUNKS {
+            tx.send_data(chunk.clone()).await.unwrap();
+        }
+    });
+    let got = send(
+        Request::post(format!("http://{public}/up"))
+            .body(BodyExt::boxed(body))
+            .unwrap(),
+    )
+    .await;
+    sender.await.unwrap();
+    assert_eq!(got.text(), (CHUNK * CHUNKS).to_string());
+
+    let resp = client()
+        .request(
+            Request::get(format!("http://{public}/down"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut total = 0usize;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            total += d.len();
+        }
+    }
+    assert_eq!(total, CHUNK * CHUNKS);
+    let peak_kib = gw.peak_rss_kib();
+    assert!(
+        peak_kib < 64 * 1024,
+        "peak RSS {peak_kib} KiB while moving 512 MiB"
+    );
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
