@@ -8,9 +8,9 @@
 //!
 //! This crate deliberately knows nothing about listeners, connection pools or
 //! Redis: it works on `http` request/response heads and a small
-//! [`StreamInfo`], so that native filters and the proxy-wasm host (a later
-//! addition behind the same [`FilterFactory`] trait) can be tested without a
-//! network.
+//! [`StreamInfo`], so that native filters and the proxy-wasm host
+//! ([`wasm`], behind the same [`FilterFactory`] trait) can be tested
+//! without a network.
 //!
 //! The model is Envoy's: a [`FilterFactory`] is built once per configured
 //! filter and makes one [`StreamFilter`] per request, so a filter can keep
@@ -18,6 +18,7 @@
 
 mod chain;
 pub mod native;
+pub mod wasm;
 
 pub use chain::{ChainStream, FilterChain};
 
@@ -161,11 +162,29 @@ pub trait FilterFactory: Send + Sync {
     fn new_stream(&self) -> Box<dyn StreamFilter>;
 }
 
+/// What happens to a stream when its filter fails (a Wasm filter traps,
+/// runs out of time or memory, or cannot run): `[[filters]] fail = ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Skip the filter: the stream goes on as if it were not configured.
+    Open,
+    /// Fail the stream: the client gets a 500.
+    #[default]
+    Closed,
+}
+
 /// Why a filter could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
     #[error("unknown native filter `{0}` (known: {known})", known = native::KNOWN.join(", "))]
     UnknownNative(String),
+    /// The filter refused its configuration (for a Wasm filter: its
+    /// `proxy_on_configure` returned false).
     #[error("invalid config: {0}")]
     Config(String),
+    /// The Wasm module cannot be used: unreadable, invalid, not a
+    /// proxy-wasm module, or it failed to start.
+    #[error("wasm module: {0}")]
+    Wasm(String),
 }

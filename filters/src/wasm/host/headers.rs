@@ -1,0 +1,320 @@
+//! Header maps: `proxy_{get,set}_header_map_pairs` and the single-value
+//! calls. The request map is the request head during the request phase
+//! (and a read-only copy of it afterwards, so the response phase and
+//! `on_log` can read it); the response map exists during the response
+//! phase. Like Envoy, the maps include pseudo-headers: `:method`, `:path`,
+//! `:authority`, `:scheme` on requests and `:status` on responses, and
+//! setting `:path`, `:method`, `:authority` or `:status` changes the head.
+
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use wasmtime::{Caller, Linker};
+
+use crate::wasm::abi::{self, map, status};
+use crate::wasm::state::{finish, give, read, HostResult, HostState, ReqHead, RespHead};
+
+type C<'a> = Caller<'a, HostState>;
+
+pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, kind: u32, rptr: u32, rsize: u32| {
+            let enc = pairs(c.data_mut(), kind);
+            finish(give(&mut c, &enc, rptr, rsize))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, kind: u32, ptr: u32, len: u32| {
+            finish(read(&mut c, ptr, len).and_then(|raw| set_pairs(c.data_mut(), kind, &raw)))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, kind: u32, kptr: u32, klen: u32, rptr: u32, rsize: u32| {
+            finish(read(&mut c, kptr, klen).and_then(|key| {
+                let value = value(c.data_mut(), kind, &key).ok_or(status::NOT_FOUND)?;
+                give(&mut c, &value, rptr, rsize)
+            }))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_replace_header_map_value",
+        |mut c: C<'_>, kind: u32, kptr: u32, klen: u32, vptr: u32, vlen: u32| {
+            finish(edit(
+                &mut c,
+                kind,
+                (kptr, klen),
+                Some((vptr, vlen)),
+                Op::Replace,
+            ))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_add_header_map_value",
+        |mut c: C<'_>, kind: u32, kptr: u32, klen: u32, vptr: u32, vlen: u32| {
+            finish(edit(
+                &mut c,
+                kind,
+                (kptr, klen),
+                Some((vptr, vlen)),
+                Op::Add,
+            ))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, kind: u32, kptr: u32, klen: u32| {
+            finish(edit(&mut c, kind, (kptr, klen), None, Op::Remove))
+        },
+    )?;
+    Ok(())
+}
+
+/// A header map the guest can address right now.
+enum Map<'a> {
+    Req(&'a mut ReqHead),
+    Resp(&'a mut RespHead),
+    /// A map type flashgate does not have (trailers, callout and gRPC
+    /// metadata) or that does not exist in this phase: reads see an empty
+    /// map, writes are refused.
+    Absent,
+}
+
+fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
+    let Some(stream) = s.stream() else {
+        return Map::Absent;
+    };
+    match kind {
+        map::REQUEST_HEADERS => stream.req.as_mut().map_or(Map::Absent, Map::Req),
+        map::RESPONSE_HEADERS => stream.resp.as_mut().map_or(Map::Absent, Map::Resp),
+        _ => Map::Absent,
+    }
+}
+
+fn authority(h: &ReqHead) -> Option<&[u8]> {
+    match h.uri.authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => h.headers.get(HOST).map(|v| v.as_bytes()),
+    }
+}
+
+fn path(h: &ReqHead) -> &str {
+    h.uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// The request's pseudo-headers, Envoy's order.
+fn req_pseudo(h: &ReqHead) -> Vec<(&'static str, &[u8])> {
+    let mut out = Vec::with_capacity(4);
+    if let Some(a) = authority(h) {
+        out.push((":authority", a));
+    }
+    out.push((":path", path(h).as_bytes()));
+    out.push((":method", h.method.as_str().as_bytes()));
+    out.push((":scheme", h.uri.scheme_str().unwrap_or("http").as_bytes()));
+    out
+}
+
+/// The whole map in the pairs encoding; an absent map is an empty one
+/// (which `give` hands over as a null pointer and size 0).
+pub(crate) fn pairs(s: &mut HostState, kind: u32) -> Vec<u8> {
+    match map_of(s, kind) {
+        Map::Req(h) => {
+            let pseudo = req_pseudo(h);
+            let all = pseudo.iter().map(|(k, v)| (k.as_bytes(), *v)).chain(
+                h.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+            );
+            abi::encode_pairs(&all.collect::<Vec<_>>())
+        }
+        Map::Resp(h) => {
+            let code = h.status.as_str().to_string();
+            let all = std::iter::once((&b":status"[..], code.as_bytes())).chain(
+                h.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+            );
+            abi::encode_pairs(&all.collect::<Vec<_>>())
+        }
+        Map::Absent => Vec::new(),
+    }
+}
+
+/// Request headers as the pairs encoding, for the `request.headers` property.
+pub(crate) fn encode_map(headers: &http::HeaderMap) -> Vec<u8> {
+    let pairs: Vec<_> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
+        .collect();
+    abi::encode_pairs(&pairs)
+}
+
+fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
+    let key = key.to_ascii_lowercase();
+    let joined = |vals: http::header::GetAll<'_, HeaderValue>| {
+        // Several values under one name read as one, comma-joined (Envoy
+        // returns the first; joining loses nothing).
+        vals.iter().next()?;
+        let mut out = Vec::new();
+        for (i, v) in vals.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(v.as_bytes());
+        }
+        Some(out)
+    };
+    match map_of(s, kind) {
+        Map::Req(h) => {
+            if key.first() == Some(&b':') {
+                return req_pseudo(h)
+                    .into_iter()
+                    .find(|(k, _)| k.as_bytes() == key.as_slice())
+                    .map(|(_, v)| v.to_vec());
+            }
+            let name = HeaderName::from_bytes(&key).ok()?;
+            joined(h.headers.get_all(name))
+        }
+        Map::Resp(h) => {
+            if key == b":status" {
+                return Some(h.status.as_str().as_bytes().to_vec());
+            }
+            let name = HeaderName::from_bytes(&key).ok()?;
+            joined(h.headers.get_all(name))
+        }
+        Map::Absent => None,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Replace,
+    Add,
+    Remove,
+}
+
+fn edit(c: &mut C<'_>, kind: u32, key: (u32, u32), val: Option<(u32, u32)>, op: Op) -> HostResult {
+    let key = read(c, key.0, key.1)?;
+    let val = match val {
+        Some((p, l)) => read(c, p, l)?,
+        None => Vec::new(),
+    };
+    apply(c.data_mut(), kind, &key, &val, op)
+}
+
+fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostResult {
+    let key = key.to_ascii_lowercase();
+    let map = map_of(s, kind);
+    if matches!(map, Map::Absent) {
+        return Err(status::BAD_ARGUMENT.into());
+    }
+    if key.first() == Some(&b':') {
+        // Pseudo-headers are single-valued: add means replace, and removing
+        // one is a no-op (a request without a path makes no sense).
+        if op == Op::Remove {
+            return Ok(());
+        }
+        return set_pseudo(map, &key, val);
+    }
+    let name = HeaderName::from_bytes(&key).map_err(|_| status::BAD_ARGUMENT)?;
+    let headers = match map {
+        Map::Req(h) => &mut h.headers,
+        Map::Resp(h) => &mut h.headers,
+        Map::Absent => return Err(status::BAD_ARGUMENT.into()),
+    };
+    match op {
+        Op::Remove => {
+            headers.remove(name);
+        }
+        Op::Replace => {
+            let value = HeaderValue::from_bytes(val).map_err(|_| status::BAD_ARGUMENT)?;
+            headers.insert(name, value);
+        }
+        Op::Add => {
+            let value = HeaderValue::from_bytes(val).map_err(|_| status::BAD_ARGUMENT)?;
+            headers.append(name, value);
+        }
+    }
+    Ok(())
+}
+
+fn set_pseudo(map: Map<'_>, key: &[u8], val: &[u8]) -> HostResult {
+    let bad = || status::BAD_ARGUMENT;
+    match (map, key) {
+        (Map::Req(h), b":path") => {
+            let pq = PathAndQuery::try_from(val).map_err(|_| bad())?;
+            let mut parts = std::mem::take(&mut h.uri).into_parts();
+            parts.path_and_query = Some(pq);
+            h.uri = Uri::from_parts(parts).map_err(|_| bad())?;
+        }
+        (Map::Req(h), b":method") => {
+            h.method = Method::from_bytes(val).map_err(|_| bad())?;
+        }
+        (Map::Req(h), b":authority") => {
+            let value = HeaderValue::from_bytes(val).map_err(|_| bad())?;
+            if h.uri.authority().is_some() {
+                let a = Authority::try_from(val).map_err(|_| bad())?;
+                let mut parts = std::mem::take(&mut h.uri).into_parts();
+                parts.authority = Some(a);
+                h.uri = Uri::from_parts(parts).map_err(|_| bad())?;
+            }
+            h.headers.insert(HOST, value);
+        }
+        // The scheme is the listener's business; accepted and ignored.
+        (Map::Req(_), b":scheme") => {}
+        (Map::Resp(h), b":status") => {
+            let code = std::str::from_utf8(val)
+                .ok()
+                .and_then(|v| v.parse::<u16>().ok());
+            h.status = code
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .ok_or_else(bad)?;
+        }
+        _ => return Err(bad().into()),
+    }
+    Ok(())
+}
+
+fn set_pairs(s: &mut HostState, kind: u32, raw: &[u8]) -> HostResult {
+    let pairs = abi::decode_pairs(raw).ok_or(status::BAD_ARGUMENT)?;
+    // Validate everything before changing anything.
+    let mut regular = Vec::with_capacity(pairs.len());
+    let mut pseudo = Vec::new();
+    for (k, v) in pairs {
+        let k = k.to_ascii_lowercase();
+        if k.first() == Some(&b':') {
+            pseudo.push((k, v));
+        } else {
+            let name = HeaderName::from_bytes(&k).map_err(|_| status::BAD_ARGUMENT)?;
+            let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+            regular.push((name, value));
+        }
+    }
+    match map_of(s, kind) {
+        Map::Req(h) => {
+            h.headers.clear();
+            for (k, v) in regular {
+                h.headers.append(k, v);
+            }
+        }
+        Map::Resp(h) => {
+            h.headers.clear();
+            for (k, v) in regular {
+                h.headers.append(k, v);
+            }
+        }
+        Map::Absent => return Err(status::BAD_ARGUMENT.into()),
+    }
+    for (k, v) in pseudo {
+        set_pseudo(map_of(s, kind), &k, v)?;
+    }
+    Ok(())
+}

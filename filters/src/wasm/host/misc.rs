@@ -1,0 +1,309 @@
+//! Logging, time, ticks, buffers (configuration), stream control, local
+//! responses, metrics, and the ABI's calls that are not implemented yet
+//! (HTTP and gRPC callouts, foreign functions), which answer with a status
+//! the SDKs handle instead of trapping.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tracing::level_filters::LevelFilter;
+use wasmtime::{Caller, Linker};
+
+use crate::wasm::abi::{self, buffer, status, stream};
+use crate::wasm::metrics::MetricKind;
+use crate::wasm::state::{finish, give, read, write_u32, write_u64, HostResult, HostState};
+use crate::LocalResponse;
+
+type C<'a> = Caller<'a, HostState>;
+
+pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: C<'_>, level: u32, ptr: u32, len: u32| finish(log(&mut c, level, ptr, len)),
+    )?;
+    l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: u32| {
+        let level = match LevelFilter::current() {
+            LevelFilter::TRACE => 0,
+            LevelFilter::DEBUG => 1,
+            LevelFilter::INFO => 2,
+            LevelFilter::WARN => 3,
+            LevelFilter::ERROR => 4,
+            _ => 5, // off: only "critical" would pass
+        };
+        finish(write_u32(&mut c, ret, level))
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, ret: u32| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            finish(write_u64(&mut c, ret, now))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C<'_>, ms: u32| {
+            // Recorded, not delivered yet (see docs/filters.md). The SDK treats
+            // any other answer than Ok as fatal, so Ok it is.
+            c.data_mut().tick_period_ms = ms;
+            Ok(status::OK)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>, kind: u32, start: u32, max: u32, rptr: u32, rsize: u32| {
+            finish(get_buffer(&mut c, kind, start, max, rptr, rsize))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |_c: C<'_>, _kind: u32, _start: u32, _size: u32, _ptr: u32, _len: u32| {
+            // Bodies are not available to Wasm filters yet.
+            Ok(status::NOT_FOUND)
+        },
+    )?;
+    l.func_wrap("env", "proxy_continue_stream", |mut c: C<'_>, kind: u32| {
+        // A header callback's own continue is implied by returning Continue;
+        // resuming a paused stream from another callback needs ticks or
+        // callouts, which are not delivered yet.
+        Ok(match (kind, c.data_mut().stream()) {
+            (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, Some(_)) => status::OK,
+            (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, None) => status::NOT_FOUND,
+            _ => status::BAD_ARGUMENT,
+        })
+    })?;
+    l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, kind: u32| {
+        Ok(match (kind, c.data_mut().stream()) {
+            (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, Some(s)) => {
+                s.reset = true;
+                status::OK
+            }
+            (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, None) => status::NOT_FOUND,
+            _ => status::BAD_ARGUMENT,
+        })
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         code: u32,
+         _details_ptr: u32,
+         _details_len: u32,
+         body_ptr: u32,
+         body_len: u32,
+         headers_ptr: u32,
+         headers_len: u32,
+         _grpc_status: i32| {
+            finish(local_response(
+                &mut c,
+                code,
+                (body_ptr, body_len),
+                (headers_ptr, headers_len),
+            ))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: C<'_>, id: u32| {
+            let s = c.data_mut();
+            let known = id == s.root_id || s.cur.as_ref().is_some_and(|cur| cur.id == id);
+            Ok(if known {
+                s.effective = id;
+                status::OK
+            } else {
+                status::BAD_ARGUMENT
+            })
+        },
+    )?;
+    l.func_wrap("env", "proxy_done", |_c: C<'_>| Ok(status::OK))?;
+
+    // Metrics.
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: C<'_>, kind: u32, ptr: u32, len: u32, ret: u32| {
+            finish(define_metric(&mut c, kind, ptr, len, ret))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: C<'_>, id: u32, ret: u32| {
+            let v = c.data().plugin.metrics.get(id);
+            finish(match v {
+                None => Err(status::NOT_FOUND.into()),
+                Some(Err(())) => Err(status::BAD_ARGUMENT.into()),
+                Some(Ok(v)) => write_u64(&mut c, ret, v),
+            })
+        },
+    )?;
+    l.func_wrap("env", "proxy_record_metric", |c: C<'_>, id: u32, v: u64| {
+        Ok(match c.data().plugin.metrics.record(id, v) {
+            Some(()) => status::OK,
+            None => status::NOT_FOUND,
+        })
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: C<'_>, id: u32, d: i64| {
+            Ok(match c.data().plugin.metrics.increment(id, d) {
+                Some(Ok(())) => status::OK,
+                Some(Err(())) => status::BAD_ARGUMENT,
+                None => status::NOT_FOUND,
+            })
+        },
+    )?;
+
+    // Not implemented yet: callouts and foreign functions. Each answers
+    // with a status its SDK wrapper returns as an error (never one it
+    // panics on), so a guest sees "call failed" and goes on.
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |_c: C<'_>,
+         _up: u32,
+         _up_len: u32,
+         _h: u32,
+         _h_len: u32,
+         _b: u32,
+         _b_len: u32,
+         _t: u32,
+         _t_len: u32,
+         _timeout: u32,
+         _ret: u32| Ok(status::INTERNAL_FAILURE),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |_c: C<'_>,
+         _up: u32,
+         _up_len: u32,
+         _svc: u32,
+         _svc_len: u32,
+         _m: u32,
+         _m_len: u32,
+         _md: u32,
+         _md_len: u32,
+         _msg: u32,
+         _msg_len: u32,
+         _timeout: u32,
+         _ret: u32| Ok(status::INTERNAL_FAILURE),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |_c: C<'_>,
+         _up: u32,
+         _up_len: u32,
+         _svc: u32,
+         _svc_len: u32,
+         _m: u32,
+         _m_len: u32,
+         _md: u32,
+         _md_len: u32,
+         _ret: u32| Ok(status::INTERNAL_FAILURE),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |_c: C<'_>, _token: u32, _ptr: u32, _len: u32, _eos: u32| Ok(status::NOT_FOUND),
+    )?;
+    l.func_wrap("env", "proxy_grpc_cancel", |_c: C<'_>, _token: u32| {
+        Ok(status::NOT_FOUND)
+    })?;
+    l.func_wrap("env", "proxy_grpc_close", |_c: C<'_>, _token: u32| {
+        Ok(status::NOT_FOUND)
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: C<'_>, code: u32, rptr: u32, rsize: u32| {
+            // No callout ever completes, so there is no status to report:
+            // code 0 and no message.
+            finish(write_u32(&mut c, code, 0).and_then(|()| give(&mut c, &[], rptr, rsize)))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |_c: C<'_>, _n: u32, _n_len: u32, _a: u32, _a_len: u32, _r: u32, _r_len: u32| {
+            Ok(status::NOT_FOUND)
+        },
+    )?;
+    Ok(())
+}
+
+fn log(c: &mut C<'_>, level: u32, ptr: u32, len: u32) -> HostResult {
+    let msg = read(c, ptr, len)?;
+    let msg = String::from_utf8_lossy(&msg);
+    let filter = c.data().plugin.name.as_str();
+    match level {
+        0 => tracing::trace!(target: "flashgate::wasm", filter, "{msg}"),
+        1 => tracing::debug!(target: "flashgate::wasm", filter, "{msg}"),
+        2 => tracing::info!(target: "flashgate::wasm", filter, "{msg}"),
+        3 => tracing::warn!(target: "flashgate::wasm", filter, "{msg}"),
+        _ => tracing::error!(target: "flashgate::wasm", filter, "{msg}"),
+    }
+    Ok(())
+}
+
+fn get_buffer(c: &mut C<'_>, kind: u32, start: u32, max: u32, rptr: u32, rsize: u32) -> HostResult {
+    let plugin = c.data().plugin.clone();
+    let all: &[u8] = match kind {
+        buffer::PLUGIN_CONFIGURATION => &plugin.config,
+        buffer::VM_CONFIGURATION => &[],
+        // Bodies, callout responses and gRPC buffers are not available yet.
+        _ => return Err(status::NOT_FOUND.into()),
+    };
+    let start = (start as usize).min(all.len());
+    let end = start.saturating_add(max as usize).min(all.len());
+    give(c, &all[start..end], rptr, rsize)
+}
+
+fn local_response(c: &mut C<'_>, code: u32, body: (u32, u32), headers: (u32, u32)) -> HostResult {
+    let status = u16::try_from(code)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .ok_or(status::BAD_ARGUMENT)?;
+    let body = read(c, body.0, body.1)?;
+    let raw = read(c, headers.0, headers.1)?;
+    let pairs = abi::decode_pairs(&raw).ok_or(status::BAD_ARGUMENT)?;
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
+        let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+        map.append(name, value);
+    }
+    let s = c.data_mut().stream().ok_or(status::BAD_ARGUMENT)?;
+    s.local = Some(LocalResponse {
+        status,
+        headers: map,
+        body: Bytes::from(body),
+    });
+    Ok(())
+}
+
+fn define_metric(c: &mut C<'_>, kind: u32, ptr: u32, len: u32, ret: u32) -> HostResult {
+    let kind = MetricKind::from_abi(kind).ok_or(status::BAD_ARGUMENT)?;
+    let name = read(c, ptr, len)?;
+    let name = std::str::from_utf8(&name).map_err(|_| status::BAD_ARGUMENT)?;
+    if name.is_empty() {
+        return Err(status::BAD_ARGUMENT.into());
+    }
+    let id = c
+        .data()
+        .plugin
+        .metrics
+        .define(kind, name)
+        .ok_or(status::BAD_ARGUMENT)?;
+    write_u32(c, ret, id)
+}

@@ -1,0 +1,204 @@
+//! The proxy-wasm host: runs filters written with the public proxy-wasm
+//! SDKs (ABI v0.2.1 and v0.2.0) on wasmtime, behind the same
+//! [`FilterFactory`] / [`StreamFilter`] traits as native filters.
+//!
+//! ```text
+//! WasmFilter::load ─ read file ─ compile once (engine.rs, cached by content)
+//!                  ─ check the ABI marker export
+//!                  ─ link host functions (host/) and pre-instantiate
+//!                  ─ start one instance: _initialize, root context,
+//!                    proxy_on_vm_start, proxy_on_configure (refusal = error)
+//! new_stream ────── WasmStream (stream.rs): on its first phase it picks a
+//!                   pool slot (instance.rs) and creates an HTTP context
+//!                   (unique id, parent = the root context) in that instance
+//! on_request_headers / on_response_headers ── one guest call each, with the
+//!                   head moved into the store for the call (state.rs)
+//! on_done / drop ── proxy_on_done, proxy_on_log, proxy_on_delete, once
+//! ```
+//!
+//! Cost: a module is compiled once; a filter has a bounded pool of
+//! instances (`WasmLimits::instances`), each hosting many contexts; a
+//! request costs one context, never an instance.
+//!
+//! Safety: every guest call runs under an epoch deadline
+//! (`WasmLimits::timeout`; one background thread ticks the engine's epoch
+//! every millisecond) and within a memory cap (`WasmLimits::memory`). A
+//! trap, timeout or out-of-memory poisons the instance (it is dropped and
+//! replaced for later streams), counts in [`WasmMetrics`], logs once with
+//! the filter's name, and the stream follows the filter's [`FailMode`].
+//! A module without the ABI marker is refused at load.
+//!
+//! See `docs/filters.md` for the guest's view: properties, limits, and
+//! what is not implemented yet.
+
+mod abi;
+mod engine;
+mod host;
+mod instance;
+mod metrics;
+mod plugin;
+mod shared;
+mod state;
+mod stream;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::Linker;
+
+pub use engine::compiled_modules;
+pub use metrics::{
+    HostStats, MetricKind, MetricSample, MetricValue, WasmMetrics, HISTOGRAM_BOUNDS,
+};
+
+use instance::{FailKind, Pool};
+use plugin::{Limits, Plugin};
+use state::HostState;
+
+use crate::{FailMode, FilterError, FilterFactory, StreamFilter};
+
+/// Resource limits of one Wasm filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WasmLimits {
+    /// Wall-clock budget of one guest call (a header callback, one
+    /// allocation, `on_log`...). Start-up gets 20x this, at least 500 ms.
+    pub timeout: Duration,
+    /// Most linear memory one instance may have, in bytes.
+    pub memory: u64,
+    /// Instances of the module for this filter (each serves many streams,
+    /// one guest call at a time). Default: the number of CPUs.
+    pub instances: usize,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits {
+            timeout: Duration::from_millis(5),
+            memory: 64 << 20,
+            instances: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// A configured proxy-wasm filter: the factory the gateway puts in a
+/// route's [`FilterChain`](crate::FilterChain).
+pub struct WasmFilter {
+    pool: Arc<Pool>,
+}
+
+impl WasmFilter {
+    /// Loads the module at `path` as the filter `name`, hands it `config`
+    /// (the `[[filters]]` entry's `config` string, given to the guest's
+    /// `proxy_on_configure` as its plugin configuration) and starts its
+    /// first instance.
+    ///
+    /// Errors: [`FilterError::Wasm`] when the file cannot be read or
+    /// compiled, lacks the proxy-wasm ABI marker, has imports the host
+    /// cannot provide, or traps while starting; [`FilterError::Config`]
+    /// when the guest refuses its configuration.
+    pub fn load(
+        name: &str,
+        path: impl AsRef<Path>,
+        config: &str,
+        limits: WasmLimits,
+        fail: FailMode,
+    ) -> Result<Arc<WasmFilter>, FilterError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|e| FilterError::Wasm(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_bytes(name, &bytes, config, limits, fail).map_err(|e| match e {
+            FilterError::Wasm(m) => FilterError::Wasm(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Like [`WasmFilter::load`], from the module's bytes.
+    pub fn from_bytes(
+        name: &str,
+        bytes: &[u8],
+        config: &str,
+        limits: WasmLimits,
+        fail: FailMode,
+    ) -> Result<Arc<WasmFilter>, FilterError> {
+        if limits.timeout.is_zero() || limits.memory == 0 {
+            return Err(FilterError::Config(
+                "wasm limits: timeout and memory must be above zero".into(),
+            ));
+        }
+        let engine = engine::engine().map_err(FilterError::Wasm)?;
+        let module = engine::compile(bytes).map_err(FilterError::Wasm)?;
+        let abi = abi::ABI_MARKERS
+            .iter()
+            .find(|(export, _)| module.get_export(export).is_some())
+            .map(|(_, version)| *version)
+            .ok_or_else(|| {
+                FilterError::Wasm(
+                    "not a proxy-wasm module: no proxy_abi_version_0_2_1 (or _0_2_0) export".into(),
+                )
+            })?;
+        let mut linker: Linker<HostState> = Linker::new(engine);
+        host::add_to_linker(&mut linker)
+            .map_err(|e| FilterError::Wasm(format!("linking host functions: {e:#}")))?;
+        let stubbed =
+            host::stub_unknown_imports(&mut linker, &module).map_err(FilterError::Wasm)?;
+        if !stubbed.is_empty() {
+            tracing::info!(filter = name, imports = ?stubbed, "wasm filter imports functions the host only stubs");
+        }
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| FilterError::Wasm(format!("{e:#}")))?;
+        let limits = Limits {
+            timeout: limits.timeout,
+            memory: usize::try_from(limits.memory).unwrap_or(usize::MAX),
+            instances: limits.instances.max(1),
+        };
+        let plugin = Arc::new(Plugin::new(name, config, limits, fail, abi, pre));
+        let pool = Arc::new(Pool::new(plugin));
+        // Start the first instance now: a module that traps at start-up or
+        // refuses its configuration is a load error, not a runtime surprise.
+        {
+            let mut slot = pool.lock(0);
+            pool.ensure(&mut slot).map_err(|f| match f.kind {
+                FailKind::Refused if f.message.contains("configuration") => {
+                    FilterError::Config(f.message)
+                }
+                kind => FilterError::Wasm(format!(
+                    "starting the module failed ({kind}): {}",
+                    f.message
+                )),
+            })?;
+        }
+        Ok(Arc::new(WasmFilter { pool }))
+    }
+
+    /// The filter's metrics: guest-defined ones and the host's counters.
+    pub fn metrics(&self) -> &WasmMetrics {
+        &self.pool.plugin.metrics
+    }
+
+    /// Instances alive now (at most `WasmLimits::instances`).
+    pub fn live_instances(&self) -> u64 {
+        self.pool.live.load(Ordering::Relaxed)
+    }
+
+    /// The proxy-wasm ABI version the module declares (`"0.2.1"`/`"0.2.0"`).
+    pub fn abi_version(&self) -> &'static str {
+        self.pool.plugin.abi
+    }
+
+    pub fn fail_mode(&self) -> FailMode {
+        self.pool.plugin.fail
+    }
+}
+
+impl FilterFactory for WasmFilter {
+    fn name(&self) -> &str {
+        &self.pool.plugin.name
+    }
+
+    fn new_stream(&self) -> Box<dyn StreamFilter> {
+        Box::new(stream::WasmStream::new(self.pool.clone()))
+    }
+}

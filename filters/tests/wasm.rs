@@ -1,0 +1,649 @@
+//! The proxy-wasm host driven through `FilterChain` with the real guest
+//! filters from `wasm-plugins/` (built once per test run by
+//! `wasm-plugins/build.sh`; needs the `wasm32-wasip1` target).
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use filters::wasm::{MetricValue, WasmFilter, WasmLimits};
+use filters::{FailMode, FilterChain, FilterError, FilterFactory, Priority, StreamInfo};
+use http::StatusCode;
+
+/// Builds the guests once and returns the directory of the `.wasm` files.
+fn guests() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../wasm-plugins");
+        let out = std::process::Command::new("bash")
+            .arg(root.join("build.sh"))
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .output()
+            .expect("run wasm-plugins/build.sh");
+        assert!(
+            out.status.success(),
+            "wasm-plugins/build.sh failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("target/wasm32-wasip1/release")
+    })
+}
+
+fn wasm(name: &str) -> PathBuf {
+    guests().join(format!("{name}.wasm"))
+}
+
+fn limits() -> WasmLimits {
+    // Generous per-call time: tests run in parallel on small machines.
+    WasmLimits {
+        timeout: Duration::from_millis(100),
+        memory: 64 << 20,
+        instances: 2,
+    }
+}
+
+fn load(name: &str, module: &str, config: &str) -> Arc<WasmFilter> {
+    load_with(name, module, config, limits(), FailMode::Closed)
+}
+
+fn load_with(
+    name: &str,
+    module: &str,
+    config: &str,
+    l: WasmLimits,
+    fail: FailMode,
+) -> Arc<WasmFilter> {
+    WasmFilter::load(name, wasm(module), config, l, fail)
+        .unwrap_or_else(|e| panic!("load {module}: {e}"))
+}
+
+fn info(load_level: u8) -> StreamInfo {
+    StreamInfo {
+        client_ip: "203.0.113.7".parse().unwrap(),
+        route: "products".into(),
+        priority: Priority::Sheddable,
+        load_level,
+        request_id: "req-1".into(),
+    }
+}
+
+fn chain(f: &Arc<WasmFilter>) -> FilterChain {
+    FilterChain::new(vec![f.clone() as Arc<dyn FilterFactory>])
+}
+
+fn request(headers: &[(&str, &str)]) -> http::request::Parts {
+    request_to("/products/42?color=red", headers)
+}
+
+fn request_to(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+    let mut b = http::Request::builder().method("GET").uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+fn response(headers: &[(&str, &str)]) -> http::response::Parts {
+    let mut b = http::Response::builder().status(200);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+fn h<'a>(headers: &'a http::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or("<absent>")
+}
+
+fn counter(f: &WasmFilter, name: &str) -> u64 {
+    f.metrics()
+        .value(name)
+        .unwrap_or_else(|| panic!("metric {name} not defined"))
+}
+
+// ---- add-headers -----------------------------------------------------------
+
+#[tokio::test]
+async fn add_headers_edits_both_directions() {
+    let f = load(
+        "add-headers",
+        "add_headers",
+        r#"{"request_add": [["x-edge", "flashgate"], ["x-multi", "2"]],
+            "request_set": [["x-env", "prod"]],
+            "request_remove": ["x-debug"],
+            "response_add": [["cache-status", "edge"]],
+            "response_set": [["x-frame-options", "DENY"]],
+            "response_remove": ["server"]}"#,
+    );
+    assert_eq!(f.abi_version(), "0.2.1");
+    let mut req = request(&[("x-debug", "1"), ("x-env", "dev"), ("x-multi", "1")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert_eq!(h(&req.headers, "x-edge"), "flashgate");
+    assert_eq!(h(&req.headers, "x-env"), "prod");
+    assert_eq!(h(&req.headers, "x-debug"), "<absent>");
+    let multi: Vec<_> = req.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["1", "2"]);
+    // The head that is not headers is untouched.
+    assert_eq!(req.uri, "/products/42?color=red");
+    assert_eq!(req.method, http::Method::GET);
+
+    let mut resp = response(&[("server", "origin"), ("x-frame-options", "SAMEORIGIN")]);
+    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert_eq!(h(&resp.headers, "server"), "<absent>");
+    assert_eq!(h(&resp.headers, "x-frame-options"), "DENY");
+    assert_eq!(h(&resp.headers, "cache-status"), "edge");
+    assert_eq!(resp.status, StatusCode::OK);
+}
+
+#[test]
+fn add_headers_refuses_bad_config() {
+    let e = WasmFilter::load(
+        "ah",
+        wasm("add_headers"),
+        r#"{"nope": 1}"#,
+        limits(),
+        FailMode::Open,
+    );
+    assert!(matches!(e, Err(FilterError::Config(_))), "{:?}", e.err());
+}
+
+// ---- bot-score -------------------------------------------------------------
+
+#[tokio::test]
+async fn bot_score_scores_and_counts() {
+    let f = load("bot-score", "bot_score", "");
+    let c = chain(&f);
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "60"), // no user-agent (40) + no accept-language (20)
+        (
+            &[("user-agent", "curl/8.0"), ("accept-language", "en")],
+            "60",
+        ),
+        (
+            &[
+                ("user-agent", "Mozilla/5.0 Firefox"),
+                ("accept-language", "de"),
+            ],
+            "0",
+        ),
+        // A client cannot choose its own score.
+        (&[("user-agent", "Mozilla/5.0"), ("x-bot-score", "0")], "20"),
+    ];
+    for (headers, want) in cases {
+        let mut req = request(headers);
+        let mut s = c.start();
+        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+        assert_eq!(h(&req.headers, "x-bot-score"), *want, "{headers:?}");
+        assert_eq!(req.headers.get_all("x-bot-score").iter().count(), 1);
+    }
+    assert_eq!(counter(&f, "bot_score_scored_total"), 4);
+    assert_eq!(counter(&f, "bot_score_bots_total"), 2);
+    let hist = f
+        .metrics()
+        .snapshot()
+        .into_iter()
+        .find(|m| m.name == "bot_score_score")
+        .unwrap();
+    let MetricValue::Histogram { count, sum, .. } = hist.value else {
+        panic!("histogram expected")
+    };
+    assert_eq!((count, sum), (4, 140));
+}
+
+#[tokio::test]
+async fn bot_score_blocks_at_threshold() {
+    let f = load("bot-score-block", "bot_score", r#"{"block_at": 50}"#);
+    let mut req = request(&[("user-agent", "python-requests/2.31")]);
+    let mut s = chain(&f).start();
+    let local = s.on_request(&mut req, &info(0)).await.expect("blocked");
+    assert_eq!(local.status, StatusCode::FORBIDDEN);
+    assert_eq!(h(&local.headers, "x-bot-score"), "80");
+    assert_eq!(&local.body[..], b"automated traffic is not allowed\n");
+}
+
+// ---- degrade-recommendations ----------------------------------------------
+
+#[tokio::test]
+async fn degrade_answers_locally_under_load() {
+    let f = load(
+        "degrade-reco",
+        "degrade_recommendations",
+        r#"{"min_level": 2, "placeholder": {"items": [], "fallback": true}}"#,
+    );
+    let c = chain(&f);
+    for level in [0, 1] {
+        let mut req = request(&[]);
+        let mut s = c.start();
+        assert!(
+            s.on_request(&mut req, &info(level)).await.is_none(),
+            "level {level}"
+        );
+    }
+    for level in [2, 5] {
+        let mut req = request(&[]);
+        let mut s = c.start();
+        let local = s
+            .on_request(&mut req, &info(level))
+            .await
+            .expect("degraded");
+        assert_eq!(local.status, StatusCode::OK);
+        assert_eq!(h(&local.headers, "content-type"), "application/json");
+        assert_eq!(h(&local.headers, "x-degraded"), "1");
+        let body: serde_json::Value = serde_json::from_slice(&local.body).unwrap();
+        assert_eq!(body, serde_json::json!({"items": [], "fallback": true}));
+    }
+}
+
+#[test]
+fn degrade_refuses_bad_status() {
+    let e = WasmFilter::load(
+        "degrade-bad",
+        wasm("degrade_recommendations"),
+        r#"{"status": 42}"#,
+        limits(),
+        FailMode::Open,
+    );
+    assert!(matches!(e, Err(FilterError::Config(_))));
+}
+
+// ---- test-host: the ABI surface --------------------------------------------
+
+#[tokio::test]
+async fn properties() {
+    let f = load("props-filter", "test_host", "");
+    let mut req = request(&[("x-test", "props"), ("user-agent", "UA/1")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(3)).await.is_none());
+    let hs = &req.headers;
+    assert_eq!(h(hs, "x-prop-path"), "/products/42?color=red");
+    assert_eq!(h(hs, "x-prop-method"), "GET");
+    assert_eq!(h(hs, "x-prop-source"), "203.0.113.7");
+    assert_eq!(h(hs, "x-prop-plugin"), "props-filter");
+    assert_eq!(h(hs, "x-prop-route"), "products");
+    assert_eq!(h(hs, "x-prop-priority"), "sheddable");
+    assert_eq!(h(hs, "x-prop-load"), "3");
+    assert_eq!(h(hs, "x-prop-ua"), "UA/1");
+    assert_eq!(h(hs, "x-prop-missing"), "<none>");
+    // x-test, user-agent, and the 9 x-prop-* headers the guest set before.
+    assert_eq!(h(hs, "x-prop-headers"), "Some(11)");
+    assert_eq!(h(hs, "x-prop-custom"), "v1");
+    assert_eq!(h(hs, "x-pseudo-path"), "/products/42?color=red");
+    assert_eq!(h(hs, "x-pseudo-method"), "GET");
+}
+
+#[tokio::test]
+async fn headers_add_replace_remove_both_ways() {
+    let f = load("hdr-filter", "test_host", "");
+    let mut req = request(&[
+        ("x-test", "headers"),
+        ("x-replace", "old"),
+        ("x-remove", "bye"),
+        ("x-multi", "one"),
+        ("x-new-path", "/elsewhere?q=1"),
+    ]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let hs = &req.headers;
+    assert_eq!(h(hs, "x-replace"), "new");
+    assert_eq!(h(hs, "x-remove"), "<absent>");
+    assert_eq!(h(hs, "x-added"), "1");
+    let multi: Vec<_> = hs.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["one", "two"]);
+    // :path, :method, :scheme (no :authority: neither Host nor an absolute
+    // URI) + x-test, x-replace, x-multi x2, x-new-path, x-added
+    assert_eq!(h(hs, "x-count"), "9");
+    assert_eq!(req.uri, "/elsewhere?q=1");
+
+    let mut resp = response(&[("server", "origin"), ("x-resp-replace", "old")]);
+    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    let hs = &resp.headers;
+    assert_eq!(h(hs, "server"), "<absent>");
+    assert_eq!(h(hs, "x-resp-replace"), "new");
+    assert_eq!(h(hs, "x-resp-added"), "1");
+    assert_eq!(h(hs, "x-req-seen"), "new"); // request headers readable later
+    assert_eq!(h(hs, "x-status-seen"), "200");
+}
+
+#[tokio::test]
+async fn local_response_and_config() {
+    let f = load("local-filter", "test_host", "hello config");
+    let mut req = request(&[("x-test", "local")]);
+    let mut s = chain(&f).start();
+    let local = s.on_request(&mut req, &info(0)).await.expect("local");
+    assert_eq!(local.status, StatusCode::IM_A_TEAPOT);
+    assert_eq!(h(&local.headers, "x-local"), "1");
+    assert_eq!(&local.body[..], b"teapot");
+
+    let mut req = request(&[("x-test", "config")]);
+    let mut s = chain(&f).start();
+    let local = s.on_request(&mut req, &info(0)).await.expect("local");
+    assert_eq!(&local.body[..], b"hello config");
+}
+
+#[tokio::test]
+async fn local_response_in_response_phase_replaces_it() {
+    let f = load("resp-local", "test_host", "");
+    let mut req = request(&[("x-test", "local-response-phase")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut resp = response(&[]);
+    let replaced = s.on_response(&mut resp, &info(0)).await.expect("replaced");
+    assert_eq!(replaced.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h(&resp.headers, "x-replaced"), "1");
+}
+
+#[test]
+fn refused_configuration_is_a_config_error() {
+    let e = WasmFilter::load(
+        "refuse",
+        wasm("test_host"),
+        "refuse",
+        limits(),
+        FailMode::Open,
+    );
+    assert!(matches!(e, Err(FilterError::Config(_))), "{:?}", e.err());
+}
+
+#[tokio::test]
+async fn metrics_from_the_guest() {
+    let f = load("metrics-filter", "test_host", "");
+    let c = chain(&f);
+    for v in ["3", "9"] {
+        let mut req = request(&[("x-test", "metrics"), ("x-value", v)]);
+        let mut s = c.start();
+        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+        if v == "9" {
+            assert_eq!(h(&req.headers, "x-counter-value"), "Ok(\"2\")");
+        }
+    }
+    assert_eq!(counter(&f, "test_requests_total"), 2);
+    assert_eq!(counter(&f, "test_gauge"), 9);
+    let snap = f.metrics().snapshot();
+    let hist = snap.iter().find(|m| m.name == "test_hist").unwrap();
+    let MetricValue::Histogram {
+        count,
+        sum,
+        ref buckets,
+    } = hist.value
+    else {
+        panic!()
+    };
+    assert_eq!((count, sum), (2, 12));
+    assert_eq!(buckets[2], (4, 1)); // 3 <= 4
+    assert_eq!(buckets[4], (16, 2)); // 9 <= 16
+    let host = f.metrics().host();
+    assert!(host.calls > 0 && host.call_nanos > 0);
+    assert_eq!(host.traps + host.timeouts + host.out_of_memory, 0);
+}
+
+#[tokio::test]
+async fn logging_time_and_wasi() {
+    let f = load("log-filter", "test_host", "");
+    let mut req = request(&[("x-test", "log")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert_eq!(h(&req.headers, "x-time-ok"), "1");
+}
+
+#[test]
+fn shared_data_cas_across_instances_and_threads() {
+    let f = load_with(
+        "shared-filter",
+        "test_host",
+        "",
+        WasmLimits {
+            instances: 3,
+            ..limits()
+        },
+        FailMode::Closed,
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let c = chain(&f);
+                    for _ in 0..25 {
+                        let mut req = request(&[("x-test", "shared")]);
+                        let mut s = c.start();
+                        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+                        assert_eq!(h(&req.headers, "x-cas-stale"), "refused");
+                    }
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Every increment landed exactly once, whichever instance made it.
+    let mut req = request(&[("x-test", "shared")]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = chain(&f).start();
+        s.on_request(&mut req, &info(0)).await;
+    });
+    assert_eq!(h(&req.headers, "x-counter"), "101");
+    assert_eq!(f.live_instances(), 3);
+    assert_eq!(f.metrics().host().instances_created, 3);
+}
+
+#[tokio::test]
+async fn instances_are_reused_and_every_stream_ends_once() {
+    let f = load("reuse-filter", "test_host", "");
+    let c = chain(&f);
+    for i in 0..200 {
+        let mut req = request(&[("x-test", "metrics")]);
+        let mut resp = response(&[]);
+        let mut s = c.start();
+        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+        if i % 2 == 0 {
+            // Half the clients go away before the response.
+            s.on_response(&mut resp, &info(0)).await;
+        }
+    }
+    // A stream that never reached the filter creates no context.
+    drop(c.start());
+    // A stream used without a chain still ends when dropped.
+    let mut raw = f.new_stream();
+    let mut req = request(&[]);
+    raw.on_request_headers(&mut req, &info(0));
+    drop(raw);
+    assert_eq!(f.metrics().host().instances_created, 2);
+    assert!(f.live_instances() <= 2);
+    assert_eq!(counter(&f, "test_requests_total"), 200);
+    assert_eq!(counter(&f, "test_on_log_total"), 201);
+}
+
+#[tokio::test]
+async fn pause_is_not_supported_yet_and_follows_fail_mode() {
+    let open = load_with("pause-open", "test_host", "", limits(), FailMode::Open);
+    let mut req = request(&[("x-test", "pause")]);
+    let mut s = chain(&open).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert_eq!(open.metrics().host().failed_open, 1);
+    // Not the guest's fault: the instance lives on.
+    assert_eq!(open.metrics().host().instances_poisoned, 0);
+
+    let closed = load_with("pause-closed", "test_host", "", limits(), FailMode::Closed);
+    let mut req = request(&[("x-test", "pause")]);
+    let mut s = chain(&closed).start();
+    let local = s.on_request(&mut req, &info(0)).await.expect("500");
+    assert_eq!(local.status, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+// ---- failures ----------------------------------------------------------------
+
+async fn trap_run(f: &Arc<WasmFilter>) -> (Option<filters::LocalResponse>, http::request::Parts) {
+    let mut req = request(&[("x-trap", "1"), ("keep", "me")]);
+    let mut s = chain(f).start();
+    let r = s.on_request(&mut req, &info(0)).await;
+    (r, req)
+}
+
+async fn passes(f: &Arc<WasmFilter>) {
+    let mut req = request(&[]);
+    let mut s = chain(f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert_eq!(h(&req.headers, "x-trap-passed"), "1");
+}
+
+fn trap_limits() -> WasmLimits {
+    WasmLimits {
+        timeout: Duration::from_millis(20),
+        memory: 16 << 20,
+        instances: 1,
+    }
+}
+
+#[tokio::test]
+async fn infinite_loop_hits_the_deadline_fail_open() {
+    let f = load_with(
+        "loop-open",
+        "test_trap",
+        "loop",
+        trap_limits(),
+        FailMode::Open,
+    );
+    passes(&f).await;
+    let started = std::time::Instant::now();
+    let (r, req) = trap_run(&f).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(r.is_none(), "fail open skips the filter");
+    assert_eq!(h(&req.headers, "keep"), "me");
+    let host = f.metrics().host();
+    assert_eq!(
+        (host.timeouts, host.instances_poisoned, host.failed_open),
+        (1, 1, 1)
+    );
+    // The next request gets a fresh instance.
+    passes(&f).await;
+    assert_eq!(f.metrics().host().instances_created, 2);
+}
+
+#[tokio::test]
+async fn infinite_loop_fail_closed() {
+    let f = load_with(
+        "loop-closed",
+        "test_trap",
+        "loop",
+        trap_limits(),
+        FailMode::Closed,
+    );
+    let (r, _) = trap_run(&f).await;
+    assert_eq!(r.expect("500").status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(f.metrics().host().timeouts, 1);
+    passes(&f).await;
+}
+
+#[tokio::test]
+async fn panic_fail_open_and_closed() {
+    for (mode, name) in [
+        (FailMode::Open, "panic-open"),
+        (FailMode::Closed, "panic-closed"),
+    ] {
+        let f = load_with(name, "test_trap", "panic", trap_limits(), mode);
+        let (r, req) = trap_run(&f).await;
+        match mode {
+            FailMode::Open => assert!(r.is_none()),
+            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR),
+        }
+        assert_eq!(h(&req.headers, "keep"), "me");
+        let host = f.metrics().host();
+        assert_eq!((host.traps, host.timeouts, host.out_of_memory), (1, 0, 0));
+        passes(&f).await;
+    }
+}
+
+#[tokio::test]
+async fn memory_hog_hits_the_cap() {
+    for (mode, name) in [
+        (FailMode::Open, "oom-open"),
+        (FailMode::Closed, "oom-closed"),
+    ] {
+        let f = load_with(name, "test_trap", "oom", trap_limits(), mode);
+        let (r, req) = trap_run(&f).await;
+        assert_eq!(h(&req.headers, "x-hog"), "<absent>");
+        match mode {
+            FailMode::Open => assert!(r.is_none()),
+            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR),
+        }
+        assert_eq!(f.metrics().host().out_of_memory, 1);
+        passes(&f).await;
+    }
+}
+
+#[tokio::test]
+async fn panic_in_response_phase() {
+    let f = load_with(
+        "resp-panic",
+        "test_trap",
+        "response-panic",
+        trap_limits(),
+        FailMode::Closed,
+    );
+    let mut req = request(&[("x-trap", "1")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut resp = response(&[("x-origin", "1")]);
+    let r = s.on_response(&mut resp, &info(0)).await.expect("500");
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR);
+    drop(s); // on_done on a discarded instance must not call the guest
+    assert_eq!(f.metrics().host().traps, 1);
+}
+
+#[test]
+fn failing_start_is_a_load_error() {
+    for mode in ["configure-panic", "configure-loop"] {
+        let e = WasmFilter::load(
+            "bad-start",
+            wasm("test_trap"),
+            mode,
+            trap_limits(),
+            FailMode::Open,
+        );
+        assert!(
+            matches!(e, Err(FilterError::Wasm(_))),
+            "{mode}: {:?}",
+            e.err()
+        );
+    }
+}
+
+#[test]
+fn module_without_abi_marker_is_refused() {
+    let Err(e) = WasmFilter::load("no-abi", wasm("no_abi"), "", limits(), FailMode::Open) else {
+        panic!("a module without the ABI marker must be refused")
+    };
+    assert!(matches!(e, FilterError::Wasm(_)));
+    assert!(e.to_string().contains("not a proxy-wasm module"), "{e}");
+}
+
+#[test]
+fn garbage_and_missing_files_are_refused() {
+    let e = WasmFilter::from_bytes("junk", b"not wasm at all", "", limits(), FailMode::Open);
+    assert!(matches!(e, Err(FilterError::Wasm(_))));
+    let e = WasmFilter::load(
+        "missing",
+        "/nonexistent/x.wasm",
+        "",
+        limits(),
+        FailMode::Open,
+    );
+    assert!(matches!(e, Err(FilterError::Wasm(_))));
+}

@@ -1,0 +1,298 @@
+//! `test-host`: a guest that exercises flashgate's proxy-wasm host for the
+//! tests in `filters/tests/wasm.rs`. Not meant for production.
+//!
+//! The request header `x-test` selects what a request does:
+//!
+//! - `props`: copies properties into `x-prop-*` request headers.
+//! - `shared`: increments the shared-data key `counter` with CAS and reports
+//!   it in `x-counter`; checks that a stale CAS is refused (`x-cas-stale`).
+//! - `metrics`: bumps the metrics and reports the counter in `x-counter-value`.
+//! - `local`: answers locally with 418.
+//! - `headers`: add/replace/remove on request and response headers.
+//! - `config`: answers locally with the plugin configuration as the body.
+//! - `pause`: pauses; the root context's tick (every 5 ms) resumes it.
+//! - `log`: logs at every level and prints to stdout/stderr.
+//!
+//! Every context's `on_log` bumps the counter `test_on_log_total`, so the
+//! tests can see that each stream ends exactly once.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+thread_local! {
+    static PAUSED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Default)]
+struct Ids {
+    requests: u32,
+    gauge: u32,
+    hist: u32,
+    on_log: u32,
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { config: Rc::new(Vec::new()), ids: Rc::new(Ids::default()) })
+    });
+}}
+
+struct Root {
+    config: Rc<Vec<u8>>,
+    ids: Rc<Ids>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        log::info!("test-host: vm start");
+        true
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        self.config = Rc::new(self.get_plugin_configuration().unwrap_or_default());
+        if self.config.as_slice() == b"refuse" {
+            return false;
+        }
+        let d = |t, n| hostcalls::define_metric(t, n).unwrap_or(u32::MAX);
+        self.ids = Rc::new(Ids {
+            requests: d(MetricType::Counter, "test_requests_total"),
+            gauge: d(MetricType::Gauge, "test_gauge"),
+            hist: d(MetricType::Histogram, "test_hist"),
+            on_log: d(MetricType::Counter, "test_on_log_total"),
+        });
+        self.set_tick_period(Duration::from_millis(5));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let paused: Vec<u32> = PAUSED.with(|p| p.borrow_mut().drain(..).collect());
+        for id in paused {
+            if hostcalls::set_effective_context(id).is_ok() {
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-resumed", Some("1"));
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            id: context_id,
+            config: self.config.clone(),
+            ids: self.ids.clone(),
+            test: String::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    id: u32,
+    config: Rc<Vec<u8>>,
+    ids: Rc<Ids>,
+    test: String,
+}
+
+impl Context for Stream {}
+
+fn text(b: Option<Vec<u8>>) -> String {
+    match b {
+        None => "<none>".to_string(),
+        Some(b) => String::from_utf8_lossy(&b).into_owned(),
+    }
+}
+
+fn int(b: Option<Vec<u8>>) -> String {
+    match b.as_deref().map(<[u8; 8]>::try_from) {
+        Some(Ok(b)) => u64::from_le_bytes(b).to_string(),
+        _ => "<bad>".to_string(),
+    }
+}
+
+impl Stream {
+    fn props(&self) {
+        let set = |n: &str, v: String| self.set_http_request_header(n, Some(&v));
+        set(
+            "x-prop-path",
+            text(self.get_property(vec!["request", "path"])),
+        );
+        set(
+            "x-prop-method",
+            text(self.get_property(vec!["request", "method"])),
+        );
+        set(
+            "x-prop-source",
+            text(self.get_property(vec!["source", "address"])),
+        );
+        set(
+            "x-prop-plugin",
+            text(self.get_property(vec!["plugin_name"])),
+        );
+        set(
+            "x-prop-route",
+            text(self.get_property(vec!["flashgate", "route"])),
+        );
+        set(
+            "x-prop-priority",
+            text(self.get_property(vec!["flashgate", "priority"])),
+        );
+        set(
+            "x-prop-load",
+            int(self.get_property(vec!["flashgate", "load_level"])),
+        );
+        set(
+            "x-prop-ua",
+            text(self.get_property(vec!["request", "headers", "user-agent"])),
+        );
+        set(
+            "x-prop-missing",
+            text(self.get_property(vec!["no", "such", "thing"])),
+        );
+        // request.headers is a whole map in the pairs encoding.
+        let map = self
+            .get_property(vec!["request", "headers"])
+            .unwrap_or_default();
+        let count = map
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        set("x-prop-headers", format!("{count:?}"));
+        self.set_property(vec!["test", "custom"], Some(b"v1"));
+        set(
+            "x-prop-custom",
+            text(self.get_property(vec!["test", "custom"])),
+        );
+        set(
+            "x-pseudo-path",
+            self.get_http_request_header(":path").unwrap_or_default(),
+        );
+        set(
+            "x-pseudo-method",
+            self.get_http_request_header(":method").unwrap_or_default(),
+        );
+    }
+
+    fn shared(&self) {
+        let mut value = 0u64;
+        for _ in 0..100 {
+            let (data, cas) = self.get_shared_data("counter");
+            let current = data
+                .and_then(|d| <[u8; 8]>::try_from(d.as_slice()).ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            value = current + 1;
+            match self.set_shared_data("counter", Some(&value.to_le_bytes()), cas) {
+                Ok(()) => break,
+                Err(Status::CasMismatch) => continue,
+                Err(_) => return,
+            }
+        }
+        self.set_http_request_header("x-counter", Some(&value.to_string()));
+        // A stale CAS must be refused.
+        let (_, cas) = self.get_shared_data("counter");
+        let stale = cas
+            .map(|c| c.wrapping_sub(1))
+            .filter(|c| *c != 0)
+            .unwrap_or(12345);
+        let r = self.set_shared_data("counter", Some(b"clobbered"), Some(stale));
+        let verdict = if r == Err(Status::CasMismatch) {
+            "refused"
+        } else {
+            "accepted"
+        };
+        self.set_http_request_header("x-cas-stale", Some(verdict));
+    }
+
+    fn metrics(&self) {
+        let ids = &self.ids;
+        let _ = hostcalls::increment_metric(ids.requests, 1);
+        let v = self
+            .get_http_request_header("x-value")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(7);
+        let _ = hostcalls::record_metric(ids.gauge, v);
+        let _ = hostcalls::record_metric(ids.hist, v);
+        let got = hostcalls::get_metric(ids.requests).map(|v| v.to_string());
+        self.set_http_request_header("x-counter-value", Some(&format!("{got:?}")));
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        self.test = self.get_http_request_header("x-test").unwrap_or_default();
+        match self.test.as_str() {
+            "props" => self.props(),
+            "shared" => self.shared(),
+            "metrics" => self.metrics(),
+            "local" => {
+                self.send_http_response(418, vec![("x-local", "1")], Some(b"teapot"));
+                return Action::Pause;
+            }
+            "config" => {
+                self.send_http_response(200, vec![], Some(&self.config));
+                return Action::Pause;
+            }
+            "headers" => {
+                self.set_http_request_header("x-replace", Some("new"));
+                self.remove_http_request_header("x-remove");
+                self.add_http_request_header("x-multi", "two");
+                self.add_http_request_header("x-added", "1");
+                let n = self.get_http_request_headers().len();
+                self.set_http_request_header("x-count", Some(&n.to_string()));
+                if let Some(p) = self.get_http_request_header("x-new-path") {
+                    self.set_http_request_header(":path", Some(&p));
+                }
+            }
+            "pause" => {
+                PAUSED.with(|p| p.borrow_mut().push(self.id));
+                return Action::Pause;
+            }
+            "log" => {
+                log::trace!("test-host trace");
+                log::debug!("test-host debug");
+                log::info!("test-host info");
+                log::warn!("test-host warn");
+                log::error!("test-host error");
+                println!("test-host stdout");
+                eprintln!("test-host stderr");
+                let t = self.get_current_time();
+                let ok = t > std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+                self.set_http_request_header("x-time-ok", Some(if ok { "1" } else { "0" }));
+            }
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.test == "headers" {
+            self.set_http_response_header("x-resp-replace", Some("new"));
+            self.remove_http_response_header("server");
+            self.add_http_response_header("x-resp-added", "1");
+            let seen = self
+                .get_http_request_header("x-replace")
+                .unwrap_or_default();
+            self.set_http_response_header("x-req-seen", Some(&seen));
+            let status = self.get_http_response_header(":status").unwrap_or_default();
+            self.set_http_response_header("x-status-seen", Some(&status));
+        }
+        if self.test == "local-response-phase" {
+            self.send_http_response(503, vec![("x-replaced", "1")], Some(b"replaced"));
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let _ = hostcalls::increment_metric(self.ids.on_log, 1);
+    }
+}
