@@ -231,14 +231,15 @@ fn head_for_upstream(
         path: head
             .uri
             .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         headers,
     }
 }
 
 struct UpstreamHead {
     method: http::Method,
-    path: String,
+    path: http::uri::PathAndQuery,
     headers: http::HeaderMap,
 }
 
@@ -264,8 +265,11 @@ async fn forward(
         let i = cluster.pick(&tried);
         tried.push(i);
         let endpoint = cluster.endpoints[i].clone();
-        let uri: Uri = format!("http://{}{}", endpoint.addr, head.path)
-            .parse()
+        let uri = Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(endpoint.authority.clone())
+            .path_and_query(head.path.clone())
+            .build()
             .map_err(|_| ProxyError::ConnectFailed)?;
         let req_body = match body.take() {
             Some(b) => Either::Left(b),

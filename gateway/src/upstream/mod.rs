@@ -34,6 +34,8 @@ pub type HttpClient = Client<CountingConnector, UpstreamBody>;
 /// One `host:port` of a cluster and what load balancing knows about it.
 pub struct Endpoint {
     pub addr: String,
+    /// `addr` parsed once, so building a request URI does not re-parse it.
+    pub authority: http::uri::Authority,
     in_flight: AtomicUsize,
     /// Set by active health checks (true when none are configured).
     healthy: AtomicBool,
@@ -125,6 +127,7 @@ impl Cluster {
                 ejected_gauge.set(0);
                 Arc::new(Endpoint {
                     addr: addr.clone(),
+                    authority: addr.parse().expect("validated: endpoints are host:port"),
                     in_flight: AtomicUsize::new(0),
                     healthy: AtomicBool::new(true),
                     ejected_until: AtomicU64::new(0),
