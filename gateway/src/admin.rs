@@ -115,14 +115,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             }
         }
         (&Method::GET, "/metrics") => {
-            for c in &shared.runtime.load().clusters {
+            let runtime = shared.runtime.load();
+            for c in &runtime.clusters {
                 c.refresh_gauges();
             }
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                shared.metrics.render(),
-            )
+            let mut text = shared.metrics.render();
+            text.extend_from_slice(crate::metrics::render_wasm(&runtime.wasm).as_bytes());
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared)),
         (&Method::POST, "/admin/reload") => match refusal(&shared, &req) {

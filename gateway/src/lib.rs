@@ -51,7 +51,7 @@ pub struct Shared {
     /// The listener and admin settings in effect: bound at start, so a
     /// reload that changes them reports a restart as needed, also after
     /// earlier reloads.
-    bound: (Vec<config::ListenerConfig>, SocketAddr),
+    bound: (Vec<config::ListenerConfig>, SocketAddr, config::LogConfig),
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -97,7 +97,8 @@ impl Shared {
         if self.bound.1 != new.admin.listen {
             outcome.restart_required.push("admin.listen".into());
         }
-        if old.config.log.level != new.log.level || old.config.log.format != new.log.format {
+        let log = &self.bound.2;
+        if log.level != new.log.level || log.format != new.log.format {
             outcome.restart_required.push("log.level/log.format".into());
         }
         let runtime = Runtime::build(new, &self.metrics, Some(&old)).map_err(|e| e.to_string())?;
@@ -168,7 +169,11 @@ impl Gateway {
                 addr: config.admin.listen,
                 source,
             })?;
-        let bound_config = (config.listeners.clone(), config.admin.listen);
+        let bound_config = (
+            config.listeners.clone(),
+            config.admin.listen,
+            config.log.clone(),
+        );
         let runtime = Runtime::build(config, &metrics, None)?;
         let shared = Arc::new(Shared {
             bound: bound_config,

@@ -140,3 +140,133 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// Renders the Wasm filters' metrics in the Prometheus text format: the
+/// host's counters per filter (`flashgate_wasm_*{filter=...}`) and the
+/// metrics guests define through the ABI, under one family per kind with
+/// the guest's name as a label (guest names are free text, not valid
+/// Prometheus names).
+pub fn render_wasm(filters: &[(String, std::sync::Arc<filters::wasm::WasmFilter>)]) -> String {
+    use filters::wasm::MetricValue;
+    use std::fmt::Write;
+    let mut out = String::new();
+    if filters.is_empty() {
+        return out;
+    }
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let host: Vec<_> = filters
+        .iter()
+        .map(|(n, f)| (esc(n), f.metrics().host()))
+        .collect();
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&filters::wasm::HostStats) -> u64,
+    );
+    let families: [Family; 8] = [
+        ("calls_total", "Calls into Wasm guests.", |h| h.calls),
+        ("traps_total", "Guest calls that trapped.", |h| h.traps),
+        (
+            "timeouts_total",
+            "Guest calls stopped by the deadline.",
+            |h| h.timeouts,
+        ),
+        (
+            "out_of_memory_total",
+            "Guest calls that hit the memory cap.",
+            |h| h.out_of_memory,
+        ),
+        ("instances_created_total", "Wasm instances created.", |h| {
+            h.instances_created
+        }),
+        (
+            "instances_poisoned_total",
+            "Wasm instances discarded after a failure.",
+            |h| h.instances_poisoned,
+        ),
+        (
+            "failed_open_total",
+            "Streams that skipped a failing filter (fail = open).",
+            |h| h.failed_open,
+        ),
+        (
+            "failed_closed_total",
+            "Streams answered 500 by a failing filter (fail = closed).",
+            |h| h.failed_closed,
+        ),
+    ];
+    for (name, help, get) in families {
+        let _ = writeln!(
+            out,
+            "# HELP flashgate_wasm_{name} {help}\n# TYPE flashgate_wasm_{name} counter"
+        );
+        for (filter, h) in &host {
+            let _ = writeln!(
+                out,
+                "flashgate_wasm_{name}{{filter=\"{filter}\"}} {}",
+                get(h)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP flashgate_wasm_call_seconds_total Time spent in guest calls.\n# TYPE flashgate_wasm_call_seconds_total counter");
+    for (filter, h) in &host {
+        let _ = writeln!(
+            out,
+            "flashgate_wasm_call_seconds_total{{filter=\"{filter}\"}} {}",
+            h.call_nanos as f64 / 1e9
+        );
+    }
+    let mut counters = String::new();
+    let mut gauges = String::new();
+    let mut histograms = String::new();
+    for (filter, f) in filters {
+        let filter = esc(filter);
+        for sample in f.metrics().snapshot() {
+            let name = esc(&sample.name);
+            match sample.value {
+                MetricValue::Counter(v) => {
+                    let _ = writeln!(
+                        counters,
+                        "flashgate_wasm_guest_counter{{filter=\"{filter}\",name=\"{name}\"}} {v}"
+                    );
+                }
+                MetricValue::Gauge(v) => {
+                    let _ = writeln!(
+                        gauges,
+                        "flashgate_wasm_guest_gauge{{filter=\"{filter}\",name=\"{name}\"}} {v}"
+                    );
+                }
+                MetricValue::Histogram {
+                    count,
+                    sum,
+                    buckets,
+                } => {
+                    for (le, c) in buckets {
+                        let _ = writeln!(histograms, "flashgate_wasm_guest_histogram_bucket{{filter=\"{filter}\",name=\"{name}\",le=\"{le}\"}} {c}");
+                    }
+                    let _ = writeln!(histograms, "flashgate_wasm_guest_histogram_bucket{{filter=\"{filter}\",name=\"{name}\",le=\"+Inf\"}} {count}");
+                    let _ = writeln!(histograms, "flashgate_wasm_guest_histogram_sum{{filter=\"{filter}\",name=\"{name}\"}} {sum}");
+                    let _ = writeln!(histograms, "flashgate_wasm_guest_histogram_count{{filter=\"{filter}\",name=\"{name}\"}} {count}");
+                }
+            }
+        }
+    }
+    for (family, kind, body) in [
+        ("flashgate_wasm_guest_counter", "counter", counters),
+        ("flashgate_wasm_guest_gauge", "gauge", gauges),
+        ("flashgate_wasm_guest_histogram", "histogram", histograms),
+    ] {
+        if !body.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP {family} Metrics defined by Wasm filters.\n# TYPE {family} {kind}"
+            );
+            out.push_str(&body);
+        }
+    }
+    out
+}

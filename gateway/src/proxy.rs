@@ -70,7 +70,13 @@ pub async fn handle(
         ));
     }
     let host = request_host(&head.uri, &head.headers).to_string();
-    let Some(route) = runtime.route(&host, head.uri.path()) else {
+    // `OPTIONS *` is about the server as a whole: it takes the `/` route.
+    let route_path = if head.uri.path() == "*" {
+        "/"
+    } else {
+        head.uri.path()
+    };
+    let Some(route) = runtime.route(&host, route_path) else {
         return Ok(reject(
             &shared,
             &runtime,

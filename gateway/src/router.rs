@@ -91,12 +91,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// upstream might decode after we routed.
 pub fn normalize_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     if !path.starts_with('/') {
-        // `*` (OPTIONS) and other non-origin forms: route as `/`.
-        return Some(std::borrow::Cow::Borrowed(if path == "*" {
-            "/"
-        } else {
-            path
-        }));
+        // `*` (OPTIONS *): nothing to resolve.
+        return Some(std::borrow::Cow::Borrowed(path));
     }
     let mut needs_work = false;
     for seg in path.split('/') {
@@ -246,7 +242,7 @@ mod tests {
         assert_eq!(n("/a/.%2E/b"), None);
         assert_eq!(n("/a/%2e"), None);
         assert_eq!(n("/a/%2ex"), Some("/a/%2ex".into()));
-        assert_eq!(n("*"), Some("/".into()));
+        assert_eq!(n("*"), Some("*".into()));
     }
 
     #[test]

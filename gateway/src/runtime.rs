@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use filters::wasm::WasmFilter;
 use filters::{FilterChain, FilterFactory, Priority};
 use prometheus::Histogram;
 
@@ -28,6 +29,8 @@ pub struct Runtime {
     router: Router<usize>,
     pub routes: Vec<Route>,
     pub clusters: Vec<Arc<Cluster>>,
+    /// The Wasm filters by name, for their metrics on `/metrics`.
+    pub wasm: Vec<(String, Arc<WasmFilter>)>,
 }
 
 impl Runtime {
@@ -54,17 +57,13 @@ impl Runtime {
             })
             .collect();
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
+        let mut wasm = Vec::new();
         for (i, f) in config.filters.iter().enumerate() {
-            let kind = f.native.as_deref().ok_or_else(|| ConfigError {
-                path: format!("filters[{i}]"),
-                message: "only native filters are available in this build".into(),
-            })?;
-            let factory =
-                filters::native::build(kind, &f.name, &f.config).map_err(|e| ConfigError {
-                    path: format!("filters[{i}].config"),
-                    message: e.to_string(),
-                })?;
-            factories.push((f.name.clone(), factory));
+            let built = f.build(i)?;
+            if let Some(w) = built.wasm {
+                wasm.push((f.name.clone(), w));
+            }
+            factories.push((f.name.clone(), built.factory));
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
@@ -108,6 +107,7 @@ impl Runtime {
             router,
             routes,
             clusters,
+            wasm,
         })
     }
 

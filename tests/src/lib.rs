@@ -364,3 +364,26 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The path of a guest filter built from `wasm-plugins/` (crate name with
+/// underscores, e.g. `add_headers`). Builds them all once per test binary
+/// with `wasm-plugins/build.sh` (cargo skips what is up to date).
+pub fn wasm_plugin(crate_name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = repo_root().join("wasm-plugins");
+        let out = Command::new("bash")
+            .arg(root.join("build.sh"))
+            .output()
+            .expect("run wasm-plugins/build.sh");
+        assert!(
+            out.status.success(),
+            "wasm-plugins/build.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("target/wasm32-wasip1/release")
+    });
+    let path = dir.join(format!("{crate_name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use filters::Priority;
+use filters::{FailMode, Priority};
 use serde::Deserialize;
 
 pub use units::{Dur, Rate, Size};
@@ -325,16 +325,6 @@ impl RouteConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// A failing filter is skipped.
-    Open,
-    /// A failing filter fails the request (500).
-    #[default]
-    Closed,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
@@ -342,14 +332,99 @@ pub struct FilterConfig {
     /// A built-in filter kind (see `filters::native::KNOWN`).
     #[serde(default)]
     pub native: Option<String>,
-    /// A proxy-wasm module (`.wasm`).
+    /// A proxy-wasm module (`.wasm`), relative to the working directory.
     #[serde(default)]
     pub wasm: Option<PathBuf>,
-    /// Handed to the filter as its configuration (JSON for native filters).
+    /// Handed to the filter as its configuration: JSON for native filters,
+    /// the plugin configuration (`proxy_on_configure`) for Wasm filters.
     #[serde(default)]
     pub config: String,
+    /// What a failing Wasm filter (trap, timeout, out of memory) does to
+    /// the request: `open` skips the filter, `closed` answers 500.
     #[serde(default)]
     pub fail: FailMode,
+    /// Wasm: wall-clock budget of one call into the guest.
+    #[serde(default = "default_wasm_timeout")]
+    pub timeout: Dur,
+    /// Wasm: most linear memory one instance may use.
+    #[serde(default = "default_wasm_memory")]
+    pub memory: Size,
+    /// Wasm: instances of the module (each serves many requests, one call
+    /// at a time); default one per CPU.
+    #[serde(default)]
+    pub instances: Option<usize>,
+}
+
+fn default_wasm_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(5))
+}
+
+fn default_wasm_memory() -> Size {
+    Size(64 << 20)
+}
+
+impl FilterConfig {
+    /// The Wasm limits this entry asks for.
+    pub fn wasm_limits(&self) -> filters::wasm::WasmLimits {
+        let defaults = filters::wasm::WasmLimits::default();
+        filters::wasm::WasmLimits {
+            timeout: self.timeout.0,
+            memory: self.memory.0,
+            instances: self.instances.unwrap_or(defaults.instances),
+        }
+    }
+
+    /// Builds the filter this entry describes; `i` is its index, for the
+    /// key path of an error. Loading a Wasm module compiles it (once per
+    /// distinct module), starts an instance and hands it its config, so a
+    /// module that does not load or refuses its config is a config error.
+    pub fn build(&self, i: usize) -> Result<Built, ConfigError> {
+        let p = format!("filters[{i}]");
+        match (&self.native, &self.wasm) {
+            (Some(kind), None) => filters::native::build(kind, &self.name, &self.config)
+                .map(|factory| Built {
+                    factory,
+                    wasm: None,
+                })
+                .map_err(|e| {
+                    let key = if matches!(e, filters::FilterError::UnknownNative(_)) {
+                        "native"
+                    } else {
+                        "config"
+                    };
+                    ConfigError::at(format!("{p}.{key}"), e.to_string())
+                }),
+            (None, Some(path)) => {
+                let wasm = filters::wasm::WasmFilter::load(
+                    &self.name,
+                    path,
+                    &self.config,
+                    self.wasm_limits(),
+                    self.fail,
+                )
+                .map_err(|e| {
+                    let key = if matches!(e, filters::FilterError::Config(_)) {
+                        "config"
+                    } else {
+                        "wasm"
+                    };
+                    ConfigError::at(format!("{p}.{key}"), e.to_string())
+                })?;
+                Ok(Built {
+                    factory: wasm.clone(),
+                    wasm: Some(wasm),
+                })
+            }
+            _ => Err(ConfigError::at(p, "set exactly one of `native` or `wasm`")),
+        }
+    }
+}
+
+/// A filter built from its config entry.
+pub struct Built {
+    pub factory: std::sync::Arc<dyn filters::FilterFactory>,
+    /// Set for Wasm filters, whose metrics the admin listener renders.
+    pub wasm: Option<std::sync::Arc<filters::wasm::WasmFilter>>,
 }
 
 impl Config {
@@ -565,27 +640,25 @@ impl Config {
                     format!("duplicate filter name {:?}", f.name),
                 ));
             }
-            match (&f.native, &f.wasm) {
-                (Some(kind), None) => {
-                    if let Err(e) = filters::native::build(kind, &f.name, &f.config) {
-                        let key = if matches!(e, filters::FilterError::UnknownNative(_)) {
-                            "native"
-                        } else {
-                            "config"
-                        };
-                        return Err(ConfigError::at(format!("{p}.{key}"), e.to_string()));
-                    }
-                }
-                (None, Some(_)) => {
-                    return Err(ConfigError::at(
-                        format!("{p}.wasm"),
-                        "Wasm filters are not available in this build yet (see docs/filters.md); use a native filter",
-                    ));
-                }
-                _ => {
-                    return Err(ConfigError::at(p, "set exactly one of `native` or `wasm`"));
-                }
+            if f.timeout.0.is_zero() {
+                return Err(ConfigError::at(
+                    format!("{p}.timeout"),
+                    "must be above zero",
+                ));
             }
+            if f.memory.0 < 64 * 1024 {
+                return Err(ConfigError::at(
+                    format!("{p}.memory"),
+                    "must be at least 64KiB (one Wasm page)",
+                ));
+            }
+            if matches!(f.instances, Some(n) if n == 0 || n > 256) {
+                return Err(ConfigError::at(
+                    format!("{p}.instances"),
+                    "must be between 1 and 256",
+                ));
+            }
+            f.build(i)?;
         }
 
         let mut route_names = HashSet::new();
