@@ -96,11 +96,19 @@ fn check(files: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// One worker thread per core by default. With `--threads 1` the runtime is
+/// tokio's current-thread scheduler: the same event loop an nginx worker
+/// runs, without the work-stealing machinery one thread cannot use.
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n.max(1));
-    }
+    let mut b = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build().context("starting the tokio runtime")
 }
 
