@@ -42,9 +42,17 @@ impl ProxyBody {
     }
 
     pub fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+        // A response without a body (204, 304, HEAD) is complete already;
+        // its connection can serve the next request now.
+        let in_flight = if body.is_end_stream() {
+            in_flight.complete();
+            None
+        } else {
+            Some(in_flight)
+        };
         ProxyBody {
             inner: Inner::Upstream(body),
-            in_flight: Some(in_flight),
+            in_flight,
             chain: None,
         }
     }
@@ -56,6 +64,14 @@ impl ProxyBody {
         } else {
             self.chain = Some(chain);
         }
+    }
+
+    /// The response was read to its end: its connection can be reused.
+    fn complete(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            f.complete();
+        }
+        self.release();
     }
 
     fn release(&mut self) {
@@ -79,8 +95,14 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
         };
-        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = polled {
-            this.release();
+        match &polled {
+            // hyper stops polling once `is_end_stream` says the body is
+            // done (a Content-Length body after its last byte), so the end
+            // is noticed after the last frame, not only at `None`.
+            Poll::Ready(None) => this.complete(),
+            Poll::Ready(Some(Ok(_))) if this.is_end_stream() => this.complete(),
+            Poll::Ready(Some(Err(_))) => this.release(),
+            _ => {}
         }
         polled
     }

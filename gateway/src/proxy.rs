@@ -27,7 +27,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::router::{normalize_path, request_host};
 use crate::runtime::Runtime;
-use crate::upstream::{Cluster, Endpoint};
+use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
 
 /// What the listener knows about the connection a request came on.
@@ -250,69 +250,100 @@ struct UpstreamHead {
 }
 
 /// Sends the request to an endpoint of the cluster, retrying where that is
-/// safe: idempotent methods without a body, after a failed connect or a
-/// reset before any response, on another endpoint when there is one. A
-/// timeout is not retried (the request may be running upstream, and a retry
-/// would double the load on a cluster that is already slow).
+/// safe:
+/// - a failed connect, for any request: nothing of it was sent;
+/// - a pooled connection found dead before the request went out: the
+///   request comes back unsent and goes out on a fresh connection (this
+///   does not count as an attempt);
+/// - a reset or close before any response, for idempotent methods without
+///   a body only, on another endpoint when there is one.
+///
+/// A timeout is never retried: the request may be running upstream, and a
+/// retry would double the load on a cluster that is already slow.
 async fn forward(
     cluster: &Arc<Cluster>,
     mut head: UpstreamHead,
     body: Incoming,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
-    let retriable = head.method.is_idempotent() && body.is_end_stream();
-    let attempts = if retriable { cluster.retries + 1 } else { 1 };
-    let mut body = Some(body);
+    let replayable = head.method.is_idempotent() && body.is_end_stream();
+    let attempts = cluster.retries + 1;
+    let mut body: Option<UpstreamBody> = Some(Either::Left(body));
     let mut tried = Vec::new();
     let mut attempt = 0;
+    let mut stale_retries = 0;
     loop {
         attempt += 1;
         let last = attempt >= attempts;
         let i = cluster.pick(&tried);
         tried.push(i);
         let endpoint = cluster.endpoints[i].clone();
-        let uri = Uri::builder()
-            .scheme(http::uri::Scheme::HTTP)
-            .authority(endpoint.authority.clone())
-            .path_and_query(head.path.clone())
-            .build()
-            .map_err(|_| ProxyError::ConnectFailed)?;
-        let req_body = match body.take() {
-            Some(b) => Either::Left(b),
-            None => Either::Right(Full::new(Bytes::new())),
-        };
-        let mut req = Request::new(req_body);
-        *req.method_mut() = head.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = if last {
-            std::mem::take(&mut head.headers)
-        } else {
-            head.headers.clone()
-        };
-
         let in_flight = cluster.start(i, None);
+        let deadline = tokio::time::Instant::now() + cluster.request_timeout;
         let sent = Instant::now();
-        let outcome =
-            tokio::time::timeout(cluster.request_timeout, cluster.client.request(req)).await;
-        let err = match outcome {
-            Ok(Ok(resp)) => {
-                cluster.duration.observe(sent.elapsed().as_secs_f64());
-                cluster.observe(i, resp.status().is_server_error());
-                let (mut parts, body) = resp.into_parts();
-                headers::remove_hop_by_hop(&mut parts.headers);
-                let in_flight = in_flight.hold(permit);
-                return Ok((
-                    Response::from_parts(parts, ProxyBody::upstream(body, in_flight)),
-                    endpoint,
-                ));
+
+        let err = match tokio::time::timeout_at(deadline, cluster.connection(i)).await {
+            Err(_) => ProxyError::ConnectTimeout,
+            Ok(Err(e)) => e,
+            Ok(Ok(mut conn)) => {
+                let mut req = Request::new(
+                    body.take()
+                        .unwrap_or_else(|| Either::Right(Full::new(Bytes::new()))),
+                );
+                *req.method_mut() = head.method.clone();
+                *req.uri_mut() = Uri::from(head.path.clone());
+                // Keep a copy only when a reset could be retried.
+                *req.headers_mut() = if replayable && !last {
+                    head.headers.clone()
+                } else {
+                    std::mem::take(&mut head.headers)
+                };
+                if !req.headers().contains_key(header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
+                match tokio::time::timeout_at(deadline, conn.try_send_request(req)).await {
+                    Ok(Ok(resp)) => {
+                        cluster.duration.observe(sent.elapsed().as_secs_f64());
+                        cluster.observe(i, resp.status().is_server_error());
+                        let (mut parts, resp_body) = resp.into_parts();
+                        headers::remove_hop_by_hop(&mut parts.headers);
+                        let in_flight = in_flight.hold(permit, conn);
+                        return Ok((
+                            Response::from_parts(parts, ProxyBody::upstream(resp_body, in_flight)),
+                            endpoint,
+                        ));
+                    }
+                    Ok(Err(mut e)) => match e.take_message() {
+                        // Never written: the pooled connection had died.
+                        // Same endpoint, new connection, same attempt.
+                        Some(unsent) if stale_retries < 2 => {
+                            stale_retries += 1;
+                            let (parts, unsent_body) = unsent.into_parts();
+                            head.headers = parts.headers;
+                            body = Some(unsent_body);
+                            tried.pop();
+                            attempt -= 1;
+                            drop(in_flight);
+                            continue;
+                        }
+                        _ => ProxyError::UpstreamReset,
+                    },
+                    Err(_elapsed) => ProxyError::Timeout,
+                }
             }
-            Ok(Err(e)) => classify(&e),
-            Err(_elapsed) => ProxyError::Timeout,
         };
+        drop(in_flight);
         cluster.observe(i, true);
         cluster.record_error(err.code());
         tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempt, "upstream attempt failed");
-        if last || err == ProxyError::Timeout {
+        let connect_failed = matches!(
+            err,
+            ProxyError::ConnectRefused | ProxyError::ConnectFailed | ProxyError::ConnectTimeout
+        );
+        let may_retry = connect_failed || (replayable && err == ProxyError::UpstreamReset);
+        if last || !may_retry {
             return Err(err);
         }
         cluster
@@ -320,28 +351,6 @@ async fn forward(
             .upstream_retries
             .with_label_values(&[&cluster.name])
             .inc();
-    }
-}
-
-/// Maps a client error to its cause by walking the error chain down to the
-/// I/O error.
-fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    let mut io_kind = None;
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            io_kind = Some(io.kind());
-        }
-        source = s.source();
-    }
-    if e.is_connect() {
-        match io_kind {
-            Some(std::io::ErrorKind::ConnectionRefused) => ProxyError::ConnectRefused,
-            Some(std::io::ErrorKind::TimedOut) => ProxyError::ConnectTimeout,
-            _ => ProxyError::ConnectFailed,
-        }
-    } else {
-        ProxyError::UpstreamReset
     }
 }
 

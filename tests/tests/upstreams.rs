@@ -383,3 +383,75 @@ async fn keep_alive_pool_is_reused_and_metrics_move() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_failed_connect_is_retried_for_any_method() {
+    let dead = closed_port().await;
+    let good = probed(200, Duration::ZERO).await;
+    let gw = gateway(&config(
+        &[dead, good.up.addr],
+        "retries = 1\n[upstreams.outlier]\nconsecutive_failures = 0",
+        "",
+    ))
+    .await;
+    // Nothing of a request is sent before its connect succeeds, so even a
+    // POST with a body is safe to send to another endpoint.
+    for _ in 0..4 {
+        let got = send(
+            Request::post(url(&gw, "/order"))
+                .body(full("{\"sku\":1}"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+    }
+    assert_eq!(good.traffic(), 4);
+    // Round robin: each retry advances the rotation too, so every request
+    // tried the dead endpoint first (outlier ejection, off here, would
+    // take it out of rotation).
+    assert_eq!(
+        metric(gw.admin_addr(), "flashgate_upstream_retries_total").await,
+        4.0
+    );
+    let refused = "flashgate_upstream_errors_total{cause=\"connect_refused\",cluster=\"origin\"}";
+    assert_eq!(metric(gw.admin_addr(), refused).await, 4.0);
+}
+
+/// An upstream that closes each keep-alive connection shortly after
+/// answering (as servers with a short keep-alive timeout do): the next
+/// request must not fail on the dead pooled connection.
+#[tokio::test]
+async fn a_pooled_connection_closed_by_the_upstream_is_not_an_error() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    let _server = tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if sock.read(&mut buf).await.unwrap_or(0) > 0 {
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Closed while idle in the gateway's pool.
+            });
+        }
+    });
+    let gw = gateway(&config(&[addr], "retries = 0", "")).await;
+    for _ in 0..5 {
+        let got = get(&url(&gw, "/")).await;
+        assert_eq!((got.status, got.text().as_str()), (200, "ok"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "a fresh connection each time"
+    );
+}

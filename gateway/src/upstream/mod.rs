@@ -1,12 +1,12 @@
 //! Upstream clusters: endpoints, load balancing, keep-alive pools, active
 //! health checks and passive outlier ejection.
 //!
-//! A cluster owns one hyper-util pooled client (keep-alive connections per
-//! endpoint) and the per-endpoint state that load balancing reads. Choosing
+//! Each endpoint has its own pool of keep-alive connections ([`pool`]) and
+//! the state that load balancing reads. Choosing
 //! an endpoint only reads atomics, so it never blocks under load.
 
-mod connector;
 mod health;
+pub mod pool;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,21 +15,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{LbPolicy, OutlierConfig, UpstreamConfig};
 use crate::metrics::Metrics;
-use connector::CountingConnector;
 
 /// The body sent upstream: the client's streaming body, or a complete one
 /// (empty on retries, or produced by a filter).
 pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
-
-pub type HttpClient = Client<CountingConnector, UpstreamBody>;
 
 /// One `host:port` of a cluster and what load balancing knows about it.
 pub struct Endpoint {
@@ -50,6 +45,8 @@ pub struct Endpoint {
     healthy_gauge: IntGauge,
     ejected_gauge: IntGauge,
     ejections: IntCounter,
+    /// Idle keep-alive connections to this endpoint.
+    idle: pool::Idle,
 }
 
 impl Endpoint {
@@ -67,7 +64,9 @@ pub struct Cluster {
     /// What it was built from; a reload keeps the cluster when this is equal.
     pub config: UpstreamConfig,
     pub endpoints: Arc<[Arc<Endpoint>]>,
-    pub client: HttpClient,
+    connect_timeout: Duration,
+    /// New connections opened (pool misses).
+    opened: IntCounter,
     pub request_timeout: Duration,
     pub retries: u32,
     lb: LbPolicy,
@@ -95,13 +94,26 @@ impl Drop for Cluster {
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     permit: Option<OwnedSemaphorePermit>,
+    /// The connection the response arrives on. It goes back to the pool
+    /// only after a complete response ([`InFlight::complete`]); dropped
+    /// earlier (client gone, body error) it is closed, since unread
+    /// response bytes would corrupt the next request on it.
+    conn: Option<pool::Sender>,
 }
 
 impl InFlight {
-    /// Keeps the cluster slot until the response is done.
-    pub fn hold(mut self, permit: OwnedSemaphorePermit) -> InFlight {
+    /// Keeps the cluster slot and the connection until the response is done.
+    pub fn hold(mut self, permit: OwnedSemaphorePermit, conn: pool::Sender) -> InFlight {
         self.permit = Some(permit);
+        self.conn = Some(conn);
         self
+    }
+
+    /// The response was read to its end: the connection can be reused.
+    pub fn complete(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.endpoint.idle.put(conn);
+        }
     }
 }
 
@@ -138,19 +150,10 @@ impl Cluster {
                     healthy_gauge,
                     ejected_gauge,
                     ejections: metrics.endpoint_ejections.with_label_values(&labels),
+                    idle: pool::Idle::new(cfg.max_idle_per_endpoint, cfg.idle_timeout.0),
                 })
             })
             .collect();
-        let connector = CountingConnector::new(
-            cfg.connect_timeout.0,
-            metrics.upstream_connections.with_label_values(&[&cfg.name]),
-        );
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.idle_timeout.0)
-            .pool_max_idle_per_host(cfg.max_idle_per_endpoint)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         let health_task = cfg
             .health
             .clone()
@@ -160,7 +163,8 @@ impl Cluster {
             duration: metrics.upstream_duration.with_label_values(&[&cfg.name]),
             name,
             endpoints,
-            client,
+            connect_timeout: cfg.connect_timeout.0,
+            opened: metrics.upstream_connections.with_label_values(&[&cfg.name]),
             request_timeout: cfg.request_timeout.0,
             retries: cfg.retries,
             lb: cfg.lb,
@@ -255,7 +259,23 @@ impl Cluster {
         let endpoint = self.endpoints[i].clone();
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         endpoint.requests.inc();
-        InFlight { endpoint, permit }
+        InFlight {
+            endpoint,
+            permit,
+            conn: None,
+        }
+    }
+
+    /// A connection to endpoint `i`: an idle pooled one, or a new one.
+    /// Errors are connect errors: nothing of the request was sent.
+    pub async fn connection(&self, i: usize) -> Result<pool::Sender, crate::error::ProxyError> {
+        let ep = &self.endpoints[i];
+        if let Some(conn) = ep.idle.take().await {
+            return Ok(conn);
+        }
+        let conn = pool::connect(&ep.addr, self.connect_timeout).await?;
+        self.opened.inc();
+        Ok(conn)
     }
 
     pub fn record_error(&self, cause: &str) {

@@ -1,0 +1,102 @@
+//! Keep-alive connections to one endpoint: a LIFO stack of idle HTTP/1.1
+//! connections (hyper's `client::conn::http1` senders), taken for one
+//! request and given back when its response body has been read to the end.
+//!
+//! Why not hyper-util's pooled `Client`: on the proxy's hot path its
+//! generality costs (a pool keyed by scheme and authority behind one lock, a
+//! boxed connector future, its own retry logic), and it hides what the
+//! proxy needs to know: whether a failure happened while connecting (safe
+//! to retry for any request, the body was not touched) or after the
+//! request was written. Here the connect is a separate step, and a request
+//! sent on a pooled connection that turned out to be dead comes back
+//! unsent, so it can go out again on a fresh connection without copying it.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::UpstreamBody;
+use crate::error::ProxyError;
+
+pub type Sender = http1::SendRequest<UpstreamBody>;
+
+/// The idle connections of one endpoint.
+pub struct Idle {
+    stack: Mutex<Vec<(Sender, Instant)>>,
+    max: usize,
+    timeout: Duration,
+}
+
+impl Idle {
+    pub fn new(max: usize, timeout: Duration) -> Idle {
+        Idle {
+            stack: Mutex::new(Vec::new()),
+            max,
+            timeout,
+        }
+    }
+
+    /// The most recently used live connection, ready for a request. LIFO
+    /// keeps the hot connections hot and lets the others age out.
+    pub async fn take(&self) -> Option<Sender> {
+        loop {
+            let (mut sender, since) = self.stack.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if since.elapsed() > self.timeout || sender.is_closed() {
+                continue;
+            }
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Given back the moment its last response ended: hyper is
+            // finishing that message and will be ready right away.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Gives a connection back after a complete response.
+    pub fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut stack = self.stack.lock().unwrap_or_else(|e| e.into_inner());
+        // Expired connections sink to the bottom; drop them as they surface.
+        while stack
+            .first()
+            .is_some_and(|(_, since)| since.elapsed() > self.timeout)
+        {
+            stack.remove(0);
+        }
+        if stack.len() < self.max {
+            stack.push((sender, Instant::now()));
+        }
+    }
+}
+
+/// Opens a new connection to `addr` (`host:port`; host names are resolved
+/// per connection) and starts its connection task.
+pub async fn connect(addr: &str, timeout: Duration) -> Result<Sender, ProxyError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ProxyError::ConnectTimeout),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return Err(ProxyError::ConnectRefused)
+        }
+        Ok(Err(_)) => return Err(ProxyError::ConnectFailed),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| ProxyError::ConnectFailed)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
