@@ -98,7 +98,9 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     }
     let mut id = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut id);
-    let v = HeaderValue::try_from(hex(&id)).expect("hex is a valid header value");
+    let mut text = [0u8; 32];
+    hex_into(&id, &mut text);
+    let v = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
     headers.insert(X_REQUEST_ID.clone(), v.clone());
     v
 }
@@ -107,23 +109,30 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
 /// id for our hop, as a participating intermediary must) or starts a new
 /// sampled one when there is none or it is malformed.
 pub fn continue_trace(headers: &mut HeaderMap) {
+    // `00-<trace id: 32 hex>-<parent id: 16 hex>-<flags: 2 hex>`, built on
+    // the stack: this runs for every request.
     let mut rng = rand::thread_rng();
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
     let mut span = [0u8; 8];
     rng.fill_bytes(&mut span);
-    let value = match headers
+    hex_into(&span, &mut out[36..52]);
+    match headers
         .get(&TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()))
     {
-        Some((trace, flags)) => format!("00-{trace}-{}-{flags}", hex(&span)),
+        Some((trace, flags)) => {
+            out[3..35].copy_from_slice(trace.as_bytes());
+            out[53..55].copy_from_slice(flags.as_bytes());
+        }
         None => {
             let mut trace = [0u8; 16];
             rng.fill_bytes(&mut trace);
-            format!("00-{}-{}-01", hex(&trace), hex(&span))
+            hex_into(&trace, &mut out[3..35]);
         }
-    };
+    }
     headers.insert(
         TRACEPARENT.clone(),
-        HeaderValue::try_from(value).expect("hex"),
+        HeaderValue::from_bytes(&out).expect("hex"),
     );
 }
 
@@ -148,14 +157,13 @@ fn parse_traceparent(v: &[u8]) -> Option<(&str, &str)> {
     ok.then_some((trace, flags))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[(b >> 4) as usize];
+        pair[1] = DIGITS[(b & 15) as usize];
     }
-    s
 }
 
 #[cfg(test)]

@@ -94,18 +94,20 @@ pub async fn handle(
     // route; before filters, so refused traffic costs no filter time.
 
     // Request filters: may rewrite the head, answer locally, or pause.
-    let info = StreamInfo {
-        client_ip,
-        route: route.name.clone(),
-        priority: route.priority,
-        load_level: 0,
-        request_id: request_id.to_str().unwrap_or("").into(),
-    };
-    let mut chain = route.filters.start();
-    let local = if route.filters.is_empty() {
-        None
-    } else {
-        chain.on_request(&mut head, &info).await
+    // (Built only for routes that have filters: most traffic has none.)
+    let mut filtering = (!route.filters.is_empty()).then(|| {
+        let info = StreamInfo {
+            client_ip,
+            route: route.name.clone(),
+            priority: route.priority,
+            load_level: 0,
+            request_id: request_id.to_str().unwrap_or("").into(),
+        };
+        (route.filters.start(), info)
+    });
+    let local = match &mut filtering {
+        Some((chain, info)) => chain.on_request(&mut head, info).await,
+        None => None,
     };
 
     // Cache lookup comes here: after filters (they may change the key or
@@ -126,7 +128,7 @@ pub async fn handle(
     };
 
     // Response filters, in reverse order; then our own response headers.
-    if !route.filters.is_empty() {
+    if let Some((mut chain, info)) = filtering {
         let (mut parts, mut body) = resp.into_parts();
         if let Some(replaced) = chain.on_response(&mut parts, &info).await {
             body = ProxyBody::full(replaced.body);
@@ -139,11 +141,7 @@ pub async fn handle(
 
     // Cache store, metrics and the access log close the request.
     let status = resp.status();
-    shared
-        .metrics
-        .requests
-        .with_label_values(&[&route.name, status.as_str()])
-        .inc();
+    route.count(status);
     route.latency.observe(started.elapsed().as_secs_f64());
     if runtime.config.log.access_log {
         access_log(
@@ -269,13 +267,14 @@ async fn forward(
     let replayable = head.method.is_idempotent() && body.is_end_stream();
     let attempts = cluster.retries + 1;
     let mut body: Option<UpstreamBody> = Some(Either::Left(body));
-    let mut tried = Vec::new();
+    // At most 6 attempts (retries <= 5) plus resends of unsent requests.
+    let mut tried = Tried::default();
     let mut attempt = 0;
     let mut stale_retries = 0;
     loop {
         attempt += 1;
         let last = attempt >= attempts;
-        let i = cluster.pick(&tried);
+        let i = cluster.pick(tried.as_slice());
         tried.push(i);
         let endpoint = cluster.endpoints[i].clone();
         let in_flight = cluster.start(i, None);
@@ -351,6 +350,28 @@ async fn forward(
             .upstream_retries
             .with_label_values(&[&cluster.name])
             .inc();
+    }
+}
+
+/// Endpoints already tried for one request, without a heap allocation.
+#[derive(Default)]
+struct Tried {
+    slots: [usize; 8],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, i: usize) {
+        if self.len < self.slots.len() {
+            self.slots[self.len] = i;
+            self.len += 1;
+        }
+    }
+    fn pop(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+    fn as_slice(&self) -> &[usize] {
+        &self.slots[..self.len]
     }
 }
 

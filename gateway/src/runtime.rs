@@ -3,11 +3,11 @@
 //! request sees either the old or the new config, never a mix, and requests
 //! in flight finish on the runtime they started with.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use filters::wasm::WasmFilter;
 use filters::{FilterChain, FilterFactory, Priority};
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -22,6 +22,30 @@ pub struct Route {
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
     pub latency: Histogram,
+    /// `flashgate_requests_total{route, status}` handles by status code,
+    /// resolved on first use: a request does not hash label values.
+    by_status: Box<[OnceLock<IntCounter>]>,
+    requests: IntCounterVec,
+}
+
+impl Route {
+    /// Counts one answered request.
+    pub fn count(&self, status: http::StatusCode) {
+        let code = status.as_u16();
+        let counter = match self.by_status.get(code as usize - 100) {
+            Some(slot) => slot.get_or_init(|| {
+                self.requests
+                    .with_label_values(&[&self.name, status.as_str()])
+            }),
+            None => {
+                return self
+                    .requests
+                    .with_label_values(&[&self.name, status.as_str()])
+                    .inc()
+            }
+        };
+        counter.inc();
+    }
 }
 
 pub struct Runtime {
@@ -87,6 +111,8 @@ impl Runtime {
             let name = r.display_name();
             routes.push(Route {
                 latency: metrics.request_duration.with_label_values(&[&name]),
+                by_status: (100..600).map(|_| OnceLock::new()).collect(),
+                requests: metrics.requests.clone(),
                 name: name.into(),
                 host: r.host.clone(),
                 path_prefix: r.path_prefix.clone(),
