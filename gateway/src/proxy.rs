@@ -251,8 +251,8 @@ struct UpstreamHead {
 /// safe:
 /// - a failed connect, for any request: nothing of it was sent;
 /// - a pooled connection found dead before the request went out: the
-///   request comes back unsent and goes out on a fresh connection (this
-///   does not count as an attempt);
+///   request comes back unsent and goes out again (this does not count as
+///   an attempt; at most twice per request);
 /// - a reset or close before any response, for idempotent methods without
 ///   a body only, on another endpoint when there is one.
 ///
@@ -316,7 +316,8 @@ async fn forward(
                     }
                     Ok(Err(mut e)) => match e.take_message() {
                         // Never written: the pooled connection had died.
-                        // Same endpoint, new connection, same attempt.
+                        // Pick again (its pool hands out the next
+                        // connection or a new one); no attempt is counted.
                         Some(unsent) if stale_retries < 2 => {
                             stale_retries += 1;
                             let (parts, unsent_body) = unsent.into_parts();
