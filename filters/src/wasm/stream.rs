@@ -104,6 +104,27 @@ impl WasmStream {
 
     /// What the stream does when the filter failed: skip the filter (open)
     /// or answer 500 (closed).
+    /// Turns a guest call's result into the stream's next step, releasing
+    /// the slot first (a failure poisons its instance while still locked).
+    fn settle(
+        &mut self,
+        pool: &Pool,
+        mut slot: MutexGuard<'_, Slot>,
+        r: Result<u32, Failure>,
+    ) -> Flow {
+        match r {
+            Ok(action) => {
+                drop(slot);
+                self.outcome(action)
+            }
+            Err(f) => {
+                self.failed(pool, &mut slot, &f);
+                drop(slot);
+                self.fail(f)
+            }
+        }
+    }
+
     fn fail(&self, f: Failure) -> Flow {
         let plugin = &self.pool.plugin;
         tracing::debug!(filter = %plugin.name, kind = %f.kind, error = %f.message, "wasm filter failed for this stream");
@@ -222,17 +243,7 @@ impl StreamFilter for WasmStream {
             req.uri = h.uri.clone();
             req.headers = h.headers.clone();
         }
-        match r {
-            Ok(a) => {
-                drop(slot);
-                self.outcome(a)
-            }
-            Err(f) => {
-                self.failed(&pool, &mut slot, &f);
-                drop(slot);
-                self.fail(f)
-            }
-        }
+        self.settle(&pool, slot, r)
     }
 
     fn on_response_headers(&mut self, resp: &mut http::response::Parts, info: &StreamInfo) -> Flow {
@@ -263,17 +274,7 @@ impl StreamFilter for WasmStream {
             resp.status = h.status;
             resp.headers = h.headers;
         }
-        match r {
-            Ok(a) => {
-                drop(slot);
-                self.outcome(a)
-            }
-            Err(f) => {
-                self.failed(&pool, &mut slot, &f);
-                drop(slot);
-                self.fail(f)
-            }
-        }
+        self.settle(&pool, slot, r)
     }
 
     fn on_done(&mut self) {
