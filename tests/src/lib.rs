@@ -27,6 +27,8 @@ use tokio::net::TcpListener;
 
 pub use gateway::{Config, Gateway};
 
+pub mod redis;
+
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type Handler = Arc<
     dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,

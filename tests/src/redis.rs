@@ -1,0 +1,260 @@
+//! Real redis-server processes for tests: a single server and a three-node
+//! Redis Cluster, each on free loopback ports with a throwaway directory.
+//!
+//! The servers are the Debian `redis-server` binary (tests/run.sh installs
+//! it). Every process is killed when its handle drops, and a server can be
+//! stopped and started again on the same port to test outages.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{free_port, Proc};
+
+/// How a server keeps its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// No persistence: fastest, for caches.
+    None,
+    /// AOF with `appendfsync always`: every write is on disk before the
+    /// reply (the order core's durable setting).
+    AofAlways,
+}
+
+/// One redis-server on 127.0.0.1.
+pub struct RedisServer {
+    pub port: u16,
+    dir: TempDir,
+    durability: Durability,
+    cluster: bool,
+    proc: Option<Proc>,
+}
+
+impl RedisServer {
+    /// A standalone server without persistence.
+    pub fn start() -> RedisServer {
+        Self::start_with(Durability::None)
+    }
+
+    pub fn start_with(durability: Durability) -> RedisServer {
+        Self::spawn(free_port(), durability, false)
+    }
+
+    fn spawn(port: u16, durability: Durability, cluster: bool) -> RedisServer {
+        let mut s = RedisServer {
+            port,
+            dir: TempDir::new(&format!("redis-{port}")),
+            durability,
+            cluster,
+            proc: None,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `redis://127.0.0.1:PORT/`, the form the `redis` crate takes.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (SIGKILL: an outage, not a clean shutdown).
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    /// Starts the server again on the same port and directory (so AOF data
+    /// comes back) and waits until it answers PING.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        let mut cmd = Command::new(redis_server_bin());
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match self.durability {
+            Durability::None => {
+                cmd.args(["--appendonly", "no"]);
+            }
+            Durability::AofAlways => {
+                cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+            }
+        }
+        if self.cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .arg("--cluster-config-file")
+                .arg(self.dir.0.join("nodes.conf"));
+        }
+        self.proc = Some(Proc::spawn(&mut cmd));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !command(self.addr(), &["PING"]).is_ok_and(|r| r == "+PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs one command and returns the raw first reply line (`+OK`, `:3`,
+    /// `$5` ...); enough for test assertions without a client library.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        command(self.addr(), args).unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+}
+
+/// A three-master Redis Cluster (no replicas) made with
+/// `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::spawn(free_port(), Durability::None, true))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.is_ok() {
+            assert!(Instant::now() < deadline, "cluster_state never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    fn is_ok(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            bulk(n.addr(), &["CLUSTER", "INFO"]).is_ok_and(|info| info.contains("cluster_state:ok"))
+        })
+    }
+
+    /// Seed URLs, the form the `redis` crate's cluster client takes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// The redis-server binary (Debian installs it in /usr/bin).
+fn redis_server_bin() -> &'static str {
+    "redis-server"
+}
+
+fn encode(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+fn roundtrip(addr: SocketAddr, args: &[&str]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(&encode(args))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Read until a full reply has arrived: a line for simple replies, the
+    // announced length for a bulk string.
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            if buf[0] != b'$' {
+                break;
+            }
+            let len: i64 = std::str::from_utf8(&buf[1..end])
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(-1);
+            if len < 0 || buf.len() >= end + 2 + len as usize + 2 {
+                break;
+            }
+        }
+    }
+    Ok(buf)
+}
+
+fn command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+    let buf = roundtrip(addr, args)?;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.split("\r\n").next().unwrap_or_default().to_string())
+}
+
+/// The payload of a bulk-string reply.
+fn bulk(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+    let buf = roundtrip(addr, args)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text
+        .split_once("\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(text))
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "flashgate-{tag}-{}-{}",
+            std::process::id(),
+            next_id()
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
