@@ -305,7 +305,33 @@ impl L2 {
                     cursor = next;
                 }
             }
-            Conn::Cluster { .. } => self.query("purge", redis::cmd("KEYS").arg(pattern)).await,
+            Conn::Cluster { client, conn } => {
+                use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+                let run = async {
+                    let existing = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let mut c = match existing {
+                        Some(c) => c,
+                        None => client.get_async_connection().await?,
+                    };
+                    let all_masters = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::CombineArrays),
+                    ));
+                    let keys = c.route_command(redis::cmd("KEYS").arg(pattern).clone(), all_masters).await?;
+                    Ok::<_, redis::RedisError>(Vec::<Vec<u8>>::from_redis_value(keys)?)
+                };
+                match tokio::time::timeout(self.timeout * 4, run).await {
+                    Ok(Ok(keys)) => Ok(keys),
+                    Ok(Err(e)) => {
+                        self.failed("purge", &e);
+                        Err(Unavailable)
+                    }
+                    Err(_) => {
+                        self.failed("purge", &"timed out");
+                        Err(Unavailable)
+                    }
+                }
+            }
         }
     }
 }
