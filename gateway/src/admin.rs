@@ -141,7 +141,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             Some(resp) => resp,
             None => cache_purge(&shared, req).await,
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload" | "/admin/cache/purge") => json_reply(
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload"
+            | "/admin/cache/purge",
+        ) => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
@@ -156,7 +160,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
 /// on the pub/sub message.
 async fn cache_purge(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
     use http_body_util::BodyExt;
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024).collect().await {
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             return json_reply(
@@ -172,12 +179,14 @@ async fn cache_purge(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
         prefix: Option<String>,
     }
     let purge = match serde_json::from_slice::<PurgeRequest>(&body) {
-        Ok(PurgeRequest { key: Some(k), prefix: None }) if !k.is_empty() => {
-            crate::cache::Purge::Key(k.into_bytes().into())
-        }
-        Ok(PurgeRequest { key: None, prefix: Some(p) }) if !p.is_empty() => {
-            crate::cache::Purge::Prefix(p.into_bytes().into())
-        }
+        Ok(PurgeRequest {
+            key: Some(k),
+            prefix: None,
+        }) if !k.is_empty() => crate::cache::Purge::Key(k.into_bytes().into()),
+        Ok(PurgeRequest {
+            key: None,
+            prefix: Some(p),
+        }) if !p.is_empty() => crate::cache::Purge::Prefix(p.into_bytes().into()),
         Ok(_) => {
             return json_reply(
                 StatusCode::BAD_REQUEST,

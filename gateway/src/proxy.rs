@@ -115,7 +115,11 @@ pub async fn handle(
     // locally), before the upstream. A fresh L1 hit is answered here,
     // without building an upstream request.
     let cached = match (&local, &route.cache) {
-        (None, Some(rc)) => Some(runtime.cache.lookup(rc, &head, &host, !body.is_end_stream())),
+        (None, Some(rc)) => Some(
+            runtime
+                .cache
+                .lookup(rc, &head, &host, !body.is_end_stream()),
+        ),
         _ => None,
     };
 

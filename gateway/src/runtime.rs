@@ -89,11 +89,12 @@ impl Runtime {
         let cache = match previous {
             Some(p) if p.cache.same_config(&config.cache, config.redis.as_ref()) => p.cache.clone(),
             _ => Arc::new(
-                Cache::new(&config.cache, config.redis.as_ref(), &metrics.cache)
-                    .map_err(|message| ConfigError {
+                Cache::new(&config.cache, config.redis.as_ref(), &metrics.cache).map_err(
+                    |message| ConfigError {
                         path: "redis".into(),
                         message,
-                    })?,
+                    },
+                )?,
             ),
         };
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();

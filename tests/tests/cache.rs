@@ -94,7 +94,10 @@ async fn stampede(bases: &[String], path: &str, n: usize) -> Vec<Got> {
         tasks.push(tokio::spawn(async move {
             send_with(
                 &client,
-                Request::get(url).header("host", HOST).body(empty()).unwrap(),
+                Request::get(url)
+                    .header("host", HOST)
+                    .body(empty())
+                    .unwrap(),
             )
             .await
         }));
@@ -125,15 +128,32 @@ async fn miss_then_hit_with_age_and_x_cache() {
     assert_eq!(second.header("content-length"), Some("7"));
     assert!(second.header("x-request-id").is_some());
     // The query is part of the key.
-    assert_eq!(fetch(&url(&gw, "/p/1?x=1"), &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        fetch(&url(&gw, "/p/1?x=1"), &[]).await.header("x-cache"),
+        Some("MISS")
+    );
     assert_eq!(counts.get("/p/1"), 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let age: u64 = fetch(&url(&gw, "/p/1"), &[]).await.header("age").unwrap().parse().unwrap();
+    let age: u64 = fetch(&url(&gw, "/p/1"), &[])
+        .await
+        .header("age")
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(age >= 1, "age counts seconds since the store");
     let admin = gw.admin_addr();
-    assert_eq!(metric(admin, "flashgate_cache_lookups_total{result=\"hit\"").await, 2.0);
-    assert_eq!(metric(admin, "flashgate_cache_lookups_total{result=\"miss\"").await, 2.0);
-    assert_eq!(metric(admin, "flashgate_cache_fills_total{result=\"stored\"").await, 2.0);
+    assert_eq!(
+        metric(admin, "flashgate_cache_lookups_total{result=\"hit\"").await,
+        2.0
+    );
+    assert_eq!(
+        metric(admin, "flashgate_cache_lookups_total{result=\"miss\"").await,
+        2.0
+    );
+    assert_eq!(
+        metric(admin, "flashgate_cache_fills_total{result=\"stored\"").await,
+        2.0
+    );
     assert!(metric(admin, "flashgate_cache_l1_bytes").await > 0.0);
     assert_eq!(metric(admin, "flashgate_cache_l1_entries").await, 2.0);
 }
@@ -154,14 +174,30 @@ async fn stampede_in_one_gateway_without_redis_is_one_origin_request() {
     tokio::time::sleep(Duration::from_millis(1050)).await;
     let base = format!("http://{}", gw.addr("public").unwrap());
     let answers = stampede(&[base], "/hot", 1000).await;
-    assert!(answers.iter().all(|g| g.status == 200 && g.text() == "/hot #2"));
-    assert_eq!(counts.get("/hot"), 2, "one fill for the first answer, one for the burst");
-    let coalesced = metric(gw.admin_addr(), "flashgate_cache_lookups_total{result=\"coalesced\"").await;
+    assert!(answers
+        .iter()
+        .all(|g| g.status == 200 && g.text() == "/hot #2"));
+    assert_eq!(
+        counts.get("/hot"),
+        2,
+        "one fill for the first answer, one for the burst"
+    );
+    let coalesced = metric(
+        gw.admin_addr(),
+        "flashgate_cache_lookups_total{result=\"coalesced\"",
+    )
+    .await;
     assert!(coalesced > 0.0, "some requests waited on the fill");
 }
 
 /// A config file for one `flashgate` process.
-fn process_config(port: u16, admin: u16, origin: std::net::SocketAddr, redis: &str, route: &str) -> String {
+fn process_config(
+    port: u16,
+    admin: u16,
+    origin: std::net::SocketAddr,
+    redis: &str,
+    route: &str,
+) -> String {
     format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"test-token\"\n\
          [log]\nlevel = \"warn\"\naccess_log = false\n\
@@ -199,12 +235,18 @@ async fn stampede_across_three_gateway_processes_is_one_origin_request() {
                 .arg(&path),
         ));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        assert!(wait_listening(addr, Duration::from_secs(20)).await, "gateway {i} listens");
+        assert!(
+            wait_listening(addr, Duration::from_secs(20)).await,
+            "gateway {i} listens"
+        );
         bases.push(format!("http://{addr}"));
         admins.push(std::net::SocketAddr::from(([127, 0, 0, 1], admin)));
     }
     // Filled through the first gateway; the others find it in Redis.
-    assert_eq!(fetch(&format!("{}/sale", bases[0]), &[]).await.text(), "/sale #1");
+    assert_eq!(
+        fetch(&format!("{}/sale", bases[0]), &[]).await.text(),
+        "/sale #1"
+    );
     let filled = Instant::now();
     let second = fetch(&format!("{}/sale", bases[1]), &[]).await;
     assert_eq!(second.text(), "/sale #1");
@@ -227,7 +269,10 @@ async fn stampede_across_three_gateway_processes_is_one_origin_request() {
     for a in &admins {
         waits += metric(*a, "flashgate_cache_lock_waits_total{result=\"filled\"}").await;
     }
-    assert!(waits >= 1.0, "other gateways took the filled entry after a lock wait");
+    assert!(
+        waits >= 1.0,
+        "other gateways took the filled entry after a lock wait"
+    );
 }
 
 #[tokio::test]
@@ -251,7 +296,11 @@ async fn jitter_spreads_expiry_over_the_window() {
         let c = client.clone();
         let u = format!("{base}/j/{i}");
         tasks.push(tokio::spawn(async move {
-            send_with(&c, Request::get(u).header("host", HOST).body(empty()).unwrap()).await
+            send_with(
+                &c,
+                Request::get(u).header("host", HOST).body(empty()).unwrap(),
+            )
+            .await
         }));
     }
     for t in tasks {
@@ -263,7 +312,11 @@ async fn jitter_spreads_expiry_over_the_window() {
         let mut pttl = -2;
         assert!(
             eventually(Duration::from_secs(5), || {
-                pttl = redis.cmd(&["PTTL", &key]).trim_start_matches(':').parse().unwrap_or(-2);
+                pttl = redis
+                    .cmd(&["PTTL", &key])
+                    .trim_start_matches(':')
+                    .parse()
+                    .unwrap_or(-2);
                 async move { pttl > 0 }
             })
             .await,
@@ -323,7 +376,11 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
         .await,
         "the refreshed copy replaces the stale one"
     );
-    assert_eq!(counts.get("/swr"), 2, "one refresh for all the stale answers");
+    assert_eq!(
+        counts.get("/swr"),
+        2,
+        "one refresh for all the stale answers"
+    );
 }
 
 #[tokio::test]
@@ -339,7 +396,8 @@ async fn stale_if_error_covers_origin_errors_and_outages_then_ends() {
                 reply(200, "good copy")
             };
             // No keep-alive: once the origin stops, it is really down.
-            r.headers_mut().insert("connection", "close".parse().unwrap());
+            r.headers_mut()
+                .insert("connection", "close".parse().unwrap());
             r
         })
     });
@@ -445,11 +503,15 @@ async fn private_answers_are_never_stored_or_shared() {
     assert!(authed_again.text().contains("auth=Bearer user-2"));
     // Cookies: only the ignorable ones keep the cache on.
     assert_eq!(
-        fetch(&url(&gw, "/acct"), &[("cookie", "_ga=GA1.2")]).await.header("x-cache"),
+        fetch(&url(&gw, "/acct"), &[("cookie", "_ga=GA1.2")])
+            .await
+            .header("x-cache"),
         Some("HIT")
     );
     assert_eq!(
-        fetch(&url(&gw, "/acct"), &[("cookie", "_ga=GA1.2; session=abc")]).await.header("x-cache"),
+        fetch(&url(&gw, "/acct"), &[("cookie", "_ga=GA1.2; session=abc")])
+            .await
+            .header("x-cache"),
         Some("BYPASS")
     );
     // Vary keeps variants apart.
@@ -486,10 +548,17 @@ async fn large_answers_stream_through_uncached() {
             c.hit(&path);
             if path == "/chunked" {
                 // No content-length: the cache finds out while reading.
-                let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>::new(4);
+                let (mut tx, body) = http_body_util::channel::Channel::<
+                    bytes::Bytes,
+                    Box<dyn std::error::Error + Send + Sync>,
+                >::new(4);
                 tokio::spawn(async move {
                     for _ in 0..32 {
-                        if tx.send_data(bytes::Bytes::from(vec![b'c'; 8192])).await.is_err() {
+                        if tx
+                            .send_data(bytes::Bytes::from(vec![b'c'; 8192]))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -517,7 +586,8 @@ async fn large_answers_stream_through_uncached() {
             let g = fetch(&url(&gw, path), &[]).await;
             assert_eq!(g.status, 200);
             assert_eq!(g.header("x-cache"), Some("MISS"), "{path}");
-            assert_eq!(g.body.len(), if path == "/big" { 256 * 1024 } else { 32 * 8192 }, "{path}");
+            // Both are 256 KiB: 4x max_entry_size, all of it delivered.
+            assert_eq!(g.body.len(), 256 * 1024, "{path}");
         }
         assert_eq!(counts.get(path), 2, "{path} is never stored");
     }
@@ -530,12 +600,19 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
     let cfg = config(
         &[up.addr],
         "",
-        &format!("{}\n[redis]\nurl = \"{}\"\n", cache_route("ttl = \"60s\""), redis.url()),
+        &format!(
+            "{}\n[redis]\nurl = \"{}\"\n",
+            cache_route("ttl = \"60s\""),
+            redis.url()
+        ),
     );
     let a = gateway(&cfg).await;
     let b = gateway(&cfg).await;
     for p in ["/p/1", "/p/2", "/q/1"] {
-        assert_eq!(fetch(&url(&a, p), &[]).await.header("x-cache"), Some("MISS"));
+        assert_eq!(
+            fetch(&url(&a, p), &[]).await.header("x-cache"),
+            Some("MISS")
+        );
         // B finds A's fill in Redis and keeps it in its L1.
         assert_eq!(fetch(&url(&b, p), &[]).await.header("x-cache"), Some("HIT"));
     }
@@ -560,7 +637,10 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
         .await
     );
     assert_eq!(counts.get("/p/1"), 2);
-    assert_eq!(fetch(&url(&b, "/p/2"), &[]).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        fetch(&url(&b, "/p/2"), &[]).await.header("x-cache"),
+        Some("HIT")
+    );
 
     let purged = purge(b.admin_addr(), "{\"prefix\": \"shop.test/p/\"}").await;
     assert_eq!(purged.status, 200);
@@ -571,7 +651,10 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
         .await
     );
     assert_eq!(counts.get("/p/2"), 2);
-    assert_eq!(fetch(&url(&a, "/q/1"), &[]).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        fetch(&url(&a, "/q/1"), &[]).await.header("x-cache"),
+        Some("HIT")
+    );
     assert_eq!(counts.get("/q/1"), 1);
 }
 
@@ -648,18 +731,27 @@ async fn dead_lock_owner_holds_the_others_only_until_the_lock_expires() {
     .await;
     // A gateway that took the lock and died: its lock expires by itself.
     let lock = format!("flashgate:cache:{{{HOST}/orphan}}:l");
-    assert_eq!(redis.cmd(&["SET", &lock, "dead-gateway", "PX", "1500"]), "+OK");
+    assert_eq!(
+        redis.cmd(&["SET", &lock, "dead-gateway", "PX", "1500"]),
+        "+OK"
+    );
     let started = Instant::now();
     let base = format!("http://{}", gw.addr("public").unwrap());
     let answers = stampede(&[base], "/orphan", 20).await;
-    assert!(answers.iter().all(|g| g.status == 200 && g.text() == "/orphan #1"));
+    assert!(answers
+        .iter()
+        .all(|g| g.status == 200 && g.text() == "/orphan #1"));
     assert!(
         started.elapsed() >= Duration::from_millis(1000),
         "the waiters respected the dead owner's lock until it expired"
     );
     assert_eq!(counts.get("/orphan"), 1);
     assert_eq!(
-        metric(gw.admin_addr(), "flashgate_cache_lock_waits_total{result=\"took_over\"}").await,
+        metric(
+            gw.admin_addr(),
+            "flashgate_cache_lock_waits_total{result=\"took_over\"}"
+        )
+        .await,
         1.0
     );
     // The lock we took was released by us.
@@ -686,9 +778,16 @@ async fn redis_cluster_l2_is_shared_locked_and_purged() {
     // Keys over several slots.
     for i in 0..6 {
         let p = format!("/c/{i}");
-        assert_eq!(fetch(&url(&a, &p), &[]).await.header("x-cache"), Some("MISS"));
+        assert_eq!(
+            fetch(&url(&a, &p), &[]).await.header("x-cache"),
+            Some("MISS")
+        );
         let from_l2 = fetch(&url(&b, &p), &[]).await;
-        assert_eq!(from_l2.header("x-cache"), Some("HIT"), "{p} from the cluster");
+        assert_eq!(
+            from_l2.header("x-cache"),
+            Some("HIT"),
+            "{p} from the cluster"
+        );
         assert_eq!(counts.get(&p), 1);
     }
     // Stampede over both gateways as /c/0 expires (max-age=1).
@@ -704,8 +803,14 @@ async fn redis_cluster_l2_is_shared_locked_and_purged() {
     // them again, for 60s, through A and B's L1.
     for i in 1..6 {
         let p = format!("/c/{i}");
-        assert_eq!(fetch(&url(&a, &p), &[]).await.header("x-cache"), Some("MISS"));
-        assert_eq!(fetch(&url(&b, &p), &[]).await.header("x-cache"), Some("HIT"));
+        assert_eq!(
+            fetch(&url(&a, &p), &[]).await.header("x-cache"),
+            Some("MISS")
+        );
+        assert_eq!(
+            fetch(&url(&b, &p), &[]).await.header("x-cache"),
+            Some("HIT")
+        );
     }
     // Prefix purge over every master, seen by the other gateway.
     let purged = purge(a.admin_addr(), "{\"prefix\": \"shop.test/c/\"}").await;
@@ -729,7 +834,10 @@ async fn reload_keeps_the_cache() {
     let gw = Gateway::start(Config::parse(&text).unwrap(), Some(path.clone()))
         .await
         .unwrap();
-    assert_eq!(fetch(&url(&gw, "/r"), &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        fetch(&url(&gw, "/r"), &[]).await.header("x-cache"),
+        Some("MISS")
+    );
     // A route change (a new route) reloads; the cache section is the same.
     std::fs::write(
         &path,
@@ -744,7 +852,10 @@ async fn reload_keeps_the_cache() {
     )
     .await;
     assert_eq!(reloaded.status, 200, "{}", reloaded.text());
-    assert_eq!(fetch(&url(&gw, "/r"), &[]).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        fetch(&url(&gw, "/r"), &[]).await.header("x-cache"),
+        Some("HIT")
+    );
     assert_eq!(counts.get("/r"), 1);
 }
 
@@ -758,6 +869,9 @@ async fn demo_config_caches_catalog_pages() {
         .filter(|r| r.cache.is_some())
         .map(|r| r.path_prefix.as_str())
         .collect();
-    assert!(cached.contains(&"/products") && cached.contains(&"/shop"), "{cached:?}");
+    assert!(
+        cached.contains(&"/products") && cached.contains(&"/shop"),
+        "{cached:?}"
+    );
     assert!(parsed.redis.is_none(), "the demo has no Redis: L1 only");
 }

@@ -61,7 +61,10 @@ pub async fn collect(resp: Response<ProxyBody>, max: usize, within: Duration) ->
             }
             frames.push_back(overflow);
             let rest = Prefixed { frames, rest: body };
-            Collected::TooBig(Response::from_parts(parts, ProxyBody::boxed(rest.boxed_unsync())))
+            Collected::TooBig(Response::from_parts(
+                parts,
+                ProxyBody::boxed(rest.boxed_unsync()),
+            ))
         }
         _ => Collected::Failed,
     }

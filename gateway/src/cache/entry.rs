@@ -57,7 +57,10 @@ pub struct Entry {
 pub enum Freshness {
     Fresh,
     /// Expired; may be served while revalidating and/or on error.
-    Stale { revalidate: bool, on_error: bool },
+    Stale {
+        revalidate: bool,
+        on_error: bool,
+    },
     /// Past every window: useless.
     Dead,
 }
@@ -212,7 +215,7 @@ impl Record {
     /// `None` for anything that is not a record this version wrote.
     pub fn decode(mut data: Bytes) -> Option<Record> {
         let mut r = Reader(&mut data);
-        if r.take(4)? != &MAGIC[..] {
+        if r.take(4)? != MAGIC[..] {
             return None;
         }
         match r.u8()? {
@@ -335,7 +338,10 @@ mod tests {
             sie_ms: 60_000,
             fill_ms: 200,
             vary: vec![
-                (HeaderName::from_static("accept-encoding"), Some(HeaderValue::from_static("gzip"))),
+                (
+                    HeaderName::from_static("accept-encoding"),
+                    Some(HeaderValue::from_static("gzip")),
+                ),
                 (HeaderName::from_static("x-absent"), None),
             ],
         }
@@ -396,11 +402,17 @@ mod tests {
         assert_eq!(e.freshness(t + 29_999), Freshness::Fresh);
         assert_eq!(
             e.freshness(t + 30_000),
-            Freshness::Stale { revalidate: true, on_error: true }
+            Freshness::Stale {
+                revalidate: true,
+                on_error: true
+            }
         );
         assert_eq!(
             e.freshness(t + 36_000),
-            Freshness::Stale { revalidate: false, on_error: true }
+            Freshness::Stale {
+                revalidate: false,
+                on_error: true
+            }
         );
         assert_eq!(e.freshness(t + 90_000), Freshness::Dead);
         assert_eq!(e.lifetime_ms(), 90_000);

@@ -150,7 +150,10 @@ mod tests {
             panic!("first joiner leads")
         };
         assert!(matches!(f.join(&k), Joined::Follow(_)));
-        assert!(matches!(f.join(&Bytes::from_static(b"other")), Joined::Lead(..)));
+        assert!(matches!(
+            f.join(&Bytes::from_static(b"other")),
+            Joined::Lead(..)
+        ));
         assert!(f.running(b"k"));
         drop(leader);
         assert!(!f.running(b"k"));
@@ -161,8 +164,12 @@ mod tests {
     async fn followers_see_a_dropped_leader_as_closed() {
         let f = Arc::new(Flights::default());
         let k = Bytes::from_static(b"k");
-        let Joined::Lead(leader, _) = f.join(&k) else { panic!() };
-        let Joined::Follow(mut rx) = f.join(&k) else { panic!() };
+        let Joined::Lead(leader, _) = f.join(&k) else {
+            panic!()
+        };
+        let Joined::Follow(mut rx) = f.join(&k) else {
+            panic!()
+        };
         drop(leader);
         assert!(rx.wait_for(|o| o.is_some()).await.is_err());
     }

@@ -19,7 +19,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 pub const SEP: u8 = 0x1f;
 
 /// The key of a request before the origin's `Vary` is known.
-pub fn base(host: &str, path_and_query: &str, key_headers: &[HeaderName], headers: &HeaderMap) -> Bytes {
+pub fn base(
+    host: &str,
+    path_and_query: &str,
+    key_headers: &[HeaderName],
+    headers: &HeaderMap,
+) -> Bytes {
     let mut out = BytesMut::with_capacity(host.len() + path_and_query.len() + 16);
     for b in host.bytes() {
         out.put_u8(b.to_ascii_lowercase());
@@ -61,7 +66,10 @@ pub fn variant_of(base: &[u8], values: &[(HeaderName, Option<HeaderValue>)]) -> 
 
 /// The request's values of `names`, repeated headers joined with `,` as
 /// the key joins them.
-pub fn vary_values(names: &[HeaderName], headers: &HeaderMap) -> Vec<(HeaderName, Option<HeaderValue>)> {
+pub fn vary_values(
+    names: &[HeaderName],
+    headers: &HeaderMap,
+) -> Vec<(HeaderName, Option<HeaderValue>)> {
     names
         .iter()
         .map(|n| {
@@ -123,7 +131,8 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 /// Does `key` belong to the purge of exact key `purged`: the key itself,
 /// or one of its header variants?
 pub fn in_family(key: &[u8], purged: &[u8]) -> bool {
-    key == purged || (key.len() > purged.len() && key.starts_with(purged) && key[purged.len()] == SEP)
+    key == purged
+        || (key.len() > purged.len() && key.starts_with(purged) && key[purged.len()] == SEP)
 }
 
 #[cfg(test)]
@@ -133,7 +142,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
-            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -154,14 +166,23 @@ mod tests {
         assert_ne!(empty, de);
         assert_eq!(&de[..], b"h/\x1fh:accept-language=de");
         // Repeated values are all part of the key.
-        let two = base("h", "/", &names, &headers(&[("accept-language", "de"), ("accept-language", "fr")]));
+        let two = base(
+            "h",
+            "/",
+            &names,
+            &headers(&[("accept-language", "de"), ("accept-language", "fr")]),
+        );
         assert_eq!(&two[..], b"h/\x1fh:accept-language=de,fr");
     }
 
     #[test]
     fn variants_extend_the_base() {
         let b = base("h", "/x", &[], &HeaderMap::new());
-        let names = vary_names(&headers(&[("vary", "Accept-Encoding, accept-language"), ("vary", "accept-encoding")])).unwrap();
+        let names = vary_names(&headers(&[
+            ("vary", "Accept-Encoding, accept-language"),
+            ("vary", "accept-encoding"),
+        ]))
+        .unwrap();
         assert_eq!(names.len(), 2);
         let gz = variant(&b, &names, &headers(&[("accept-encoding", "gzip")]));
         let br = variant(&b, &names, &headers(&[("accept-encoding", "br")]));

@@ -143,7 +143,11 @@ mod tests {
     }
 
     fn l1(max: u64) -> L1 {
-        L1::new(max, IntGauge::new("b", "b").unwrap(), IntGauge::new("e", "e").unwrap())
+        L1::new(
+            max,
+            IntGauge::new("b", "b").unwrap(),
+            IntGauge::new("e", "e").unwrap(),
+        )
     }
 
     #[test]
@@ -184,7 +188,12 @@ mod tests {
     #[test]
     fn purge_by_key_family_and_prefix() {
         let c = l1(1_000_000);
-        for k in ["h/p/1", "h/p/1\x1fv:accept-encoding=gzip", "h/p/10", "h/q/1"] {
+        for k in [
+            "h/p/1",
+            "h/p/1\x1fv:accept-encoding=gzip",
+            "h/p/10",
+            "h/q/1",
+        ] {
             c.insert(Bytes::from(k), record(10, 60_000));
         }
         assert_eq!(c.purge_key(b"h/p/1"), 2);

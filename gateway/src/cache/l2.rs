@@ -32,10 +32,30 @@ const UNLOCK: &str =
 
 enum Conn {
     Single(ConnectionManager),
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        conn: Mutex<Option<ClusterConnection>>,
-    },
+    /// Boxed: built once, and much larger than the single-server handle.
+    Cluster(Box<ClusterConn>),
+}
+
+struct ClusterConn {
+    client: redis::cluster::ClusterClient,
+    conn: Mutex<Option<ClusterConnection>>,
+}
+
+impl ClusterConn {
+    /// The shared cluster connection, made on first use and again after a
+    /// failure (it is created eagerly by the crate, which fails while the
+    /// cluster is down).
+    async fn connection(&self) -> redis::RedisResult<ClusterConnection> {
+        let existing = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match existing {
+            Some(c) => Ok(c),
+            None => {
+                let c = self.client.get_async_connection().await?;
+                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                Ok(c)
+            }
+        }
+    }
 }
 
 /// Why an L2 call did not give an answer (already counted and logged).
@@ -60,7 +80,8 @@ impl L2 {
         let timeout = c.timeout.0;
         let (conn, pubsub_urls) = match &c.url {
             Some(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
+                let client =
+                    redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -78,10 +99,10 @@ impl L2 {
                     .build()
                     .map_err(|e| format!("redis.cluster: {e}"))?;
                 (
-                    Conn::Cluster {
+                    Conn::Cluster(Box::new(ClusterConn {
                         client,
                         conn: Mutex::new(None),
-                    },
+                    })),
                     c.cluster.clone(),
                 )
             }
@@ -111,9 +132,9 @@ impl L2 {
             now_ms() + self.retry_interval.as_millis() as u64,
             Ordering::Relaxed,
         );
-        if let Conn::Cluster { conn, .. } = &self.conn {
+        if let Conn::Cluster(c) = &self.conn {
             // Made again on next use; the old one may be wedged.
-            *conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *c.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         if self.up.swap(false, Ordering::Relaxed) {
             self.up_gauge.set(0);
@@ -129,20 +150,16 @@ impl L2 {
     }
 
     /// Runs one command within the timeout, with failure accounting.
-    async fn query<T: FromRedisValue>(&self, op: &'static str, cmd: &Cmd) -> Result<T, Unavailable> {
+    async fn query<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T, Unavailable> {
         let run = async {
             match &self.conn {
                 Conn::Single(m) => cmd.query_async::<T>(&mut m.clone()).await,
-                Conn::Cluster { client, conn } => {
-                    let existing = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let mut c = match existing {
-                        Some(c) => c,
-                        None => {
-                            let c = client.get_async_connection().await?;
-                            *conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-                            c
-                        }
-                    };
+                Conn::Cluster(cluster) => {
+                    let mut c = cluster.connection().await?;
                     cmd.query_async::<T>(&mut c).await
                 }
             }
@@ -190,7 +207,9 @@ impl L2 {
     }
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<Record>, Unavailable> {
-        let raw: Option<Vec<u8>> = self.query("get", redis::cmd("GET").arg(self.entry_key(key))).await?;
+        let raw: Option<Vec<u8>> = self
+            .query("get", redis::cmd("GET").arg(self.entry_key(key)))
+            .await?;
         let Some(raw) = raw else { return Ok(None) };
         match Record::decode(Bytes::from(raw)) {
             Some(r) => Ok(Some(r)),
@@ -216,7 +235,12 @@ impl L2 {
     }
 
     /// `SET lock token NX PX ttl`: true when we hold the lock now.
-    pub async fn try_lock(&self, key: &[u8], token: &str, ttl_ms: u64) -> Result<bool, Unavailable> {
+    pub async fn try_lock(
+        &self,
+        key: &[u8],
+        token: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, Unavailable> {
         let r: Option<String> = self
             .query(
                 "lock",
@@ -235,7 +259,11 @@ impl L2 {
     pub async fn unlock(&self, key: &[u8], token: &str) -> Result<(), Unavailable> {
         self.query::<i64>(
             "unlock",
-            redis::cmd("EVAL").arg(UNLOCK).arg(1).arg(self.lock_key(key)).arg(token),
+            redis::cmd("EVAL")
+                .arg(UNLOCK)
+                .arg(1)
+                .arg(self.lock_key(key))
+                .arg(token),
         )
         .await
         .map(drop)
@@ -248,7 +276,9 @@ impl L2 {
         channel.extend_from_slice(key);
         self.query::<i64>(
             "publish",
-            redis::cmd("PUBLISH").arg(channel).arg(if stored { "1" } else { "0" }),
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(if stored { "1" } else { "0" }),
         )
         .await
         .map(drop)
@@ -275,10 +305,17 @@ impl L2 {
         }
         pattern.extend_from_slice(b"*}:e");
         for k in self.keys_matching(&pattern).await? {
-            deleted += self.query::<u64>("purge", redis::cmd("UNLINK").arg(k)).await?;
+            deleted += self
+                .query::<u64>("purge", redis::cmd("UNLINK").arg(k))
+                .await?;
         }
-        self.query::<i64>("publish", redis::cmd("PUBLISH").arg(self.purge_channel()).arg(purge.encode()))
-            .await?;
+        self.query::<i64>(
+            "publish",
+            redis::cmd("PUBLISH")
+                .arg(self.purge_channel())
+                .arg(purge.encode()),
+        )
+        .await?;
         Ok(deleted)
     }
 
@@ -295,7 +332,12 @@ impl L2 {
                     let (next, keys): (u64, Vec<Vec<u8>>) = self
                         .query(
                             "purge",
-                            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000),
+                            redis::cmd("SCAN")
+                                .arg(cursor)
+                                .arg("MATCH")
+                                .arg(pattern)
+                                .arg("COUNT")
+                                .arg(1000),
                         )
                         .await?;
                     out.extend(keys);
@@ -305,19 +347,19 @@ impl L2 {
                     cursor = next;
                 }
             }
-            Conn::Cluster { client, conn } => {
-                use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+            Conn::Cluster(cluster) => {
+                use redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
                 let run = async {
-                    let existing = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let mut c = match existing {
-                        Some(c) => c,
-                        None => client.get_async_connection().await?,
-                    };
+                    let mut c = cluster.connection().await?;
                     let all_masters = RoutingInfo::MultiNode((
                         MultipleNodeRoutingInfo::AllMasters,
                         Some(ResponsePolicy::CombineArrays),
                     ));
-                    let keys = c.route_command(redis::cmd("KEYS").arg(pattern).clone(), all_masters).await?;
+                    let keys = c
+                        .route_command(redis::cmd("KEYS").arg(pattern).clone(), all_masters)
+                        .await?;
                     Ok::<_, redis::RedisError>(Vec::<Vec<u8>>::from_redis_value(keys)?)
                 };
                 match tokio::time::timeout(self.timeout * 4, run).await {
@@ -422,7 +464,10 @@ pub async fn listen(l2: Arc<L2>, on_message: impl Fn(Message) -> bool + Send + '
                         return;
                     }
                 }
-                tracing::warn!(url, "cache pub/sub connection lost; waiters poll until it is back");
+                tracing::warn!(
+                    url,
+                    "cache pub/sub connection lost; waiters poll until it is back"
+                );
             }
             Ok(Err(e)) => tracing::debug!(url, error = %e, "cache pub/sub connect failed"),
             Err(_) => tracing::debug!(url, "cache pub/sub connect timed out"),
@@ -437,7 +482,10 @@ mod tests {
 
     #[test]
     fn purge_payload_roundtrip() {
-        for p in [Purge::Key(Bytes::from_static(b"h/p?x=*")), Purge::Prefix(Bytes::from_static(b"h/"))] {
+        for p in [
+            Purge::Key(Bytes::from_static(b"h/p?x=*")),
+            Purge::Prefix(Bytes::from_static(b"h/")),
+        ] {
             assert_eq!(Purge::decode(&p.encode()), Some(p));
         }
         assert_eq!(Purge::decode(b""), None);

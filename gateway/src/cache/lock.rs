@@ -77,7 +77,13 @@ pub async fn lookup_l2(
     Ok(entry.filter(|e| e.matches_variant(headers)))
 }
 
-pub async fn acquire_or_wait(inner: &Inner, l2: &L2, base: &[u8], key: &Bytes, headers: &HeaderMap) -> Fleet {
+pub async fn acquire_or_wait(
+    inner: &Inner,
+    l2: &L2,
+    base: &[u8],
+    key: &Bytes,
+    headers: &HeaderMap,
+) -> Fleet {
     let token = token();
     let lock_ttl = super::entry::ms(inner.config.lock_ttl.0);
     let poll = inner.config.poll_interval.0;
@@ -87,7 +93,10 @@ pub async fn acquire_or_wait(inner: &Inner, l2: &L2, base: &[u8], key: &Bytes, h
     let done = |waited: bool, result: &str| {
         if waited {
             inner.metrics.lock_waits.with_label_values(&[result]).inc();
-            inner.metrics.lock_wait_seconds.observe(started.elapsed().as_secs_f64());
+            inner
+                .metrics
+                .lock_wait_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
     };
     loop {
@@ -154,4 +163,3 @@ pub async fn release(l2: &L2, key: &[u8], token: &str, stored: bool) {
     let _ = l2.unlock(key, token).await;
     let _ = l2.publish_fill(key, stored).await;
 }
-

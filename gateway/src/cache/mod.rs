@@ -66,7 +66,10 @@ use l2::L2;
 /// What a fill ended with, handed to everyone who waited on it.
 #[derive(Clone, Debug)]
 pub enum Outcome {
-    Entry { entry: Arc<Entry>, source: Source },
+    Entry {
+        entry: Arc<Entry>,
+        source: Source,
+    },
     Stale(Arc<Entry>),
     Error(ProxyError),
     /// Nothing to share (a private or oversized answer): the leader has its
@@ -115,9 +118,17 @@ impl Drop for Cache {
 impl Cache {
     /// Must run inside a tokio runtime when `redis` is set (the pub/sub
     /// listener starts here).
-    pub fn new(config: &CacheConfig, redis: Option<&RedisConfig>, metrics: &CacheMetrics) -> Result<Cache, String> {
+    pub fn new(
+        config: &CacheConfig,
+        redis: Option<&RedisConfig>,
+        metrics: &CacheMetrics,
+    ) -> Result<Cache, String> {
         let l2 = match redis {
-            Some(r) => Some(Arc::new(L2::new(r, metrics.l2_errors.clone(), metrics.l2_up.clone())?)),
+            Some(r) => Some(Arc::new(L2::new(
+                r,
+                metrics.l2_errors.clone(),
+                metrics.l2_up.clone(),
+            )?)),
             None => {
                 metrics.l2_up.set(0);
                 None
@@ -126,7 +137,11 @@ impl Cache {
         let inner = Arc::new(Inner {
             config: config.clone(),
             redis: redis.cloned(),
-            l1: L1::new(config.l1_size.0, metrics.l1_bytes.clone(), metrics.l1_entries.clone()),
+            l1: L1::new(
+                config.l1_size.0,
+                metrics.l1_bytes.clone(),
+                metrics.l1_entries.clone(),
+            ),
             l2: l2.clone(),
             flights: Arc::new(Flights::default()),
             waiters: Waiters::default(),
@@ -194,7 +209,9 @@ impl Cache {
                 kind,
             })
         };
-        if let Some(reason) = policy::request_bypass(&head.method, &head.headers, has_body, &rc.policy) {
+        if let Some(reason) =
+            policy::request_bypass(&head.method, &head.headers, has_body, &rc.policy)
+        {
             tracing::trace!(reason, "cache bypass");
             return pending(Kind::Bypass);
         }
@@ -208,7 +225,8 @@ impl Cache {
             record = inner.l1.get(&key, now);
         }
         let stale = match record {
-            Some(Record::Response(e)) if e.matches_variant(&head.headers) => match e.freshness(now) {
+            Some(Record::Response(e)) if e.matches_variant(&head.headers) => match e.freshness(now)
+            {
                 Freshness::Fresh => {
                     let early = rc.policy.early_refresh > 0.0
                         && head.method == Method::GET
@@ -232,7 +250,9 @@ impl Cache {
                     rc.hit.inc();
                     return Lookup::Hit(respond(&e, "HIT", now));
                 }
-                Freshness::Stale { revalidate: true, .. } if head.method == Method::GET => {
+                Freshness::Stale {
+                    revalidate: true, ..
+                } if head.method == Method::GET => {
                     return pending(Kind::Refresh {
                         entry: e,
                         key,
@@ -335,7 +355,11 @@ struct Job<F> {
 impl Pending {
     /// Phase two: answers from L2, a fill, or the upstream. `fetch` is
     /// called at most once, and only when this request must go upstream.
-    pub async fn resolve<F: Fetch>(self, request_id: &HeaderValue, fetch: F) -> Response<ProxyBody> {
+    pub async fn resolve<F: Fetch>(
+        self,
+        request_id: &HeaderValue,
+        fetch: F,
+    ) -> Response<ProxyBody> {
         let Pending { inner, rc, kind } = self;
         match kind {
             Kind::Bypass => {
@@ -434,7 +458,8 @@ async fn miss<F: Fetch>(
             }
             Joined::Follow(mut rx) => {
                 let waited =
-                    tokio::time::timeout(inner.config.lock_wait.0, rx.wait_for(Option::is_some)).await;
+                    tokio::time::timeout(inner.config.lock_wait.0, rx.wait_for(Option::is_some))
+                        .await;
                 let outcome = match waited {
                     Ok(Ok(o)) => o.clone(),
                     // Waited too long, or the fill task is gone.
@@ -443,7 +468,11 @@ async fn miss<F: Fetch>(
                 match outcome {
                     Some(Outcome::Entry { entry, .. }) if !entry.matches_variant(&headers) => {
                         let values = key::vary_values(
-                            &entry.vary.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+                            &entry
+                                .vary
+                                .iter()
+                                .map(|(n, _)| n.clone())
+                                .collect::<Vec<_>>(),
                             &headers,
                         );
                         key = key::variant_of(&base, &values);
@@ -470,7 +499,12 @@ async fn miss<F: Fetch>(
 }
 
 /// The response for one request from a fill's outcome.
-fn answer(rc: &RouteCache, outcome: Outcome, leader: bool, request_id: &HeaderValue) -> Response<ProxyBody> {
+fn answer(
+    rc: &RouteCache,
+    outcome: Outcome,
+    leader: bool,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
     let now = now_ms();
     match outcome {
         Outcome::Entry { entry, source } => {
@@ -536,7 +570,10 @@ async fn fill<F: Fetch>(inner: Arc<Inner>, leader: Leader, job: Job<F>) {
                             leader.finish(Outcome::Stale(e.clone()));
                             answered = true;
                         }
-                        if stale.as_ref().is_none_or(|s| s.stored_at_ms < e.stored_at_ms) {
+                        if stale
+                            .as_ref()
+                            .is_none_or(|s| s.stored_at_ms < e.stored_at_ms)
+                        {
                             stale = Some(e);
                         }
                     }
@@ -557,7 +594,10 @@ async fn fill<F: Fetch>(inner: Arc<Inner>, leader: Leader, job: Job<F>) {
                 return;
             }
             lock::Fleet::TimedOut => {
-                if let Some(s) = stale.clone().filter(|s| s.freshness(now_ms()) != Freshness::Dead) {
+                if let Some(s) = stale
+                    .clone()
+                    .filter(|s| s.freshness(now_ms()) != Freshness::Dead)
+                {
                     if !answered {
                         leader.finish(Outcome::Stale(s));
                     }
@@ -571,9 +611,12 @@ async fn fill<F: Fetch>(inner: Arc<Inner>, leader: Leader, job: Job<F>) {
 
     let started = Instant::now();
     let fetched = fetch().await;
-    let stale_on_error = stale
-        .clone()
-        .filter(|s| matches!(s.freshness(now_ms()), Freshness::Stale { on_error: true, .. }));
+    let stale_on_error = stale.clone().filter(|s| {
+        matches!(
+            s.freshness(now_ms()),
+            Freshness::Stale { on_error: true, .. }
+        )
+    });
     let mut pass_resp = None;
     let mut stored = None;
     let outcome = match fetched {
@@ -609,7 +652,12 @@ async fn fill<F: Fetch>(inner: Arc<Inner>, leader: Leader, job: Job<F>) {
                                 sie,
                                 Source::Origin,
                             ),
-                            _ => (std::time::Duration::ZERO, Default::default(), Default::default(), Source::Shared),
+                            _ => (
+                                std::time::Duration::ZERO,
+                                Default::default(),
+                                Default::default(),
+                                Source::Shared,
+                            ),
                         };
                         let entry = Arc::new(Entry {
                             status: parts.status,
@@ -685,7 +733,11 @@ impl Inner {
         } else {
             let _ = l2.set(base, &vary_record(e), px).await;
             let _ = l2
-                .set(&key::variant_of(base, &e.vary), &Record::Response(e.clone()), px)
+                .set(
+                    &key::variant_of(base, &e.vary),
+                    &Record::Response(e.clone()),
+                    px,
+                )
                 .await;
         }
     }

@@ -122,14 +122,21 @@ impl CacheControl {
 /// Statuses stored by default (RFC 9110 15.1's heuristically cacheable
 /// set, without 206 partial content and the 405/414/501 oddities).
 pub fn cacheable_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308 | 404 | 410)
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 410
+    )
 }
 
 /// What may happen to an origin response.
 #[derive(Debug, PartialEq)]
 pub enum Decision {
     /// Stored for `ttl` (before jitter) with these stale windows.
-    Store { ttl: Duration, swr: Duration, sie: Duration },
+    Store {
+        ttl: Duration,
+        swr: Duration,
+        sie: Duration,
+    },
     /// Not stored, but it is the same answer for everyone who asked for
     /// this key at the same time, so requests waiting on this fill get it
     /// too (an error page during a stampede costs the origin once).
@@ -207,7 +214,10 @@ mod tests {
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (n, v) in pairs {
-            m.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
+            m.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         m
     }
@@ -217,10 +227,21 @@ mod tests {
         let p = policy();
         assert_eq!(request_bypass(&Method::GET, &h(&[]), false, &p), None);
         assert_eq!(request_bypass(&Method::HEAD, &h(&[]), false, &p), None);
-        assert_eq!(request_bypass(&Method::POST, &h(&[]), false, &p), Some("method"));
-        assert_eq!(request_bypass(&Method::GET, &h(&[]), true, &p), Some("request_body"));
         assert_eq!(
-            request_bypass(&Method::GET, &h(&[("authorization", "Bearer x")]), false, &p),
+            request_bypass(&Method::POST, &h(&[]), false, &p),
+            Some("method")
+        );
+        assert_eq!(
+            request_bypass(&Method::GET, &h(&[]), true, &p),
+            Some("request_body")
+        );
+        assert_eq!(
+            request_bypass(
+                &Method::GET,
+                &h(&[("authorization", "Bearer x")]),
+                false,
+                &p
+            ),
             Some("authorization")
         );
         assert_eq!(
@@ -228,13 +249,21 @@ mod tests {
             Some("cookie")
         );
         // Only ignorable cookies: still cacheable.
-        assert_eq!(request_bypass(&Method::GET, &h(&[("cookie", "_ga=1")]), false, &p), None);
+        assert_eq!(
+            request_bypass(&Method::GET, &h(&[("cookie", "_ga=1")]), false, &p),
+            None
+        );
         assert_eq!(
             request_bypass(&Method::GET, &h(&[("cookie", "_ga=1; sid=2")]), false, &p),
             Some("cookie")
         );
         assert_eq!(
-            request_bypass(&Method::GET, &h(&[("cookie", "_ga=1"), ("cookie", "sid=2")]), false, &p),
+            request_bypass(
+                &Method::GET,
+                &h(&[("cookie", "_ga=1"), ("cookie", "sid=2")]),
+                false,
+                &p
+            ),
             Some("cookie")
         );
     }
@@ -247,36 +276,62 @@ mod tests {
             h(&[("cache-control", "private")]),
             h(&[("cache-control", "public, no-store")]),
             h(&[("cache-control", "no-cache")]),
-            h(&[("cache-control", "max-age=60"), ("cache-control", "Private")]),
+            h(&[
+                ("cache-control", "max-age=60"),
+                ("cache-control", "Private"),
+            ]),
             h(&[("vary", "*")]),
         ] {
-            assert_eq!(decide(StatusCode::OK, &headers, &p), Decision::Private, "{headers:?}");
+            assert_eq!(
+                decide(StatusCode::OK, &headers, &p),
+                Decision::Private,
+                "{headers:?}"
+            );
         }
     }
 
     #[test]
     fn statuses_and_origin_lifetimes() {
         let mut p = policy();
-        assert!(matches!(decide(StatusCode::OK, &h(&[]), &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(30)));
-        assert_eq!(decide(StatusCode::INTERNAL_SERVER_ERROR, &h(&[]), &p), Decision::ShareOnly);
-        assert_eq!(decide(StatusCode::PARTIAL_CONTENT, &h(&[]), &p), Decision::ShareOnly);
+        assert!(
+            matches!(decide(StatusCode::OK, &h(&[]), &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(30))
+        );
+        assert_eq!(
+            decide(StatusCode::INTERNAL_SERVER_ERROR, &h(&[]), &p),
+            Decision::ShareOnly
+        );
+        assert_eq!(
+            decide(StatusCode::PARTIAL_CONTENT, &h(&[]), &p),
+            Decision::ShareOnly
+        );
         // The origin's lifetime is ignored unless the route honours it.
         let cc = h(&[("cache-control", "public, max-age=5, s-maxage=7")]);
-        assert!(matches!(decide(StatusCode::OK, &cc, &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(30)));
+        assert!(
+            matches!(decide(StatusCode::OK, &cc, &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(30))
+        );
         p.honour_origin = true;
-        assert!(matches!(decide(StatusCode::OK, &cc, &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(7)));
+        assert!(
+            matches!(decide(StatusCode::OK, &cc, &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(7))
+        );
         let cc = h(&[("cache-control", "max-age=0")]);
         assert_eq!(decide(StatusCode::OK, &cc, &p), Decision::ShareOnly);
         let cc = h(&[("cache-control", "max-age=10, must-revalidate")]);
         assert_eq!(
             decide(StatusCode::OK, &cc, &p),
-            Decision::Store { ttl: Duration::from_secs(10), swr: Duration::ZERO, sie: Duration::ZERO }
+            Decision::Store {
+                ttl: Duration::from_secs(10),
+                swr: Duration::ZERO,
+                sie: Duration::ZERO
+            }
         );
     }
 
     #[test]
     fn cache_control_parsing() {
-        let cc = CacheControl::parse(&h(&[("cache-control", "Public, MAX-AGE=\"12\", s-maxage=bogus")]));
+        let cc = CacheControl::parse(&h(&[(
+            "cache-control",
+            "Public, MAX-AGE=\"12\", s-maxage=bogus",
+        )]));
         assert_eq!(cc.max_age, Some(12));
         assert_eq!(cc.s_maxage, Some(0));
         assert!(!cc.private);

@@ -4,7 +4,9 @@
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Lock waits take from a few ms (woken by pub/sub) to `lock_wait`.
-const WAIT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Clone)]
 pub struct CacheMetrics {
@@ -31,11 +33,15 @@ pub struct CacheMetrics {
 impl CacheMetrics {
     pub fn register(r: &Registry) -> CacheMetrics {
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         CacheMetrics {
             lookups: counter(
@@ -43,7 +49,11 @@ impl CacheMetrics {
                 "Cache lookups on caching routes, by result (hit, miss, stale, bypass, coalesced).",
                 &["route", "result"],
             ),
-            fills: counter("cache_fills_total", "Origin fetches made to fill the cache, by result.", &["result"]),
+            fills: counter(
+                "cache_fills_total",
+                "Origin fetches made to fill the cache, by result.",
+                &["result"],
+            ),
             lock_waits: counter(
                 "cache_lock_waits_total",
                 "Waits for another gateway's fill (the Redis lock), by how they ended.",
@@ -52,16 +62,45 @@ impl CacheMetrics {
             lock_wait_seconds: reg(
                 r,
                 Histogram::with_opts(
-                    HistogramOpts::new("cache_lock_wait_seconds", "Time spent waiting for another gateway's fill.")
-                        .buckets(WAIT_BUCKETS.to_vec()),
+                    HistogramOpts::new(
+                        "cache_lock_wait_seconds",
+                        "Time spent waiting for another gateway's fill.",
+                    )
+                    .buckets(WAIT_BUCKETS.to_vec()),
                 )
                 .expect("valid metric"),
             ),
-            l1_bytes: reg(r, IntGauge::new("cache_l1_bytes", "Bytes held by the in-process cache.").expect("valid metric")),
-            l1_entries: reg(r, IntGauge::new("cache_l1_entries", "Entries held by the in-process cache.").expect("valid metric")),
-            l2_errors: counter("cache_l2_errors_total", "Failed Redis operations of the cache, by operation.", &["op"]),
-            l2_up: reg(r, IntGauge::new("cache_l2_up", "1 while the cache's Redis answers, 0 while it runs without it.").expect("valid metric")),
-            purges: reg(r, IntCounter::new("cache_purges_total", "Purges received (admin calls and pub/sub).").expect("valid metric")),
+            l1_bytes: reg(
+                r,
+                IntGauge::new("cache_l1_bytes", "Bytes held by the in-process cache.")
+                    .expect("valid metric"),
+            ),
+            l1_entries: reg(
+                r,
+                IntGauge::new("cache_l1_entries", "Entries held by the in-process cache.")
+                    .expect("valid metric"),
+            ),
+            l2_errors: counter(
+                "cache_l2_errors_total",
+                "Failed Redis operations of the cache, by operation.",
+                &["op"],
+            ),
+            l2_up: reg(
+                r,
+                IntGauge::new(
+                    "cache_l2_up",
+                    "1 while the cache's Redis answers, 0 while it runs without it.",
+                )
+                .expect("valid metric"),
+            ),
+            purges: reg(
+                r,
+                IntCounter::new(
+                    "cache_purges_total",
+                    "Purges received (admin calls and pub/sub).",
+                )
+                .expect("valid metric"),
+            ),
         }
     }
 }

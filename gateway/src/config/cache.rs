@@ -155,7 +155,10 @@ impl CacheConfig {
             ("poll_interval", self.poll_interval),
         ] {
             if d.0.is_zero() {
-                return Err(ConfigError::at(format!("cache.{key}"), "must be above zero"));
+                return Err(ConfigError::at(
+                    format!("cache.{key}"),
+                    "must be above zero",
+                ));
             }
         }
         if self.poll_interval > self.lock_wait {
@@ -203,7 +206,10 @@ impl RedisConfig {
             return Err(ConfigError::at("redis.timeout", "must be above zero"));
         }
         if self.retry_interval.0.is_zero() {
-            return Err(ConfigError::at("redis.retry_interval", "must be above zero"));
+            return Err(ConfigError::at(
+                "redis.retry_interval",
+                "must be above zero",
+            ));
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', '*', '?', '[', ']']) {
             return Err(ConfigError::at(
@@ -218,7 +224,10 @@ impl RedisConfig {
 impl RouteCacheConfig {
     pub(super) fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if self.ttl.0.is_zero() {
-            return Err(ConfigError::at(format!("{p}.cache.ttl"), "must be above zero"));
+            return Err(ConfigError::at(
+                format!("{p}.cache.ttl"),
+                "must be above zero",
+            ));
         }
         if !(0.0..=0.5).contains(&self.jitter) {
             return Err(ConfigError::at(
