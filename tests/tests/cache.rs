@@ -384,6 +384,40 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
 }
 
 #[tokio::test]
+async fn early_refresh_renews_a_hot_key_before_it_expires() {
+    // A 200 ms fill with beta 10: XFetch refreshes within the last ~2s of
+    // the 1s lifetime, i.e. almost at once; readers never see it expire.
+    let (up, counts) = counting_origin(Duration::from_millis(200), |_| 60).await;
+    let gw = gateway(&config(
+        &[up.addr],
+        "",
+        &cache_route("ttl = \"1s\", early_refresh = 10.0"),
+    ))
+    .await;
+    assert_eq!(fetch(&url(&gw, "/hot"), &[]).await.header("x-cache"), Some("MISS"));
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let renewed = eventually(Duration::from_secs(10), || {
+        let u = url(&gw, "/hot");
+        let (counts, answers) = (counts.clone(), answers.clone());
+        async move {
+            let g = fetch(&u, &[]).await;
+            answers
+                .lock()
+                .unwrap()
+                .push(g.header("x-cache").unwrap_or("").to_string());
+            counts.get("/hot") >= 2
+        }
+    })
+    .await;
+    let answers = answers.lock().unwrap().clone();
+    assert!(renewed, "a background refresh ran");
+    assert!(
+        answers.iter().all(|x| x == "HIT"),
+        "every reader was served from the cache: {answers:?}"
+    );
+}
+
+#[tokio::test]
 async fn stale_if_error_covers_origin_errors_and_outages_then_ends() {
     let failing = Arc::new(AtomicBool::new(false));
     let f = failing.clone();
