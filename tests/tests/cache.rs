@@ -394,7 +394,10 @@ async fn early_refresh_renews_a_hot_key_before_it_expires() {
         &cache_route("ttl = \"1s\", early_refresh = 10.0"),
     ))
     .await;
-    assert_eq!(fetch(&url(&gw, "/hot"), &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        fetch(&url(&gw, "/hot"), &[]).await.header("x-cache"),
+        Some("MISS")
+    );
     let answers = Arc::new(Mutex::new(Vec::new()));
     let renewed = eventually(Duration::from_secs(10), || {
         let u = url(&gw, "/hot");

@@ -267,3 +267,81 @@ impl RouteCacheConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = "[[listeners]]\nname = \"public\"\nlisten = \"127.0.0.1:8080\"\n\
+        [[upstreams]]\nname = \"catalog\"\nendpoints = [\"127.0.0.1:9000\"]\n\
+        [[routes]]\npath_prefix = \"/\"\nupstream = \"catalog\"\n";
+
+    fn path_of_error(extra: &str) -> String {
+        Config::parse(&format!("{BASE}{extra}"))
+            .expect_err("config should be refused")
+            .path
+    }
+
+    #[test]
+    fn route_cache_parses_with_defaults() {
+        let c = Config::parse(&format!(
+            "{BASE}cache = {{ ttl = \"30s\", jitter = 0.1 }}\n"
+        ))
+        .unwrap();
+        let rc = c.routes[0].cache.as_ref().unwrap();
+        assert_eq!(rc.ttl.0, std::time::Duration::from_secs(30));
+        assert_eq!(rc.stale_while_revalidate, None);
+        assert!(!rc.honour_origin);
+        assert_eq!(c.cache.max_entry_size.0, 1 << 20);
+        assert!(c.redis.is_none());
+    }
+
+    #[test]
+    fn bad_cache_settings_have_their_paths() {
+        assert_eq!(
+            path_of_error("cache = { ttl = \"0s\" }\n"),
+            "routes[0].cache.ttl"
+        );
+        assert_eq!(
+            path_of_error("cache = { ttl = \"1s\", jitter = 0.9 }\n"),
+            "routes[0].cache.jitter"
+        );
+        assert_eq!(
+            path_of_error("cache = { ttl = \"1s\", ttl_typo = 1 }\n"),
+            "routes[0].cache.ttl_typo"
+        );
+        assert_eq!(
+            path_of_error("cache = { ttl = \"1s\", key_headers = [\"Authorization\"] }\n"),
+            "routes[0].cache.key_headers[0]"
+        );
+        assert_eq!(
+            path_of_error("cache = { ttl = \"1s\", ignore_cookies = [\"a=b\"] }\n"),
+            "routes[0].cache.ignore_cookies[0]"
+        );
+        assert_eq!(
+            path_of_error("[cache]\nl1_size = \"1KiB\"\n"),
+            "cache.l1_size"
+        );
+        assert_eq!(
+            path_of_error("[cache]\npoll_interval = \"10s\"\n"),
+            "cache.poll_interval"
+        );
+        assert_eq!(path_of_error("[redis]\ntimeout = \"1s\"\n"), "redis");
+        assert_eq!(
+            path_of_error("[redis]\nurl = \"redis://a:1/\"\ncluster = [\"redis://b:1/\"]\n"),
+            "redis"
+        );
+        assert_eq!(
+            path_of_error("[redis]\nurl = \"http://nope\"\n"),
+            "redis.url"
+        );
+        assert_eq!(
+            path_of_error("[redis]\ncluster = [\"redis://a:1/\", \"bogus\"]\n"),
+            "redis.cluster[1]"
+        );
+        assert_eq!(
+            path_of_error("[redis]\nurl = \"redis://a:1/\"\nkey_prefix = \"x{y}\"\n"),
+            "redis.key_prefix"
+        );
+    }
+}
