@@ -6,8 +6,8 @@
 //!        -> cache lookup -> upstream -> response filters -> log, metrics
 //! ```
 //!
-//! Phases that later issues fill in (admission, cache) have their place
-//! marked here, so the order stays readable in one function.
+//! Phases that later issues fill in (admission) have their place marked
+//! here, so the order stays readable in one function.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
