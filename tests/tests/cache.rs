@@ -383,6 +383,73 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_refreshes_once_for_the_fleet() {
+    let redis = RedisServer::start();
+    let counts = Counts::default();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (c, g) = (counts.clone(), gate.clone());
+    let up = Upstream::start(move |req: Request<Incoming>| {
+        let (c, g) = (c.clone(), g.clone());
+        async move {
+            let n = c.hit(&path_of(&req));
+            if n > 1 {
+                g.notified().await;
+            }
+            reply(200, format!("v{n}"))
+        }
+    })
+    .await;
+    let cfg = config(
+        &[up.addr],
+        "",
+        &format!(
+            "{}
+[cache]
+lock_wait = \"20s\"
+[redis]
+url = \"{}\"
+",
+            cache_route("ttl = \"1s\", stale_while_revalidate = \"60s\""),
+            redis.url()
+        ),
+    );
+    let a = gateway(&cfg).await;
+    let b = gateway(&cfg).await;
+    assert_eq!(fetch(&url(&a, "/swr"), &[]).await.text(), "v1");
+    assert_eq!(
+        fetch(&url(&b, "/swr"), &[]).await.header("x-cache"),
+        Some("HIT")
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let bases = [
+        format!("http://{}", a.addr("public").unwrap()),
+        format!("http://{}", b.addr("public").unwrap()),
+    ];
+    for g in stampede(&bases, "/swr", 40).await {
+        assert_eq!(
+            (g.text().as_str(), g.header("x-cache")),
+            ("v1", Some("STALE"))
+        );
+    }
+    assert!(eventually(Duration::from_secs(5), || async { counts.get("/swr") == 2 }).await);
+    // B's refresh waits on A's lock instead of asking the origin too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counts.get("/swr"), 2);
+    gate.notify_waiters();
+    for gw in [&a, &b] {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let g = fetch(&url(gw, "/swr"), &[]).await;
+                g.text() == "v2" && g.header("x-cache") == Some("HIT")
+            })
+            .await,
+            "both gateways serve the refreshed copy"
+        );
+    }
+    assert_eq!(counts.get("/swr"), 2, "one refresh for the whole fleet");
+}
+
 #[tokio::test]
 async fn early_refresh_renews_a_hot_key_before_it_expires() {
     // A 200 ms fill with beta 10: XFetch refreshes within the last ~2s of
