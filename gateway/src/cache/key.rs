@@ -105,9 +105,12 @@ fn push_header(out: &mut BytesMut, tag: &[u8], name: &HeaderName, headers: &Head
     }
 }
 
+/// Most header names a `Vary` may list for the answer to be stored.
+pub const MAX_VARY: usize = 16;
+
 /// The header names of a `Vary` field list, lower-case, sorted and
-/// deduplicated; `None` for `Vary: *` or a name that is not a header name
-/// (nothing can be stored then).
+/// deduplicated; `None` for `Vary: *`, a name that is not a header name or
+/// more than [`MAX_VARY`] names (nothing can be stored then).
 pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     let mut names = Vec::new();
     for v in headers.get_all(http::header::VARY) {
@@ -125,7 +128,9 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     }
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     names.dedup();
-    Some(names)
+    // Real origins vary on a handful of headers; a huge list is not worth
+    // a key (and the entry codec counts them in a u16).
+    (names.len() <= MAX_VARY).then_some(names)
 }
 
 /// Does `key` belong to the purge of exact key `purged`: the key itself,
@@ -199,6 +204,8 @@ mod tests {
     #[test]
     fn vary_star_is_uncacheable() {
         assert!(vary_names(&headers(&[("vary", "accept, *")])).is_none());
+        let many: Vec<String> = (0..=MAX_VARY).map(|i| format!("x-{i}")).collect();
+        assert!(vary_names(&headers(&[("vary", &many.join(","))])).is_none());
         assert_eq!(vary_names(&HeaderMap::new()), Some(vec![]));
     }
 
