@@ -979,3 +979,61 @@ async fn demo_config_caches_catalog_pages() {
     );
     assert!(parsed.redis.is_none(), "the demo has no Redis: L1 only");
 }
+
+#[tokio::test]
+async fn head_is_answered_from_the_get_entry_and_never_fills() {
+    let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
+    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let head = |path: &str| {
+        send(
+            Request::head(url(&gw, path))
+                .header("host", HOST)
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    // A HEAD miss goes to the origin and stores nothing.
+    let miss = head("/h").await;
+    assert_eq!(miss.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        fetch(&url(&gw, "/h"), &[]).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(fetch(&url(&gw, "/h"), &[]).await.text(), "/h #2");
+    // Once GET stored it, HEAD is a hit with the stored length and no body.
+    let hit = head("/h").await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(hit.header("content-length"), Some("5"));
+    assert!(hit.body.is_empty());
+    assert_eq!(counts.get("/h"), 2);
+}
+
+#[tokio::test]
+async fn gateway_starts_and_caches_in_process_while_redis_is_unreachable() {
+    let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
+    let nowhere = closed_port().await;
+    let gw = gateway(&config(
+        &[up.addr],
+        "",
+        &format!(
+            "{}\n[redis]\nurl = \"redis://{nowhere}/\"\ntimeout = \"200ms\"\n",
+            cache_route("ttl = \"60s\"")
+        ),
+    ))
+    .await;
+    assert_eq!(
+        fetch(&url(&gw, "/x"), &[]).await.header("x-cache"),
+        Some("MISS")
+    );
+    let hit = fetch(&url(&gw, "/x"), &[]).await;
+    assert_eq!((hit.status, hit.header("x-cache")), (200, Some("HIT")));
+    assert_eq!(counts.get("/x"), 1);
+    let admin = gw.admin_addr();
+    assert_eq!(metric(admin, "flashgate_cache_l2_up").await, 0.0);
+    assert!(metric(admin, "flashgate_cache_l2_errors_total").await >= 1.0);
+    // A purge still works on L1 and says Redis was not reached.
+    let purged = purge(admin, "{\"key\": \"shop.test/x\"}").await;
+    assert_eq!(purged.status, 200);
+    assert_eq!(purged.json()["l2_reached"], false);
+    assert_eq!(purged.json()["purged"]["l1"], 1);
+}
