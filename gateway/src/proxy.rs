@@ -129,7 +129,8 @@ pub async fn handle(
         // Misses, stale answers, bypasses: the cache decides whether and
         // when this request goes upstream (at most once).
         (None, Some(cache::Lookup::Pending(pending))) => {
-            let up = head_for_upstream(&mut head, client_ip, &conn, &host);
+            let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+            pending.prepare_upstream(&mut up.headers);
             let cluster = route.cluster.clone();
             let fetch = move || async move { forward(&cluster, up, body).await.map(|(r, _)| r) };
             (pending.resolve(&request_id, fetch).await, None)

@@ -1037,3 +1037,34 @@ async fn gateway_starts_and_caches_in_process_while_redis_is_unreachable() {
     assert_eq!(purged.json()["l2_reached"], false);
     assert_eq!(purged.json()["purged"]["l1"], 1);
 }
+
+#[tokio::test]
+async fn a_conditional_request_fills_with_the_full_answer() {
+    // An origin that honours If-None-Match: a fill started by a client
+    // with a validator must still store (and share) the full 200.
+    let counts = Counts::default();
+    let c = counts.clone();
+    let up = Upstream::start(move |req: Request<Incoming>| {
+        let c = c.clone();
+        async move {
+            c.hit(&path_of(&req));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if req.headers().contains_key("if-none-match") || req.headers().contains_key("range") {
+                return reply(304, "");
+            }
+            let mut r = reply(200, "full page");
+            r.headers_mut().insert("etag", "\"v1\"".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let first = fetch(&url(&gw, "/c"), &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!((first.status, first.text().as_str()), (200, "full page"));
+    let next = fetch(&url(&gw, "/c"), &[]).await;
+    assert_eq!((next.status, next.text().as_str()), (200, "full page"));
+    assert_eq!(next.header("x-cache"), Some("HIT"));
+    let ranged = fetch(&url(&gw, "/c"), &[("range", "bytes=0-3")]).await;
+    assert_eq!((ranged.status, ranged.text().as_str()), (200, "full page"));
+    assert_eq!(counts.get("/c"), 1);
+}

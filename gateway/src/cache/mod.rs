@@ -353,6 +353,24 @@ struct Job<F> {
 }
 
 impl Pending {
+    /// Adjusts the request going upstream. A fill's answer is stored and
+    /// shared, so it must be the full answer: a client's conditional or
+    /// range headers would get a 304 or 206 meant for that client alone.
+    pub fn prepare_upstream(&self, headers: &mut HeaderMap) {
+        if matches!(self.kind, Kind::Miss { .. } | Kind::Refresh { .. }) {
+            for h in [
+                header::IF_NONE_MATCH,
+                header::IF_MODIFIED_SINCE,
+                header::IF_MATCH,
+                header::IF_UNMODIFIED_SINCE,
+                header::IF_RANGE,
+                header::RANGE,
+            ] {
+                headers.remove(h);
+            }
+        }
+    }
+
     /// Phase two: answers from L2, a fill, or the upstream. `fetch` is
     /// called at most once, and only when this request must go upstream.
     pub async fn resolve<F: Fetch>(

@@ -155,6 +155,10 @@ pub fn decide(status: StatusCode, headers: &HeaderMap, policy: &RoutePolicy) -> 
         // request says.
         return Decision::Private;
     }
+    if matches!(status.as_u16(), 206 | 304) {
+        // Answers to one client's range or conditional request.
+        return Decision::Private;
+    }
     if !cacheable_status(status) {
         return Decision::ShareOnly;
     }
@@ -302,7 +306,11 @@ mod tests {
         );
         assert_eq!(
             decide(StatusCode::PARTIAL_CONTENT, &h(&[]), &p),
-            Decision::ShareOnly
+            Decision::Private
+        );
+        assert_eq!(
+            decide(StatusCode::NOT_MODIFIED, &h(&[]), &p),
+            Decision::Private
         );
         // The origin's lifetime is ignored unless the route honours it.
         let cc = h(&[("cache-control", "public, max-age=5, s-maxage=7")]);
