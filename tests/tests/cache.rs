@@ -1068,3 +1068,64 @@ async fn a_conditional_request_fills_with_the_full_answer() {
     assert_eq!((ranged.status, ranged.text().as_str()), (200, "full page"));
     assert_eq!(counts.get("/c"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_from_l2_is_not_shared_with_waiters_of_another_variant() {
+    // Gateway B has nothing in L1, so a German and a French request both
+    // join the fill of the base key; the stale German copy its L2 lookup
+    // finds (kept for stale-if-error while the origin fails) answers the
+    // German request only.
+    let redis = RedisServer::start();
+    let counts = Counts::default();
+    let c = counts.clone();
+    let up = Upstream::start(move |req: Request<Incoming>| {
+        let c = c.clone();
+        async move {
+            let n = c.hit(&path_of(&req));
+            let status = if n > 1 {
+                // Later fills are slow, and fail: the flight stays open.
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                500
+            } else {
+                200
+            };
+            let lang = req
+                .headers()
+                .get("accept-language")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let mut r = reply(status, format!("lang={lang} #{n}"));
+            r.headers_mut()
+                .insert("vary", "Accept-Language".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let cfg = config(
+        &[up.addr],
+        "",
+        &format!(
+            "{}\n[redis]\nurl = \"{}\"\n",
+            cache_route("ttl = \"1s\", stale_if_error = \"60s\""),
+            redis.url()
+        ),
+    );
+    let a = gateway(&cfg).await;
+    let b = gateway(&cfg).await;
+    let de = fetch(&url(&a, "/v"), &[("accept-language", "de")]).await;
+    assert_eq!(de.text(), "lang=de #1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let de_url = url(&b, "/v");
+    let de = tokio::spawn(async move { fetch(&de_url, &[("accept-language", "de")]).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let fr = fetch(&url(&b, "/v"), &[("accept-language", "fr")]).await;
+    assert!(
+        fr.text().starts_with("lang=fr"),
+        "the French request got {:?} ({:?})",
+        fr.text(),
+        fr.header("x-cache")
+    );
+    let de = de.await.unwrap();
+    assert_eq!(de.text(), "lang=de #1");
+    assert_eq!(de.header("x-cache"), Some("STALE"));
+}

@@ -484,7 +484,11 @@ async fn miss<F: Fetch>(
                     _ => None,
                 };
                 match outcome {
-                    Some(Outcome::Entry { entry, .. }) if !entry.matches_variant(&headers) => {
+                    // A stale copy too: the leader's L2 lookup or its
+                    // stale-if-error copy is for the leader's variant.
+                    Some(Outcome::Entry { entry, .. } | Outcome::Stale(entry))
+                        if !entry.matches_variant(&headers) =>
+                    {
                         let values = key::vary_values(
                             &entry
                                 .vary
