@@ -72,7 +72,7 @@ impl Entry {
 
     /// How long after `stored_at` the entry is of any use (Redis `PX`).
     pub fn lifetime_ms(&self) -> u64 {
-        self.ttl_ms + self.swr_ms.max(self.sie_ms)
+        self.ttl_ms.saturating_add(self.swr_ms.max(self.sie_ms))
     }
 
     pub fn freshness(&self, now: u64) -> Freshness {

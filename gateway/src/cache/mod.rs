@@ -775,7 +775,7 @@ impl Inner {
 fn vary_record(e: &Entry) -> Record {
     Record::Vary(Arc::new(VaryRecord {
         names: e.vary.iter().map(|(n, _)| n.clone()).collect(),
-        expires_at_ms: e.stored_at_ms + e.lifetime_ms(),
+        expires_at_ms: e.stored_at_ms.saturating_add(e.lifetime_ms()),
     }))
 }
 
@@ -795,4 +795,31 @@ const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 fn mark(resp: &mut Response<ProxyBody>, x_cache: &'static str) {
     resp.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static(x_cache));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_from_hostile_redis_bytes_do_not_overflow() {
+        // Any u64 may come back from Redis: an L2 entry is stored in L1
+        // (with its Vary record) and its lifetime summed.
+        let e = Entry {
+            status: http::StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            stored_at_ms: u64::MAX - 1,
+            ttl_ms: u64::MAX,
+            swr_ms: u64::MAX,
+            sie_ms: 7,
+            fill_ms: 0,
+            vary: vec![(http::HeaderName::from_static("accept-language"), None)],
+        };
+        assert_eq!(e.lifetime_ms(), u64::MAX);
+        let Record::Vary(v) = vary_record(&e) else {
+            panic!("a vary record")
+        };
+        assert_eq!(v.expires_at_ms, u64::MAX);
+    }
 }
