@@ -1129,3 +1129,34 @@ async fn a_stale_copy_from_l2_is_not_shared_with_waiters_of_another_variant() {
     assert_eq!(de.text(), "lang=de #1");
     assert_eq!(de.header("x-cache"), Some("STALE"));
 }
+
+#[tokio::test]
+async fn an_origin_age_counts_in_the_age_served_and_in_the_origin_lifetime() {
+    // The origin sits behind another cache: its answer is already 100s
+    // old, and fresh for one more second.
+    let up = Upstream::start(|_req: Request<Incoming>| async move {
+        let mut r = reply(200, "aged");
+        r.headers_mut()
+            .insert("cache-control", "max-age=101".parse().unwrap());
+        r.headers_mut().insert("age", "100".parse().unwrap());
+        r
+    })
+    .await;
+    let gw = gateway(&config(
+        &[up.addr],
+        "",
+        &cache_route("ttl = \"60s\", honour_origin = true"),
+    ))
+    .await;
+    assert_eq!(fetch(&url(&gw, "/aged"), &[]).await.header("x-cache"), Some("MISS"));
+    let hit = fetch(&url(&gw, "/aged"), &[]).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!((100..=101).contains(&age), "age {age}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        fetch(&url(&gw, "/aged"), &[]).await.header("x-cache"),
+        Some("MISS"),
+        "fresh past the origin's max-age"
+    );
+}

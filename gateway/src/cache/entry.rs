@@ -36,8 +36,9 @@ pub fn now_ms() -> u64 {
 #[derive(Debug)]
 pub struct Entry {
     pub status: StatusCode,
-    /// As served: the origin's headers less hop-by-hop ones and `age`,
-    /// with `content-length` set to the stored body's.
+    /// As served: the origin's headers less hop-by-hop ones, with
+    /// `content-length` set to the stored body's (the origin's `age`, kept,
+    /// is the entry's age when stored; see [`Entry::served_age`]).
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stored_at_ms: u64,
@@ -127,15 +128,29 @@ impl Entry {
     pub fn age_secs(&self, now: u64) -> u64 {
         now.saturating_sub(self.stored_at_ms) / 1000
     }
+
+    /// The `age` to serve: the origin's own (it may sit behind another
+    /// cache) plus the time since we stored it (RFC 9111 4.2.3).
+    pub fn served_age(&self, now: u64) -> u64 {
+        origin_age(&self.headers).saturating_add(self.age_secs(now))
+    }
 }
 
 /// The origin's response headers as the cache keeps them.
 pub fn stored_headers(mut headers: HeaderMap, body_len: usize) -> HeaderMap {
-    headers.remove(header::AGE);
     headers.remove("x-cache");
     headers.remove(header::TRANSFER_ENCODING);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     headers
+}
+
+/// An answer's `age` in seconds; 0 when absent or not a number.
+pub fn origin_age(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What a key holds.

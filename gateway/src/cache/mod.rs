@@ -784,7 +784,7 @@ fn respond(e: &Entry, x_cache: &'static str, now: u64) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(e.body.clone()));
     *resp.status_mut() = e.status;
     let mut headers = e.headers.clone();
-    headers.insert(header::AGE, HeaderValue::from(e.age_secs(now)));
+    headers.insert(header::AGE, HeaderValue::from(e.served_age(now)));
     headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
     *resp.headers_mut() = headers;
     resp

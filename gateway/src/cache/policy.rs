@@ -163,7 +163,12 @@ pub fn decide(status: StatusCode, headers: &HeaderMap, policy: &RoutePolicy) -> 
         return Decision::ShareOnly;
     }
     let ttl = match (policy.honour_origin, cc.s_maxage.or(cc.max_age)) {
-        (true, Some(secs)) => Duration::from_secs(secs.min(365 * 24 * 3600)),
+        // The origin's lifetime counts from when it made the answer: less
+        // the age it already has (RFC 9111 4.2).
+        (true, Some(secs)) => Duration::from_secs(
+            secs.saturating_sub(crate::cache::entry::origin_age(headers))
+                .min(365 * 24 * 3600),
+        ),
         _ => policy.ttl,
     };
     if ttl.is_zero() {
@@ -322,6 +327,13 @@ mod tests {
             matches!(decide(StatusCode::OK, &cc, &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(7))
         );
         let cc = h(&[("cache-control", "max-age=0")]);
+        assert_eq!(decide(StatusCode::OK, &cc, &p), Decision::ShareOnly);
+        // An answer that is already old has that much less to live.
+        let cc = h(&[("cache-control", "max-age=10"), ("age", "4")]);
+        assert!(
+            matches!(decide(StatusCode::OK, &cc, &p), Decision::Store { ttl, .. } if ttl == Duration::from_secs(6))
+        );
+        let cc = h(&[("cache-control", "max-age=10"), ("age", "10")]);
         assert_eq!(decide(StatusCode::OK, &cc, &p), Decision::ShareOnly);
         let cc = h(&[("cache-control", "max-age=10, must-revalidate")]);
         assert_eq!(
