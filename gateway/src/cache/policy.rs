@@ -100,7 +100,16 @@ impl CacheControl {
                     Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
                     None => (directive.trim(), None),
                 };
-                let seconds = || value.and_then(|v| v.parse::<u64>().ok());
+                let seconds = || {
+                    value.and_then(|v| match v.parse::<u64>() {
+                        Ok(n) => Some(n),
+                        // Too many digits: 2^31 (RFC 9111 1.2.2), not 0.
+                        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                            Some(2_147_483_648)
+                        }
+                        Err(_) => None,
+                    })
+                };
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
                     // `no-cache="field"` still asks for revalidation; we
@@ -355,6 +364,8 @@ mod tests {
         assert_eq!(cc.max_age, Some(12));
         assert_eq!(cc.s_maxage, Some(0));
         assert!(!cc.private);
+        let cc = CacheControl::parse(&h(&[("cache-control", "max-age=99999999999999999999")]));
+        assert_eq!(cc.max_age, Some(2_147_483_648));
     }
 
     #[test]
