@@ -62,7 +62,10 @@ pub fn request_bypass(
         let Ok(v) = v.to_str() else {
             return Some("cookie");
         };
-        for pair in v.split(';') {
+        // `,` too: RFC 2965 allowed it between cookies and some origin
+        // frameworks still split on it; a value with a comma then only
+        // makes the request private.
+        for pair in v.split([';', ',']) {
             let name = pair.split('=').next().unwrap_or("").trim();
             if name.is_empty() {
                 continue;
@@ -273,6 +276,10 @@ mod tests {
         );
         assert_eq!(
             request_bypass(&Method::GET, &h(&[("cookie", "_ga=1; sid=2")]), false, &p),
+            Some("cookie")
+        );
+        assert_eq!(
+            request_bypass(&Method::GET, &h(&[("cookie", "_ga=1, sid=2")]), false, &p),
             Some("cookie")
         );
         assert_eq!(
