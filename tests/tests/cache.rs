@@ -1148,7 +1148,10 @@ async fn an_origin_age_counts_in_the_age_served_and_in_the_origin_lifetime() {
         &cache_route("ttl = \"60s\", honour_origin = true"),
     ))
     .await;
-    assert_eq!(fetch(&url(&gw, "/aged"), &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        fetch(&url(&gw, "/aged"), &[]).await.header("x-cache"),
+        Some("MISS")
+    );
     let hit = fetch(&url(&gw, "/aged"), &[]).await;
     assert_eq!(hit.header("x-cache"), Some("HIT"));
     let age: u64 = hit.header("age").unwrap().parse().unwrap();
