@@ -1163,3 +1163,19 @@ async fn an_origin_age_counts_in_the_age_served_and_in_the_origin_lifetime() {
         "fresh past the origin's max-age"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_does_not_cancel_the_fill() {
+    let (up, counts) = counting_origin(Duration::from_millis(500), |_| 60).await;
+    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let u = url(&gw, "/gone");
+    let gone = tokio::time::timeout(Duration::from_millis(100), fetch(&u, &[])).await;
+    assert!(gone.is_err(), "the client gave up first");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let next = fetch(&url(&gw, "/gone"), &[]).await;
+    assert_eq!(
+        (next.text().as_str(), next.header("x-cache")),
+        ("/gone #1", Some("HIT"))
+    );
+    assert_eq!(counts.get("/gone"), 1);
+}
