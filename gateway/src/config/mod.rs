@@ -353,6 +353,22 @@ pub struct FilterConfig {
     /// at a time); default one per CPU.
     #[serde(default)]
     pub instances: Option<usize>,
+    /// Wasm: most body bytes the filter may hold while it pauses on a
+    /// body (past it: 413 for a request, 502 for a response).
+    #[serde(default = "default_body_limit")]
+    pub body_limit: Size,
+    /// Wasm: how often the module file is checked for changes (hot
+    /// reload); `"0s"` turns watching off.
+    #[serde(default = "default_watch")]
+    pub watch: Dur,
+}
+
+fn default_body_limit() -> Size {
+    Size(filters::DEFAULT_BODY_LIMIT as u64)
+}
+
+fn default_watch() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
 }
 
 fn default_wasm_timeout() -> Dur {
@@ -410,6 +426,11 @@ impl FilterConfig {
                     };
                     ConfigError::at(format!("{p}.{key}"), e.to_string())
                 })?;
+                let limit = usize::try_from(self.body_limit.0).unwrap_or(usize::MAX);
+                let wasm = wasm.with_body_limit(limit);
+                if !self.watch.0.is_zero() {
+                    wasm.watch(self.watch.0);
+                }
                 Ok(Built {
                     factory: wasm.clone(),
                     wasm: Some(wasm),

@@ -11,6 +11,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use wasmtime::{Caller, Linker};
 
+use crate::callout::CalloutResponse;
 use crate::wasm::abi::{self, map, status};
 use crate::wasm::state::{finish, give, read, HostResult, HostState, ReqHead, RespHead};
 
@@ -82,9 +83,13 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 enum Map<'a> {
     Req(&'a mut ReqHead),
     Resp(&'a mut RespHead),
-    /// A map type flashgate does not have (trailers, callout and gRPC
-    /// metadata) or that does not exist in this phase: reads see an empty
-    /// map, writes are refused.
+    /// A callout's answer: headers with `:status`.
+    Call(&'a mut CalloutResponse),
+    /// Trailers (of the body in the current trailer callback, or of a
+    /// callout's answer): no pseudo-headers.
+    Plain(&'a mut http::HeaderMap),
+    /// A map type flashgate does not have (gRPC metadata) or that does not
+    /// exist in this phase: reads see an empty map, writes are refused.
     Absent,
 }
 
@@ -95,6 +100,18 @@ fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
     match kind {
         map::REQUEST_HEADERS => stream.req.as_mut().map_or(Map::Absent, Map::Req),
         map::RESPONSE_HEADERS => stream.resp.as_mut().map_or(Map::Absent, Map::Resp),
+        map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => match stream.trailers.as_mut() {
+            Some((k, t)) if *k == kind => Map::Plain(t),
+            _ => Map::Absent,
+        },
+        map::CALL_RESPONSE_HEADERS => match stream.call_response.as_mut() {
+            Some(Ok(r)) => Map::Call(r),
+            _ => Map::Absent,
+        },
+        map::CALL_RESPONSE_TRAILERS => match stream.call_response.as_mut() {
+            Some(Ok(r)) => Map::Plain(&mut r.trailers),
+            _ => Map::Absent,
+        },
         _ => Map::Absent,
     }
 }
@@ -135,17 +152,21 @@ pub(crate) fn pairs(s: &mut HostState, kind: u32) -> Vec<u8> {
             );
             abi::encode_pairs(&all.collect::<Vec<_>>())
         }
-        Map::Resp(h) => {
-            let code = h.status.as_str().to_string();
-            let all = std::iter::once((&b":status"[..], code.as_bytes())).chain(
-                h.headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
-            );
-            abi::encode_pairs(&all.collect::<Vec<_>>())
-        }
+        Map::Resp(h) => with_status(h.status, &h.headers),
+        Map::Call(r) => with_status(r.status, &r.headers),
+        Map::Plain(t) => encode_map(t),
         Map::Absent => Vec::new(),
     }
+}
+
+fn with_status(status: StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
+    let code = status.as_str();
+    let all = std::iter::once((&b":status"[..], code.as_bytes())).chain(
+        headers
+            .iter()
+            .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+    );
+    abi::encode_pairs(&all.collect::<Vec<_>>())
 }
 
 /// Request headers as the pairs encoding, for the `request.headers` property.
@@ -190,6 +211,17 @@ fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
             let name = HeaderName::from_bytes(&key).ok()?;
             joined(h.headers.get_all(name))
         }
+        Map::Call(r) => {
+            if key == b":status" {
+                return Some(r.status.as_str().as_bytes().to_vec());
+            }
+            let name = HeaderName::from_bytes(&key).ok()?;
+            joined(r.headers.get_all(name))
+        }
+        Map::Plain(t) => {
+            let name = HeaderName::from_bytes(&key).ok()?;
+            joined(t.get_all(name))
+        }
         Map::Absent => None,
     }
 }
@@ -228,6 +260,8 @@ fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostRe
     let headers = match map {
         Map::Req(h) => &mut h.headers,
         Map::Resp(h) => &mut h.headers,
+        Map::Call(r) => &mut r.headers,
+        Map::Plain(t) => t,
         Map::Absent => return Err(status::BAD_ARGUMENT.into()),
     };
     match op {
@@ -309,6 +343,18 @@ fn set_pairs(s: &mut HostState, kind: u32, raw: &[u8]) -> HostResult {
             h.headers.clear();
             for (k, v) in regular {
                 h.headers.append(k, v);
+            }
+        }
+        Map::Call(r) => {
+            r.headers.clear();
+            for (k, v) in regular {
+                r.headers.append(k, v);
+            }
+        }
+        Map::Plain(t) => {
+            t.clear();
+            for (k, v) in regular {
+                t.append(k, v);
             }
         }
         Map::Absent => return Err(status::BAD_ARGUMENT.into()),
