@@ -47,6 +47,10 @@ pub enum CalloutError {
     Timeout,
     #[error("callout failed: {0}")]
     Failed(String),
+    /// A gRPC call: not implemented by this host; delivered to the guest
+    /// as gRPC status UNIMPLEMENTED.
+    #[error("gRPC is not implemented")]
+    GrpcUnimplemented,
 }
 
 /// The answer to come.

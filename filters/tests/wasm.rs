@@ -743,6 +743,19 @@ async fn callout_timeout_delivers_an_empty_answer() {
 }
 
 #[tokio::test]
+async fn grpc_calls_answer_unimplemented() {
+    let f = load("grpc", "test_host", "");
+    let mut req = request(&[("x-test", "grpc")]);
+    let mut s = chain(&f).start();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
+        .await
+        .expect("resumed");
+    assert!(r.is_none());
+    // gRPC status 12 = UNIMPLEMENTED.
+    assert_eq!(h(&req.headers, "x-grpc-status"), "12");
+}
+
+#[tokio::test]
 async fn client_abort_while_paused_ends_the_context() {
     callouts();
     let f = load("abort-paused", "test_host", "");
@@ -896,7 +909,13 @@ async fn memory_hog_hits_the_cap() {
         (FailMode::Open, "oom-open"),
         (FailMode::Closed, "oom-closed"),
     ] {
-        let f = load_with(name, "test_trap", "oom", trap_limits(), mode);
+        // A generous deadline: filling memory up to the cap must end in
+        // out-of-memory, not a timeout, also on a busy machine.
+        let l = WasmLimits {
+            timeout: Duration::from_secs(2),
+            ..trap_limits()
+        };
+        let f = load_with(name, "test_trap", "oom", l, mode);
         let (r, req) = trap_run(&f).await;
         assert_eq!(h(&req.headers, "x-hog"), "<absent>");
         match mode {

@@ -83,6 +83,7 @@ struct Exports {
     request_trailers: Option<TypedFunc<(u32, u32), u32>>,
     response_trailers: Option<TypedFunc<(u32, u32), u32>>,
     http_call_response: Option<CallResponseFn>,
+    grpc_close: Option<TypedFunc<(u32, u32, u32), ()>>,
     tick: Option<TypedFunc<u32, ()>>,
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     done: Option<TypedFunc<u32, u32>>,
@@ -177,6 +178,7 @@ impl Instance {
             request_trailers: typed(&inst, &mut store, "proxy_on_request_trailers")?,
             response_trailers: typed(&inst, &mut store, "proxy_on_response_trailers")?,
             http_call_response: typed(&inst, &mut store, "proxy_on_http_call_response")?,
+            grpc_close: typed(&inst, &mut store, "proxy_on_grpc_close")?,
             tick: typed(&inst, &mut store, "proxy_on_tick")?,
             queue_ready: typed(&inst, &mut store, "proxy_on_queue_ready")?,
             done: typed(&inst, &mut store, "proxy_on_done")?,
@@ -362,6 +364,19 @@ impl Instance {
     ) -> Result<(), Failure> {
         self.with_stream(data, |s, f, id| match &f.http_call_response {
             Some(cb) => cb.call(s, (id, token, sizes.0, sizes.1, sizes.2)),
+            None => Ok(()),
+        })
+    }
+
+    /// `proxy_on_grpc_close(token, status)`.
+    pub(crate) fn grpc_close(
+        &mut self,
+        data: &mut Option<Box<StreamData>>,
+        token: u32,
+        grpc_status: u32,
+    ) -> Result<(), Failure> {
+        self.with_stream(data, |s, f, id| match &f.grpc_close {
+            Some(cb) => cb.call(s, (id, token, grpc_status)),
             None => Ok(()),
         })
     }

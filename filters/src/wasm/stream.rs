@@ -241,10 +241,14 @@ impl WasmStream {
             ),
             Err(_) => (0, 0, 0),
         };
+        let grpc = matches!(answer, Err(CalloutError::GrpcUnimplemented));
         if let Some(d) = self.data.as_mut() {
             d.call_response = Some(answer);
         }
         let r = match slot.inst.as_mut() {
+            Some(inst) if grpc => {
+                inst.grpc_close(&mut self.data, token, super::host::GRPC_UNIMPLEMENTED)
+            }
             Some(inst) => inst.http_call_response(&mut self.data, token, sizes),
             None => Err(Failure::new(FailKind::Unavailable, "no instance")),
         };

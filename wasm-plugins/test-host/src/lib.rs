@@ -24,6 +24,8 @@
 //! - `enqueue`: puts `x-value` on the shared queue `events`; the root
 //!   context's `on_queue_ready` moves it to the shared data key
 //!   `queue-last`. `queue-seen` reports that key in `x-queue-last`.
+//! - `grpc`: starts a gRPC call and pauses; the host answers it
+//!   UNIMPLEMENTED, which goes to `x-grpc-status` before resuming.
 //! - `ticks`: reports how many ticks the root contexts saw
 //!   (`x-ticks`, from shared data).
 //!
@@ -139,6 +141,11 @@ struct Stream {
 }
 
 impl Context for Stream {
+    fn on_grpc_call_response(&mut self, _: u32, status_code: u32, _: usize) {
+        self.set_http_request_header("x-grpc-status", Some(&status_code.to_string()));
+        self.resume_http_request();
+    }
+
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
         let status = self
             .get_http_call_response_header(":status")
@@ -335,6 +342,22 @@ impl HttpContext for Stream {
                     Ok(_) => return Action::Pause,
                     Err(e) => {
                         self.set_http_request_header("x-callout-error", Some(&format!("{e:?}")))
+                    }
+                }
+            }
+            "grpc" => {
+                let r = self.dispatch_grpc_call(
+                    "auth",
+                    "flashgate.Test",
+                    "Check",
+                    vec![],
+                    None,
+                    Duration::from_secs(1),
+                );
+                match r {
+                    Ok(_) => return Action::Pause,
+                    Err(e) => {
+                        self.set_http_request_header("x-grpc-status", Some(&format!("{e:?}")))
                     }
                 }
             }

@@ -197,13 +197,15 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ))
         },
     )?;
-    // gRPC is not implemented: calls and streams answer InternalFailure at
-    // once, which the SDK returns to the guest as an error (see
-    // docs/filters.md). The status a gRPC client would see is UNIMPLEMENTED.
+    // gRPC is not implemented. A call is accepted (a token, so the SDK's
+    // bookkeeping holds) and answered UNIMPLEMENTED: when the stream
+    // pauses on it, `proxy_on_grpc_close(token, 12)` is delivered, as a
+    // gRPC client gets from a server without the method. Streams
+    // (`proxy_grpc_stream`) answer InternalFailure at once.
     l.func_wrap(
         "env",
         "proxy_grpc_call",
-        |_c: C<'_>,
+        |mut c: C<'_>,
          _up: u32,
          _up_len: u32,
          _svc: u32,
@@ -215,7 +217,7 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
          _msg: u32,
          _msg_len: u32,
          _timeout: u32,
-         _ret: u32| Ok(status::INTERNAL_FAILURE),
+         ret: u32| finish(grpc_call(&mut c, ret)),
     )?;
     l.func_wrap(
         "env",
@@ -250,6 +252,9 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             // or 0 with the reason when it got no answer.
             let (status, msg) = match c.data_mut().stream().and_then(|s| s.call_response.as_ref()) {
                 Some(Ok(r)) => (u32::from(r.status.as_u16()), String::new()),
+                Some(Err(crate::callout::CalloutError::GrpcUnimplemented)) => {
+                    (GRPC_UNIMPLEMENTED, "unimplemented".to_string())
+                }
                 Some(Err(e)) => (0, e.to_string()),
                 None => (0, String::new()),
             };
@@ -333,6 +338,23 @@ fn set_buffer(c: &mut C<'_>, kind: u32, start: u32, size: u32, ptr: u32, len: u3
     out.extend_from_slice(&body[end..]);
     *body = out;
     Ok(())
+}
+
+/// gRPC status UNIMPLEMENTED.
+pub(crate) const GRPC_UNIMPLEMENTED: u32 = 12;
+
+/// `proxy_grpc_call`: accepted, answered UNIMPLEMENTED when the stream
+/// waits for it. Root contexts get `InternalFailure`.
+fn grpc_call(c: &mut C<'_>, ret: u32) -> HostResult {
+    if c.data_mut().stream().is_none() {
+        return Err(status::INTERNAL_FAILURE.into());
+    }
+    let token = c.data().plugin.next_token();
+    let answer: crate::callout::CalloutFuture =
+        Box::pin(async { Err(crate::callout::CalloutError::GrpcUnimplemented) });
+    let s = c.data_mut().stream().ok_or(status::INTERNAL_FAILURE)?;
+    s.calls.push((token, answer));
+    write_u32(c, ret, token)
 }
 
 /// `proxy_http_call`: starts a callout to a configured upstream cluster
