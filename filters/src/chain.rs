@@ -83,10 +83,10 @@ pub(crate) struct ChainInner {
     entered: usize,
     body_filters: Arc<[bool]>,
     body_limit: usize,
-    /// Bytes each filter holds after `BodyFlow::Buffer` (allocated on the
-    /// first body chunk).
-    req_held: Vec<Option<BytesMut>>,
-    resp_held: Vec<Option<BytesMut>>,
+    /// Bytes a filter holds after `BodyFlow::Buffer`, by filter index
+    /// (empty, and unallocated, unless a filter holds a body).
+    req_held: Vec<(usize, BytesMut)>,
+    resp_held: Vec<(usize, BytesMut)>,
 }
 
 pub(crate) fn lock(inner: &Mutex<ChainInner>) -> MutexGuard<'_, ChainInner> {
@@ -192,13 +192,6 @@ impl ChainInner {
         info: &StreamInfo,
     ) -> Result<Bytes, BodyStop> {
         let n = self.entered;
-        let held = match dir {
-            Dir::Request => &mut self.req_held,
-            Dir::Response => &mut self.resp_held,
-        };
-        if held.is_empty() {
-            held.resize_with(self.filters.len(), || None);
-        }
         for step in 0..n {
             let i = match dir {
                 Dir::Request => step,
@@ -208,15 +201,18 @@ impl ChainInner {
                 continue;
             }
             let held = match dir {
-                Dir::Request => &mut self.req_held[i],
-                Dir::Response => &mut self.resp_held[i],
+                Dir::Request => &mut self.req_held,
+                Dir::Response => &mut self.resp_held,
             };
-            let mut data = match held.take() {
-                Some(mut b) => {
+            // What the filter sees: what it held plus this chunk, or the
+            // chunk itself (no copy).
+            let mut data = match held.iter().position(|(f, _)| *f == i) {
+                Some(at) => {
+                    let (_, mut b) = held.swap_remove(at);
                     b.extend_from_slice(&chunk);
-                    b
+                    b.freeze()
                 }
-                None => BytesMut::from(&chunk[..]),
+                None => std::mem::take(&mut chunk),
             };
             let filter = &mut self.filters[i];
             let flow = match dir {
@@ -224,18 +220,14 @@ impl ChainInner {
                 Dir::Response => filter.on_response_body(&mut data, end_of_stream, info),
             };
             match flow {
-                BodyFlow::Continue => chunk = data.freeze(),
+                BodyFlow::Continue => chunk = data,
                 // Nothing more will come to wait for: the data goes on.
-                BodyFlow::Buffer if end_of_stream => chunk = data.freeze(),
+                BodyFlow::Buffer if end_of_stream => chunk = data,
                 BodyFlow::Buffer => {
                     if data.len() > self.body_limit {
                         return Err(BodyStop::TooLarge(self.body_limit));
                     }
-                    let held = match dir {
-                        Dir::Request => &mut self.req_held[i],
-                        Dir::Response => &mut self.resp_held[i],
-                    };
-                    *held = Some(data);
+                    held.push((i, BytesMut::from(data)));
                     return Ok(Bytes::new());
                 }
                 BodyFlow::Respond(local) => return Err(BodyStop::Local(Box::new(local))),
@@ -420,6 +412,16 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["req:p", "resume:p", "req:q"]);
         let seen: Vec<_> = req.headers.get_all("x-seen").iter().collect();
         assert_eq!(seen, ["p", "q"]);
+    }
+
+    #[test]
+    fn chains_without_body_filters_leave_bodies_alone() {
+        // The gateway routes bodies through the chain only when this says
+        // so; native filters never look at bodies.
+        let (c, _, _) = chain(&[("a", false, false)]);
+        assert!(!c.wants_bodies());
+        let native = crate::native::build("headers", "h", "").unwrap();
+        assert!(!FilterChain::new(vec![native]).wants_bodies());
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 /// What a filter wants done with the stream after one of its phases.
@@ -172,7 +172,7 @@ pub trait StreamFilter: Send {
     /// `end_of_stream` is true on the last call (possibly with no data).
     fn on_request_body(
         &mut self,
-        _body: &mut BytesMut,
+        _body: &mut Bytes,
         _end_of_stream: bool,
         _info: &StreamInfo,
     ) -> BodyFlow {
@@ -183,7 +183,7 @@ pub trait StreamFilter: Send {
     /// reverse order.
     fn on_response_body(
         &mut self,
-        _body: &mut BytesMut,
+        _body: &mut Bytes,
         _end_of_stream: bool,
         _info: &StreamInfo,
     ) -> BodyFlow {

@@ -440,18 +440,23 @@ impl Instance {
         data: &mut Option<Box<StreamData>>,
     ) -> Result<(), Failure> {
         // on_done's answer ("may I be deleted now?") matters for root
-        // contexts only; an HTTP stream is over either way.
-        self.with_stream(data, |s, f, id| match &f.done {
-            Some(cb) => cb.call(s, id).map(drop),
-            None => Ok(()),
-        })?;
-        self.with_stream(data, |s, f, id| match &f.log {
-            Some(cb) => cb.call(s, id),
-            None => Ok(()),
-        })?;
-        self.with_stream(data, |s, f, id| match &f.delete {
-            Some(cb) => cb.call(s, id),
-            None => Ok(()),
+        // contexts only; an HTTP stream is over either way. The three run
+        // in one host round trip (the stream data moves in once), each
+        // with its own deadline.
+        let ticks = self.store.data().plugin.call_ticks;
+        self.with_stream(data, |s, f, id| {
+            if let Some(cb) = &f.done {
+                cb.call(&mut *s, id)?;
+            }
+            if let Some(cb) = &f.log {
+                s.set_epoch_deadline(ticks);
+                cb.call(&mut *s, id)?;
+            }
+            if let Some(cb) = &f.delete {
+                s.set_epoch_deadline(ticks);
+                cb.call(&mut *s, id)?;
+            }
+            Ok(())
         })
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
 
@@ -50,7 +50,7 @@ pub(crate) struct StreamData {
     pub wake: Option<Arc<tokio::sync::Notify>>,
     /// The body buffer of the current body callback: its `BufferType` and
     /// bytes (`proxy_get/set_buffer_bytes`).
-    pub body: Option<(u32, BytesMut)>,
+    pub body: Option<(u32, Bytes)>,
     /// The trailers of the current trailer callback: `MapType` and map.
     pub trailers: Option<(u32, HeaderMap)>,
     /// Callouts the guest started and the stream has not waited for yet.

@@ -17,7 +17,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode};
 
@@ -308,7 +308,7 @@ impl WasmStream {
     fn body(
         &mut self,
         request: bool,
-        body: &mut BytesMut,
+        body: &mut Bytes,
         end_of_stream: bool,
         info: &StreamInfo,
     ) -> BodyFlow {
@@ -519,7 +519,7 @@ impl StreamFilter for WasmStream {
 
     fn on_request_body(
         &mut self,
-        body: &mut BytesMut,
+        body: &mut Bytes,
         end_of_stream: bool,
         info: &StreamInfo,
     ) -> BodyFlow {
@@ -528,7 +528,7 @@ impl StreamFilter for WasmStream {
 
     fn on_response_body(
         &mut self,
-        body: &mut BytesMut,
+        body: &mut Bytes,
         end_of_stream: bool,
         info: &StreamInfo,
     ) -> BodyFlow {

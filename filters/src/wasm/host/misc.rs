@@ -336,7 +336,7 @@ fn set_buffer(c: &mut C<'_>, kind: u32, start: u32, size: u32, ptr: u32, len: u3
     out.extend_from_slice(&body[..start]);
     out.extend_from_slice(&data);
     out.extend_from_slice(&body[end..]);
-    *body = out;
+    *body = out.freeze();
     Ok(())
 }
 
