@@ -597,12 +597,13 @@ async fn hot_reload_under_load_with_no_failed_request() {
         Some("2"),
         "the last good module serves"
     );
+    let why = why.lock().unwrap().clone();
     assert_eq!(
         failed.load(Ordering::Relaxed),
         0,
         "of {} requests: {:?}; timeouts {}, traps {}, backed off {}",
         sent.load(Ordering::Relaxed),
-        why.lock().unwrap(),
+        why,
         metric(admin, "flashgate_wasm_timeouts_total").await,
         metric(admin, "flashgate_wasm_traps_total").await,
         metric(admin, "flashgate_wasm_backed_off_total").await,
