@@ -104,6 +104,9 @@ pub struct WasmFilter {
     /// The file's identity when it was last loaded (mtime, length).
     seen: Mutex<Option<reload::FileStamp>>,
     body_limit: usize,
+    /// Body callbacks are delivered (unless the operator turned them off
+    /// for a header-only filter).
+    bodies: bool,
 }
 
 impl WasmFilter {
@@ -144,6 +147,7 @@ impl WasmFilter {
             metrics,
             seen: Mutex::new(stamp),
             body_limit: crate::DEFAULT_BODY_LIMIT,
+            bodies: true,
         }))
     }
 
@@ -167,6 +171,7 @@ impl WasmFilter {
             metrics,
             seen: Mutex::new(None),
             body_limit: crate::DEFAULT_BODY_LIMIT,
+            bodies: true,
         }))
     }
 
@@ -176,6 +181,20 @@ impl WasmFilter {
         match Arc::try_unwrap(self) {
             Ok(mut f) => {
                 f.body_limit = limit;
+                Arc::new(f)
+            }
+            Err(shared) => shared,
+        }
+    }
+
+    /// The same filter without body and trailer callbacks: for header-only
+    /// filters (the SDK exports body callbacks whether or not the filter
+    /// uses them), so their routes stream bodies untouched. For use right
+    /// after loading.
+    pub fn without_bodies(self: Arc<Self>) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut f) => {
+                f.bodies = false;
                 Arc::new(f)
             }
             Err(shared) => shared,
@@ -284,7 +303,7 @@ impl FilterFactory for WasmFilter {
     }
 
     fn wants_bodies(&self) -> bool {
-        self.pool.load().plugin.bodies
+        self.bodies && self.pool.load().plugin.bodies
     }
 
     fn body_limit(&self) -> usize {

@@ -178,8 +178,20 @@ pub(crate) fn encode_map(headers: &http::HeaderMap) -> Vec<u8> {
     abi::encode_pairs(&pairs)
 }
 
+/// `key` in lower case, copied only if it is not already.
+fn lower(key: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if key.iter().any(u8::is_ascii_uppercase) {
+        std::borrow::Cow::Owned(key.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(key)
+    }
+}
+
 fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
-    let key = key.to_ascii_lowercase();
+    let key = lower(key);
+    // Lookups by `&str` hash the name without building a `HeaderName`
+    // (no allocation for names the `http` crate does not know).
+    let name = std::str::from_utf8(&key).ok();
     let joined = |vals: http::header::GetAll<'_, HeaderValue>| {
         // Several values under one name read as one, comma-joined (Envoy
         // returns the first; joining loses nothing).
@@ -198,30 +210,24 @@ fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
             if key.first() == Some(&b':') {
                 return req_pseudo(h)
                     .into_iter()
-                    .find(|(k, _)| k.as_bytes() == key.as_slice())
+                    .find(|(k, _)| k.as_bytes() == &*key)
                     .map(|(_, v)| v.to_vec());
             }
-            let name = HeaderName::from_bytes(&key).ok()?;
-            joined(h.headers.get_all(name))
+            joined(h.headers.get_all(name?))
         }
         Map::Resp(h) => {
-            if key == b":status" {
+            if &*key == b":status" {
                 return Some(h.status.as_str().as_bytes().to_vec());
             }
-            let name = HeaderName::from_bytes(&key).ok()?;
-            joined(h.headers.get_all(name))
+            joined(h.headers.get_all(name?))
         }
         Map::Call(r) => {
-            if key == b":status" {
+            if &*key == b":status" {
                 return Some(r.status.as_str().as_bytes().to_vec());
             }
-            let name = HeaderName::from_bytes(&key).ok()?;
-            joined(r.headers.get_all(name))
+            joined(r.headers.get_all(name?))
         }
-        Map::Plain(t) => {
-            let name = HeaderName::from_bytes(&key).ok()?;
-            joined(t.get_all(name))
-        }
+        Map::Plain(t) => joined(t.get_all(name?)),
         Map::Absent => None,
     }
 }
@@ -234,12 +240,78 @@ enum Op {
 }
 
 fn edit(c: &mut C<'_>, kind: u32, key: (u32, u32), val: Option<(u32, u32)>, op: Op) -> HostResult {
+    // The common case, a regular header: name and value are parsed
+    // straight out of guest memory, without intermediate copies.
+    if let Some((name, value)) = regular(c, key, val)? {
+        return apply_regular(c.data_mut(), kind, name, value, op);
+    }
     let key = read(c, key.0, key.1)?;
     let val = match val {
         Some((p, l)) => read(c, p, l)?,
         None => Vec::new(),
     };
     apply(c.data_mut(), kind, &key, &val, op)
+}
+
+/// A regular (not pseudo) header name and its value, parsed in place;
+/// `None` for a pseudo-header.
+fn regular(
+    c: &mut C<'_>,
+    key: (u32, u32),
+    val: Option<(u32, u32)>,
+) -> HostResult<Option<(HeaderName, Option<HeaderValue>)>> {
+    let mem = c.data().memory.ok_or(status::INTERNAL_FAILURE)?;
+    let data = mem.data(&*c);
+    let key = guest_slice(data, key)?;
+    if key.first() == Some(&b':') {
+        return Ok(None);
+    }
+    // `from_bytes` lower-cases the name.
+    let name = HeaderName::from_bytes(key).map_err(|_| status::BAD_ARGUMENT)?;
+    let value = match val {
+        Some(v) => {
+            Some(HeaderValue::from_bytes(guest_slice(data, v)?).map_err(|_| status::BAD_ARGUMENT)?)
+        }
+        None => None,
+    };
+    Ok(Some((name, value)))
+}
+
+fn guest_slice(data: &[u8], (ptr, len): (u32, u32)) -> HostResult<&[u8]> {
+    let start = ptr as usize;
+    start
+        .checked_add(len as usize)
+        .and_then(|end| data.get(start..end))
+        .ok_or_else(|| status::BAD_ARGUMENT.into())
+}
+
+fn apply_regular(
+    s: &mut HostState,
+    kind: u32,
+    name: HeaderName,
+    value: Option<HeaderValue>,
+    op: Op,
+) -> HostResult {
+    let headers = match map_of(s, kind) {
+        Map::Req(h) => &mut h.headers,
+        Map::Resp(h) => &mut h.headers,
+        Map::Call(r) => &mut r.headers,
+        Map::Plain(t) => t,
+        Map::Absent => return Err(status::BAD_ARGUMENT.into()),
+    };
+    match (op, value) {
+        (Op::Remove, _) => {
+            headers.remove(name);
+        }
+        (Op::Replace, Some(v)) => {
+            headers.insert(name, v);
+        }
+        (Op::Add, Some(v)) => {
+            headers.append(name, v);
+        }
+        (_, None) => return Err(status::BAD_ARGUMENT.into()),
+    }
+    Ok(())
 }
 
 fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostResult {
