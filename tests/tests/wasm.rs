@@ -270,6 +270,18 @@ async fn large_request_body_held_then_rewritten_and_bounded() {
     assert_eq!(up.hits(), hits);
 }
 
+/// `bodies = false`: a header-only filter gets no body callbacks, so the
+/// body goes through as the client sent it.
+#[tokio::test]
+async fn bodies_false_turns_body_callbacks_off() {
+    let up = body_echo().await;
+    let gw = gateway(&with_filter(up.addr, "test_host", "", "bodies = false")).await;
+    let got = send(post(&gw, "body", "unchanged")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "unchanged");
+    assert_eq!(got.header("x-got-length"), Some("9"));
+}
+
 #[tokio::test]
 async fn response_body_held_then_rewritten_and_bounded() {
     let big = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
