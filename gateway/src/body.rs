@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use filters::{BodyStop, ChainStream, FilteredBody, StreamInfo};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
@@ -25,9 +26,12 @@ pub struct ProxyBody {
 enum Inner {
     /// Streams from the upstream frame by frame, never buffered whole.
     Upstream(Incoming),
-    /// The upstream's body through the route's body filters.
-    Filtered(FilteredBody<Incoming>),
+    /// The upstream's body through the route's body filters (boxed: it is
+    /// much larger than the other variants and rare).
+    Filtered(Box<FilteredBody<Incoming>>),
     Full(Full<Bytes>),
+    /// Anything else (the cache's "read part, stream the rest" body).
+    Boxed(UnsyncBoxBody<Bytes, BodyError>),
 }
 
 /// The error a response body can end with.
@@ -37,6 +41,15 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
+            in_flight: None,
+            chain: None,
+        }
+    }
+
+    /// Wraps another body; what it wraps keeps its own in-flight slot.
+    pub fn boxed(body: UnsyncBoxBody<Bytes, BodyError>) -> Self {
+        ProxyBody {
+            inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
         }
@@ -90,7 +103,7 @@ impl ProxyBody {
         filtered.prime().await?;
         let len = filtered.known_length();
         let mut out = ProxyBody {
-            inner: Inner::Filtered(filtered),
+            inner: Inner::Filtered(Box::new(filtered)),
             in_flight,
             chain: attached,
         };
@@ -135,10 +148,11 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Inner::Filtered(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Filtered(body) => Pin::new(body.as_mut()).poll_frame(cx).map_err(Into::into),
             Inner::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
+            Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
         };
         match &polled {
             // hyper stops polling once `is_end_stream` says the body is
@@ -157,6 +171,7 @@ impl Body for ProxyBody {
             Inner::Upstream(body) => body.is_end_stream(),
             Inner::Filtered(body) => body.is_end_stream(),
             Inner::Full(full) => full.is_end_stream(),
+            Inner::Boxed(body) => body.is_end_stream(),
         }
     }
 
@@ -165,6 +180,7 @@ impl Body for ProxyBody {
             Inner::Upstream(body) => body.size_hint(),
             Inner::Filtered(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
+            Inner::Boxed(body) => body.size_hint(),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod callout;
 pub mod config;
 pub mod demo;
