@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use filters::ChainStream;
+use filters::{BodyStop, ChainStream, FilteredBody, StreamInfo};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
@@ -26,10 +26,16 @@ pub struct ProxyBody {
 enum Inner {
     /// Streams from the upstream frame by frame, never buffered whole.
     Upstream(Incoming),
+    /// The upstream's body through the route's body filters (boxed: it is
+    /// much larger than the other variants and rare).
+    Filtered(Box<FilteredBody<Incoming>>),
     Full(Full<Bytes>),
     /// Anything else (the cache's "read part, stream the rest" body).
-    Boxed(UnsyncBoxBody<Bytes, hyper::Error>),
+    Boxed(UnsyncBoxBody<Bytes, BodyError>),
 }
+
+/// The error a response body can end with.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
@@ -41,7 +47,7 @@ impl ProxyBody {
     }
 
     /// Wraps another body; what it wraps keeps its own in-flight slot.
-    pub fn boxed(body: UnsyncBoxBody<Bytes, hyper::Error>) -> Self {
+    pub fn boxed(body: UnsyncBoxBody<Bytes, BodyError>) -> Self {
         ProxyBody {
             inner: Inner::Boxed(body),
             in_flight: None,
@@ -69,6 +75,45 @@ impl ProxyBody {
         }
     }
 
+    /// Routes an upstream body through the filters' body callbacks, primed
+    /// (see [`FilteredBody::prime`]); returns the body and its length when
+    /// known whole. A local body is left as it is.
+    pub async fn filter(
+        self,
+        chain: &ChainStream,
+        info: &StreamInfo,
+    ) -> Result<(ProxyBody, Option<u64>), BodyStop> {
+        let ProxyBody {
+            inner,
+            in_flight,
+            chain: attached,
+        } = self;
+        let Inner::Upstream(body) = inner else {
+            let len = None;
+            return Ok((
+                ProxyBody {
+                    inner,
+                    in_flight,
+                    chain: attached,
+                },
+                len,
+            ));
+        };
+        let mut filtered = chain.response_body(body, info);
+        filtered.prime().await?;
+        let len = filtered.known_length();
+        let mut out = ProxyBody {
+            inner: Inner::Filtered(Box::new(filtered)),
+            in_flight,
+            chain: attached,
+        };
+        // Held whole: the upstream body is read to its end already.
+        if out.is_end_stream() {
+            out.complete();
+        }
+        Ok((out, len))
+    }
+
     /// Keeps the filter chain's stream alive until the body is done.
     pub fn attach(&mut self, chain: ChainStream) {
         if self.is_end_stream() {
@@ -94,15 +139,16 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let polled = match &mut this.inner {
-            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+        let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Filtered(body) => Pin::new(body.as_mut()).poll_frame(cx).map_err(Into::into),
             Inner::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
@@ -123,6 +169,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Filtered(body) => body.is_end_stream(),
             Inner::Full(full) => full.is_end_stream(),
             Inner::Boxed(body) => body.is_end_stream(),
         }
@@ -131,6 +178,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
+            Inner::Filtered(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
             Inner::Boxed(body) => body.size_hint(),
         }

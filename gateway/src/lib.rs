@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod callout;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -69,6 +70,7 @@ impl Shared {
     /// reported as needing a restart.
     pub async fn reload(&self) -> Result<ReloadOutcome, String> {
         let _serial = self.reload_lock.lock().await;
+        self.precompile_filters().await;
         let result = self.try_reload();
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
@@ -82,6 +84,26 @@ impl Shared {
             }
         }
         result
+    }
+
+    /// Compiles the Wasm modules the new config names on a blocking
+    /// thread, so that building the runtime finds them compiled (modules
+    /// are cached by content) and the request path never waits for
+    /// Cranelift. Errors are left for `try_reload` to report.
+    async fn precompile_filters(&self) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(config) = Config::load(&path) {
+                for f in &config.filters {
+                    if let Some(wasm) = &f.wasm {
+                        filters::wasm::precompile_file(wasm);
+                    }
+                }
+            }
+        })
+        .await;
     }
 
     fn try_reload(&self) -> Result<ReloadOutcome, String> {
@@ -184,6 +206,10 @@ impl Gateway {
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
         });
+        // Filters' HTTP callouts go to this gateway's clusters.
+        filters::callout::set_http_callout(Arc::new(callout::GatewayCallout {
+            shared: Arc::downgrade(&shared),
+        }));
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();

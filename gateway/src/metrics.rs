@@ -169,7 +169,7 @@ pub fn render_wasm(filters: &[(String, std::sync::Arc<filters::wasm::WasmFilter>
         &'static str,
         fn(&filters::wasm::HostStats) -> u64,
     );
-    let families: [Family; 8] = [
+    let families: [Family; 11] = [
         ("calls_total", "Calls into Wasm guests.", |h| h.calls),
         ("traps_total", "Guest calls that trapped.", |h| h.traps),
         (
@@ -199,6 +199,21 @@ pub fn render_wasm(filters: &[(String, std::sync::Arc<filters::wasm::WasmFilter>
             "failed_closed_total",
             "Streams answered 500 by a failing filter (fail = closed).",
             |h| h.failed_closed,
+        ),
+        (
+            "backed_off_total",
+            "Streams that found the module backed off after repeated failures.",
+            |h| h.backed_off,
+        ),
+        (
+            "reloads_total",
+            "Wasm modules reloaded and swapped in.",
+            |h| h.reloads,
+        ),
+        (
+            "reload_failures_total",
+            "Wasm module reloads refused (the old module kept serving).",
+            |h| h.reload_failures,
         ),
     ];
     for (name, help, get) in families {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use filters::{LocalResponse, StreamInfo};
+use filters::{ChainStream, LocalResponse, StreamInfo};
 use http::request::Parts;
 use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
@@ -106,10 +106,26 @@ pub async fn handle(
         };
         (route.filters.start(), info)
     });
-    let local = match &mut filtering {
+    let mut local = match &mut filtering {
         Some((chain, info)) => chain.on_request(&mut head, info).await,
         None => None,
     };
+    // The request body goes through the filters' body callbacks only when
+    // a filter of the route looks at bodies; otherwise it streams as is.
+    let mut body: UpstreamBody = Either::Left(body);
+    if let (None, Some((chain, info))) = (&local, &filtering) {
+        if chain.wants_bodies() && !body.is_end_stream() {
+            if let Either::Left(incoming) = body {
+                match filter_request_body(chain, info, &mut head, incoming).await {
+                    Ok(filtered) => body = filtered,
+                    Err(answer) => {
+                        local = Some(answer);
+                        body = Either::Right(Either::Left(Full::new(Bytes::new())));
+                    }
+                }
+            }
+        }
+    }
 
     // Cache lookup: after filters (they may rewrite the head or answer
     // locally), before the upstream. A fresh L1 hit is answered here,
@@ -152,6 +168,19 @@ pub async fn handle(
         let (mut parts, mut body) = resp.into_parts();
         if let Some(replaced) = chain.on_response(&mut parts, &info).await {
             body = ProxyBody::full(replaced.body);
+        } else if chain.wants_bodies() && !body.is_end_stream() {
+            body = match body.filter(&chain, &info).await {
+                Ok((filtered, len)) => {
+                    set_length(&mut parts.headers, len);
+                    filtered
+                }
+                Err(stop) => {
+                    let answer = stop.into_response(false);
+                    parts.status = answer.status;
+                    parts.headers = answer.headers;
+                    ProxyBody::full(answer.body)
+                }
+            };
         }
         body.attach(chain);
         resp = Response::from_parts(parts, body);
@@ -281,12 +310,12 @@ struct UpstreamHead {
 async fn forward(
     cluster: &Arc<Cluster>,
     mut head: UpstreamHead,
-    body: Incoming,
+    body: UpstreamBody,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let replayable = head.method.is_idempotent() && body.is_end_stream();
     let attempts = cluster.retries + 1;
-    let mut body: Option<UpstreamBody> = Some(Either::Left(body));
+    let mut body: Option<UpstreamBody> = Some(body);
     // At most 6 attempts (retries <= 5) plus resends of unsent requests.
     let mut tried = Tried::default();
     let mut attempt = 0;
@@ -307,7 +336,7 @@ async fn forward(
             Ok(Ok(mut conn)) => {
                 let mut req = Request::new(
                     body.take()
-                        .unwrap_or_else(|| Either::Right(Full::new(Bytes::new()))),
+                        .unwrap_or_else(|| Either::Right(Either::Left(Full::new(Bytes::new())))),
                 );
                 *req.method_mut() = head.method.clone();
                 *req.uri_mut() = Uri::from(head.path.clone());
@@ -393,6 +422,37 @@ impl Tried {
     }
     fn as_slice(&self) -> &[usize] {
         &self.slots[..self.len]
+    }
+}
+
+/// Routes the request body through the filters' body callbacks, primed so
+/// that a filter holding the body from its start can still answer (413
+/// past the bound, or its own response) before anything goes upstream.
+async fn filter_request_body(
+    chain: &ChainStream,
+    info: &StreamInfo,
+    head: &mut Parts,
+    body: Incoming,
+) -> Result<UpstreamBody, LocalResponse> {
+    let mut filtered = chain.request_body(body, info);
+    filtered
+        .prime()
+        .await
+        .map_err(|stop| stop.into_response(true))?;
+    set_length(&mut head.headers, filtered.known_length());
+    Ok(Either::Right(Either::Right(filtered)))
+}
+
+/// A filtered body's length: exact when it was held whole (a filter may
+/// have rewritten it), unknown (chunked) while it streams.
+fn set_length(headers: &mut http::HeaderMap, len: Option<u64>) {
+    match len {
+        Some(n) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
     }
 }
 

@@ -364,6 +364,30 @@ pub struct FilterConfig {
     /// at a time); default one per CPU.
     #[serde(default)]
     pub instances: Option<usize>,
+    /// Wasm: most body bytes the filter may hold while it pauses on a
+    /// body (past it: 413 for a request, 502 for a response).
+    #[serde(default = "default_body_limit")]
+    pub body_limit: Size,
+    /// Wasm: deliver body and trailer callbacks. `false` for header-only
+    /// filters: their routes then stream bodies untouched.
+    #[serde(default = "default_bodies")]
+    pub bodies: bool,
+    /// Wasm: how often the module file is checked for changes (hot
+    /// reload); `"0s"` turns watching off.
+    #[serde(default = "default_watch")]
+    pub watch: Dur,
+}
+
+fn default_body_limit() -> Size {
+    Size(filters::DEFAULT_BODY_LIMIT as u64)
+}
+
+fn default_bodies() -> bool {
+    true
+}
+
+fn default_watch() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
 }
 
 fn default_wasm_timeout() -> Dur {
@@ -421,6 +445,14 @@ impl FilterConfig {
                     };
                     ConfigError::at(format!("{p}.{key}"), e.to_string())
                 })?;
+                let limit = usize::try_from(self.body_limit.0).unwrap_or(usize::MAX);
+                let mut wasm = wasm.with_body_limit(limit);
+                if !self.bodies {
+                    wasm = wasm.without_bodies();
+                }
+                if !self.watch.0.is_zero() {
+                    wasm.watch(self.watch.0);
+                }
                 Ok(Built {
                     factory: wasm.clone(),
                     wasm: Some(wasm),

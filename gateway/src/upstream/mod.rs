@@ -24,7 +24,10 @@ use crate::metrics::Metrics;
 
 /// The body sent upstream: the client's streaming body, or a complete one
 /// (empty on retries, or produced by a filter).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// What goes upstream: the client's body as it is, a complete body
+/// (retries, callouts), or the client's body through the route's body
+/// filters.
+pub type UpstreamBody = Either<Incoming, Either<Full<Bytes>, filters::FilteredBody<Incoming>>>;
 
 /// One `host:port` of a cluster and what load balancing knows about it.
 pub struct Endpoint {
