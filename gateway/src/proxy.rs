@@ -23,19 +23,28 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 
 use crate::body::ProxyBody;
+use crate::config::ListenerConfig;
 use crate::error::ProxyError;
-use crate::headers;
+use crate::limits::{self, BodyVerdict, LimitedBody};
 use crate::router::{normalize_path, request_host};
 use crate::runtime::Runtime;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
+use crate::{client_ip as identity, headers};
 
 /// What the listener knows about the connection a request came on.
 pub struct ConnInfo {
+    /// The connection's client address: the TCP peer, or the source in its
+    /// PROXY protocol header.
     pub peer: SocketAddr,
+    /// The TCP peer (the load balancer) when a PROXY header named another
+    /// source.
+    pub proxied_by: Option<SocketAddr>,
     pub listener: Arc<str>,
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
+    /// The listener's settings: trusted proxies and request limits.
+    pub config: Arc<ListenerConfig>,
 }
 
 /// Handles one request. Never fails: every error becomes a response here or
@@ -50,10 +59,31 @@ pub async fn handle(
     let runtime = shared.runtime.load_full();
     let (mut head, body) = req.into_parts();
 
-    // Client identity. The peer address for now; PROXY protocol and trusted
-    // X-Forwarded-For hops plug in here, before anything uses the client IP.
-    let client_ip = conn.peer.ip();
+    // Client identity: the connection's address (peer or PROXY source),
+    // or the right-most untrusted x-forwarded-for entry when that address
+    // is a trusted proxy. Before anything uses the client IP.
+    let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &conn.config.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
+
+    // Request limits the connection layer cannot check: target length
+    // (414) and a declared body length (413), before any routing work.
+    let body = match limits::check_uri(&head.uri, conn.config.max_uri_bytes.0)
+        .and_then(|()| LimitedBody::new(body, conn.config.max_body.0))
+    {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(reject(
+                &shared,
+                &runtime,
+                e,
+                &head,
+                &request_id,
+                &conn,
+                client_ip,
+                started,
+            ))
+        }
+    };
 
     // Route: decides the cluster, the priority and the filters. The path is
     // normalized first, so the route and the upstream see the same path.
@@ -113,17 +143,24 @@ pub async fn handle(
     // Cache lookup comes here: after filters (they may change the key or
     // bypass), before the upstream.
 
+    let (mut body, verdict) = body;
     let (mut resp, endpoint) = match local {
         Some(local) => (local_response(local), None),
-        None => match forward(
-            &route.cluster,
-            head_for_upstream(&mut head, client_ip, &conn, &host),
-            body,
-        )
-        .await
-        {
-            Ok((resp, ep)) => (resp, Some(ep)),
+        // A chunked body's first chunk is read before the upstream is
+        // chosen: bad framing is refused here, never forwarded.
+        None => match body.prefetch(conn.config.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
+            Ok(()) => match forward(
+                &route.cluster,
+                head_for_upstream(&mut head, client_ip, &conn, &host),
+                body,
+                &verdict,
+            )
+            .await
+            {
+                Ok((resp, ep)) => (resp, Some(ep)),
+                Err(e) => (e.response(&request_id), None),
+            },
         },
     };
 
@@ -228,7 +265,13 @@ fn head_for_upstream(
         }
     }
     headers::remove_hop_by_hop(&mut headers);
-    headers::set_forwarded(&mut headers, client_ip, conn.scheme, host);
+    // x-forwarded-for and forwarded get the hop we saw (the connection's
+    // address); x-real-ip the resolved client, replacing whatever the
+    // client sent, so origins have one header they can believe.
+    headers::set_forwarded(&mut headers, conn.peer.ip(), conn.scheme, host);
+    if let Ok(v) = HeaderValue::try_from(client_ip.to_string()) {
+        headers.insert(headers::X_REAL_IP.clone(), v);
+    }
     headers::continue_trace(&mut headers);
     UpstreamHead {
         method: head.method.clone(),
@@ -261,7 +304,8 @@ struct UpstreamHead {
 async fn forward(
     cluster: &Arc<Cluster>,
     mut head: UpstreamHead,
-    body: Incoming,
+    body: LimitedBody,
+    verdict: &BodyVerdict,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let replayable = head.method.is_idempotent() && body.is_end_stream();
@@ -335,6 +379,12 @@ async fn forward(
             }
         };
         drop(in_flight);
+        // The client's body overran max_body or broke: its fault, not the
+        // endpoint's, and nothing to retry.
+        let err = verdict.explain(err);
+        if matches!(err, ProxyError::BodyTooLarge | ProxyError::BadBody) {
+            return Err(err);
+        }
         cluster.observe(i, true);
         cluster.record_error(err.code());
         tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempt, "upstream attempt failed");

@@ -1,23 +1,44 @@
-//! Listeners: accept TCP connections and serve HTTP/1.1 and h2c (prior
-//! knowledge) on each, with the listener's limits, until shutdown.
+//! Listeners: accept TCP connections and take each through the connection
+//! phases of the pipeline before HTTP starts:
+//!
+//! ```text
+//! accept -> listener connection limit -> PROXY header (if enabled)
+//!        -> per-client-address limit -> TLS + ALPN (if enabled)
+//!        -> HTTP/1.1 or HTTP/2 (hyper, with the head/stream limits)
+//! ```
+//!
+//! The order matters: the listener limit is checked before a byte is read,
+//! so a flood costs one accept; the per-address limit needs the PROXY
+//! address, so it follows the header; TLS comes after both, so a refused
+//! client never costs a handshake.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus::IntCounterVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerConfig;
+use crate::limits::ConnLimits;
 use crate::proxy::{self, ConnInfo};
-use crate::Shared;
+use crate::tls::CertStore;
+use crate::{proxy_protocol, Shared};
 
 /// Builds the connection settings of a listener: the limits a client
-/// controls (head size, time to send the head) are set here, on the
-/// connection, before any request reaches the pipeline.
+/// controls (head size, header count, time to send the head, HTTP/2
+/// streams) are set here, on the connection, before any request reaches
+/// the pipeline.
 fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -25,36 +46,158 @@ fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(cfg.header_read_timeout.0)
+        .max_headers(cfg.max_headers)
         .max_buf_size(cfg.max_header_bytes.0 as usize);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes.0 as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(cfg.max_concurrent_streams);
     builder
+}
+
+/// What every connection of one listener shares.
+struct Listener {
+    shared: Arc<Shared>,
+    cfg: Arc<ListenerConfig>,
+    name: Arc<str>,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<(TlsAcceptor, Duration)>,
+    limits: Arc<ConnLimits>,
+    refused: IntCounterVec,
+}
+
+impl Listener {
+    fn refuse(&self, reason: &str) {
+        self.refused.with_label_values(&[&self.name, reason]).inc();
+    }
+
+    /// One connection, from its first byte to its end.
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+        let mut client = peer;
+        let mut proxied_by = None;
+        let mut prefix = Bytes::new();
+        if self.cfg.proxy_protocol {
+            let header = tokio::time::timeout(
+                self.cfg.proxy_protocol_timeout.0,
+                proxy_protocol::read_header(&mut stream),
+            )
+            .await;
+            match header {
+                Ok(Ok((source, rest))) => {
+                    if let Some(source) = source {
+                        client = source;
+                        proxied_by = Some(peer);
+                    }
+                    prefix = rest;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "PROXY header refused; closing");
+                    return self.refuse("proxy_protocol");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no PROXY header in time; closing");
+                    return self.refuse("proxy_protocol_timeout");
+                }
+            }
+        }
+        let Some(_ip_slot) = self.limits.try_ip(client.ip()) else {
+            return self.refuse("max_connections_per_ip");
+        };
+        let io = Rewind {
+            prefix,
+            inner: stream,
+        };
+        let Some((acceptor, handshake_timeout)) = &self.tls else {
+            return self
+                .serve_http(io, client, proxied_by, "http", watcher)
+                .await;
+        };
+        match tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => {
+                self.serve_http(tls, client, proxied_by, "https", watcher)
+                    .await
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                self.refuse("tls_handshake");
+            }
+            Err(_) => self.refuse("tls_handshake_timeout"),
+        }
+    }
+
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        client: SocketAddr,
+        proxied_by: Option<SocketAddr>,
+        scheme: &'static str,
+        watcher: Watcher,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = Arc::new(ConnInfo {
+            peer: client,
+            proxied_by,
+            listener: self.name.clone(),
+            scheme,
+            config: self.cfg.clone(),
+        });
+        let shared = self.shared.clone();
+        let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
+        // With upgrades: a WebSocket route hands the raw connection over
+        // once its 101 has been sent (see `proxy::upgrade`).
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(peer = %client, error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// Serves one listener until `shutdown` flips, then stops accepting, lets
 /// open connections finish (HTTP/1 gets `connection: close`, HTTP/2 a
-/// GOAWAY) for at most `drain_timeout`, and returns.
+/// GOAWAY) for at most `shutdown.drain_timeout`, and returns.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     cfg: ListenerConfig,
     mut shutdown: watch::Receiver<bool>,
-    drain_timeout: Duration,
+    certs: Option<Arc<CertStore>>,
 ) {
-    let builder = http_builder(&cfg);
-    let graceful = GracefulShutdown::new();
     let name: Arc<str> = cfg.name.as_str().into();
+    let tls = certs.and_then(|store| match store.server_config() {
+        Ok(config) => {
+            let timeout = cfg.tls.as_ref().map_or(Duration::from_secs(10), |t| {
+                t.handshake_timeout.0
+            });
+            Some((TlsAcceptor::from(config), timeout))
+        }
+        Err(e) => {
+            tracing::error!(listener = %name, error = %e, "TLS config failed; listener not serving");
+            None
+        }
+    });
+    if cfg.tls.is_some() && tls.is_none() {
+        return;
+    }
+    let this = Arc::new(Listener {
+        builder: http_builder(&cfg),
+        limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+        refused: shared.metrics.connections_refused.clone(),
+        shared: shared.clone(),
+        cfg: Arc::new(cfg),
+        name: name.clone(),
+        tls,
+    });
+    let graceful = GracefulShutdown::new();
     let active = shared
         .metrics
         .connections_active
-        .with_label_values(&[&cfg.name]);
-    let total = shared
-        .metrics
-        .connections_total
-        .with_label_values(&[&cfg.name]);
+        .with_label_values(&[&name]);
+    let total = shared.metrics.connections_total.with_label_values(&[&name]);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -68,33 +211,81 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let _ = stream.set_nodelay(true);
         total.inc();
+        let Some(slot) = this.limits.try_conn() else {
+            this.refuse("max_connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
         active.inc();
-        let conn = Arc::new(ConnInfo {
-            peer,
-            listener: name.clone(),
-            scheme: "http",
-        });
-        let shared = shared.clone();
-        let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(connection);
+        let this = this.clone();
         let active = active.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            this.connection(stream, peer, watcher).await;
+            drop(slot);
             active.dec();
         });
     }
     drop(listener);
+    let drain_timeout = shared.runtime.load().config.shutdown.drain_timeout.0;
     if tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(listener = %name, "drain timeout: closing remaining connections");
+    }
+}
+
+/// A stream with bytes already read from it (past a PROXY header) put back
+/// in front, so the next protocol sees the stream from its own first byte.
+struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

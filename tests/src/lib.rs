@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 pub use gateway::{Config, Gateway};
 
 pub mod redis;
+pub mod tls;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type Handler = Arc<
