@@ -84,7 +84,7 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
         // The rest of the line is to be ignored (spec 2.1).
         return Ok(Parsed::Done { len, source: None });
     }
-    let (src, _dst, sport, _dport) = match (
+    let (src, dst, sport, dport) = match (
         parts.next(),
         parts.next(),
         parts.next(),
@@ -94,27 +94,34 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
         (Some(a), Some(b), Some(c), Some(d), None) => (a, b, c, d),
         _ => return Err(ProxyHeaderError::V1("expected 5 fields after PROXY")),
     };
-    let ip: IpAddr = match proto {
-        "TCP4" => src
-            .parse::<Ipv4Addr>()
-            .map(IpAddr::V4)
-            .map_err(|_| ProxyHeaderError::V1("bad IPv4 source address"))?,
-        "TCP6" => src
-            .parse::<Ipv6Addr>()
-            .map(IpAddr::V6)
-            .map_err(|_| ProxyHeaderError::V1("bad IPv6 source address"))?,
-        _ => {
-            return Err(ProxyHeaderError::V1(
+    // Both addresses must be of the announced family, both ports valid:
+    // a header that is wrong anywhere is not trusted anywhere.
+    let addr = |a: &str| -> Result<IpAddr, ProxyHeaderError> {
+        match proto {
+            "TCP4" => a
+                .parse::<Ipv4Addr>()
+                .map(IpAddr::V4)
+                .map_err(|_| ProxyHeaderError::V1("bad IPv4 address")),
+            "TCP6" => a
+                .parse::<Ipv6Addr>()
+                .map(IpAddr::V6)
+                .map_err(|_| ProxyHeaderError::V1("bad IPv6 address")),
+            _ => Err(ProxyHeaderError::V1(
                 "protocol must be TCP4, TCP6 or UNKNOWN",
-            ))
+            )),
         }
     };
     // Ports are decimal without leading zeros or signs.
-    let port = sport
-        .parse::<u16>()
-        .ok()
-        .filter(|_| !sport.starts_with(['0', '+']) || sport == "0")
-        .ok_or(ProxyHeaderError::V1("bad source port"))?;
+    let parse_port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|_| !p.starts_with(['0', '+']) || p == "0")
+            .ok_or(ProxyHeaderError::V1("bad port"))
+    };
+    let ip = addr(src)?;
+    addr(dst)?;
+    let port = parse_port(sport)?;
+    parse_port(dport)?;
     Ok(Parsed::Done {
         len,
         source: Some(SocketAddr::new(ip, port)),
@@ -253,6 +260,8 @@ mod tests {
             b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 2\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY TCP4 1.2.3.4 nope 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 x\r\n",
             b"GET / HTTP/1.1\r\n",
         ] {
             assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));

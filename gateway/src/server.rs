@@ -61,7 +61,11 @@ struct Listener {
     shared: Arc<Shared>,
     cfg: Arc<ListenerConfig>,
     name: Arc<str>,
-    builder: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 only and HTTP/2 only: the protocol is chosen before hyper
+    /// sees the connection (ALPN, or the h2c preface), so hyper's HTTP/1.1
+    /// header read timeout runs from the first byte on.
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
     tls: Option<(TlsAcceptor, Duration)>,
     limits: Arc<ConnLimits>,
     refused: IntCounterVec,
@@ -104,18 +108,38 @@ impl Listener {
         let Some(_ip_slot) = self.limits.try_ip(client.ip()) else {
             return self.refuse("max_connections_per_ip");
         };
+        let Some((acceptor, handshake_timeout)) = &self.tls else {
+            // Plain: HTTP/2 with prior knowledge starts with its preface.
+            // A client that sends nothing (or half a preface) within
+            // header_read_timeout is closed: hyper's own timer only starts
+            // once the protocol is known.
+            let sniffed = tokio::time::timeout(
+                self.cfg.header_read_timeout.0,
+                sniff_h2(&mut stream, prefix),
+            )
+            .await;
+            let (h2, prefix) = match sniffed {
+                Ok(Ok(found)) => found,
+                Ok(Err(_)) => return,
+                Err(_) => return self.refuse("first_bytes_timeout"),
+            };
+            let io = Rewind {
+                prefix,
+                inner: stream,
+            };
+            return self
+                .serve_http(io, h2, client, proxied_by, "http", watcher)
+                .await;
+        };
         let io = Rewind {
             prefix,
             inner: stream,
         };
-        let Some((acceptor, handshake_timeout)) = &self.tls else {
-            return self
-                .serve_http(io, client, proxied_by, "http", watcher)
-                .await;
-        };
         match tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await {
             Ok(Ok(tls)) => {
-                self.serve_http(tls, client, proxied_by, "https", watcher)
+                // ALPN decides; a client that offered none speaks HTTP/1.1.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                self.serve_http(tls, h2, client, proxied_by, "https", watcher)
                     .await
             }
             Ok(Err(e)) => {
@@ -129,6 +153,7 @@ impl Listener {
     async fn serve_http<I>(
         &self,
         io: I,
+        h2: bool,
         client: SocketAddr,
         proxied_by: Option<SocketAddr>,
         scheme: &'static str,
@@ -147,8 +172,8 @@ impl Listener {
         let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
         // With upgrades: a WebSocket route hands the raw connection over
         // once its 101 has been sent (see `proxy::upgrade`).
-        let connection = self
-            .builder
+        let builder = if h2 { &self.h2 } else { &self.h1 };
+        let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         if let Err(e) = watcher.watch(connection).await {
@@ -183,8 +208,10 @@ pub async fn serve(
     if cfg.tls.is_some() && tls.is_none() {
         return;
     }
+    let builder = http_builder(&cfg);
     let this = Arc::new(Listener {
-        builder: http_builder(&cfg),
+        h1: builder.clone().http1_only(),
+        h2: builder.http2_only(),
         limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
         refused: shared.metrics.connections_refused.clone(),
         shared: shared.clone(),
@@ -234,6 +261,29 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(listener = %name, "drain timeout: closing remaining connections");
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes tell HTTP/2 (the whole preface) from
+/// HTTP/1.1 (any byte that departs from it). Returns the verdict and every
+/// byte read, to be replayed.
+async fn sniff_h2(stream: &mut TcpStream, prefix: Bytes) -> std::io::Result<(bool, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::from(&prefix[..]);
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok((false, buf.freeze()));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok((true, buf.freeze()));
+        }
+        buf.reserve(H2_PREFACE.len());
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
     }
 }
 

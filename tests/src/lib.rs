@@ -27,6 +27,8 @@ use tokio::net::TcpListener;
 
 pub use gateway::{Config, Gateway};
 
+pub mod edge;
+pub mod raw;
 pub mod redis;
 pub mod tls;
 

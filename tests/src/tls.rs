@@ -120,6 +120,14 @@ impl ClientOpts {
 
 /// Connects and completes a TLS handshake.
 pub async fn connect(addr: SocketAddr, opts: &ClientOpts) -> std::io::Result<TlsStream<TcpStream>> {
+    connect_over(TcpStream::connect(addr).await?, opts).await
+}
+
+/// Completes a TLS handshake on a connected stream (after a PROXY header).
+pub async fn connect_over(
+    tcp: TcpStream,
+    opts: &ClientOpts,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = match opts.version {
         Some(v) => vec![v],
@@ -135,7 +143,6 @@ pub async fn connect(addr: SocketAddr, opts: &ClientOpts) -> std::io::Result<Tls
     config.enable_sni = opts.sni.is_some();
     let name = ServerName::try_from(opts.sni.clone().unwrap_or_else(|| "unused.invalid".into()))
         .expect("valid name");
-    let tcp = TcpStream::connect(addr).await?;
     TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
