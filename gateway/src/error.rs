@@ -35,6 +35,8 @@ pub enum ProxyError {
     Timeout,
     #[error("the upstream closed or reset the connection before answering")]
     UpstreamReset,
+    #[error("the protocol upgrade could not be passed to the upstream")]
+    UpgradeFailed,
 }
 
 impl ProxyError {
@@ -47,9 +49,10 @@ impl ProxyError {
             ProxyError::BadBody => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ConnectRefused | ProxyError::ConnectFailed | ProxyError::UpstreamReset => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::ConnectRefused
+            | ProxyError::ConnectFailed
+            | ProxyError::UpstreamReset
+            | ProxyError::UpgradeFailed => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout => "connect_timeout",
             ProxyError::Timeout => "upstream_timeout",
             ProxyError::UpstreamReset => "upstream_reset",
+            ProxyError::UpgradeFailed => "upgrade_failed",
         }
     }
 

@@ -26,6 +26,7 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -28,6 +28,7 @@ use crate::error::ProxyError;
 use crate::limits::{self, BodyVerdict, LimitedBody};
 use crate::router::{normalize_path, request_host};
 use crate::runtime::Runtime;
+use crate::upgrade;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
 use crate::{client_ip as identity, headers};
@@ -148,6 +149,14 @@ pub async fn handle(
         Some(local) => (local_response(local), None),
         // A chunked body's first chunk is read before the upstream is
         // chosen: bad framing is refused here, never forwarded.
+        // WebSocket and other upgrades, on routes that allow them: a
+        // connection of their own, spliced after the upstream's 101.
+        None if route.websocket && upgrade::is_upgrade(&head) => {
+            match upgrade_request(&route.cluster, &mut head, client_ip, &conn, &host).await {
+                Ok((resp, ep)) => (resp, Some(ep)),
+                Err(e) => (e.response(&request_id), None),
+            }
+        }
         None => match body.prefetch(conn.config.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
@@ -282,6 +291,23 @@ fn head_for_upstream(
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         headers,
     }
+}
+
+/// Hands an upgrade request to [`upgrade::pass_through`].
+async fn upgrade_request(
+    cluster: &Arc<Cluster>,
+    head: &mut Parts,
+    client_ip: IpAddr,
+    conn: &ConnInfo,
+    host: &str,
+) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+    let on = head
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(ProxyError::UpgradeFailed)?;
+    let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
+    let up = head_for_upstream(head, client_ip, conn, host);
+    upgrade::pass_through(cluster, on, up.method, up.path, up.headers, protocol).await
 }
 
 struct UpstreamHead {

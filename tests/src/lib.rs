@@ -31,6 +31,7 @@ pub mod edge;
 pub mod raw;
 pub mod redis;
 pub mod tls;
+pub mod ws;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type Handler = Arc<

@@ -307,6 +307,12 @@ async fn large_bodies_stream_in_bounded_memory() {
     })
     .await;
     let (text, public, _admin) = binary_config(up.addr, "request_timeout = \"60s\"");
+    // Above the default max_body (16MiB): this test is about streaming.
+    let text = text.replacen(
+        "name = \"public\"",
+        "name = \"public\"\nmax_body = \"1GiB\"",
+        1,
+    );
     let path = write_config("stream", &text);
     let gw = Proc::spawn(
         Command::new(flashgate_bin())
