@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::access_log::AccessRecord;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -20,6 +21,11 @@ pub struct ProxyBody {
     in_flight: Option<InFlight>,
     /// Dropped at the same moment, which ends the stream for filters.
     chain: Option<ChainStream>,
+    /// The access log line, written when the body is dropped (sent or
+    /// abandoned), with the bytes that went out.
+    log: Option<Box<AccessRecord>>,
+    sent: u64,
+    ended: bool,
 }
 
 enum Inner {
@@ -34,6 +40,9 @@ impl ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
             in_flight: None,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
@@ -54,6 +63,9 @@ impl ProxyBody {
             inner: Inner::Upstream(body),
             in_flight,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
@@ -66,8 +78,14 @@ impl ProxyBody {
         }
     }
 
+    /// Writes `record` to the access log when this body is done.
+    pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
+        self.log = Some(record);
+    }
+
     /// The response was read to its end: its connection can be reused.
     fn complete(&mut self) {
+        self.ended = true;
         if let Some(f) = self.in_flight.take() {
             f.complete();
         }
@@ -95,6 +113,11 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
         };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                this.sent += d.len() as u64;
+            }
+        }
         match &polled {
             // hyper stops polling once `is_end_stream` says the body is
             // done (a Content-Length body after its last byte), so the end
@@ -118,6 +141,15 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.log.take() {
+            let complete = self.ended || self.is_end_stream();
+            record.emit(self.sent, complete);
         }
     }
 }

@@ -11,6 +11,7 @@
 //! [`Gateway::start`] binds every listener of a validated [`Config`] and
 //! returns the bound addresses.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod client_ip;

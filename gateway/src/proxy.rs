@@ -22,6 +22,7 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 
+use crate::access_log::{AccessRecord, UpstreamTiming};
 use crate::body::ProxyBody;
 use crate::config::ListenerConfig;
 use crate::error::ProxyError;
@@ -145,10 +146,9 @@ pub async fn handle(
     // bypass), before the upstream.
 
     let (mut body, verdict) = body;
+    let mut timing = UpstreamTiming::default();
     let (mut resp, endpoint) = match local {
         Some(local) => (local_response(local), None),
-        // A chunked body's first chunk is read before the upstream is
-        // chosen: bad framing is refused here, never forwarded.
         // WebSocket and other upgrades, on routes that allow them: a
         // connection of their own, spliced after the upstream's 101.
         None if route.websocket && upgrade::is_upgrade(&head) => {
@@ -157,6 +157,8 @@ pub async fn handle(
                 Err(e) => (e.response(&request_id), None),
             }
         }
+        // A chunked body's first chunk is read before the upstream is
+        // chosen: bad framing is refused here, never forwarded.
         None => match body.prefetch(conn.config.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
@@ -164,6 +166,7 @@ pub async fn handle(
                 head_for_upstream(&mut head, client_ip, &conn, &host),
                 body,
                 &verdict,
+                &mut timing,
             )
             .await
             {
@@ -190,16 +193,18 @@ pub async fn handle(
     route.count(status);
     route.latency.observe(started.elapsed().as_secs_f64());
     if runtime.config.log.access_log {
-        access_log(
+        let record = access_record(
             &head,
             &request_id,
             &conn,
             client_ip,
-            &route.name,
-            endpoint.as_deref().map(|e| &*e.addr),
+            route.name.clone(),
+            endpoint.as_deref().map(|e| Arc::from(&*e.addr)),
             status,
             started,
+            timing,
         );
+        resp.body_mut().log_on_end(record);
     }
     Ok(resp)
 }
@@ -241,16 +246,18 @@ fn reject(
         .with_label_values(&["none", resp.status().as_str()])
         .inc();
     if runtime.config.log.access_log {
-        access_log(
+        let record = access_record(
             head,
             request_id,
             conn,
             client_ip,
-            "none",
+            Arc::from("none"),
             None,
             resp.status(),
             started,
+            UpstreamTiming::default(),
         );
+        resp.body_mut().log_on_end(record);
     }
     resp
 }
@@ -332,6 +339,7 @@ async fn forward(
     mut head: UpstreamHead,
     body: LimitedBody,
     verdict: &BodyVerdict,
+    timing: &mut UpstreamTiming,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let replayable = head.method.is_idempotent() && body.is_end_stream();
@@ -351,7 +359,10 @@ async fn forward(
         let deadline = tokio::time::Instant::now() + cluster.request_timeout;
         let sent = Instant::now();
 
-        let err = match tokio::time::timeout_at(deadline, cluster.connection(i)).await {
+        let connected = tokio::time::timeout_at(deadline, cluster.connection(i)).await;
+        let connect = sent.elapsed();
+        timing.connect = Some(connect);
+        let err = match connected {
             Err(_) => ProxyError::ConnectTimeout,
             Ok(Err(e)) => e,
             Ok(Ok(mut conn)) => {
@@ -374,6 +385,7 @@ async fn forward(
                 }
                 match tokio::time::timeout_at(deadline, conn.try_send_request(req)).await {
                     Ok(Ok(resp)) => {
+                        timing.first_byte = Some(sent.elapsed().saturating_sub(connect));
                         cluster.duration.observe(sent.elapsed().as_secs_f64());
                         cluster.observe(i, resp.status().is_server_error());
                         let (mut parts, resp_body) = resp.into_parts();
@@ -460,26 +472,29 @@ fn local_response(local: LocalResponse) -> Response<ProxyBody> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn access_log(
+fn access_record(
     head: &Parts,
     request_id: &HeaderValue,
     conn: &ConnInfo,
     client_ip: IpAddr,
-    route: &str,
-    upstream: Option<&str>,
+    route: Arc<str>,
+    upstream: Option<Arc<str>>,
     status: http::StatusCode,
     started: Instant,
-) {
-    tracing::info!(
-        target: "flashgate::access",
-        listener = %conn.listener,
-        client = %client_ip,
-        method = %head.method,
-        path = head.uri.path(),
+    timing: UpstreamTiming,
+) -> Box<AccessRecord> {
+    Box::new(AccessRecord {
+        listener: conn.listener.clone(),
+        client: client_ip,
+        peer: conn.peer,
+        method: head.method.clone(),
+        path: head.uri.path().to_string(),
         route,
-        upstream = upstream.unwrap_or("-"),
-        status = status.as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1000.0,
-        request_id = request_id.to_str().unwrap_or("-"),
-    );
+        upstream,
+        status,
+        request_id: request_id.clone(),
+        started,
+        head: started.elapsed(),
+        timing,
+    })
 }
