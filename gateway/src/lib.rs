@@ -101,7 +101,16 @@ impl Shared {
         let new = Config::load(path).map_err(|e| e.to_string())?;
         let old = self.runtime.load();
         let mut outcome = ReloadOutcome::default();
-        if self.bound.0 != new.listeners {
+        // Limits and trusted proxies apply live (new connections and
+        // requests); sockets, certificate paths and PROXY protocol do not.
+        let live = self.bound.0.len() == new.listeners.len()
+            && self
+                .bound
+                .0
+                .iter()
+                .zip(&new.listeners)
+                .all(|(a, b)| server::applies_live(a, b));
+        if !live {
             outcome.restart_required.push("listeners".into());
         }
         if self.bound.1 != new.admin.listen {

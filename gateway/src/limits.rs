@@ -50,8 +50,9 @@ pub fn validate_listener(l: &ListenerConfig, p: &str) -> Result<(), ConfigError>
 
 /// Open connections of one listener, in total and per client address.
 pub struct ConnLimits {
-    max: usize,
-    per_ip: usize,
+    /// Changed by a reload (see `server::Listener::settings`).
+    max: AtomicUsize,
+    per_ip: AtomicUsize,
     open: AtomicUsize,
     by_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -65,17 +66,23 @@ pub struct IpSlot(Arc<ConnLimits>, IpAddr);
 impl ConnLimits {
     pub fn new(max: usize, per_ip: usize) -> Arc<ConnLimits> {
         Arc::new(ConnLimits {
-            max,
-            per_ip,
+            max: AtomicUsize::new(max),
+            per_ip: AtomicUsize::new(per_ip),
             open: AtomicUsize::new(0),
             by_ip: Mutex::new(HashMap::new()),
         })
     }
 
+    /// New limits for new connections; open ones keep their slots.
+    pub fn set(&self, max: usize, per_ip: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        self.per_ip.store(per_ip, Ordering::Relaxed);
+    }
+
     /// A slot for a new connection, or `None` at `max_connections`.
     pub fn try_conn(self: &Arc<Self>) -> Option<ConnSlot> {
         let prev = self.open.fetch_add(1, Ordering::AcqRel);
-        if prev >= self.max {
+        if prev >= self.max.load(Ordering::Relaxed) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
@@ -85,12 +92,13 @@ impl ConnLimits {
     /// A slot for `ip`, or `None` at `max_connections_per_ip`. Always
     /// granted when there is no per-address limit.
     pub fn try_ip(self: &Arc<Self>, ip: IpAddr) -> Option<Option<IpSlot>> {
-        if self.per_ip == 0 {
+        let per_ip = self.per_ip.load(Ordering::Relaxed);
+        if per_ip == 0 {
             return Some(None);
         }
         let mut map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.per_ip {
+        if *n >= per_ip {
             return None;
         }
         *n += 1;

@@ -64,13 +64,22 @@ pub async fn handle(
     // Client identity: the connection's address (peer or PROXY source),
     // or the right-most untrusted x-forwarded-for entry when that address
     // is a trusted proxy. Before anything uses the client IP.
-    let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &conn.config.trusted_proxies);
+    // The listener's settings from the config in effect, not from when the
+    // connection opened: an ALB keeps its connections for hours, and a
+    // reloaded limit must reach them.
+    let listener = runtime
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *conn.listener)
+        .unwrap_or(&conn.config);
+    let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &listener.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
 
     // Request limits the connection layer cannot check: target length
     // (414) and a declared body length (413), before any routing work.
-    let body = match limits::check_uri(&head.uri, conn.config.max_uri_bytes.0)
-        .and_then(|()| LimitedBody::new(body, conn.config.max_body.0))
+    let body = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
+        .and_then(|()| LimitedBody::new(body, listener.max_body.0))
     {
         Ok(b) => b,
         Err(e) => {
@@ -159,7 +168,7 @@ pub async fn handle(
         }
         // A chunked body's first chunk is read before the upstream is
         // chosen: bad framing is refused here, never forwarded.
-        None => match body.prefetch(conn.config.header_read_timeout.0).await {
+        None => match body.prefetch(listener.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
                 &route.cluster,

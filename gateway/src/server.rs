@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::ListenerConfig;
+use crate::config::{Config, ListenerConfig};
 use crate::limits::ConnLimits;
 use crate::proxy::{self, ConnInfo};
 use crate::tls::CertStore;
@@ -56,16 +57,46 @@ fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// What every connection of one listener shares.
-struct Listener {
-    shared: Arc<Shared>,
+/// Whether a reload from `a` to `b` can be applied to a running listener:
+/// the socket (`name`, `listen`), the TLS certificate paths and the PROXY
+/// protocol switch are fixed at start; every limit and `trusted_proxies`
+/// apply to new connections and requests at once.
+pub fn applies_live(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    a.name == b.name
+        && a.listen == b.listen
+        && a.tls == b.tls
+        && a.proxy_protocol == b.proxy_protocol
+}
+
+/// A listener's settings for new connections, from one loaded config.
+struct Settings {
+    /// The config these were built from: a reload brings a new one.
+    source: Arc<Config>,
     cfg: Arc<ListenerConfig>,
-    name: Arc<str>,
     /// HTTP/1.1 only and HTTP/2 only: the protocol is chosen before hyper
     /// sees the connection (ALPN, or the h2c preface), so hyper's HTTP/1.1
     /// header read timeout runs from the first byte on.
     h1: auto::Builder<TokioExecutor>,
     h2: auto::Builder<TokioExecutor>,
+}
+
+impl Settings {
+    fn new(source: Arc<Config>, cfg: ListenerConfig) -> Settings {
+        let builder = http_builder(&cfg);
+        Settings {
+            source,
+            cfg: Arc::new(cfg),
+            h1: builder.clone().http1_only(),
+            h2: builder.http2_only(),
+        }
+    }
+}
+
+/// What every connection of one listener shares.
+struct Listener {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    settings: ArcSwap<Settings>,
     tls: Option<(TlsAcceptor, Duration)>,
     limits: Arc<ConnLimits>,
     refused: IntCounterVec,
@@ -76,14 +107,44 @@ impl Listener {
         self.refused.with_label_values(&[&self.name, reason]).inc();
     }
 
+    /// The settings for a new connection: those of the config in effect.
+    /// After a reload the first connection rebuilds them (and the
+    /// connection limits); later ones reuse them.
+    fn settings(&self) -> Arc<Settings> {
+        let current = self.settings.load_full();
+        let runtime = self.shared.runtime.load();
+        if Arc::ptr_eq(&current.source, &runtime.config) {
+            return current;
+        }
+        let found = runtime
+            .config
+            .listeners
+            .iter()
+            .find(|l| *l.name == *self.name && applies_live(&current.cfg, l));
+        // Gone or moved: the reload reported a restart as needed; keep
+        // serving with what we have.
+        let cfg = found.cloned().unwrap_or_else(|| (*current.cfg).clone());
+        self.limits
+            .set(cfg.max_connections, cfg.max_connections_per_ip);
+        let next = Arc::new(Settings::new(runtime.config.clone(), cfg));
+        self.settings.store(next.clone());
+        next
+    }
+
     /// One connection, from its first byte to its end.
-    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    async fn connection(
+        &self,
+        settings: Arc<Settings>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        watcher: Watcher,
+    ) {
         let mut client = peer;
         let mut proxied_by = None;
         let mut prefix = Bytes::new();
-        if self.cfg.proxy_protocol {
+        if settings.cfg.proxy_protocol {
             let header = tokio::time::timeout(
-                self.cfg.proxy_protocol_timeout.0,
+                settings.cfg.proxy_protocol_timeout.0,
                 proxy_protocol::read_header(&mut stream),
             )
             .await;
@@ -114,7 +175,7 @@ impl Listener {
             // header_read_timeout is closed: hyper's own timer only starts
             // once the protocol is known.
             let sniffed = tokio::time::timeout(
-                self.cfg.header_read_timeout.0,
+                settings.cfg.header_read_timeout.0,
                 sniff_h2(&mut stream, prefix),
             )
             .await;
@@ -128,7 +189,7 @@ impl Listener {
                 inner: stream,
             };
             return self
-                .serve_http(io, h2, client, proxied_by, "http", watcher)
+                .serve_http(&settings, io, h2, client, proxied_by, "http", watcher)
                 .await;
         };
         let io = Rewind {
@@ -139,7 +200,7 @@ impl Listener {
             Ok(Ok(tls)) => {
                 // ALPN decides; a client that offered none speaks HTTP/1.1.
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                self.serve_http(tls, h2, client, proxied_by, "https", watcher)
+                self.serve_http(&settings, tls, h2, client, proxied_by, "https", watcher)
                     .await
             }
             Ok(Err(e)) => {
@@ -150,8 +211,10 @@ impl Listener {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve_http<I>(
         &self,
+        settings: &Settings,
         io: I,
         h2: bool,
         client: SocketAddr,
@@ -166,13 +229,13 @@ impl Listener {
             proxied_by,
             listener: self.name.clone(),
             scheme,
-            config: self.cfg.clone(),
+            config: settings.cfg.clone(),
         });
         let shared = self.shared.clone();
         let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
         // With upgrades: a WebSocket route hands the raw connection over
         // once its 101 has been sent (see `proxy::upgrade`).
-        let builder = if h2 { &self.h2 } else { &self.h1 };
+        let builder = if h2 { &settings.h2 } else { &settings.h1 };
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
@@ -208,14 +271,11 @@ pub async fn serve(
     if cfg.tls.is_some() && tls.is_none() {
         return;
     }
-    let builder = http_builder(&cfg);
     let this = Arc::new(Listener {
-        h1: builder.clone().http1_only(),
-        h2: builder.http2_only(),
         limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+        settings: ArcSwap::from_pointee(Settings::new(shared.runtime.load().config.clone(), cfg)),
         refused: shared.metrics.connections_refused.clone(),
         shared: shared.clone(),
-        cfg: Arc::new(cfg),
         name: name.clone(),
         tls,
     });
@@ -239,6 +299,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         total.inc();
+        let settings = this.settings();
         let Some(slot) = this.limits.try_conn() else {
             this.refuse("max_connections");
             continue;
@@ -249,7 +310,7 @@ pub async fn serve(
         let active = active.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            this.connection(stream, peer, watcher).await;
+            this.connection(settings, stream, peer, watcher).await;
             drop(slot);
             active.dec();
         });

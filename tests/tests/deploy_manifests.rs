@@ -42,7 +42,8 @@ fn find<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
 }
 
 fn int(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not an integer: {v:?}"))
+    v.as_u64()
+        .unwrap_or_else(|| panic!("not an integer: {v:?}"))
 }
 
 #[test]
@@ -50,14 +51,27 @@ fn every_manifest_has_the_required_fields() {
     let docs = documents();
     for (file, v) in &docs {
         for key in ["apiVersion", "kind"] {
-            assert!(v[key].as_str().is_some_and(|s| !s.is_empty()), "{file}: {key} in {v:?}");
+            assert!(
+                v[key].as_str().is_some_and(|s| !s.is_empty()),
+                "{file}: {key} in {v:?}"
+            );
         }
-        assert!(v["metadata"]["name"].as_str().is_some(), "{file}: metadata.name");
+        assert!(
+            v["metadata"]["name"].as_str().is_some(),
+            "{file}: metadata.name"
+        );
         if v["kind"] != "Namespace" {
-            assert_eq!(v["metadata"]["namespace"], "shop", "{file}: {:?}", v["metadata"]);
+            assert_eq!(
+                v["metadata"]["namespace"], "shop",
+                "{file}: {:?}",
+                v["metadata"]
+            );
         }
     }
-    let kinds: Vec<&str> = docs.iter().filter_map(|(_, v)| v["kind"].as_str()).collect();
+    let kinds: Vec<&str> = docs
+        .iter()
+        .filter_map(|(_, v)| v["kind"].as_str())
+        .collect();
     for k in [
         "Deployment",
         "Service",
@@ -98,7 +112,11 @@ fn the_numbers_agree_with_the_gateway_config() {
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
     assert!(
-        c["args"].as_sequence().unwrap().iter().any(|a| a == "/etc/flashgate/flashgate.toml"),
+        c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a == "/etc/flashgate/flashgate.toml"),
         "runs the mounted config"
     );
 
@@ -124,14 +142,19 @@ fn the_numbers_agree_with_the_gateway_config() {
     let labels = &deploy["spec"]["template"]["metadata"]["labels"];
     let pdb = find(&docs, "PodDisruptionBudget", "flashgate");
     assert_eq!(pdb["spec"]["selector"]["matchLabels"]["app"], labels["app"]);
-    assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(
+        deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
 
     // The ALB: health checks on the admin port's /readyz, idle timeout
     // below the listener's, deregistration within the serving window.
     let ing = find(&docs, "Ingress", "flashgate");
     let ann = &ing["metadata"]["annotations"];
     assert_eq!(
-        ann["alb.ingress.kubernetes.io/healthcheck-port"].as_str().unwrap(),
+        ann["alb.ingress.kubernetes.io/healthcheck-port"]
+            .as_str()
+            .unwrap(),
         config.admin.listen.port().to_string()
     );
     assert_eq!(ann["alb.ingress.kubernetes.io/healthcheck-path"], "/readyz");
@@ -145,7 +168,10 @@ fn the_numbers_agree_with_the_gateway_config() {
             .parse()
             .unwrap()
     };
-    let idle = attr("alb.ingress.kubernetes.io/load-balancer-attributes", "idle_timeout.timeout_seconds");
+    let idle = attr(
+        "alb.ingress.kubernetes.io/load-balancer-attributes",
+        "idle_timeout.timeout_seconds",
+    );
     assert!(Duration::from_secs(idle) < config.listeners[0].header_read_timeout.0);
     let dereg = attr(
         "alb.ingress.kubernetes.io/target-group-attributes",
@@ -162,11 +188,26 @@ fn the_numbers_agree_with_the_gateway_config() {
 
     // Only the gateway reaches the order core, on the port the gateway uses.
     let np = find(&docs, "NetworkPolicy", "order-core-only-from-gateway");
-    assert_eq!(np["spec"]["podSelector"]["matchLabels"]["app"], "order-core");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"]["app"],
+        "order-core"
+    );
     let rule = &np["spec"]["ingress"][0];
     assert_eq!(rule["from"].as_sequence().unwrap().len(), 1);
-    assert_eq!(rule["from"][0]["podSelector"]["matchLabels"]["app"], labels["app"]);
-    let order_core = config.upstreams.iter().find(|u| u.name == "order-core").unwrap();
-    let port = order_core.endpoints[0].rsplit(':').next().unwrap().parse::<u64>().unwrap();
+    assert_eq!(
+        rule["from"][0]["podSelector"]["matchLabels"]["app"],
+        labels["app"]
+    );
+    let order_core = config
+        .upstreams
+        .iter()
+        .find(|u| u.name == "order-core")
+        .unwrap();
+    let port = order_core.endpoints[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
     assert_eq!(int(&rule["ports"][0]["port"]), port);
 }

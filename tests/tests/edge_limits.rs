@@ -329,3 +329,79 @@ async fn http2_streams_per_connection_are_capped() {
         peak.load(Ordering::SeqCst)
     );
 }
+
+/// A reload changes limits and trusted proxies for new requests without a
+/// restart; moving the listener is reported as needing one.
+#[tokio::test]
+async fn limits_change_on_reload() {
+    let up = Upstream::echo().await;
+    let dir = flashgate_tests::tls::temp_dir("limits-reload");
+    let path = dir.join("gw.toml");
+    let write = |listener_extra: &str| {
+        std::fs::write(&path, edge::config(up.addr, listener_extra, "")).unwrap();
+    };
+    write("max_uri_bytes = \"512B\"");
+    let config = flashgate_tests::Config::load(&path).unwrap();
+    let gw = flashgate_tests::Gateway::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let addr = gw.addr("public").unwrap();
+    let long = format!("http://{addr}/{}", "a".repeat(600));
+    let client = flashgate_tests::client();
+    let get = |url: String, xff: &'static str| {
+        let client = client.clone();
+        async move {
+            send_with(
+                &client,
+                Request::get(url)
+                    .header("x-forwarded-for", xff)
+                    .body(flashgate_tests::empty())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    assert_eq!(get(long.clone(), "203.0.113.1").await.status, 414);
+    let seen = get(format!("http://{addr}/"), "203.0.113.1").await.json();
+    assert_eq!(seen["headers"]["x-real-ip"], "127.0.0.1");
+
+    write("max_uri_bytes = \"2KiB\"\ntrusted_proxies = [\"127.0.0.1/32\"]");
+    let reload = |gw: &flashgate_tests::Gateway| {
+        let admin = gw.admin_addr();
+        async move {
+            flashgate_tests::send(
+                Request::post(format!("http://{admin}/admin/reload"))
+                    .header("authorization", "Bearer test-token")
+                    .body(flashgate_tests::empty())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let answer = reload(&gw).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["restart_required"], serde_json::json!([]));
+    // The same client on its kept-alive connection: new requests get the
+    // new limits.
+    assert_eq!(get(long.clone(), "203.0.113.1").await.status, 200);
+    let seen = get(format!("http://{addr}/"), "203.0.113.1").await.json();
+    assert_eq!(seen["headers"]["x-real-ip"], "203.0.113.1");
+
+    // Moving the listener cannot be applied live.
+    std::fs::write(
+        &path,
+        edge::config(up.addr, "max_uri_bytes = \"2KiB\"", "")
+            .replacen("listen = \"127.0.0.1:0\"\n[[upstreams]]", "", 0)
+            .replace(
+                "name = \"public\"\nlisten = \"127.0.0.1:0\"",
+                "name = \"public\"\nlisten = \"127.0.0.1:1\"",
+            ),
+    )
+    .unwrap();
+    let answer = reload(&gw).await;
+    assert_eq!(
+        answer.json()["restart_required"],
+        serde_json::json!(["listeners"])
+    );
+    gw.shutdown().await;
+}
