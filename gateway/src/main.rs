@@ -193,7 +193,16 @@ async fn run_demo(
          \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
          \nCtrl-C stops it."
     );
-    serve_until_signal(gw).await
+    let result = serve_until_signal(gw).await;
+    if tls.is_some() {
+        let _ = std::fs::remove_dir_all(demo_tls_dir());
+    }
+    result
+}
+
+/// Where the demo writes its certificate; removed when the demo stops.
+fn demo_tls_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("flashgate-demo-{}", std::process::id()))
 }
 
 /// The demo's TLS listener: the public listener's settings on `addr`, with
@@ -204,7 +213,7 @@ fn demo_tls_listener(
     addr: SocketAddr,
 ) -> anyhow::Result<gateway::config::ListenerConfig> {
     use gateway::config::{CertPair, Dur, TlsConfig};
-    let dir = std::env::temp_dir().join(format!("flashgate-demo-{}", std::process::id()));
+    let dir = demo_tls_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (cert, key) = gateway::tls::self_signed(&["localhost", "127.0.0.1"])
         .context("generating the demo's self-signed certificate")?;

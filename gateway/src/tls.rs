@@ -127,6 +127,12 @@ impl CertSet {
                 };
             }
         }
+        if loaded.is_empty() {
+            return Err(TlsError::Cert {
+                path: "certs".into(),
+                message: "no certificate pair configured".into(),
+            });
+        }
         let default = loaded.swap_remove(0).key;
         Ok(CertSet {
             default,
