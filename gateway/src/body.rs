@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use filters::ChainStream;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
@@ -32,6 +33,8 @@ enum Inner {
     /// Streams from the upstream frame by frame, never buffered whole.
     Upstream(Incoming),
     Full(Full<Bytes>),
+    /// Anything else (the cache's "read part, stream the rest" body).
+    Boxed(UnsyncBoxBody<Bytes, hyper::Error>),
 }
 
 impl ProxyBody {
@@ -43,6 +46,15 @@ impl ProxyBody {
             log: None,
             sent: 0,
             ended: false,
+        }
+    }
+
+    /// Wraps another body; what it wraps keeps its own in-flight slot.
+    pub fn boxed(body: UnsyncBoxBody<Bytes, hyper::Error>) -> Self {
+        ProxyBody {
+            inner: Inner::Boxed(body),
+            in_flight: None,
+            chain: None,
         }
     }
 
@@ -112,6 +124,7 @@ impl Body for ProxyBody {
             Inner::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
+            Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
         };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(d) = frame.data_ref() {
@@ -134,6 +147,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
             Inner::Full(full) => full.is_end_stream(),
+            Inner::Boxed(body) => body.is_end_stream(),
         }
     }
 
@@ -141,6 +155,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
+            Inner::Boxed(body) => body.size_hint(),
         }
     }
 }

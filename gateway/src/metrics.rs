@@ -41,6 +41,7 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Certificate reloads from disk, by listener and result.
     pub tls_cert_reloads: IntCounterVec,
+    pub cache: crate::cache::CacheMetrics,
 }
 
 impl Metrics {
@@ -136,6 +137,7 @@ impl Metrics {
                 "TLS certificate reloads from disk, by result (error: the old certificates keep serving).",
                 &["listener", "result"],
             ),
+            cache: crate::cache::CacheMetrics::register(&registry),
             registry,
         }
     }

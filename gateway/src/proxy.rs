@@ -6,8 +6,8 @@
 //!        -> cache lookup -> upstream -> response filters -> log, metrics
 //! ```
 //!
-//! Phases that later issues fill in (admission, cache) have their place
-//! marked here, so the order stays readable in one function.
+//! Phases that later issues fill in (admission) have their place marked
+//! here, so the order stays readable in one function.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -24,6 +24,7 @@ use hyper::body::{Body, Incoming};
 
 use crate::access_log::{AccessRecord, UpstreamTiming};
 use crate::body::ProxyBody;
+use crate::cache;
 use crate::config::ListenerConfig;
 use crate::error::ProxyError;
 use crate::limits::{self, BodyVerdict, LimitedBody};
@@ -78,7 +79,7 @@ pub async fn handle(
 
     // Request limits the connection layer cannot check: target length
     // (414) and a declared body length (413), before any routing work.
-    let body = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
+    let (mut body, verdict) = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
         .and_then(|()| LimitedBody::new(body, listener.max_body.0))
     {
         Ok(b) => b,
@@ -151,24 +152,53 @@ pub async fn handle(
         None => None,
     };
 
-    // Cache lookup comes here: after filters (they may change the key or
-    // bypass), before the upstream.
+    // Cache lookup: after filters (they may rewrite the head or answer
+    // locally), before the upstream. A fresh L1 hit is answered here,
+    // without building an upstream request.
+    let cached = match (&local, &route.cache) {
+        (None, Some(rc)) => Some(
+            runtime
+                .cache
+                .lookup(rc, &head, &host, !body.is_end_stream()),
+        ),
+        _ => None,
+    };
 
-    let (mut body, verdict) = body;
     let mut timing = UpstreamTiming::default();
-    let (mut resp, endpoint) = match local {
-        Some(local) => (local_response(local), None),
+    let (mut resp, endpoint) = match (local, cached) {
+        (Some(local), _) => (local_response(local), None),
         // WebSocket and other upgrades, on routes that allow them: a
         // connection of their own, spliced after the upstream's 101.
-        None if route.websocket && upgrade::is_upgrade(&head) => {
+        (None, _) if route.websocket && upgrade::is_upgrade(&head) => {
             match upgrade_request(&route.cluster, &mut head, client_ip, &conn, &host).await {
                 Ok((resp, ep)) => (resp, Some(ep)),
                 Err(e) => (e.response(&request_id), None),
             }
         }
-        // A chunked body's first chunk is read before the upstream is
-        // chosen: bad framing is refused here, never forwarded.
-        None => match body.prefetch(listener.header_read_timeout.0).await {
+        (None, Some(cache::Lookup::Hit(hit))) => (hit, None),
+        // Misses, stale answers, bypasses: the cache decides whether and
+        // when this request goes upstream (at most once). A chunked body's
+        // first chunk is read before the upstream is chosen: bad framing
+        // is refused here, never forwarded.
+        (None, Some(cache::Lookup::Pending(pending))) => {
+            match body.prefetch(listener.header_read_timeout.0).await {
+                Err(e) => (e.response(&request_id), None),
+                Ok(()) => {
+                    let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+                    pending.prepare_upstream(&mut up.headers);
+                    let cluster = route.cluster.clone();
+                    let verdict = verdict.clone();
+                    let fetch = move || async move {
+                        let mut timing = UpstreamTiming::default();
+                        forward(&cluster, up, body, &verdict, &mut timing)
+                            .await
+                            .map(|(r, _)| r)
+                    };
+                    (pending.resolve(&request_id, fetch).await, None)
+                }
+            }
+        }
+        (None, None) => match body.prefetch(listener.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
                 &route.cluster,

@@ -9,6 +9,7 @@ use filters::wasm::WasmFilter;
 use filters::{FilterChain, FilterFactory, Priority};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 
+use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::router::{HostMatch, Router};
@@ -23,6 +24,8 @@ pub struct Route {
     pub websocket: bool,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
+    /// Set on routes with `cache = {...}`.
+    pub cache: Option<Arc<RouteCache>>,
     pub latency: Histogram,
     /// `flashgate_requests_total{route, status}` handles by status code,
     /// resolved on first use: a request does not hash label values.
@@ -57,6 +60,9 @@ pub struct Runtime {
     pub clusters: Vec<Arc<Cluster>>,
     /// The Wasm filters by name, for their metrics on `/metrics`.
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
+    /// The response cache: carried over by reloads that keep `[cache]` and
+    /// `[redis]` as they were, so its entries survive the reload.
+    pub cache: Arc<Cache>,
 }
 
 impl Runtime {
@@ -82,6 +88,17 @@ impl Runtime {
                     .unwrap_or_else(|| Cluster::new(u, metrics.clone()))
             })
             .collect();
+        let cache = match previous {
+            Some(p) if p.cache.same_config(&config.cache, config.redis.as_ref()) => p.cache.clone(),
+            _ => Arc::new(
+                Cache::new(&config.cache, config.redis.as_ref(), &metrics.cache).map_err(
+                    |message| ConfigError {
+                        path: "redis".into(),
+                        message,
+                    },
+                )?,
+            ),
+        };
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
         let mut wasm = Vec::new();
         for (i, f) in config.filters.iter().enumerate() {
@@ -112,6 +129,7 @@ impl Runtime {
                 .collect();
             let name = r.display_name();
             routes.push(Route {
+                cache: r.cache.as_ref().map(|c| cache.route(&name, c)),
                 latency: metrics.request_duration.with_label_values(&[&name]),
                 by_status: (100..600).map(|_| OnceLock::new()).collect(),
                 requests: metrics.requests.clone(),
@@ -137,6 +155,7 @@ impl Runtime {
             routes,
             clusters,
             wasm,
+            cache,
         })
     }
 

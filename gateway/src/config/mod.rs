@@ -10,6 +10,7 @@
 //!
 //! Every key and its default is documented in `docs/config.md`.
 
+pub mod cache;
 pub mod units;
 
 use std::collections::HashSet;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use filters::{FailMode, Priority};
 use serde::Deserialize;
 
+pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
 pub use units::{Dur, Rate, Size};
 
 /// A config error: where (key path) and what.
@@ -57,6 +59,12 @@ pub struct Config {
     pub filters: Vec<FilterConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// The response cache (used by routes with `cache = {...}`).
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The cache's shared L2; without it each gateway caches on its own.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
 }
 
 /// What SIGTERM does (see `Gateway::shutdown`).
@@ -421,6 +429,9 @@ pub struct RouteConfig {
     /// Pass HTTP/1.1 `Upgrade` requests (WebSocket) through to the upstream.
     #[serde(default)]
     pub websocket: bool,
+    /// Cache this route's responses (see `docs/cache.md`).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
 }
 
 fn default_prefix() -> String {
@@ -832,6 +843,13 @@ impl Config {
                     ));
                 }
             }
+            if let Some(c) = &r.cache {
+                c.validate(&p)?;
+            }
+        }
+        self.cache.validate()?;
+        if let Some(r) = &self.redis {
+            r.validate()?;
         }
         Ok(())
     }
