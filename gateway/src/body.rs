@@ -55,6 +55,9 @@ impl ProxyBody {
             inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
