@@ -12,6 +12,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::access_log::AccessRecord;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -21,6 +22,11 @@ pub struct ProxyBody {
     in_flight: Option<InFlight>,
     /// Dropped at the same moment, which ends the stream for filters.
     chain: Option<ChainStream>,
+    /// The access log line, written when the body is dropped (sent or
+    /// abandoned), with the bytes that went out.
+    log: Option<Box<AccessRecord>>,
+    sent: u64,
+    ended: bool,
 }
 
 enum Inner {
@@ -43,6 +49,9 @@ impl ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
             in_flight: None,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
@@ -52,6 +61,9 @@ impl ProxyBody {
             inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
@@ -72,6 +84,9 @@ impl ProxyBody {
             inner: Inner::Upstream(body),
             in_flight,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
@@ -79,39 +94,27 @@ impl ProxyBody {
     /// (see [`FilteredBody::prime`]); returns the body and its length when
     /// known whole. A local body is left as it is.
     pub async fn filter(
-        self,
+        mut self,
         chain: &ChainStream,
         info: &StreamInfo,
     ) -> Result<(ProxyBody, Option<u64>), BodyStop> {
-        let ProxyBody {
-            inner,
-            in_flight,
-            chain: attached,
-        } = self;
-        let Inner::Upstream(body) = inner else {
-            let len = None;
-            return Ok((
-                ProxyBody {
-                    inner,
-                    in_flight,
-                    chain: attached,
-                },
-                len,
-            ));
+        let placeholder = Inner::Full(Full::new(Bytes::new()));
+        let body = match std::mem::replace(&mut self.inner, placeholder) {
+            Inner::Upstream(body) => body,
+            other => {
+                self.inner = other;
+                return Ok((self, None));
+            }
         };
         let mut filtered = chain.response_body(body, info);
         filtered.prime().await?;
         let len = filtered.known_length();
-        let mut out = ProxyBody {
-            inner: Inner::Filtered(Box::new(filtered)),
-            in_flight,
-            chain: attached,
-        };
+        self.inner = Inner::Filtered(Box::new(filtered));
         // Held whole: the upstream body is read to its end already.
-        if out.is_end_stream() {
-            out.complete();
+        if self.is_end_stream() {
+            self.complete();
         }
-        Ok((out, len))
+        Ok((self, len))
     }
 
     /// Keeps the filter chain's stream alive until the body is done.
@@ -123,8 +126,14 @@ impl ProxyBody {
         }
     }
 
+    /// Writes `record` to the access log when this body is done.
+    pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
+        self.log = Some(record);
+    }
+
     /// The response was read to its end: its connection can be reused.
     fn complete(&mut self) {
+        self.ended = true;
         if let Some(f) = self.in_flight.take() {
             f.complete();
         }
@@ -154,6 +163,11 @@ impl Body for ProxyBody {
                 .map_err(|never| match never {}),
             Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
         };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                this.sent += d.len() as u64;
+            }
+        }
         match &polled {
             // hyper stops polling once `is_end_stream` says the body is
             // done (a Content-Length body after its last byte), so the end
@@ -181,6 +195,15 @@ impl Body for ProxyBody {
             Inner::Filtered(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
             Inner::Boxed(body) => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.log.take() {
+            let complete = self.ended || self.is_end_stream();
+            record.emit(self.sent, complete);
         }
     }
 }

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub endpoint_ejected: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// Connections closed before HTTP, by listener and reason
+    /// (`max_connections`, `proxy_protocol`, `tls_handshake`, ...).
+    pub connections_refused: IntCounterVec,
+    /// Certificate reloads from disk, by listener and result.
+    pub tls_cert_reloads: IntCounterVec,
     pub cache: crate::cache::CacheMetrics,
 }
 
@@ -122,6 +127,16 @@ impl Metrics {
                 &["cluster", "endpoint"],
             ),
             config_reloads: counter("config_reloads_total", "Config reloads, by result.", &["result"]),
+            connections_refused: counter(
+                "connections_refused_total",
+                "Client connections closed before HTTP, by reason.",
+                &["listener", "reason"],
+            ),
+            tls_cert_reloads: counter(
+                "tls_cert_reloads_total",
+                "TLS certificate reloads from disk, by result (error: the old certificates keep serving).",
+                &["listener", "result"],
+            ),
             cache: crate::cache::CacheMetrics::register(&registry),
             registry,
         }

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use filters::{ChainStream, LocalResponse, StreamInfo};
@@ -22,21 +22,32 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 
+use crate::access_log::{AccessRecord, UpstreamTiming};
 use crate::body::ProxyBody;
 use crate::cache;
+use crate::config::ListenerConfig;
 use crate::error::ProxyError;
-use crate::headers;
+use crate::limits::{self, BodyVerdict, LimitedBody};
 use crate::router::{normalize_path, request_host};
 use crate::runtime::Runtime;
+use crate::upgrade;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
+use crate::{client_ip as identity, headers};
 
 /// What the listener knows about the connection a request came on.
 pub struct ConnInfo {
+    /// The connection's client address: the TCP peer, or the source in its
+    /// PROXY protocol header.
     pub peer: SocketAddr,
+    /// The TCP peer (the load balancer) when a PROXY header named another
+    /// source.
+    pub proxied_by: Option<SocketAddr>,
     pub listener: Arc<str>,
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
+    /// The listener's settings: trusted proxies and request limits.
+    pub config: Arc<ListenerConfig>,
 }
 
 /// Handles one request. Never fails: every error becomes a response here or
@@ -51,10 +62,40 @@ pub async fn handle(
     let runtime = shared.runtime.load_full();
     let (mut head, body) = req.into_parts();
 
-    // Client identity. The peer address for now; PROXY protocol and trusted
-    // X-Forwarded-For hops plug in here, before anything uses the client IP.
-    let client_ip = conn.peer.ip();
+    // Client identity: the connection's address (peer or PROXY source),
+    // or the right-most untrusted x-forwarded-for entry when that address
+    // is a trusted proxy. Before anything uses the client IP.
+    // The listener's settings from the config in effect, not from when the
+    // connection opened: an ALB keeps its connections for hours, and a
+    // reloaded limit must reach them.
+    let listener = runtime
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *conn.listener)
+        .unwrap_or(&conn.config);
+    let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &listener.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
+
+    // Request limits the connection layer cannot check: target length
+    // (414) and a declared body length (413), before any routing work.
+    let (body, verdict) = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
+        .and_then(|()| LimitedBody::new(body, listener.max_body.0))
+    {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(reject(
+                &shared,
+                &runtime,
+                e,
+                &head,
+                &request_id,
+                &conn,
+                client_ip,
+                started,
+            ))
+        }
+    };
 
     // Route: decides the cluster, the priority and the filters. The path is
     // normalized first, so the route and the upstream see the same path.
@@ -139,27 +180,54 @@ pub async fn handle(
         _ => None,
     };
 
+    let mut timing = UpstreamTiming::default();
     let (mut resp, endpoint) = match (local, cached) {
         (Some(local), _) => (local_response(local), None),
+        // WebSocket and other upgrades, on routes that allow them: a
+        // connection of their own, spliced after the upstream's 101.
+        (None, _) if route.websocket && upgrade::is_upgrade(&head) => {
+            match upgrade_request(&route.cluster, &mut head, client_ip, &conn, &host).await {
+                Ok((resp, ep)) => (resp, Some(ep)),
+                Err(e) => (e.response(&request_id), None),
+            }
+        }
         (None, Some(cache::Lookup::Hit(hit))) => (hit, None),
         // Misses, stale answers, bypasses: the cache decides whether and
-        // when this request goes upstream (at most once).
+        // when this request goes upstream (at most once). A chunked body's
+        // first chunk is read before the upstream is chosen: bad framing
+        // is refused here, never forwarded.
         (None, Some(cache::Lookup::Pending(pending))) => {
-            let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
-            pending.prepare_upstream(&mut up.headers);
-            let cluster = route.cluster.clone();
-            let fetch = move || async move { forward(&cluster, up, body).await.map(|(r, _)| r) };
-            (pending.resolve(&request_id, fetch).await, None)
+            match prefetch(&mut body, listener.header_read_timeout.0).await {
+                Err(e) => (e.response(&request_id), None),
+                Ok(()) => {
+                    let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+                    pending.prepare_upstream(&mut up.headers);
+                    let cluster = route.cluster.clone();
+                    let verdict = verdict.clone();
+                    let fetch = move || async move {
+                        let mut timing = UpstreamTiming::default();
+                        forward(&cluster, up, body, &verdict, &mut timing)
+                            .await
+                            .map(|(r, _)| r)
+                    };
+                    (pending.resolve(&request_id, fetch).await, None)
+                }
+            }
         }
-        (None, None) => match forward(
-            &route.cluster,
-            head_for_upstream(&mut head, client_ip, &conn, &host),
-            body,
-        )
-        .await
-        {
-            Ok((resp, ep)) => (resp, Some(ep)),
+        (None, None) => match prefetch(&mut body, listener.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
+            Ok(()) => match forward(
+                &route.cluster,
+                head_for_upstream(&mut head, client_ip, &conn, &host),
+                body,
+                &verdict,
+                &mut timing,
+            )
+            .await
+            {
+                Ok((resp, ep)) => (resp, Some(ep)),
+                Err(e) => (e.response(&request_id), None),
+            },
         },
     };
 
@@ -193,16 +261,18 @@ pub async fn handle(
     route.count(status);
     route.latency.observe(started.elapsed().as_secs_f64());
     if runtime.config.log.access_log {
-        access_log(
+        let record = access_record(
             &head,
             &request_id,
             &conn,
             client_ip,
-            &route.name,
-            endpoint.as_deref().map(|e| &*e.addr),
+            route.name.clone(),
+            endpoint.as_deref().map(|e| Arc::from(&*e.addr)),
             status,
             started,
+            timing,
         );
+        resp.body_mut().log_on_end(record);
     }
     Ok(resp)
 }
@@ -244,16 +314,18 @@ fn reject(
         .with_label_values(&["none", resp.status().as_str()])
         .inc();
     if runtime.config.log.access_log {
-        access_log(
+        let record = access_record(
             head,
             request_id,
             conn,
             client_ip,
-            "none",
+            Arc::from("none"),
             None,
             resp.status(),
             started,
+            UpstreamTiming::default(),
         );
+        resp.body_mut().log_on_end(record);
     }
     resp
 }
@@ -277,7 +349,13 @@ fn head_for_upstream(
         }
     }
     headers::remove_hop_by_hop(&mut headers);
-    headers::set_forwarded(&mut headers, client_ip, conn.scheme, host);
+    // x-forwarded-for and forwarded get the hop we saw (the connection's
+    // address); x-real-ip the resolved client, replacing whatever the
+    // client sent, so origins have one header they can believe.
+    headers::set_forwarded(&mut headers, conn.peer.ip(), conn.scheme, host);
+    if let Ok(v) = HeaderValue::try_from(client_ip.to_string()) {
+        headers.insert(headers::X_REAL_IP.clone(), v);
+    }
     headers::continue_trace(&mut headers);
     UpstreamHead {
         method: head.method.clone(),
@@ -288,6 +366,23 @@ fn head_for_upstream(
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         headers,
     }
+}
+
+/// Hands an upgrade request to [`upgrade::pass_through`].
+async fn upgrade_request(
+    cluster: &Arc<Cluster>,
+    head: &mut Parts,
+    client_ip: IpAddr,
+    conn: &ConnInfo,
+    host: &str,
+) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+    let on = head
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(ProxyError::UpgradeFailed)?;
+    let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
+    let up = head_for_upstream(head, client_ip, conn, host);
+    upgrade::pass_through(cluster, on, up.method, up.path, up.headers, protocol).await
 }
 
 struct UpstreamHead {
@@ -311,6 +406,8 @@ async fn forward(
     cluster: &Arc<Cluster>,
     mut head: UpstreamHead,
     body: UpstreamBody,
+    verdict: &BodyVerdict,
+    timing: &mut UpstreamTiming,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let replayable = head.method.is_idempotent() && body.is_end_stream();
@@ -330,7 +427,10 @@ async fn forward(
         let deadline = tokio::time::Instant::now() + cluster.request_timeout;
         let sent = Instant::now();
 
-        let err = match tokio::time::timeout_at(deadline, cluster.connection(i)).await {
+        let connected = tokio::time::timeout_at(deadline, cluster.connection(i)).await;
+        let connect = sent.elapsed();
+        timing.connect = Some(connect);
+        let err = match connected {
             Err(_) => ProxyError::ConnectTimeout,
             Ok(Err(e)) => e,
             Ok(Ok(mut conn)) => {
@@ -353,6 +453,7 @@ async fn forward(
                 }
                 match tokio::time::timeout_at(deadline, conn.try_send_request(req)).await {
                     Ok(Ok(resp)) => {
+                        timing.first_byte = Some(sent.elapsed().saturating_sub(connect));
                         cluster.duration.observe(sent.elapsed().as_secs_f64());
                         cluster.observe(i, resp.status().is_server_error());
                         let (mut parts, resp_body) = resp.into_parts();
@@ -384,6 +485,12 @@ async fn forward(
             }
         };
         drop(in_flight);
+        // The client's body overran max_body or broke: its fault, not the
+        // endpoint's, and nothing to retry.
+        let err = verdict.explain(err);
+        if matches!(err, ProxyError::BodyTooLarge | ProxyError::BadBody) {
+            return Err(err);
+        }
         cluster.observe(i, true);
         cluster.record_error(err.code());
         tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempt, "upstream attempt failed");
@@ -425,6 +532,15 @@ impl Tried {
     }
 }
 
+/// Reads ahead the first frame of a client body that goes upstream as it
+/// is ([`LimitedBody::prefetch`]); a filtered body was primed already.
+async fn prefetch(body: &mut UpstreamBody, within: Duration) -> Result<(), ProxyError> {
+    match body {
+        Either::Left(client) => client.prefetch(within).await,
+        Either::Right(_) => Ok(()),
+    }
+}
+
 /// Routes the request body through the filters' body callbacks, primed so
 /// that a filter holding the body from its start can still answer (413
 /// past the bound, or its own response) before anything goes upstream.
@@ -432,7 +548,7 @@ async fn filter_request_body(
     chain: &ChainStream,
     info: &StreamInfo,
     head: &mut Parts,
-    body: Incoming,
+    body: LimitedBody,
 ) -> Result<UpstreamBody, LocalResponse> {
     let mut filtered = chain.request_body(body, info);
     filtered
@@ -464,26 +580,29 @@ fn local_response(local: LocalResponse) -> Response<ProxyBody> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn access_log(
+fn access_record(
     head: &Parts,
     request_id: &HeaderValue,
     conn: &ConnInfo,
     client_ip: IpAddr,
-    route: &str,
-    upstream: Option<&str>,
+    route: Arc<str>,
+    upstream: Option<Arc<str>>,
     status: http::StatusCode,
     started: Instant,
-) {
-    tracing::info!(
-        target: "flashgate::access",
-        listener = %conn.listener,
-        client = %client_ip,
-        method = %head.method,
-        path = head.uri.path(),
+    timing: UpstreamTiming,
+) -> Box<AccessRecord> {
+    Box::new(AccessRecord {
+        listener: conn.listener.clone(),
+        client: client_ip,
+        peer: conn.peer,
+        method: head.method.clone(),
+        path: head.uri.path().to_string(),
         route,
-        upstream = upstream.unwrap_or("-"),
-        status = status.as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1000.0,
-        request_id = request_id.to_str().unwrap_or("-"),
-    );
+        upstream,
+        status,
+        request_id: request_id.clone(),
+        started,
+        head: started.elapsed(),
+        timing,
+    })
 }

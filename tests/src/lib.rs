@@ -27,7 +27,11 @@ use tokio::net::TcpListener;
 
 pub use gateway::{Config, Gateway};
 
+pub mod edge;
+pub mod raw;
 pub mod redis;
+pub mod tls;
+pub mod ws;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type Handler = Arc<
