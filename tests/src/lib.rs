@@ -361,6 +361,20 @@ pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
     .await
 }
 
+/// Gives a test config's admin and public listeners (the first and second
+/// `listen = "127.0.0.1:0"`, as [`config`] writes them) fixed free ports,
+/// for tests that run the `flashgate` binary and must know where it
+/// listens. Returns the config, the public address and the admin address.
+pub fn with_fixed_ports(text: &str) -> (String, SocketAddr, SocketAddr) {
+    let public = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let any = "listen = \"127.0.0.1:0\"";
+    let text = text
+        .replacen(any, &format!("listen = \"{admin}\""), 1)
+        .replacen(any, &format!("listen = \"{public}\""), 1);
+    (text, public, admin)
+}
+
 /// A free loopback port (bound then released; fine for tests that start a
 /// process which binds it right after).
 pub fn free_port() -> u16 {

@@ -197,20 +197,7 @@ fn binary_config(
     upstream: std::net::SocketAddr,
     upstream_extra: &str,
 ) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
-    let public: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = config(&[upstream], upstream_extra, "")
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{admin}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{public}\""),
-            1,
-        );
-    (text, public, admin)
+    with_fixed_ports(&config(&[upstream], upstream_extra, ""))
 }
 
 /// SIGTERM: readiness fails at once, the in-flight request completes, the

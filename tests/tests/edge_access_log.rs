@@ -4,14 +4,14 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use flashgate_tests::{edge, flashgate_bin, free_port, send, wait_listening, Proc, Upstream};
+use flashgate_tests::{
+    edge, flashgate_bin, send, wait_listening, with_fixed_ports, Proc, Upstream,
+};
 use http::Request;
 
 #[tokio::test]
 async fn json_access_log_lines_have_the_request_fields() {
     let up = Upstream::fixed("twelve bytes").await;
-    let public = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
     let text = edge::config(
         up.addr,
         "trusted_proxies = [\"127.0.0.0/8\"]\nmax_uri_bytes = \"1KiB\"",
@@ -20,17 +20,8 @@ async fn json_access_log_lines_have_the_request_fields() {
     .replace(
         "[log]\naccess_log = false",
         "[log]\nformat = \"json\"\naccess_log = true",
-    )
-    .replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"{admin}\""),
-        1,
-    )
-    .replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"{public}\""),
-        1,
     );
+    let (text, public, _admin) = with_fixed_ports(&text);
     let dir = flashgate_tests::tls::temp_dir("access-log");
     let path = dir.join("gw.toml");
     std::fs::write(&path, text).unwrap();
@@ -43,7 +34,6 @@ async fn json_access_log_lines_have_the_request_fields() {
             .env_remove("RUST_LOG")
             .stderr(Stdio::from(log)),
     );
-    let public: std::net::SocketAddr = public.parse().unwrap();
     assert!(wait_listening(public, Duration::from_secs(20)).await);
 
     let got = send(

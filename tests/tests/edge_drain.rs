@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flashgate_tests::{
-    edge, eventually, flashgate_bin, free_port, get, h2_client, reply, send_with, wait_listening,
-    Proc, Upstream,
+    edge, eventually, flashgate_bin, get, h2_client, reply, send_with, wait_listening,
+    with_fixed_ports, Proc, Upstream,
 };
 use http::Request;
 
@@ -22,20 +22,9 @@ async fn sigterm_waits_drain_delay_then_drains_in_flight_requests() {
         reply(200, req.uri().path().to_string())
     })
     .await;
-    let public = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
     let text = edge::config(up.addr, "", "")
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{admin}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{public}\""),
-            1,
-        )
         + "[shutdown]\ndrain_delay = \"1500ms\"\ndrain_timeout = \"20s\"\n";
+    let (text, public, admin) = with_fixed_ports(&text);
     let dir = flashgate_tests::tls::temp_dir("drain");
     let path = dir.join("gw.toml");
     std::fs::write(&path, text).unwrap();
@@ -45,7 +34,6 @@ async fn sigterm_waits_drain_delay_then_drains_in_flight_requests() {
             .arg(&path)
             .stderr(Stdio::null()),
     );
-    let public: std::net::SocketAddr = public.parse().unwrap();
     assert!(wait_listening(public, Duration::from_secs(20)).await);
 
     // An HTTP/1.1 keep-alive client and an HTTP/2 client, each with a slow
@@ -124,24 +112,11 @@ async fn drain_timeout_bounds_the_wait() {
         reply(200, "late")
     })
     .await;
-    let public = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let text = edge::config(up.addr, "", "")
-        .replace(
-            "[[upstreams]]\nname = \"origin\"",
-            "[[upstreams]]\nname = \"origin\"\nrequest_timeout = \"120s\"",
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{admin}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{public}\""),
-            1,
-        )
-        + "[shutdown]\ndrain_timeout = \"1s\"\n";
+    let text = edge::config(up.addr, "", "").replace(
+        "[[upstreams]]\nname = \"origin\"",
+        "[[upstreams]]\nname = \"origin\"\nrequest_timeout = \"120s\"",
+    ) + "[shutdown]\ndrain_timeout = \"1s\"\n";
+    let (text, public, _admin) = with_fixed_ports(&text);
     let dir = flashgate_tests::tls::temp_dir("drain-timeout");
     let path = dir.join("gw.toml");
     std::fs::write(&path, text).unwrap();
@@ -151,7 +126,6 @@ async fn drain_timeout_bounds_the_wait() {
             .arg(&path)
             .stderr(Stdio::null()),
     );
-    let public: std::net::SocketAddr = public.parse().unwrap();
     assert!(wait_listening(public, Duration::from_secs(20)).await);
     let stuck = tokio::spawn(async move {
         let _ = flashgate_tests::client()
