@@ -18,6 +18,7 @@ pub mod cache;
 pub mod callout;
 pub mod client_ip;
 pub mod config;
+pub mod conn_clock;
 pub mod demo;
 pub mod error;
 pub mod headers;
