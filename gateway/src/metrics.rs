@@ -23,6 +23,8 @@ pub struct Metrics {
     /// Connections closed by a listener timeout, by listener and timeout
     /// (`header_read`, `idle`).
     pub connection_timeouts: IntCounterVec,
+    /// WebSocket tunnels open, by cluster.
+    pub websocket_tunnels: IntGaugeVec,
     pub upstream_requests: IntCounterVec,
     /// Failed upstream attempts by cause (the `x-flashgate-error` codes: `connect_refused`, `upstream_timeout`, ...).
     pub upstream_errors: IntCounterVec,
@@ -87,6 +89,11 @@ impl Metrics {
                 "connection_timeouts_total",
                 "Client connections closed by a timeout: header_read (a request head too slow; dropped) or idle (no request for idle_timeout; closed gracefully).",
                 &["listener", "timeout"],
+            ),
+            websocket_tunnels: gauge(
+                "websocket_tunnels_active",
+                "Open WebSocket (upgraded) connections, by upstream cluster.",
+                &["cluster"],
             ),
             upstream_requests: counter(
                 "upstream_requests_total",

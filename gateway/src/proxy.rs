@@ -50,6 +50,8 @@ pub struct ConnInfo {
     pub config: Arc<ListenerConfig>,
     /// Requests in flight and the header read / idle clocks.
     pub clock: Arc<ConnClock>,
+    /// A WebSocket tunnel to run once hyper hands the connection over.
+    pub tunnel: upgrade::TunnelSlot,
 }
 
 /// Handles one request. Never fails: every error becomes a response here or
@@ -370,7 +372,16 @@ async fn upgrade_request(
         .ok_or(ProxyError::UpgradeFailed)?;
     let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
     let up = head_for_upstream(head, client_ip, conn, host);
-    upgrade::pass_through(cluster, on, up.method, up.path, up.headers, protocol).await
+    upgrade::pass_through(
+        cluster,
+        on,
+        &conn.tunnel,
+        up.method,
+        up.path,
+        up.headers,
+        protocol,
+    )
+    .await
 }
 
 struct UpstreamHead {

@@ -15,7 +15,9 @@
 //! Once HTTP runs, the connection's task polls hyper's connection and the
 //! connection's clocks together (`conn_clock`): a request head slower than
 //! `header_read_timeout` drops the connection, `idle_timeout` without a
-//! request closes it gracefully, and the drain asks it to close.
+//! request closes it gracefully, and the drain asks it to close. A
+//! connection that upgraded (WebSocket) runs its tunnel in the same task,
+//! so it keeps its connection slots and the drain waits for it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -103,7 +105,7 @@ impl Settings {
 /// The drain's stages, sent to every connection that serves HTTP.
 const SERVING: u8 = 0;
 /// Close gracefully: HTTP/1.1 `connection: close` after the request in
-/// flight (idle ones at once), HTTP/2 GOAWAY.
+/// flight (idle ones at once), HTTP/2 GOAWAY; tunnels run on.
 const DRAINING: u8 = 1;
 /// `drain_timeout` has passed: drop whatever is still open.
 const CUT: u8 = 2;
@@ -235,7 +237,7 @@ impl Listener {
     }
 
     /// HTTP on a connection, from `http_from` (when its first bytes were
-    /// awaited) to its end.
+    /// awaited) to its end, and then its tunnel if it upgraded.
     #[allow(clippy::too_many_arguments)]
     async fn serve_http<I>(
         &self,
@@ -258,6 +260,7 @@ impl Listener {
             scheme,
             config: settings.cfg.clone(),
             clock: clock.clone(),
+            tunnel: Default::default(),
         });
         let shared = self.shared.clone();
         let info = conn.clone();
@@ -318,13 +321,22 @@ impl Listener {
         if let Err(e) = ended {
             tracing::debug!(peer = %client, error = %e, "connection ended with an error");
         }
+        // An upgraded connection: its tunnel runs here, holding the
+        // connection's slots, until either side closes or the drain's
+        // time is up.
+        if let Some(tunnel) = conn.tunnel.take() {
+            tokio::select! {
+                _ = tunnel => {}
+                _ = drain.wait_for(|stage| *stage >= CUT) => {}
+            }
+        }
     }
 }
 
 /// Serves one listener until `shutdown` flips, then stops accepting, lets
 /// open connections finish (HTTP/1 gets `connection: close`, HTTP/2 a
-/// GOAWAY) for at most `shutdown.drain_timeout`, cuts what is left, and
-/// returns.
+/// GOAWAY; WebSocket tunnels run on) for at most `shutdown.drain_timeout`,
+/// cuts what is left, and returns.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
