@@ -1117,11 +1117,17 @@ upstream = "catalog"
     }
 
     #[test]
-    fn listener_timeouts_above_zero() {
+    fn listener_timeouts_are_bounded() {
         for key in ["header_read_timeout", "idle_timeout"] {
             let e = Config::parse(&BASE.replace(
                 "listen = \"127.0.0.1:8080\"",
                 &format!("listen = \"127.0.0.1:8080\"\n{key} = \"0s\""),
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, format!("listeners[0].{key}"));
+            let e = Config::parse(&BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{key} = \"25h\""),
             ))
             .unwrap_err();
             assert_eq!(e.path, format!("listeners[0].{key}"));
