@@ -13,10 +13,13 @@
 
 pub mod admin;
 pub mod body;
+pub mod checkout;
 pub mod config;
 pub mod demo;
+pub mod demo_checkout;
 pub mod error;
 pub mod headers;
+pub mod jwt;
 pub mod metrics;
 pub mod proxy;
 pub mod router;

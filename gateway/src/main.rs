@@ -47,6 +47,9 @@ enum Command {
         /// The demo shop origin.
         #[arg(long, default_value = "127.0.0.1:9080")]
         origin: SocketAddr,
+        /// The in-process order core (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        core: SocketAddr,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -63,8 +66,11 @@ fn main() -> ExitCode {
             listen,
             admin,
             origin,
+            core,
             threads,
-        } => exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin)))),
+        } => exit(
+            runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core))),
+        ),
     }
 }
 
@@ -135,13 +141,22 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     serve_until_signal(gw).await
 }
 
-async fn run_demo(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> anyhow::Result<()> {
+async fn run_demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    origin: SocketAddr,
+    core: SocketAddr,
+) -> anyhow::Result<()> {
     let origin_listener = TcpListener::bind(origin)
         .await
         .with_context(|| format!("cannot listen on {origin} for the demo origin (try --origin)"))?;
     let origin = origin_listener.local_addr()?;
     tokio::spawn(demo::serve_origin(origin_listener));
+    let order_core = gateway::demo_checkout::start_core(core)
+        .await
+        .with_context(|| format!("cannot start the demo order core on {core} (try --core)"))?;
     let mut config = demo::config(origin);
+    gateway::demo_checkout::point_at(&mut config, order_core.addr);
     config.listeners[0].listen = listen;
     config.admin.listen = admin;
     init_logging(&config.log);
@@ -162,7 +177,9 @@ async fn run_demo(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> 
          metrics                   http://{admin}/metrics\n  \
          reload (token)            curl -X POST -H 'authorization: Bearer {token}' http://{admin}/admin/reload\n\
          \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
-         \nCtrl-C stops it."
+         \n{checkout}\
+         \nCtrl-C stops it.",
+        checkout = gateway::demo_checkout::instructions(public, order_core.addr),
     );
     serve_until_signal(gw).await
 }

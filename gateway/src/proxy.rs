@@ -54,6 +54,15 @@ pub async fn handle(
     // X-Forwarded-For hops plug in here, before anything uses the client IP.
     let client_ip = conn.peer.ip();
     let request_id = headers::ensure_request_id(&mut head.headers);
+    // The JWT subject becomes the user header; a user header the client
+    // sent never passes, verified token or not (see `jwt`).
+    let identified = match &runtime.jwt {
+        Some(v) => matches!(v.identify(&mut head.headers), Ok(Some(_))),
+        None => {
+            crate::jwt::strip_user_header(&mut head.headers);
+            false
+        }
+    };
 
     // Route: decides the cluster, the priority and the filters. The path is
     // normalized first, so the route and the upstream see the same path.
@@ -92,6 +101,16 @@ pub async fn handle(
     // Admission (bot rules, rate limits, waiting room, overload shedding)
     // comes here: after routing, because limits and priorities are per
     // route; before filters, so refused traffic costs no filter time.
+    // Checkout routes admit here too: identity required, the edge's
+    // sold-out flag, and the body read whole so that an Idempotency-Key
+    // makes a retry safe (see `checkout`).
+    let (body, replay, sku, early) = match &route.checkout {
+        None => (Either::Left(body), None, None, None),
+        Some(c) => match c.prepare(&head, body, identified, &request_id).await {
+            Ok(p) => (p.body, p.replay, p.sku, None),
+            Err(answer) => (Either::Right(Full::new(Bytes::new())), None, None, Some(answer)),
+        },
+    };
 
     // Request filters: may rewrite the head, answer locally, or pause.
     // (Built only for routes that have filters: most traffic has none.)
@@ -105,20 +124,22 @@ pub async fn handle(
         };
         (route.filters.start(), info)
     });
-    let local = match &mut filtering {
-        Some((chain, info)) => chain.on_request(&mut head, info).await,
-        None => None,
+    let local = match (&early, &mut filtering) {
+        (None, Some((chain, info))) => chain.on_request(&mut head, info).await,
+        _ => None,
     };
 
     // Cache lookup comes here: after filters (they may change the key or
     // bypass), before the upstream.
 
-    let (mut resp, endpoint) = match local {
-        Some(local) => (local_response(local), None),
-        None => match forward(
+    let (mut resp, endpoint) = match (early, local) {
+        (Some(answer), _) => (answer, None),
+        (None, Some(local)) => (local_response(local), None),
+        (None, None) => match forward(
             &route.cluster,
             head_for_upstream(&mut head, client_ip, &conn, &host),
             body,
+            replay,
         )
         .await
         {
@@ -126,6 +147,9 @@ pub async fn handle(
             Err(e) => (e.response(&request_id), None),
         },
     };
+    if let (Some(c), Some(_)) = (&route.checkout, &endpoint) {
+        c.observe(sku.as_deref(), resp.status());
+    }
 
     // Response filters, in reverse order; then our own response headers.
     if let Some((mut chain, info)) = filtering {
@@ -254,19 +278,23 @@ struct UpstreamHead {
 ///   request comes back unsent and goes out again (this does not count as
 ///   an attempt; at most twice per request);
 /// - a reset or close before any response, for idempotent methods without
-///   a body only, on another endpoint when there is one.
+///   a body, and for checkout requests whose `Idempotency-Key` makes a
+///   repeat harmless (`replay` holds their body), on another endpoint when
+///   there is one.
 ///
 /// A timeout is never retried: the request may be running upstream, and a
 /// retry would double the load on a cluster that is already slow.
 async fn forward(
     cluster: &Arc<Cluster>,
     mut head: UpstreamHead,
-    body: Incoming,
+    body: UpstreamBody,
+    replay: Option<Bytes>,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
-    let replayable = head.method.is_idempotent() && body.is_end_stream();
+    let replayable =
+        (head.method.is_idempotent() && body.is_end_stream()) || replay.is_some();
     let attempts = cluster.retries + 1;
-    let mut body: Option<UpstreamBody> = Some(Either::Left(body));
+    let mut body: Option<UpstreamBody> = Some(body);
     // At most 6 attempts (retries <= 5) plus resends of unsent requests.
     let mut tried = Tried::default();
     let mut attempt = 0;
@@ -286,8 +314,9 @@ async fn forward(
             Ok(Err(e)) => e,
             Ok(Ok(mut conn)) => {
                 let mut req = Request::new(
-                    body.take()
-                        .unwrap_or_else(|| Either::Right(Full::new(Bytes::new()))),
+                    body.take().unwrap_or_else(|| {
+                        Either::Right(Full::new(replay.clone().unwrap_or_default()))
+                    }),
                 );
                 *req.method_mut() = head.method.clone();
                 *req.uri_mut() = Uri::from(head.path.clone());

@@ -21,6 +21,8 @@ pub struct Route {
     pub priority: Priority,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
+    /// Set on the checkout route (see `crate::checkout`).
+    pub checkout: Option<crate::checkout::Checkout>,
     pub latency: Histogram,
     /// `flashgate_requests_total{route, status}` handles by status code,
     /// resolved on first use: a request does not hash label values.
@@ -55,6 +57,8 @@ pub struct Runtime {
     pub clusters: Vec<Arc<Cluster>>,
     /// The Wasm filters by name, for their metrics on `/metrics`.
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
+    /// The JWT verifier when `[jwt]` is set.
+    pub jwt: Option<crate::jwt::JwtVerifier>,
 }
 
 impl Runtime {
@@ -119,6 +123,7 @@ impl Runtime {
                 priority: r.priority,
                 cluster,
                 filters: FilterChain::new(chain),
+                checkout: r.checkout.as_ref().map(crate::checkout::Checkout::new),
             });
         }
         let router = Router::new(routes.iter().enumerate().map(|(i, r)| {
@@ -128,7 +133,13 @@ impl Runtime {
                 i,
             )
         }));
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(crate::jwt::JwtVerifier::new)
+            .transpose()?;
         Ok(Runtime {
+            jwt,
             config: Arc::new(config),
             router,
             routes,

@@ -32,7 +32,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -55,6 +55,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
+    /// Client identity from JWTs (see `crate::jwt`).
+    #[serde(default)]
+    pub jwt: Option<crate::jwt::JwtConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,6 +309,9 @@ pub struct RouteConfig {
     /// Filter names, run in this order.
     #[serde(default)]
     pub filters: Vec<String>,
+    /// Marks the checkout route (see `crate::checkout`).
+    #[serde(default)]
+    pub checkout: Option<crate::checkout::CheckoutRouteConfig>,
 }
 
 fn default_prefix() -> String {
@@ -706,6 +712,12 @@ impl Config {
                     ));
                 }
             }
+            if r.checkout.is_some() {
+                crate::checkout::validate_route(r, &p, self.jwt.is_some())?;
+            }
+        }
+        if let Some(jwt) = &self.jwt {
+            crate::jwt::JwtVerifier::new(jwt)?;
         }
         Ok(())
     }
