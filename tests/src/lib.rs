@@ -27,7 +27,9 @@ use tokio::net::TcpListener;
 
 pub use gateway::{Config, Gateway};
 
+pub mod order;
 pub mod redis;
+pub mod rocketmq;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type Handler = Arc<
@@ -180,6 +182,9 @@ pub fn config(endpoints: &[SocketAddr], upstream_extra: &str, extra: &str) -> St
         eps.join(", ")
     )
 }
+
+/// The client type the helpers take.
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
 /// An HTTP/1.1 client with keep-alive.
 pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Body> {
