@@ -28,8 +28,8 @@ use serde::Deserialize;
 
 use crate::body::ProxyBody;
 use crate::config::{ConfigError, Dur, RouteConfig};
-use filters::Priority;
 use crate::upstream::UpstreamBody;
+use filters::Priority;
 
 /// `checkout = { sold_out_ttl = "1s", max_body_bytes = 16384 }`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -127,7 +127,10 @@ impl Checkout {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return Err(r);
         }
-        let bytes = match Limited::new(body, self.config.max_body_bytes).collect().await {
+        let bytes = match Limited::new(body, self.config.max_body_bytes)
+            .collect()
+            .await
+        {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(answer(
@@ -147,7 +150,9 @@ impl Checkout {
             }
         };
         // Not JSON or no SKU: the core answers 422; the edge only reads.
-        let sku = serde_json::from_slice::<SkuOnly>(&bytes).ok().map(|b| b.sku);
+        let sku = serde_json::from_slice::<SkuOnly>(&bytes)
+            .ok()
+            .map(|b| b.sku);
         if let Some(sku) = &sku {
             if self.is_sold_out(sku) {
                 let mut r = answer(StatusCode::CONFLICT, "sold_out", "sold out", request_id);
@@ -211,7 +216,10 @@ fn answer(
     let mut resp = Response::new(ProxyBody::full(body.to_string()));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-flashgate-error", HeaderValue::from_static(code));
     resp

@@ -78,7 +78,10 @@ impl JwtVerifier {
                     .ok_or_else(|| {
                         ConfigError::at("jwt.secret", "HS256 needs a secret of at least 16 bytes")
                     })?;
-                (Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes()))
+                (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(secret.as_bytes()),
+                )
             }
             "RS256" => {
                 let path = c
@@ -86,10 +89,16 @@ impl JwtVerifier {
                     .as_ref()
                     .ok_or_else(|| ConfigError::at("jwt.public_key", "RS256 needs a public key"))?;
                 let pem = std::fs::read(path).map_err(|e| {
-                    ConfigError::at("jwt.public_key", format!("cannot read {}: {e}", path.display()))
+                    ConfigError::at(
+                        "jwt.public_key",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })?;
                 let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                    ConfigError::at("jwt.public_key", format!("not an RSA public key (PEM): {e}"))
+                    ConfigError::at(
+                        "jwt.public_key",
+                        format!("not an RSA public key (PEM): {e}"),
+                    )
                 })?;
                 (Algorithm::RS256, key)
             }
@@ -132,7 +141,10 @@ impl JwtVerifier {
         let token = auth
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(|| IdentityError::Invalid("not a bearer token".into()))?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
@@ -200,7 +212,10 @@ mod tests {
     #[test]
     fn a_valid_token_sets_the_subject_and_replaces_a_forged_header() {
         let v = verifier();
-        let mut h = headers(Some(format!("Bearer {}", token("alice", "shop", 60, SECRET))), Some("mallory"));
+        let mut h = headers(
+            Some(format!("Bearer {}", token("alice", "shop", 60, SECRET))),
+            Some("mallory"),
+        );
         assert_eq!(v.identify(&mut h).unwrap().as_deref(), Some("alice"));
         assert_eq!(h.get_all(DEFAULT_USER_HEADER).iter().count(), 1);
         assert_eq!(h[DEFAULT_USER_HEADER], "alice");

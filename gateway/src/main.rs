@@ -68,9 +68,9 @@ fn main() -> ExitCode {
             origin,
             core,
             threads,
-        } => exit(
-            runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core))),
-        ),
+        } => {
+            exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core))))
+        }
     }
 }
 

@@ -108,7 +108,12 @@ pub async fn handle(
         None => (Either::Left(body), None, None, None),
         Some(c) => match c.prepare(&head, body, identified, &request_id).await {
             Ok(p) => (p.body, p.replay, p.sku, None),
-            Err(answer) => (Either::Right(Full::new(Bytes::new())), None, None, Some(answer)),
+            Err(answer) => (
+                Either::Right(Full::new(Bytes::new())),
+                None,
+                None,
+                Some(answer),
+            ),
         },
     };
 
@@ -291,8 +296,7 @@ async fn forward(
     replay: Option<Bytes>,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
-    let replayable =
-        (head.method.is_idempotent() && body.is_end_stream()) || replay.is_some();
+    let replayable = (head.method.is_idempotent() && body.is_end_stream()) || replay.is_some();
     let attempts = cluster.retries + 1;
     let mut body: Option<UpstreamBody> = Some(body);
     // At most 6 attempts (retries <= 5) plus resends of unsent requests.
@@ -313,11 +317,9 @@ async fn forward(
             Err(_) => ProxyError::ConnectTimeout,
             Ok(Err(e)) => e,
             Ok(Ok(mut conn)) => {
-                let mut req = Request::new(
-                    body.take().unwrap_or_else(|| {
-                        Either::Right(Full::new(replay.clone().unwrap_or_default()))
-                    }),
-                );
+                let mut req = Request::new(body.take().unwrap_or_else(|| {
+                    Either::Right(Full::new(replay.clone().unwrap_or_default()))
+                }));
                 *req.method_mut() = head.method.clone();
                 *req.uri_mut() = Uri::from(head.path.clone());
                 // Keep a copy only when a reset could be retried.

@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn parses_with_defaults() {
         let c = Config::parse(OK).unwrap();
-        assert_eq!(c.rocketmq.unwrap().topic, "orders");
+        assert_eq!(c.mq().unwrap().topic, "orders");
         assert_eq!(c.expiry_window().unwrap(), Duration::from_secs(900));
     }
 

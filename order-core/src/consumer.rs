@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use rocketmq_client_rust::{
-    ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer, DefaultMQPushConsumer,
-    MQPushConsumer, MessageListenerConcurrently,
+    ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer,
+    DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
@@ -86,8 +86,13 @@ impl OrderSinkListener {
                 }
             }
         }
-        let body = msg.body().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        let key = serde_json::from_str::<OrderEvent>(&body).ok().map(|e| e.order_id);
+        let body = msg
+            .body()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let key = serde_json::from_str::<OrderEvent>(&body)
+            .ok()
+            .map(|e| e.order_id);
         self.dlq.append(&DeadLetter {
             msg_id: msg.msg_id().to_string(),
             key,
@@ -167,7 +172,10 @@ pub async fn replay_dlq(namesrv: &str, topic: &str, dlq: &DeadLetters) -> Result
     let mut keep = Vec::new();
     let mut sent = 0;
     for dl in letters {
-        let mut b = Message::builder().topic(topic).tags("order").body(dl.body.clone().into_bytes());
+        let mut b = Message::builder()
+            .topic(topic)
+            .tags("order")
+            .body(dl.body.clone().into_bytes());
         if let Some(k) = &dl.key {
             b = b.key(k.as_str());
         }

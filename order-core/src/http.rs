@@ -68,7 +68,10 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>) {
 }
 
 /// Binds `addr` and serves in a background task; returns the bound address.
-pub async fn spawn(addr: SocketAddr, api: Arc<Api>) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn spawn(
+    addr: SocketAddr,
+    api: Arc<Api>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     Ok((bound, tokio::spawn(serve(listener, api))))
@@ -114,7 +117,10 @@ impl Api {
                 StatusCode::METHOD_NOT_ALLOWED,
                 &json!({"error": "method_not_allowed"}),
             )),
-            _ => Ok(json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"}))),
+            _ => Ok(json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found"}),
+            )),
         };
         result.unwrap_or_else(|e| error_response(&e, &method, &path))
     }
@@ -161,7 +167,10 @@ impl Api {
 
     async fn get_order(&self, id: &str) -> Result<Response<Body>, CoreError> {
         if sku_of_order(id).is_none() {
-            return Ok(json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})));
+            return Ok(json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found"}),
+            ));
         }
         Ok(match self.core.order(id).await? {
             Some(o) => order_response(StatusCode::OK, &o, false),
@@ -176,7 +185,11 @@ impl Api {
         })
     }
 
-    async fn put_stock(&self, sku: &str, req: Request<Incoming>) -> Result<Response<Body>, CoreError> {
+    async fn put_stock(
+        &self,
+        sku: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, CoreError> {
         let sku = Sku::parse(sku)?;
         let body: StockBody = read_json(req.into_body()).await?;
         self.core.set_stock(&sku, body.stock).await?;
@@ -186,7 +199,10 @@ impl Api {
     async fn get_stock(&self, sku: &str) -> Result<Response<Body>, CoreError> {
         let sku = Sku::parse(sku)?;
         let info = self.core.stock(&sku).await?;
-        Ok(json_response(StatusCode::OK, &json!({"sku": sku, "stock": info.stock, "orders": info.orders})))
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"sku": sku, "stock": info.stock, "orders": info.orders}),
+        ))
     }
 
     /// Admin calls need `authorization: Bearer <admin_token>`.
@@ -198,8 +214,10 @@ impl Api {
             Ok(())
         } else {
             let mut r = json_response(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}));
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
             Err(r)
         }
     }
@@ -244,8 +262,10 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     r
 }
 

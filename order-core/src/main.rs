@@ -25,7 +25,11 @@ use order_core::sink::DeadLetters;
 use order_core::store::Store;
 
 #[derive(Parser)]
-#[command(name = "order-core", version, about = "flashgate's inventory/order core")]
+#[command(
+    name = "order-core",
+    version,
+    about = "flashgate's inventory/order core"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -76,7 +80,10 @@ enum DlqAction {
 
 fn parse_stock(s: &str) -> Result<(String, i64), String> {
     let (sku, n) = s.split_once('=').ok_or("expected SKU=N")?;
-    Ok((sku.to_string(), n.parse().map_err(|_| "N must be a number")?))
+    Ok((
+        sku.to_string(),
+        n.parse().map_err(|_| "N must be a number")?,
+    ))
 }
 
 fn load(path: &PathBuf) -> Result<Config> {
@@ -106,7 +113,8 @@ fn main() -> Result<()> {
                 stock,
             } => {
                 let stock: Vec<(&str, i64)> = stock.iter().map(|(s, n)| (s.as_str(), *n)).collect();
-                let demo = order_core::demo::start(listen, &admin_token, Limits::default(), &stock).await?;
+                let demo = order_core::demo::start(listen, &admin_token, Limits::default(), &stock)
+                    .await?;
                 eprintln!(
                     "order-core demo on http://{} (in memory, NOT durable)",
                     demo.addr
@@ -155,7 +163,9 @@ fn main() -> Result<()> {
 async fn run(c: Config) -> Result<()> {
     let store: Arc<dyn Store> = match c.redis_target().map_err(|e| anyhow!(e))? {
         RedisTarget::Single(url) => Arc::new(order_core::store::redis::connect_single(&url).await?),
-        RedisTarget::Cluster(urls) => Arc::new(order_core::store::redis::connect_cluster(&urls).await?),
+        RedisTarget::Cluster(urls) => {
+            Arc::new(order_core::store::redis::connect_cluster(&urls).await?)
+        }
     };
     let publisher: Arc<dyn Publisher> = match &c.rocketmq {
         Some(m) => Arc::new(
@@ -171,7 +181,9 @@ async fn run(c: Config) -> Result<()> {
             .await?,
         ),
         None => {
-            tracing::warn!("no [rocketmq]: orders are not published (benchmark mode, NOT durable downstream)");
+            tracing::warn!(
+                "no [rocketmq]: orders are not published (benchmark mode, NOT durable downstream)"
+            );
             Arc::new(LocalQueue::new())
         }
     };

@@ -20,7 +20,8 @@ impl Sku {
     pub fn parse(s: &str) -> Result<Sku, CoreError> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
             Ok(Sku(s.to_string()))
         } else {
@@ -58,7 +59,8 @@ impl std::fmt::Display for Sku {
 pub fn check_token(what: &str, s: &str) -> Result<(), CoreError> {
     let ok = !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
     if ok {
         Ok(())
     } else {

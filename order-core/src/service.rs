@@ -229,13 +229,23 @@ mod tests {
         let (core, queue, sku) = core(3).await;
         let mut created = 0;
         for i in 0..10 {
-            if let Outcome::Created(_) = core.checkout(req(&sku, &format!("u{i}"), "k")).await.unwrap() {
+            if let Outcome::Created(_) = core
+                .checkout(req(&sku, &format!("u{i}"), "k"))
+                .await
+                .unwrap()
+            {
                 created += 1;
             }
         }
         assert_eq!(created, 3);
         assert_eq!(queue.delivered().len(), 3);
-        assert_eq!(core.stock(&sku).await.unwrap(), StockInfo { stock: 0, orders: 3 });
+        assert_eq!(
+            core.stock(&sku).await.unwrap(),
+            StockInfo {
+                stock: 0,
+                orders: 3
+            }
+        );
     }
 
     #[tokio::test]
@@ -244,18 +254,30 @@ mod tests {
         let Outcome::Created(o) = core.checkout(req(&sku, "u", "k1")).await.unwrap() else {
             panic!("first checkout creates")
         };
-        assert_eq!(core.checkout(req(&sku, "u", "k1")).await.unwrap(), Outcome::Replay(o));
-        assert_eq!(core.checkout(req(&sku, "u", "k2")).await.unwrap(), Outcome::OverLimit);
+        assert_eq!(
+            core.checkout(req(&sku, "u", "k1")).await.unwrap(),
+            Outcome::Replay(o)
+        );
+        assert_eq!(
+            core.checkout(req(&sku, "u", "k2")).await.unwrap(),
+            Outcome::OverLimit
+        );
         let mut two = req(&sku, "u", "k1");
         two.qty = 2;
-        assert!(matches!(core.checkout(two).await, Err(CoreError::KeyReuse(_))));
+        assert!(matches!(
+            core.checkout(two).await,
+            Err(CoreError::KeyReuse(_))
+        ));
         assert_eq!(queue.delivered().len(), 1);
     }
 
     #[tokio::test]
     async fn a_fenced_transaction_never_creates_an_order() {
         let (core, _, sku) = core(5).await;
-        assert_eq!(core.check_txn(&sku, "t1").await.unwrap(), TxnVerdict::Rollback);
+        assert_eq!(
+            core.check_txn(&sku, "t1").await.unwrap(),
+            TxnVerdict::Rollback
+        );
         let mut cmd = CheckoutCmd {
             order_id: new_order_id(&sku),
             txn: "t1".into(),
@@ -267,10 +289,19 @@ mod tests {
             now_ms: 0,
             expires_ms: 0,
         };
-        assert_eq!(core.store().checkout(cmd.clone()).await.unwrap(), Outcome::Fenced);
+        assert_eq!(
+            core.store().checkout(cmd.clone()).await.unwrap(),
+            Outcome::Fenced
+        );
         cmd.txn = "t2".into();
-        assert!(matches!(core.store().checkout(cmd).await.unwrap(), Outcome::Created(_)));
-        assert_eq!(core.check_txn(&sku, "t2").await.unwrap(), TxnVerdict::Commit);
+        assert!(matches!(
+            core.store().checkout(cmd).await.unwrap(),
+            Outcome::Created(_)
+        ));
+        assert_eq!(
+            core.check_txn(&sku, "t2").await.unwrap(),
+            TxnVerdict::Commit
+        );
     }
 
     #[tokio::test]
@@ -289,7 +320,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(core.sweep_expired().await.unwrap(), 1);
         assert_eq!(core.sweep_expired().await.unwrap(), 0);
-        assert_eq!(core.store().release(&o.id, now_ms(), true).await.unwrap(), Released::Nothing);
-        assert_eq!(core.stock(&sku).await.unwrap(), StockInfo { stock: 1, orders: 0 });
+        assert_eq!(
+            core.store().release(&o.id, now_ms(), true).await.unwrap(),
+            Released::Nothing
+        );
+        assert_eq!(
+            core.stock(&sku).await.unwrap(),
+            StockInfo {
+                stock: 1,
+                orders: 0
+            }
+        );
     }
 }

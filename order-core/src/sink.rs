@@ -117,7 +117,8 @@ impl DeadLetters {
         if !self.path.exists() {
             return Ok(Vec::new());
         }
-        let f = File::open(&self.path).with_context(|| format!("read DLQ {}", self.path.display()))?;
+        let f =
+            File::open(&self.path).with_context(|| format!("read DLQ {}", self.path.display()))?;
         let mut out = Vec::new();
         for (n, line) in BufReader::new(f).lines().enumerate() {
             let line = line.with_context(|| format!("read DLQ {}", self.path.display()))?;
@@ -140,9 +141,12 @@ impl DeadLetters {
         for dl in keep {
             let mut line = serde_json::to_vec(dl).context("encode dead letter")?;
             line.push(b'\n');
-            f.write_all(&line).with_context(|| format!("write {}", tmp.display()))?;
+            f.write_all(&line)
+                .with_context(|| format!("write {}", tmp.display()))?;
         }
-        f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("replace {}", self.path.display()))
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replace {}", self.path.display()))
     }
 }

@@ -81,7 +81,10 @@ impl CoreFiles {
             RedisAt::Single(u) => format!("url = \"{u}\""),
             RedisAt::Cluster(us) => format!(
                 "cluster = [{}]",
-                us.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ")
+                us.iter()
+                    .map(|u| format!("\"{u}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         let text = format!(
@@ -204,8 +207,8 @@ pub async fn checkout(
     user: Option<&str>,
     key: Option<&str>,
 ) -> Got {
-    let mut b = Request::post(format!("http://{base}/checkout"))
-        .header("content-type", "application/json");
+    let mut b =
+        Request::post(format!("http://{base}/checkout")).header("content-type", "application/json");
     if let Some(u) = user {
         b = b.header("x-user-id", u);
     }

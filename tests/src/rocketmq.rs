@@ -61,8 +61,10 @@ fn free_broker_port() -> u16 {
         if p < 1100 || p > 65000 {
             continue;
         }
-        let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+        let free = |port: u16| {
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+        };
         if free(p - 2) && free(p + 1) && free(p) {
             return p;
         }
@@ -86,9 +88,7 @@ impl RocketMq {
             broker: None,
             dir: TempDir::new("rocketmq"),
         };
-        let log = |name: &str| {
-            std::fs::File::create(mq.dir.0.join(name)).expect("create log file")
-        };
+        let log = |name: &str| std::fs::File::create(mq.dir.0.join(name)).expect("create log file");
         let (out, err) = (log("namesrv.log"), log("namesrv.err"));
         mq.namesrv = Some(Proc::spawn(
             Command::new(bin("rocketmq-namesrv-rust"))

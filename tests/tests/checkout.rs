@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flashgate_tests::order::{
-    checkout, set_stock, start_consumer, start_core, stock, CoreFiles, CoreProc, CoreSetup,
-    RedisAt,
+    checkout, set_stock, start_consumer, start_core, stock, CoreFiles, CoreProc, CoreSetup, RedisAt,
 };
 use flashgate_tests::redis::{Durability, RedisCluster, RedisServer};
 use flashgate_tests::rocketmq::RocketMq;
@@ -61,16 +60,28 @@ impl Stack {
     }
 
     async fn warm_up(&self) {
-        assert_eq!(set_stock(self.core.addr, "warmup", 1_000_000).await.status, 200);
+        assert_eq!(
+            set_stock(self.core.addr, "warmup", 1_000_000).await.status,
+            200
+        );
         let c = client();
         let addr = self.core.addr;
         // The first sends may fail while the producer learns the route.
         let created = eventually(Duration::from_secs(60), || {
             let c = c.clone();
-            async move { checkout(&c, addr, "warmup", 1, Some("warm"), Some("w")).await.status == 201 }
+            async move {
+                checkout(&c, addr, "warmup", 1, Some("warm"), Some("w"))
+                    .await
+                    .status
+                    == 201
+            }
         })
         .await;
-        assert!(created, "warm-up checkout never succeeded\ncore:\n{}", self.core_log());
+        assert!(
+            created,
+            "warm-up checkout never succeeded\ncore:\n{}",
+            self.core_log()
+        );
         let delivered = eventually(Duration::from_secs(90), || async {
             !self.files.sink_for("warmup").is_empty()
         })
@@ -125,13 +136,16 @@ async fn sale(
                 .header("authorization", format!("Bearer {token}"))
                 .header("idempotency-key", format!("key-{i}"))
                 .header("content-type", "application/json")
-                .body(flashgate_tests::full(format!(r#"{{"sku":"{sku}","qty":1}}"#)))
+                .body(flashgate_tests::full(format!(
+                    r#"{{"sku":"{sku}","qty":1}}"#
+                )))
                 .unwrap();
             let sent = Instant::now();
             let got = flashgate_tests::send_with(&c, req).await;
             let latency = sent.elapsed();
             drop(permit);
-            let id = (got.status == 201).then(|| got.json()["order"]["id"].as_str().unwrap().to_string());
+            let id = (got.status == 201)
+                .then(|| got.json()["order"]["id"].as_str().unwrap().to_string());
             (got.status, id, latency)
         }));
     }
@@ -149,11 +163,17 @@ async fn sale(
     let took = started.elapsed();
     loser_latency.sort();
     if !loser_latency.is_empty() {
-        let p = |q: f64| loser_latency[((loser_latency.len() as f64 * q) as usize).min(loser_latency.len() - 1)];
+        let p = |q: f64| {
+            loser_latency[((loser_latency.len() as f64 * q) as usize).min(loser_latency.len() - 1)]
+        };
         eprintln!("409 latency: p50 {:?} p99 {:?}", p(0.5), p(0.99));
         // Quick: far below the gateway's 20 s request timeout even with
         // 1,000 in flight on a small shared machine.
-        assert!(p(0.99) < Duration::from_secs(5), "losers waited: p99 {:?}", p(0.99));
+        assert!(
+            p(0.99) < Duration::from_secs(5),
+            "losers waited: p99 {:?}",
+            p(0.99)
+        );
     }
     watching.store(false, Ordering::Relaxed);
     watcher.await.unwrap();
@@ -209,8 +229,16 @@ async fn the_sale(redis: RedisAt) {
         "sale: {statuses:?} in {took:?} ({:.0} attempts/s)",
         10_000.0 / took.as_secs_f64()
     );
-    assert_eq!(statuses.get(&201), Some(&100), "exactly 100 orders: {statuses:?}");
-    assert_eq!(statuses.get(&409), Some(&9_900), "every loser gets 409: {statuses:?}");
+    assert_eq!(
+        statuses.get(&201),
+        Some(&100),
+        "exactly 100 orders: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.get(&409),
+        Some(&9_900),
+        "every loser gets 409: {statuses:?}"
+    );
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), 100, "order ids are unique");
     let (left, orders) = stock(stack.core.addr, sku).await;
@@ -223,7 +251,11 @@ async fn the_sale(redis: RedisAt) {
     })
     .await;
     let lines = stack.files.sink_for(sku);
-    assert!(delivered, "only {} of 100 orders reached the sink", lines.len());
+    assert!(
+        delivered,
+        "only {} of 100 orders reached the sink",
+        lines.len()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let lines = stack.files.sink_for(sku);
     let sunk: HashSet<String> = lines
@@ -231,7 +263,11 @@ async fn the_sale(redis: RedisAt) {
         .map(|l| l["order_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(lines.len(), 100, "one sink line per order");
-    assert_eq!(sunk, ids.into_iter().collect::<HashSet<_>>(), "the sink holds exactly the created orders");
+    assert_eq!(
+        sunk,
+        ids.into_iter().collect::<HashSet<_>>(),
+        "the sink holds exactly the created orders"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -242,7 +278,9 @@ async fn sale_of_100_units_to_10000_buyers_through_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sale_on_redis_cluster() {
-    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.unwrap();
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
     the_sale(RedisAt::Cluster(cluster.urls())).await;
 }
 
@@ -301,7 +339,12 @@ async fn per_user_limit_and_concurrent_replays_give_one_order_per_key() {
     let mut created = 0;
     for t in tasks {
         let got = t.await.unwrap();
-        assert!(got.status == 201 || got.status == 200, "{} {}", got.status, got.text());
+        assert!(
+            got.status == 201 || got.status == 200,
+            "{} {}",
+            got.status,
+            got.text()
+        );
         if got.status == 201 {
             created += 1;
         } else {
@@ -309,21 +352,50 @@ async fn per_user_limit_and_concurrent_replays_give_one_order_per_key() {
         }
         ids.insert(got.json()["order"]["id"].as_str().unwrap().to_string());
     }
-    assert_eq!(created, 1, "one of the concurrent replays creates the order");
+    assert_eq!(
+        created, 1,
+        "one of the concurrent replays creates the order"
+    );
     assert_eq!(ids.len(), 1, "all answers name the same order");
 
     // A second key is a second order; a third is over the limit of 2.
-    assert_eq!(checkout(&c, core, "tee", 1, Some("ann"), Some("k2")).await.status, 201);
+    assert_eq!(
+        checkout(&c, core, "tee", 1, Some("ann"), Some("k2"))
+            .await
+            .status,
+        201
+    );
     let over = checkout(&c, core, "tee", 1, Some("ann"), Some("k3")).await;
     assert_eq!(over.status, 429, "{}", over.text());
     assert!(over.header("retry-after").is_some());
     // The same key with another quantity is a client bug, not a replay.
-    assert_eq!(checkout(&c, core, "tee", 2, Some("ann"), Some("k1")).await.status, 422);
+    assert_eq!(
+        checkout(&c, core, "tee", 2, Some("ann"), Some("k1"))
+            .await
+            .status,
+        422
+    );
     // Bad input is refused before anything happens.
-    assert_eq!(checkout(&c, core, "tee", 1, None, Some("k9")).await.status, 422);
-    assert_eq!(checkout(&c, core, "tee", 1, Some("bob"), None).await.status, 422);
-    assert_eq!(checkout(&c, core, "bad sku", 1, Some("bob"), Some("k")).await.status, 422);
-    assert_eq!(checkout(&c, core, "tee", 0, Some("bob"), Some("k")).await.status, 422);
+    assert_eq!(
+        checkout(&c, core, "tee", 1, None, Some("k9")).await.status,
+        422
+    );
+    assert_eq!(
+        checkout(&c, core, "tee", 1, Some("bob"), None).await.status,
+        422
+    );
+    assert_eq!(
+        checkout(&c, core, "bad sku", 1, Some("bob"), Some("k"))
+            .await
+            .status,
+        422
+    );
+    assert_eq!(
+        checkout(&c, core, "tee", 0, Some("bob"), Some("k"))
+            .await
+            .status,
+        422
+    );
 
     assert_eq!(stock(core, "tee").await, (8, 2));
     let lines = stack.sink_settles("tee", 2).await;
@@ -351,7 +423,9 @@ async fn producer_killed_after_the_lua_is_committed_by_the_check_back() {
     // The Lua ran (stock is held), the commit was never sent: kill -9.
     assert_eq!(stock(stack.core.addr, "boot").await, (4, 1));
     a.proc.signal("KILL");
-    a.proc.wait_exit(Duration::from_secs(10)).expect("core A exits");
+    a.proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("core A exits");
     let _ = pending.await;
 
     // The broker asks the surviving producer of the group; Redis says the
@@ -375,9 +449,10 @@ async fn check_back_before_the_lua_rolls_back_and_fences_the_late_lua() {
     let (files_a, a) = stack.second_core(&[("ORDER_CORE_TEST_PAUSE", &spec)]).await;
 
     let addr_a = a.addr;
-    let pending = tokio::spawn(async move {
-        checkout(&client(), addr_a, "cap", 1, Some("dan"), Some("k")).await
-    });
+    let pending =
+        tokio::spawn(
+            async move { checkout(&client(), addr_a, "cap", 1, Some("dan"), Some("k")).await },
+        );
     assert!(
         eventually(Duration::from_secs(30), || async { marker.exists() }).await,
         "core A never reached the pause point"
@@ -398,9 +473,16 @@ async fn check_back_before_the_lua_rolls_back_and_fences_the_late_lua() {
     std::fs::remove_file(&marker).unwrap();
     let late = pending.await.unwrap();
     assert_eq!(late.status, 503, "late Lua refused: {}", late.text());
-    assert_eq!(stock(stack.core.addr, "cap").await, (5, 0), "nothing deducted");
+    assert_eq!(
+        stock(stack.core.addr, "cap").await,
+        (5, 0),
+        "nothing deducted"
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(stack.files.sink_for("cap").is_empty(), "a rolled-back order was delivered");
+    assert!(
+        stack.files.sink_for("cap").is_empty(),
+        "a rolled-back order was delivered"
+    );
     // A retry with the same key is a fresh attempt and succeeds.
     let retry = checkout(&client(), stack.core.addr, "cap", 1, Some("dan"), Some("k")).await;
     assert_eq!(retry.status, 201, "{}", retry.text());
@@ -439,7 +521,12 @@ async fn redis_down_mid_sale_answers_503_and_deducts_nothing() {
     // The sale goes on; the buyers who got 503 simply retry.
     assert!(
         eventually(Duration::from_secs(30), || async {
-            matches!(checkout(&c, core, "hat", 1, Some("u20"), Some("k")).await.status, 201)
+            matches!(
+                checkout(&c, core, "hat", 1, Some("u20"), Some("k"))
+                    .await
+                    .status,
+                201
+            )
         })
         .await,
         "no checkout succeeded after Redis came back"
@@ -465,17 +552,29 @@ async fn broker_down_answers_503_before_any_deduction() {
     let core = stack.core.addr;
     assert_eq!(set_stock(core, "sock", 10).await.status, 200);
     let c = client();
-    assert_eq!(checkout(&c, core, "sock", 1, Some("a"), Some("k")).await.status, 201);
+    assert_eq!(
+        checkout(&c, core, "sock", 1, Some("a"), Some("k"))
+            .await
+            .status,
+        201
+    );
     stack.mq.stop_broker();
     for u in ["b", "c", "d"] {
         let got = checkout(&c, core, "sock", 1, Some(u), Some("k")).await;
         assert_eq!(got.status, 503, "{}", got.text());
     }
-    assert_eq!(stock(core, "sock").await, (9, 1), "nothing deducted while the broker is down");
+    assert_eq!(
+        stock(core, "sock").await,
+        (9, 1),
+        "nothing deducted while the broker is down"
+    );
     tokio::task::block_in_place(|| stack.mq.start_broker());
     assert!(
         eventually(Duration::from_secs(60), || async {
-            checkout(&c, core, "sock", 1, Some("b"), Some("k")).await.status == 201
+            checkout(&c, core, "sock", 1, Some("b"), Some("k"))
+                .await
+                .status
+                == 201
         })
         .await,
         "no checkout after the broker came back"
@@ -506,7 +605,10 @@ async fn consumer_crash_before_ack_redelivers_and_the_sink_keeps_one_line() {
     stack.consumer = Some(start_consumer(&stack.files, &[], "consumer2.log"));
     let log2 = || flashgate_tests::order::log(&stack.files, "consumer2.log");
     assert!(
-        eventually(Duration::from_secs(90), || async { log2().contains("duplicate delivery ignored") }).await,
+        eventually(Duration::from_secs(90), || async {
+            log2().contains("duplicate delivery ignored")
+        })
+        .await,
         "the unacknowledged order was not redelivered; log:\n{}",
         log2()
     );
@@ -534,7 +636,10 @@ async fn poison_message_goes_to_the_dlq_and_replays_once_fixed() {
     assert_eq!(got.status, 201);
     let id = got.json()["order"]["id"].as_str().unwrap().to_string();
     assert!(
-        eventually(Duration::from_secs(90), || async { stack.files.dlq_lines().len() == 1 }).await,
+        eventually(Duration::from_secs(90), || async {
+            stack.files.dlq_lines().len() == 1
+        })
+        .await,
         "the poison message did not reach the DLQ; log:\n{}",
         stack.consumer_log()
     );
@@ -547,7 +652,10 @@ async fn poison_message_goes_to_the_dlq_and_replays_once_fixed() {
     stack.consumer = Some(start_consumer(&stack.files, &[], "consumer2.log"));
     let out = flashgate_tests::order::dlq(&stack.files, "replay");
     assert!(out.contains("replayed 1"), "{out}");
-    assert!(stack.files.dlq_lines().is_empty(), "replayed letters leave the DLQ");
+    assert!(
+        stack.files.dlq_lines().is_empty(),
+        "replayed letters leave the DLQ"
+    );
     let lines = stack.sink_settles("bad", 1).await;
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["order_id"], id.as_str());
@@ -581,16 +689,28 @@ async fn unpaid_orders_expire_and_return_stock_once_with_two_sweepers() {
     .await;
     assert_eq!(paid.json()["order"]["status"], "paid");
     assert!(
-        eventually(Duration::from_secs(30), || async { stock(core, "mug").await == (4, 1) }).await,
+        eventually(Duration::from_secs(30), || async {
+            stock(core, "mug").await == (4, 1)
+        })
+        .await,
         "unpaid orders did not expire: {:?}",
         stock(core, "mug").await
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(stock(core, "mug").await, (4, 1), "stock returned exactly once");
+    assert_eq!(
+        stock(core, "mug").await,
+        (4, 1),
+        "stock returned exactly once"
+    );
     for (id, want) in ids.iter().zip(["paid", "cancelled", "cancelled"]) {
         let got = flashgate_tests::get(&format!("http://{core}/orders/{id}")).await;
         assert_eq!(got.json()["order"]["status"], want);
     }
     // The expired buyer's quota came back with the stock.
-    assert_eq!(checkout(&c, core, "mug", 1, Some("q"), Some("k2")).await.status, 201);
+    assert_eq!(
+        checkout(&c, core, "mug", 1, Some("q"), Some("k2"))
+            .await
+            .status,
+        201
+    );
 }

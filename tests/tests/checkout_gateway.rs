@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashgate_tests::{
-    client, flashgate_bin, full, gateway, reply, send, Got, Proc, Upstream,
-};
+use flashgate_tests::{client, flashgate_bin, full, gateway, reply, send, Got, Proc, Upstream};
 use http::Request;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,7 +65,10 @@ async fn the_verified_subject_is_the_user_and_a_forged_one_never_passes() {
         base,
         "/checkout",
         &[
-            ("authorization", format!("Bearer {}", token("alice", SECRET, 60))),
+            (
+                "authorization",
+                format!("Bearer {}", token("alice", SECRET, 60)),
+            ),
             ("x-user-id", "mallory".into()),
         ],
         body,
@@ -79,7 +80,11 @@ async fn the_verified_subject_is_the_user_and_a_forged_one_never_passes() {
 
     // No token, a forged header: 401 at the edge, the core never sees it.
     let hits = echo.hits();
-    for auth in [None, Some(token("alice", "another-secret-0123456", 60)), Some(token("alice", SECRET, -600))] {
+    for auth in [
+        None,
+        Some(token("alice", "another-secret-0123456", 60)),
+        Some(token("alice", SECRET, -600)),
+    ] {
         let mut h = vec![("x-user-id", "mallory".to_string())];
         if let Some(t) = auth {
             h.push(("authorization", format!("Bearer {t}")));
@@ -92,7 +97,11 @@ async fn the_verified_subject_is_the_user_and_a_forged_one_never_passes() {
 
     // Other routes: the forged header is stripped too.
     let got = post(base, "/elsewhere", &[("x-user-id", "mallory".into())], "").await;
-    assert!(got.json()["headers"].get("x-user-id").is_none(), "{}", got.text());
+    assert!(
+        got.json()["headers"].get("x-user-id").is_none(),
+        "{}",
+        got.text()
+    );
 }
 
 #[tokio::test]
@@ -100,18 +109,39 @@ async fn a_409_from_the_core_is_answered_at_the_edge_until_the_flag_expires() {
     let up = Upstream::start(|_| async { reply(409, r#"{"error":"sold_out"}"#) }).await;
     let gw = gateway(&config(&[up.addr], 1)).await;
     let base = gw.addr("public").unwrap();
-    let auth = ("authorization", format!("Bearer {}", token("bob", SECRET, 60)));
-    let first = post(base, "/checkout", &[auth.clone()], r#"{"sku":"gone","qty":1}"#).await;
+    let auth = (
+        "authorization",
+        format!("Bearer {}", token("bob", SECRET, 60)),
+    );
+    let first = post(
+        base,
+        "/checkout",
+        &[auth.clone()],
+        r#"{"sku":"gone","qty":1}"#,
+    )
+    .await;
     assert_eq!(first.status, 409);
     assert_eq!(up.hits(), 1);
     for _ in 0..5 {
-        let again = post(base, "/checkout", &[auth.clone()], r#"{"sku":"gone","qty":1}"#).await;
+        let again = post(
+            base,
+            "/checkout",
+            &[auth.clone()],
+            r#"{"sku":"gone","qty":1}"#,
+        )
+        .await;
         assert_eq!(again.status, 409);
         assert_eq!(again.header("x-flashgate-sold-out"), Some("edge"));
     }
     assert_eq!(up.hits(), 1, "the edge answered the losers");
     // Another SKU still goes through.
-    post(base, "/checkout", &[auth.clone()], r#"{"sku":"other","qty":1}"#).await;
+    post(
+        base,
+        "/checkout",
+        &[auth.clone()],
+        r#"{"sku":"other","qty":1}"#,
+    )
+    .await;
     assert_eq!(up.hits(), 2);
 }
 
@@ -124,7 +154,9 @@ async fn flaky(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
     let count = n.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             let i = count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
@@ -134,7 +166,9 @@ async fn flaky(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
                     return;
                 }
                 let _ = s
-                    .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                    .write_all(
+                        b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    )
                     .await;
             });
         }
@@ -144,13 +178,22 @@ async fn flaky(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn a_checkout_is_retried_after_a_reset_only_with_an_idempotency_key() {
-    let auth = ("authorization", format!("Bearer {}", token("carol", SECRET, 60)));
+    let auth = (
+        "authorization",
+        format!("Bearer {}", token("carol", SECRET, 60)),
+    );
     let body = r#"{"sku":"s","qty":1}"#;
 
     let (addr, conns) = flaky(1).await;
     let gw = gateway(&config(&[addr], 1)).await;
     let base = gw.addr("public").unwrap();
-    let got = post(base, "/checkout", &[auth.clone(), ("idempotency-key", "k1".into())], body).await;
+    let got = post(
+        base,
+        "/checkout",
+        &[auth.clone(), ("idempotency-key", "k1".into())],
+        body,
+    )
+    .await;
     assert_eq!(got.status, 201, "retried after the reset: {}", got.text());
     assert_eq!(conns.load(Ordering::SeqCst), 2);
 
@@ -158,7 +201,12 @@ async fn a_checkout_is_retried_after_a_reset_only_with_an_idempotency_key() {
     let gw = gateway(&config(&[addr], 1)).await;
     let base = gw.addr("public").unwrap();
     let got = post(base, "/checkout", &[auth.clone()], body).await;
-    assert_eq!(got.status, 502, "a POST without a key is not retried: {}", got.text());
+    assert_eq!(
+        got.status,
+        502,
+        "a POST without a key is not retried: {}",
+        got.text()
+    );
     assert_eq!(conns.load(Ordering::SeqCst), 1);
 }
 
@@ -169,8 +217,15 @@ async fn demo_sells_a_sneaker_through_the_in_process_core() {
     let mut child = Proc::spawn(
         Command::new(flashgate_bin())
             .args([
-                "demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--origin",
-                "127.0.0.1:0", "--core", "127.0.0.1:0",
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--origin",
+                "127.0.0.1:0",
+                "--core",
+                "127.0.0.1:0",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
@@ -190,12 +245,26 @@ async fn demo_sells_a_sneaker_through_the_in_process_core() {
         .find(|l| l.contains("curl -i -X POST"))
         .unwrap_or_else(|| panic!("no checkout curl in {lines:?}"));
     let word_after = |line: &str, marker: &str| -> String {
-        line.split(marker).nth(1).unwrap().split(['\'', ' ']).next().unwrap().to_string()
+        line.split(marker)
+            .nth(1)
+            .unwrap()
+            .split(['\'', ' '])
+            .next()
+            .unwrap()
+            .to_string()
     };
-    let url = curl.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let url = curl
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
     let token = word_after(curl, "Bearer ");
     let stock_line = lines.iter().find(|l| l.contains("/admin/stock/")).unwrap();
-    let stock_url = stock_line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let stock_url = stock_line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
     let stock = || async {
         let req = Request::get(&stock_url)
             .header("authorization", "Bearer demo-token")

@@ -31,7 +31,11 @@ impl LocalQueue {
 }
 
 impl Publisher for LocalQueue {
-    fn transact(&self, event: OrderEvent, local: LocalTxn) -> BoxFut<'_, Result<Outcome, CoreError>> {
+    fn transact(
+        &self,
+        event: OrderEvent,
+        local: LocalTxn,
+    ) -> BoxFut<'_, Result<Outcome, CoreError>> {
         Box::pin(async move {
             let outcome = local().await?;
             if outcome.commits() {

@@ -23,7 +23,11 @@ pub trait Publisher: Send + Sync + 'static {
     /// ([`Outcome::commits`]); returns what `local` decided. An error means
     /// the order was not created by this call (see [`CoreError`] for the
     /// one ambiguous case, `Unknown`, which the check-back settles).
-    fn transact(&self, event: OrderEvent, local: LocalTxn) -> BoxFut<'_, Result<Outcome, CoreError>>;
+    fn transact(
+        &self,
+        event: OrderEvent,
+        local: LocalTxn,
+    ) -> BoxFut<'_, Result<Outcome, CoreError>>;
 
     /// Whether a published order survives a crash of this process.
     fn durable(&self) -> bool;

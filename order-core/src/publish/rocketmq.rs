@@ -151,7 +151,8 @@ impl TransactionListener for OrderTxnListener {
             }
         };
         let store = self.store.clone();
-        let fut: BoxFut<'static, _> = Box::pin(async move { store.check_txn(&event.sku, &event.txn).await });
+        let fut: BoxFut<'static, _> =
+            Box::pin(async move { store.check_txn(&event.sku, &event.txn).await });
         let verdict = wait_on(&self.rt, fut);
         tracing::info!(msg_id = %msg.msg_id(), ?verdict, "transaction check-back");
         match verdict {
@@ -198,10 +199,12 @@ impl RocketMqPublisher {
             .retry_times_when_send_failed(1)
             .transaction_listener(listener)
             .build();
-        producer
-            .start()
-            .await
-            .map_err(|e| CoreError::broker(format!("start producer on {}", settings.namesrv), e.to_string()))?;
+        producer.start().await.map_err(|e| {
+            CoreError::broker(
+                format!("start producer on {}", settings.namesrv),
+                e.to_string(),
+            )
+        })?;
         Ok(RocketMqPublisher {
             producer,
             topic: settings.topic.clone(),
@@ -211,7 +214,11 @@ impl RocketMqPublisher {
 }
 
 impl Publisher for RocketMqPublisher {
-    fn transact(&self, event: OrderEvent, local: LocalTxn) -> BoxFut<'_, Result<Outcome, CoreError>> {
+    fn transact(
+        &self,
+        event: OrderEvent,
+        local: LocalTxn,
+    ) -> BoxFut<'_, Result<Outcome, CoreError>> {
         Box::pin(async move {
             let body = serde_json::to_vec(&event)
                 .map_err(|e| CoreError::Corrupt(format!("encode order event: {e}")))?;
@@ -229,7 +236,12 @@ impl Publisher for RocketMqPublisher {
                 .producer
                 .send_message_in_transaction(msg, Some(ctx.clone()))
                 .await
-                .map_err(|e| CoreError::broker(format!("half message for order {}", event.order_id), e.to_string()))?;
+                .map_err(|e| {
+                    CoreError::broker(
+                        format!("half message for order {}", event.order_id),
+                        e.to_string(),
+                    )
+                })?;
             let result = ctx.result.lock().unwrap_or_else(|p| p.into_inner()).take();
             match result {
                 Some(r) => r,

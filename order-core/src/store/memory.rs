@@ -49,13 +49,15 @@ impl MemoryStore {
         if let Some(None) = s.txns.get(&cmd.txn) {
             return Ok(Outcome::Fenced);
         }
-        let idem = (cmd.sku.clone(), cmd.user.clone(), cmd.idempotency_key.clone());
+        let idem = (
+            cmd.sku.clone(),
+            cmd.user.clone(),
+            cmd.idempotency_key.clone(),
+        );
         if let Some(id) = s.idem.get(&idem) {
-            let order = s
-                .orders
-                .get(id)
-                .cloned()
-                .ok_or_else(|| CoreError::Corrupt(format!("idempotency key points at missing order {id}")))?;
+            let order = s.orders.get(id).cloned().ok_or_else(|| {
+                CoreError::Corrupt(format!("idempotency key points at missing order {id}"))
+            })?;
             return Ok(Outcome::Replay(order));
         }
         let stock = s.stock.get(&cmd.sku).copied().unwrap_or(0);
@@ -73,7 +75,8 @@ impl MemoryStore {
         let order = cmd.order();
         s.stock.insert(cmd.sku.clone(), stock - i64::from(cmd.qty));
         *s.live_orders.entry(cmd.sku.clone()).or_default() += 1;
-        s.bought.insert((cmd.sku.clone(), cmd.user.clone()), held + cmd.qty);
+        s.bought
+            .insert((cmd.sku.clone(), cmd.user.clone()), held + cmd.qty);
         s.idem.insert(idem, order.id.clone());
         s.txns.insert(cmd.txn.clone(), Some(order.id.clone()));
         s.pending.insert((order.expires_ms, order.id.clone()));

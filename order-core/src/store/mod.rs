@@ -75,8 +75,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cancels the order if it is still pending and its window passed (or
     /// `force`), returning its stock exactly once however often it runs.
-    fn release(&self, id: &str, now_ms: u64, force: bool)
-        -> BoxFut<'_, Result<Released, CoreError>>;
+    fn release(
+        &self,
+        id: &str,
+        now_ms: u64,
+        force: bool,
+    ) -> BoxFut<'_, Result<Released, CoreError>>;
 
     /// Pending orders whose window ended before `now_ms`, at most `max`.
     fn expired(&self, now_ms: u64, max: usize) -> BoxFut<'_, Result<Vec<String>, CoreError>>;

@@ -74,8 +74,11 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A store on one redis-server. Connects lazily-resilient: while Redis is
 /// down calls fail fast with [`CoreError::Store`], and the manager
 /// reconnects when it is back.
-pub async fn connect_single(url: &str) -> Result<RedisStore<redis::aio::ConnectionManager>, CoreError> {
-    let client = redis::Client::open(url).map_err(|e| CoreError::store(format!("redis url {url}"), e))?;
+pub async fn connect_single(
+    url: &str,
+) -> Result<RedisStore<redis::aio::ConnectionManager>, CoreError> {
+    let client =
+        redis::Client::open(url).map_err(|e| CoreError::store(format!("redis url {url}"), e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -280,7 +283,9 @@ where
                 Some("SOLDOUT") => Ok(Outcome::SoldOut),
                 Some("LIMIT") => Ok(Outcome::OverLimit),
                 Some("FENCED") => Ok(Outcome::Fenced),
-                other => Err(CoreError::Corrupt(format!("checkout.lua answered {other:?}"))),
+                other => Err(CoreError::Corrupt(format!(
+                    "checkout.lua answered {other:?}"
+                ))),
             }
         })
     }
@@ -300,7 +305,9 @@ where
             match v.as_str() {
                 "COMMIT" => Ok(TxnVerdict::Commit),
                 "ROLLBACK" => Ok(TxnVerdict::Rollback),
-                other => Err(CoreError::Corrupt(format!("check_txn.lua answered {other}"))),
+                other => Err(CoreError::Corrupt(format!(
+                    "check_txn.lua answered {other}"
+                ))),
             }
         })
     }
@@ -385,7 +392,13 @@ where
                     break;
                 }
                 let ids: Vec<String> = conn
-                    .zrangebyscore_limit(Keys(&sku).pending(), "-inf", now_ms, 0, (max - out.len()) as isize)
+                    .zrangebyscore_limit(
+                        Keys(&sku).pending(),
+                        "-inf",
+                        now_ms,
+                        0,
+                        (max - out.len()) as isize,
+                    )
                     .await
                     .map_err(|e| CoreError::store(format!("list expired orders of {sku}"), e))?;
                 out.extend(ids);
