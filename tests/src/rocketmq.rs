@@ -148,6 +148,18 @@ impl RocketMq {
         wait_port(self.broker_port, "broker", &self.dir.0);
         // Registration with the name server follows the listen by a moment.
         std::thread::sleep(Duration::from_millis(1500));
+        // The broker may listen and then roll its start back (it refuses to
+        // start on a disk fuller than its `diskMaxUsedSpaceRatio`, 75% by
+        // default): say so here rather than as a failed checkout later.
+        let exited = self
+            .broker
+            .as_mut()
+            .and_then(|p| p.0.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            let log = self.broker_log();
+            let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().join("\n");
+            panic!("the RocketMQ broker exited during start ({status}); last log lines (newest first):\n{tail}");
+        }
     }
 
     /// Kills the broker (SIGKILL: an outage).
