@@ -137,13 +137,75 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
                 ),
             },
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload") => json_reply(
+        (&Method::POST, "/admin/cache/purge") => match refusal(&shared, &req) {
+            Some(resp) => resp,
+            None => cache_purge(&shared, req).await,
+        },
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload"
+            | "/admin/cache/purge",
+        ) => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
         _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
     };
     Ok(resp)
+}
+
+/// `POST /admin/cache/purge` with `{"key": "host/path?query"}` (that key
+/// and its variants) or `{"prefix": "host/products/"}`: dropped from this
+/// gateway's L1 and from Redis, and every other gateway drops its L1 copies
+/// on the pub/sub message.
+async fn cache_purge(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("cannot read the request body: {e}")}),
+            )
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PurgeRequest {
+        key: Option<String>,
+        prefix: Option<String>,
+    }
+    let purge = match serde_json::from_slice::<PurgeRequest>(&body) {
+        Ok(PurgeRequest {
+            key: Some(k),
+            prefix: None,
+        }) if !k.is_empty() => crate::cache::Purge::Key(k.into_bytes().into()),
+        Ok(PurgeRequest {
+            key: None,
+            prefix: Some(p),
+        }) if !p.is_empty() => crate::cache::Purge::Prefix(p.into_bytes().into()),
+        Ok(_) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "send exactly one of {\"key\": \"host/path?query\"} or {\"prefix\": \"host/path\"}, not empty"}),
+            )
+        }
+        Err(e) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("invalid JSON body: {e}")}),
+            )
+        }
+    };
+    let cache = shared.runtime.load().cache.clone();
+    let (l1, l2) = cache.purge(purge).await;
+    json_reply(
+        StatusCode::OK,
+        json!({"purged": {"l1": l1, "l2": l2}, "l2_reached": l2.is_some()}),
+    )
 }
 
 fn status(shared: &Shared) -> serde_json::Value {

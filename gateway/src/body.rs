@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use filters::ChainStream;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
@@ -26,12 +27,23 @@ enum Inner {
     /// Streams from the upstream frame by frame, never buffered whole.
     Upstream(Incoming),
     Full(Full<Bytes>),
+    /// Anything else (the cache's "read part, stream the rest" body).
+    Boxed(UnsyncBoxBody<Bytes, hyper::Error>),
 }
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
+            in_flight: None,
+            chain: None,
+        }
+    }
+
+    /// Wraps another body; what it wraps keeps its own in-flight slot.
+    pub fn boxed(body: UnsyncBoxBody<Bytes, hyper::Error>) -> Self {
+        ProxyBody {
+            inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
         }
@@ -94,6 +106,7 @@ impl Body for ProxyBody {
             Inner::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
+            Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
         };
         match &polled {
             // hyper stops polling once `is_end_stream` says the body is
@@ -111,6 +124,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
             Inner::Full(full) => full.is_end_stream(),
+            Inner::Boxed(body) => body.is_end_stream(),
         }
     }
 
@@ -118,6 +132,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
+            Inner::Boxed(body) => body.size_hint(),
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod body;
 pub mod checkout;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod demo_checkout;

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub endpoint_ejected: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub cache: crate::cache::CacheMetrics,
 }
 
 impl Metrics {
@@ -121,6 +122,7 @@ impl Metrics {
                 &["cluster", "endpoint"],
             ),
             config_reloads: counter("config_reloads_total", "Config reloads, by result.", &["result"]),
+            cache: crate::cache::CacheMetrics::register(&registry),
             registry,
         }
     }

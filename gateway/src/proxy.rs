@@ -6,8 +6,8 @@
 //!        -> cache lookup -> upstream -> response filters -> log, metrics
 //! ```
 //!
-//! Phases that later issues fill in (admission, cache) have their place
-//! marked here, so the order stays readable in one function.
+//! Phases that later issues fill in (admission) have their place marked
+//! here, so the order stays readable in one function.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -23,6 +23,7 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 
 use crate::body::ProxyBody;
+use crate::cache;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::router::{normalize_path, request_host};
@@ -134,13 +135,33 @@ pub async fn handle(
         _ => None,
     };
 
-    // Cache lookup comes here: after filters (they may change the key or
-    // bypass), before the upstream.
+    // Cache lookup: after filters (they may rewrite the head or answer
+    // locally), before the upstream. A fresh L1 hit is answered here,
+    // without building an upstream request.
+    let cached = match (&early, &local, &route.cache) {
+        (None, None, Some(rc)) => Some(
+            runtime
+                .cache
+                .lookup(rc, &head, &host, !body.is_end_stream()),
+        ),
+        _ => None,
+    };
 
-    let (mut resp, endpoint) = match (early, local) {
-        (Some(answer), _) => (answer, None),
-        (None, Some(local)) => (local_response(local), None),
-        (None, None) => match forward(
+    let (mut resp, endpoint) = match (early, local, cached) {
+        (Some(answer), _, _) => (answer, None),
+        (None, Some(local), _) => (local_response(local), None),
+        (None, None, Some(cache::Lookup::Hit(hit))) => (hit, None),
+        // Misses, stale answers, bypasses: the cache decides whether and
+        // when this request goes upstream (at most once).
+        (None, None, Some(cache::Lookup::Pending(pending))) => {
+            let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+            pending.prepare_upstream(&mut up.headers);
+            let cluster = route.cluster.clone();
+            let fetch =
+                move || async move { forward(&cluster, up, body, replay).await.map(|(r, _)| r) };
+            (pending.resolve(&request_id, fetch).await, None)
+        }
+        (None, None, None) => match forward(
             &route.cluster,
             head_for_upstream(&mut head, client_ip, &conn, &host),
             body,

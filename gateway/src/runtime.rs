@@ -9,6 +9,7 @@ use filters::wasm::WasmFilter;
 use filters::{FilterChain, FilterFactory, Priority};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 
+use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::router::{HostMatch, Router};
@@ -23,6 +24,8 @@ pub struct Route {
     pub filters: FilterChain,
     /// Set on the checkout route (see `crate::checkout`).
     pub checkout: Option<crate::checkout::Checkout>,
+    /// Set on routes with `cache = {...}`.
+    pub cache: Option<Arc<RouteCache>>,
     pub latency: Histogram,
     /// `flashgate_requests_total{route, status}` handles by status code,
     /// resolved on first use: a request does not hash label values.
@@ -59,6 +62,9 @@ pub struct Runtime {
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
     /// The JWT verifier when `[jwt]` is set.
     pub jwt: Option<crate::jwt::JwtVerifier>,
+    /// The response cache: carried over by reloads that keep `[cache]` and
+    /// `[redis]` as they were, so its entries survive the reload.
+    pub cache: Arc<Cache>,
 }
 
 impl Runtime {
@@ -84,6 +90,17 @@ impl Runtime {
                     .unwrap_or_else(|| Cluster::new(u, metrics.clone()))
             })
             .collect();
+        let cache = match previous {
+            Some(p) if p.cache.same_config(&config.cache, config.redis.as_ref()) => p.cache.clone(),
+            _ => Arc::new(
+                Cache::new(&config.cache, config.redis.as_ref(), &metrics.cache).map_err(
+                    |message| ConfigError {
+                        path: "redis".into(),
+                        message,
+                    },
+                )?,
+            ),
+        };
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
         let mut wasm = Vec::new();
         for (i, f) in config.filters.iter().enumerate() {
@@ -114,6 +131,7 @@ impl Runtime {
                 .collect();
             let name = r.display_name();
             routes.push(Route {
+                cache: r.cache.as_ref().map(|c| cache.route(&name, c)),
                 latency: metrics.request_duration.with_label_values(&[&name]),
                 by_status: (100..600).map(|_| OnceLock::new()).collect(),
                 requests: metrics.requests.clone(),
@@ -145,6 +163,7 @@ impl Runtime {
             routes,
             clusters,
             wasm,
+            cache,
         })
     }
 

@@ -10,6 +10,7 @@
 //!
 //! Every key and its default is documented in `docs/config.md`.
 
+pub mod cache;
 pub mod units;
 
 use std::collections::HashSet;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use filters::{FailMode, Priority};
 use serde::Deserialize;
 
+pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
 pub use units::{Dur, Rate, Size};
 
 /// A config error: where (key path) and what.
@@ -58,6 +60,12 @@ pub struct Config {
     /// Client identity from JWTs (see `crate::jwt`).
     #[serde(default)]
     pub jwt: Option<crate::jwt::JwtConfig>,
+    /// The response cache (used by routes with `cache = {...}`).
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The cache's shared L2; without it each gateway caches on its own.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +320,9 @@ pub struct RouteConfig {
     /// Marks the checkout route (see `crate::checkout`).
     #[serde(default)]
     pub checkout: Option<crate::checkout::CheckoutRouteConfig>,
+    /// Cache this route's responses (see `docs/cache.md`).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
 }
 
 fn default_prefix() -> String {
@@ -715,9 +726,16 @@ impl Config {
             if r.checkout.is_some() {
                 crate::checkout::validate_route(r, &p, self.jwt.is_some())?;
             }
+            if let Some(c) = &r.cache {
+                c.validate(&p)?;
+            }
         }
         if let Some(jwt) = &self.jwt {
             crate::jwt::JwtVerifier::new(jwt)?;
+        }
+        self.cache.validate()?;
+        if let Some(r) = &self.redis {
+            r.validate()?;
         }
         Ok(())
     }
