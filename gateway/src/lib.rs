@@ -13,8 +13,8 @@
 
 pub mod admin;
 pub mod body;
-pub mod checkout;
 pub mod cache;
+pub mod checkout;
 pub mod config;
 pub mod demo;
 pub mod demo_checkout;

@@ -139,11 +139,12 @@ pub async fn handle(
     // locally), before the upstream. A fresh L1 hit is answered here,
     // without building an upstream request.
     let cached = match (&early, &local, &route.cache) {
-        (None, None, Some(rc)) => Some(
-            runtime
-                .cache
-                .lookup(rc, &head, &host, !body.is_end_stream()),
-        ),
+        (None, None, Some(rc)) => Some(runtime.cache.lookup(
+            rc,
+            &head,
+            &host,
+            !body.is_end_stream(),
+        )),
         _ => None,
     };
 
