@@ -1,19 +1,41 @@
 //! Runs a route's filters in order for one stream.
+//!
+//! A stream's filter state sits behind one mutex so that the body
+//! callbacks, which run wherever the gateway polls a body (the upstream
+//! connection's task for a request body), reach the same per-request
+//! filters as the header phases. The lock is held for one filter call at
+//! a time, never across a pause.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::{FilterFactory, Flow, LocalResponse, StreamFilter, StreamInfo};
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+
+use crate::body::{BodyStop, Dir, FilteredBody};
+use crate::{BodyFlow, FilterFactory, Flow, LocalResponse, StreamFilter, StreamInfo};
 
 /// A route's ordered filters. Cheap to clone; built when config is loaded.
 #[derive(Clone, Default)]
 pub struct FilterChain {
     factories: Arc<[Arc<dyn FilterFactory>]>,
+    /// Which filters want body callbacks, by position.
+    body_filters: Arc<[bool]>,
+    body_limit: usize,
 }
 
 impl FilterChain {
     pub fn new(factories: Vec<Arc<dyn FilterFactory>>) -> Self {
+        let body_filters: Arc<[bool]> = factories.iter().map(|f| f.wants_bodies()).collect();
+        let body_limit = factories
+            .iter()
+            .filter(|f| f.wants_bodies())
+            .map(|f| f.body_limit())
+            .min()
+            .unwrap_or(crate::DEFAULT_BODY_LIMIT);
         FilterChain {
             factories: factories.into(),
+            body_filters,
+            body_limit,
         }
     }
 
@@ -25,25 +47,59 @@ impl FilterChain {
         self.factories.iter().map(|f| f.name())
     }
 
+    /// Does any filter of the chain look at bodies?
+    pub fn wants_bodies(&self) -> bool {
+        self.body_filters.iter().any(|b| *b)
+    }
+
     /// Makes the per-request state of every filter in the chain.
     pub fn start(&self) -> ChainStream {
         ChainStream {
-            filters: self.factories.iter().map(|f| f.new_stream()).collect(),
-            entered: 0,
+            inner: Arc::new(Mutex::new(ChainInner {
+                filters: self.factories.iter().map(|f| f.new_stream()).collect(),
+                entered: 0,
+                body_filters: self.body_filters.clone(),
+                body_limit: self.body_limit,
+                req_held: Vec::new(),
+                resp_held: Vec::new(),
+            })),
+            wants_bodies: self.wants_bodies(),
         }
     }
 }
 
-/// One stream's walk through the chain. Dropping it ends the stream for
-/// every filter (`on_done`), which is how a client abort reaches filters:
-/// the request future is dropped and this with it.
+/// One stream's walk through the chain. Dropping it (and any body it
+/// filters) ends the stream for every filter (`on_done`), which is how a
+/// client abort reaches filters: the request future is dropped and this
+/// with it.
 pub struct ChainStream {
+    inner: Arc<Mutex<ChainInner>>,
+    wants_bodies: bool,
+}
+
+pub(crate) struct ChainInner {
     filters: Vec<Box<dyn StreamFilter>>,
     /// How many filters saw the request phase; only those see the response.
     entered: usize,
+    body_filters: Arc<[bool]>,
+    body_limit: usize,
+    /// Bytes a filter holds after `BodyFlow::Buffer`, by filter index
+    /// (empty, and unallocated, unless a filter holds a body).
+    req_held: Vec<(usize, BytesMut)>,
+    resp_held: Vec<(usize, BytesMut)>,
+}
+
+pub(crate) fn lock(inner: &Mutex<ChainInner>) -> MutexGuard<'_, ChainInner> {
+    // A filter that panicked cannot leave the chain inconsistent in a way
+    // that matters more than failing its own stream.
+    inner.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ChainStream {
+    fn lock(&self) -> MutexGuard<'_, ChainInner> {
+        lock(&self.inner)
+    }
+
     /// Runs the request phase in configuration order. `Some` means a filter
     /// answered locally: the answer still goes through the response phase of
     /// the filters before it (never through its own), like Envoy's local
@@ -53,23 +109,23 @@ impl ChainStream {
         req: &mut http::request::Parts,
         info: &StreamInfo,
     ) -> Option<LocalResponse> {
-        for i in 0..self.filters.len() {
-            let filter = &mut self.filters[i];
-            let mut flow = filter.on_request_headers(req, info);
+        let n = self.lock().filters.len();
+        for i in 0..n {
+            let mut flow = self.lock().filters[i].on_request_headers(req, info);
             loop {
                 match flow {
                     Flow::Continue => break,
                     Flow::Respond(local) => {
-                        self.entered = i;
+                        self.lock().entered = i;
                         return Some(local);
                     }
                     Flow::Pause(pending) => {
                         pending.await;
-                        flow = filter.resume_request_headers(req, info);
+                        flow = self.lock().filters[i].resume_request_headers(req, info);
                     }
                 }
             }
-            self.entered = i + 1;
+            self.lock().entered = i + 1;
         }
         None
     }
@@ -83,9 +139,9 @@ impl ChainStream {
         info: &StreamInfo,
     ) -> Option<LocalResponse> {
         let mut replaced = None;
-        for i in (0..self.entered).rev() {
-            let filter = &mut self.filters[i];
-            let mut flow = filter.on_response_headers(resp, info);
+        let entered = self.lock().entered;
+        for i in (0..entered).rev() {
+            let mut flow = self.lock().filters[i].on_response_headers(resp, info);
             loop {
                 match flow {
                     Flow::Continue => break,
@@ -97,16 +153,109 @@ impl ChainStream {
                     }
                     Flow::Pause(pending) => {
                         pending.await;
-                        flow = filter.resume_response_headers(resp, info);
+                        flow = self.lock().filters[i].resume_response_headers(resp, info);
                     }
                 }
             }
         }
         replaced
     }
+
+    /// Does any filter of this stream look at bodies?
+    pub fn wants_bodies(&self) -> bool {
+        self.wants_bodies
+    }
+
+    /// Routes the request body through the filters' body callbacks. Call
+    /// after [`ChainStream::on_request`], then [`FilteredBody::prime`]
+    /// before sending the head on.
+    pub fn request_body<B>(&self, body: B, info: &StreamInfo) -> FilteredBody<B> {
+        FilteredBody::new(body, self.inner.clone(), Dir::Request, info.clone())
+    }
+
+    /// Routes the response body through the filters' body callbacks (in
+    /// reverse order). Call after [`ChainStream::on_response`].
+    pub fn response_body<B>(&self, body: B, info: &StreamInfo) -> FilteredBody<B> {
+        FilteredBody::new(body, self.inner.clone(), Dir::Response, info.clone())
+    }
 }
 
-impl Drop for ChainStream {
+impl ChainInner {
+    /// Feeds one chunk through the body callbacks of the filters that saw
+    /// the request; returns what passes all of them now (empty while a
+    /// filter holds the body).
+    pub(crate) fn body(
+        &mut self,
+        dir: Dir,
+        mut chunk: Bytes,
+        end_of_stream: bool,
+        info: &StreamInfo,
+    ) -> Result<Bytes, BodyStop> {
+        let n = self.entered;
+        for step in 0..n {
+            let i = match dir {
+                Dir::Request => step,
+                Dir::Response => n - 1 - step,
+            };
+            if !self.body_filters[i] {
+                continue;
+            }
+            let held = match dir {
+                Dir::Request => &mut self.req_held,
+                Dir::Response => &mut self.resp_held,
+            };
+            // What the filter sees: what it held plus this chunk, or the
+            // chunk itself (no copy).
+            let mut data = match held.iter().position(|(f, _)| *f == i) {
+                Some(at) => {
+                    let (_, mut b) = held.swap_remove(at);
+                    b.extend_from_slice(&chunk);
+                    b.freeze()
+                }
+                None => std::mem::take(&mut chunk),
+            };
+            let filter = &mut self.filters[i];
+            let flow = match dir {
+                Dir::Request => filter.on_request_body(&mut data, end_of_stream, info),
+                Dir::Response => filter.on_response_body(&mut data, end_of_stream, info),
+            };
+            match flow {
+                BodyFlow::Continue => chunk = data,
+                // Nothing more will come to wait for: the data goes on.
+                BodyFlow::Buffer if end_of_stream => chunk = data,
+                BodyFlow::Buffer => {
+                    if data.len() > self.body_limit {
+                        return Err(BodyStop::TooLarge(self.body_limit));
+                    }
+                    held.push((i, BytesMut::from(data)));
+                    return Ok(Bytes::new());
+                }
+                BodyFlow::Respond(local) => return Err(BodyStop::Local(Box::new(local))),
+            }
+        }
+        Ok(chunk)
+    }
+
+    /// Runs the trailer callbacks in the body's order.
+    pub(crate) fn trailers(&mut self, dir: Dir, trailers: &mut HeaderMap, info: &StreamInfo) {
+        let n = self.entered;
+        for step in 0..n {
+            let i = match dir {
+                Dir::Request => step,
+                Dir::Response => n - 1 - step,
+            };
+            if !self.body_filters[i] {
+                continue;
+            }
+            match dir {
+                Dir::Request => self.filters[i].on_request_trailers(trailers, info),
+                Dir::Response => self.filters[i].on_response_trailers(trailers, info),
+            }
+        }
+    }
+}
+
+impl Drop for ChainInner {
     fn drop(&mut self) {
         for f in &mut self.filters {
             f.on_done();
@@ -263,6 +412,16 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["req:p", "resume:p", "req:q"]);
         let seen: Vec<_> = req.headers.get_all("x-seen").iter().collect();
         assert_eq!(seen, ["p", "q"]);
+    }
+
+    #[test]
+    fn chains_without_body_filters_leave_bodies_alone() {
+        // The gateway routes bodies through the chain only when this says
+        // so; native filters never look at bodies.
+        let (c, _, _) = chain(&[("a", false, false)]);
+        assert!(!c.wants_bodies());
+        let native = crate::native::build("headers", "h", "").unwrap();
+        assert!(!FilterChain::new(vec![native]).wants_bodies());
     }
 
     #[tokio::test]

@@ -16,10 +16,13 @@
 //! filter and makes one [`StreamFilter`] per request, so a filter can keep
 //! per-request state without locks.
 
+mod body;
+pub mod callout;
 mod chain;
 pub mod native;
 pub mod wasm;
 
+pub use body::{BodyStop, FilteredBody};
 pub use chain::{ChainStream, FilterChain};
 
 use std::fmt;
@@ -53,6 +56,19 @@ impl fmt::Debug for Flow {
             Flow::Pause(_) => f.write_str("Pause"),
         }
     }
+}
+
+/// What a filter wants done after one of its body callbacks.
+pub enum BodyFlow {
+    /// Pass the (possibly rewritten) data on now.
+    Continue,
+    /// Hold the data: the chain keeps it and calls the filter again with
+    /// everything held so far plus the next chunk, until the filter
+    /// continues or the body ends (proxy-wasm's `Pause` on a body). The
+    /// held bytes are bounded by the chain's body limit.
+    Buffer,
+    /// Stop the stream and answer with this response instead.
+    Respond(LocalResponse),
 }
 
 /// A paused stream's wake-up: when it completes, the chain resumes the filter.
@@ -149,6 +165,38 @@ pub trait StreamFilter: Send {
         Flow::Continue
     }
 
+    /// Runs on each chunk of the request body, in configuration order,
+    /// only for filters whose factory says [`FilterFactory::wants_bodies`].
+    /// `body` holds the chunk, or everything this filter held so far plus
+    /// the chunk after a [`BodyFlow::Buffer`]; the filter may rewrite it.
+    /// `end_of_stream` is true on the last call (possibly with no data).
+    fn on_request_body(
+        &mut self,
+        _body: &mut Bytes,
+        _end_of_stream: bool,
+        _info: &StreamInfo,
+    ) -> BodyFlow {
+        BodyFlow::Continue
+    }
+
+    /// Like [`StreamFilter::on_request_body`] for the response body, in
+    /// reverse order.
+    fn on_response_body(
+        &mut self,
+        _body: &mut Bytes,
+        _end_of_stream: bool,
+        _info: &StreamInfo,
+    ) -> BodyFlow {
+        BodyFlow::Continue
+    }
+
+    /// Runs on the trailers of a body that has them (after its last data
+    /// chunk); the filter may edit them.
+    fn on_request_trailers(&mut self, _trailers: &mut HeaderMap, _info: &StreamInfo) {}
+
+    /// Like [`StreamFilter::on_request_trailers`] for response trailers.
+    fn on_response_trailers(&mut self, _trailers: &mut HeaderMap, _info: &StreamInfo) {}
+
     /// The stream is over (answered, failed or aborted by the client). Runs
     /// exactly once per stream, also when the client went away mid-request.
     fn on_done(&mut self) {}
@@ -160,7 +208,23 @@ pub trait FilterFactory: Send + Sync {
     fn name(&self) -> &str;
     /// Makes the per-request state.
     fn new_stream(&self) -> Box<dyn StreamFilter>;
+    /// Does this filter look at bodies? Only then does the gateway route
+    /// bodies through the chain; a chain where no filter does streams
+    /// them untouched, with no copy and no buffering.
+    fn wants_bodies(&self) -> bool {
+        false
+    }
+    /// The most body bytes this filter may hold with [`BodyFlow::Buffer`]
+    /// (the chain uses the smallest limit of its filters).
+    fn body_limit(&self) -> usize {
+        DEFAULT_BODY_LIMIT
+    }
 }
+
+/// Default bound of a body held by a filter: past it, a request is
+/// answered 413 and a response is replaced by a 502 (Envoy's default
+/// per-connection buffer limit is the same 1 MiB).
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
 /// What happens to a stream when its filter fails (a Wasm filter traps,
 /// runs out of time or memory, or cannot run): `[[filters]] fail = ...`.

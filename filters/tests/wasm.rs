@@ -470,20 +470,354 @@ async fn instances_are_reused_and_every_stream_ends_once() {
 }
 
 #[tokio::test]
-async fn pause_is_not_supported_yet_and_follows_fail_mode() {
-    let open = load_with("pause-open", "test_host", "", limits(), FailMode::Open);
+async fn pause_resumes_from_a_tick_through_the_effective_context() {
+    // The guest parks the stream; its root context's tick (every 5 ms)
+    // sets a header on it through proxy_set_effective_context and resumes
+    // it with proxy_continue_stream.
+    let f = load("pause-tick", "test_host", "");
     let mut req = request(&[("x-test", "pause")]);
-    let mut s = chain(&open).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
-    assert_eq!(open.metrics().host().failed_open, 1);
-    // Not the guest's fault: the instance lives on.
-    assert_eq!(open.metrics().host().instances_poisoned, 0);
+    let mut s = chain(&f).start();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
+        .await
+        .expect("the tick resumes the stream");
+    assert!(r.is_none());
+    assert_eq!(h(&req.headers, "x-resumed"), "1");
+    assert_eq!(h(&req.headers, "x-test"), "pause", "head kept");
+    assert_eq!(req.uri.path(), "/products/42");
+    drop(s);
+    assert_eq!(counter(&f, "test_on_log_total"), 1);
+}
 
-    let closed = load_with("pause-closed", "test_host", "", limits(), FailMode::Closed);
-    let mut req = request(&[("x-test", "pause")]);
-    let mut s = chain(&closed).start();
-    let local = s.on_request(&mut req, &info(0)).await.expect("500");
-    assert_eq!(local.status, StatusCode::INTERNAL_SERVER_ERROR);
+#[tokio::test]
+async fn ticks_reach_the_root_context() {
+    let f = load("ticks", "test_host", "");
+    let ticks = eventually(|| async {
+        let mut req = request(&[("x-test", "ticks")]);
+        chain(&f).start().on_request(&mut req, &info(0)).await;
+        let n: u64 = h(&req.headers, "x-ticks").parse().unwrap_or(0);
+        (n >= 3).then_some(n)
+    })
+    .await;
+    assert!(ticks >= 3);
+}
+
+#[tokio::test]
+async fn shared_queue_wakes_the_registering_root_context() {
+    let f = load("queue", "test_host", "");
+    let mut req = request(&[("x-test", "enqueue"), ("x-value", "hello-queue")]);
+    chain(&f).start().on_request(&mut req, &info(0)).await;
+    assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
+    // proxy_on_queue_ready runs on the ticker thread: the root context
+    // dequeues the item into shared data.
+    eventually(|| async {
+        let mut req = request(&[("x-test", "queue-seen")]);
+        chain(&f).start().on_request(&mut req, &info(0)).await;
+        (h(&req.headers, "x-queue-last") == "hello-queue").then_some(())
+    })
+    .await;
+}
+
+/// Retries `probe` for up to 10 s (the ticker thread delivers ticks and
+/// queue events asynchronously; the machine may be slow).
+async fn eventually<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- bodies ------------------------------------------------------------------
+
+/// A body made of given frames (data chunks, maybe trailers).
+struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+fn chunks(data: &[u8], size: usize) -> Frames {
+    Frames(
+        data.chunks(size)
+            .map(|c| http_body::Frame::data(bytes::Bytes::copy_from_slice(c)))
+            .collect(),
+    )
+}
+
+async fn collect<B: http_body::Body<Data = bytes::Bytes> + Unpin>(
+    body: B,
+) -> (Vec<u8>, Option<http::HeaderMap>)
+where
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    let c = body.collect().await.expect("body");
+    let trailers = c.trailers().cloned();
+    (c.to_bytes().to_vec(), trailers)
+}
+
+#[tokio::test]
+async fn request_body_held_to_its_end_then_rewritten() {
+    let f = load("body", "test_host", "");
+    let c = chain(&f);
+    assert!(c.wants_bodies());
+    // 900 KiB in 16 KiB chunks: under the 1 MiB default bound.
+    let data: Vec<u8> = (0..900 * 1024).map(|i| b"abcdefgh"[i % 8]).collect();
+    let mut req = request(&[("x-test", "body"), ("content-length", "921600")]);
+    let mut s = c.start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut body = s.request_body(chunks(&data, 16 << 10), &info(0));
+    body.prime().await.expect("held, then released");
+    let mut expected = data.to_ascii_uppercase();
+    expected.extend_from_slice(b"|wasm");
+    assert_eq!(body.known_length(), Some(expected.len() as u64));
+    let (got, _) = collect(body).await;
+    assert!(got == expected, "rewritten body differs");
+}
+
+#[tokio::test]
+async fn request_body_past_the_bound_is_413_and_response_502() {
+    let f = load("body-bound", "test_host", "");
+    let big = vec![b'x'; 2 << 20];
+    let mut req = request(&[("x-test", "body"), ("content-length", "2097152")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut body = s.request_body(chunks(&big, 64 << 10), &info(0));
+    let stop = body.prime().await.expect_err("past the bound");
+    assert_eq!(
+        stop.into_response(true).status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    let mut req = request(&[("x-test", "resp-body")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut resp = response(&[("content-length", "2097152")]);
+    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    let mut body = s.response_body(chunks(&big, 64 << 10), &info(0));
+    let stop = body.prime().await.expect_err("past the bound");
+    assert_eq!(stop.into_response(false).status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn response_body_rewritten_and_trailers_edited() {
+    let f = load("resp-body", "test_host", "");
+    let mut req = request(&[("x-test", "resp-body")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut resp = response(&[("content-length", "10")]);
+    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert_eq!(h(&resp.headers, "content-length"), "<absent>");
+    let mut frames = chunks(b"0123456789", 4);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-origin-trailer", "1".parse().unwrap());
+    frames.0.push_back(http_body::Frame::trailers(trailers));
+    let mut body = s.response_body(frames, &info(0));
+    body.prime().await.unwrap();
+    let (got, trailers) = collect(body).await;
+    assert_eq!(got, b"<0123456789>");
+    let trailers = trailers.expect("trailers kept");
+    assert_eq!(h(&trailers, "x-origin-trailer"), "1");
+    assert_eq!(h(&trailers, "x-wasm-trailer"), "1");
+}
+
+#[tokio::test]
+async fn body_streams_when_the_filter_does_not_hold_it() {
+    let f = load("body-stream", "test_host", "");
+    let mut req = request(&[("x-test", "body-chunks")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut body = s.request_body(chunks(b"aaaabbbbcccc", 4), &info(0));
+    body.prime().await.unwrap();
+    // Primed with the first chunk only: the rest has not been read.
+    assert_eq!(body.known_length(), None);
+    let (got, _) = collect(body).await;
+    assert_eq!(got, b"aaaabbbbcccc");
+    let mut resp = response(&[]);
+    s.on_response(&mut resp, &info(0)).await;
+    // Three chunks and the end of the body.
+    assert_eq!(h(&resp.headers, "x-body-calls"), "4");
+}
+
+// ---- callouts ----------------------------------------------------------------
+
+/// The test binary's callout implementation (the gateway's real one is
+/// tested end to end in tests/tests/wasm.rs): cluster `auth` answers 200
+/// with a body and a header after 10 ms, `slow` after 30 s.
+struct TestCallout;
+
+impl filters::callout::HttpCallout for TestCallout {
+    fn call(
+        &self,
+        req: filters::callout::CalloutRequest,
+    ) -> Result<filters::callout::CalloutFuture, filters::callout::CalloutError> {
+        use filters::callout::{CalloutError, CalloutResponse};
+        let delay = match req.cluster.as_str() {
+            "auth" => Duration::from_millis(10),
+            "slow" => Duration::from_secs(30),
+            other => return Err(CalloutError::UnknownCluster(other.to_string())),
+        };
+        let seen = format!(
+            "{} {} host={} from={}",
+            req.method,
+            req.path,
+            h(&req.headers, "host"),
+            h(&req.headers, "x-from")
+        );
+        Ok(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-auth", "granted".parse().unwrap());
+            Ok(CalloutResponse {
+                status: StatusCode::OK,
+                headers,
+                body: seen.into(),
+                trailers: http::HeaderMap::new(),
+            })
+        }))
+    }
+}
+
+fn callouts() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| filters::callout::set_http_callout(Arc::new(TestCallout)));
+}
+
+#[tokio::test]
+async fn callout_pauses_and_resumes_with_the_answer() {
+    callouts();
+    let f = load("callout", "test_host", "");
+    let mut req = request(&[("x-test", "callout"), ("x-callout-cluster", "auth")]);
+    let mut s = chain(&f).start();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
+        .await
+        .expect("resumed");
+    assert!(r.is_none());
+    assert_eq!(h(&req.headers, "x-callout-status"), "200");
+    assert_eq!(h(&req.headers, "x-callout-header"), "granted");
+    assert_eq!(
+        h(&req.headers, "x-callout-body"),
+        "GET /auth host=auth.internal from=wasm"
+    );
+
+    // An unknown cluster is refused at once; the guest goes on.
+    let mut req = request(&[("x-test", "callout"), ("x-callout-cluster", "nope")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert_eq!(h(&req.headers, "x-callout-error"), "BadArgument");
+}
+
+#[tokio::test]
+async fn callout_timeout_delivers_an_empty_answer() {
+    callouts();
+    let f = load("callout-timeout", "test_host", "");
+    let mut req = request(&[
+        ("x-test", "callout"),
+        ("x-callout-cluster", "slow"),
+        ("x-callout-timeout", "50"),
+    ]);
+    let mut s = chain(&f).start();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
+        .await
+        .expect("the callout's own timeout resumes the stream");
+    assert!(r.is_none());
+    assert_eq!(h(&req.headers, "x-callout-status"), "none");
+    assert_eq!(h(&req.headers, "x-callout-body"), "");
+}
+
+#[tokio::test]
+async fn grpc_calls_answer_unimplemented() {
+    let f = load("grpc", "test_host", "");
+    let mut req = request(&[("x-test", "grpc")]);
+    let mut s = chain(&f).start();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
+        .await
+        .expect("resumed");
+    assert!(r.is_none());
+    // gRPC status 12 = UNIMPLEMENTED.
+    assert_eq!(h(&req.headers, "x-grpc-status"), "12");
+}
+
+#[tokio::test]
+async fn client_abort_while_paused_ends_the_context() {
+    callouts();
+    let f = load("abort-paused", "test_host", "");
+    let mut req = request(&[
+        ("x-test", "callout"),
+        ("x-callout-cluster", "slow"),
+        ("x-callout-timeout", "60000"),
+    ]);
+    let mut s = chain(&f).start();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(100), s.on_request(&mut req, &info(0))).await;
+    assert!(waited.is_err(), "still paused on the slow callout");
+    assert_eq!(counter(&f, "test_on_log_total"), 0);
+    drop(s); // the client went away
+    assert_eq!(counter(&f, "test_on_log_total"), 1);
+}
+
+// ---- hot reload --------------------------------------------------------------
+
+#[tokio::test]
+async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("fg-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("filter.wasm");
+    std::fs::copy(wasm("test_host"), &path).unwrap();
+    // Both modules accept this config: test-host ignores it, add-headers
+    // sets x-version on responses.
+    let config = r#"{"response_set": [["x-version", "2"]]}"#;
+    let f = WasmFilter::load("reload", &path, config, limits(), FailMode::Closed).unwrap();
+    f.watch(Duration::from_millis(20));
+    let c = chain(&f);
+
+    // A stream that starts on the old module...
+    let mut old = c.start();
+    let mut req = request(&[]);
+    assert!(old.on_request(&mut req, &info(0)).await.is_none());
+
+    std::fs::copy(wasm("add_headers"), &path).unwrap();
+    eventually(|| async { (f.metrics().host().reloads >= 1).then_some(()) }).await;
+
+    // ...finishes on it; new streams run the new one.
+    let mut resp = response(&[]);
+    assert!(old.on_response(&mut resp, &info(0)).await.is_none());
+    assert_eq!(h(&resp.headers, "x-version"), "<absent>");
+    let mut s = c.start();
+    let mut req = request(&[]);
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut resp = response(&[]);
+    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert_eq!(h(&resp.headers, "x-version"), "2");
+
+    // A broken file is refused; the running module stays.
+    std::fs::write(&path, b"\0asm broken").unwrap();
+    eventually(|| async { (f.metrics().host().reload_failures >= 1).then_some(()) }).await;
+    assert!(f.reload().is_err());
+    let mut s = c.start();
+    let mut req = request(&[]);
+    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    let mut resp = response(&[]);
+    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert_eq!(h(&resp.headers, "x-version"), "2");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- failures ----------------------------------------------------------------
@@ -575,7 +909,13 @@ async fn memory_hog_hits_the_cap() {
         (FailMode::Open, "oom-open"),
         (FailMode::Closed, "oom-closed"),
     ] {
-        let f = load_with(name, "test_trap", "oom", trap_limits(), mode);
+        // A generous deadline: filling memory up to the cap must end in
+        // out-of-memory, not a timeout, also on a busy machine.
+        let l = WasmLimits {
+            timeout: Duration::from_secs(2),
+            ..trap_limits()
+        };
+        let f = load_with(name, "test_trap", "oom", l, mode);
         let (r, req) = trap_run(&f).await;
         assert_eq!(h(&req.headers, "x-hog"), "<absent>");
         match mode {
@@ -646,4 +986,40 @@ fn garbage_and_missing_files_are_refused() {
         FailMode::Open,
     );
     assert!(matches!(e, Err(FilterError::Wasm(_))));
+}
+
+#[tokio::test]
+async fn crash_loop_is_backed_off_not_restarted_per_request() {
+    let f = load_with(
+        "crash-loop",
+        "test_trap",
+        "panic",
+        trap_limits(),
+        FailMode::Open,
+    );
+    // A module that traps on every request: after the second failure in a
+    // row, new instances wait (100 ms, then doubling); meanwhile streams
+    // follow the fail mode without an instance.
+    for _ in 0..50 {
+        let (r, req) = trap_run(&f).await;
+        assert!(r.is_none(), "fail open");
+        assert_eq!(h(&req.headers, "keep"), "me");
+    }
+    let host = f.metrics().host();
+    assert!(
+        host.instances_created <= 4,
+        "restarted in a loop: {} instances for 50 requests",
+        host.instances_created
+    );
+    assert!(host.backed_off >= 40, "{host:?}");
+    assert_eq!(host.failed_open, 50);
+    // After the backoff a new instance serves, and a good call ends the
+    // streak.
+    eventually(|| async {
+        let mut req = request(&[]);
+        chain(&f).start().on_request(&mut req, &info(0)).await;
+        (h(&req.headers, "x-trap-passed") == "1").then_some(())
+    })
+    .await;
+    passes(&f).await;
 }

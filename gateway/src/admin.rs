@@ -129,7 +129,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             None => match shared.reload().await {
                 Ok(outcome) => json_reply(
                     StatusCode::OK,
-                    json!({"reloaded": true, "restart_required": outcome.restart_required}),
+                    json!({"reloaded": true, "restart_required": outcome.restart_required, "tls_errors": outcome.tls_errors}),
                 ),
                 Err(e) => json_reply(
                     StatusCode::BAD_REQUEST,

@@ -6,12 +6,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use filters::ChainStream;
+use filters::{BodyStop, ChainStream, FilteredBody, StreamInfo};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::access_log::AccessRecord;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -21,15 +22,26 @@ pub struct ProxyBody {
     in_flight: Option<InFlight>,
     /// Dropped at the same moment, which ends the stream for filters.
     chain: Option<ChainStream>,
+    /// The access log line, written when the body is dropped (sent or
+    /// abandoned), with the bytes that went out.
+    log: Option<Box<AccessRecord>>,
+    sent: u64,
+    ended: bool,
 }
 
 enum Inner {
     /// Streams from the upstream frame by frame, never buffered whole.
     Upstream(Incoming),
+    /// The upstream's body through the route's body filters (boxed: it is
+    /// much larger than the other variants and rare).
+    Filtered(Box<FilteredBody<Incoming>>),
     Full(Full<Bytes>),
     /// Anything else (the cache's "read part, stream the rest" body).
-    Boxed(UnsyncBoxBody<Bytes, hyper::Error>),
+    Boxed(UnsyncBoxBody<Bytes, BodyError>),
 }
+
+/// The error a response body can end with.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
@@ -37,15 +49,21 @@ impl ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
             in_flight: None,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
     /// Wraps another body; what it wraps keeps its own in-flight slot.
-    pub fn boxed(body: UnsyncBoxBody<Bytes, hyper::Error>) -> Self {
+    pub fn boxed(body: UnsyncBoxBody<Bytes, BodyError>) -> Self {
         ProxyBody {
             inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
     }
 
@@ -66,7 +84,37 @@ impl ProxyBody {
             inner: Inner::Upstream(body),
             in_flight,
             chain: None,
+            log: None,
+            sent: 0,
+            ended: false,
         }
+    }
+
+    /// Routes an upstream body through the filters' body callbacks, primed
+    /// (see [`FilteredBody::prime`]); returns the body and its length when
+    /// known whole. A local body is left as it is.
+    pub async fn filter(
+        mut self,
+        chain: &ChainStream,
+        info: &StreamInfo,
+    ) -> Result<(ProxyBody, Option<u64>), BodyStop> {
+        let placeholder = Inner::Full(Full::new(Bytes::new()));
+        let body = match std::mem::replace(&mut self.inner, placeholder) {
+            Inner::Upstream(body) => body,
+            other => {
+                self.inner = other;
+                return Ok((self, None));
+            }
+        };
+        let mut filtered = chain.response_body(body, info);
+        filtered.prime().await?;
+        let len = filtered.known_length();
+        self.inner = Inner::Filtered(Box::new(filtered));
+        // Held whole: the upstream body is read to its end already.
+        if self.is_end_stream() {
+            self.complete();
+        }
+        Ok((self, len))
     }
 
     /// Keeps the filter chain's stream alive until the body is done.
@@ -78,8 +126,14 @@ impl ProxyBody {
         }
     }
 
+    /// Writes `record` to the access log when this body is done.
+    pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
+        self.log = Some(record);
+    }
+
     /// The response was read to its end: its connection can be reused.
     fn complete(&mut self) {
+        self.ended = true;
         if let Some(f) = self.in_flight.take() {
             f.complete();
         }
@@ -94,20 +148,26 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let polled = match &mut this.inner {
-            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+        let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Filtered(body) => Pin::new(body.as_mut()).poll_frame(cx).map_err(Into::into),
             Inner::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
             Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
         };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                this.sent += d.len() as u64;
+            }
+        }
         match &polled {
             // hyper stops polling once `is_end_stream` says the body is
             // done (a Content-Length body after its last byte), so the end
@@ -123,6 +183,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Filtered(body) => body.is_end_stream(),
             Inner::Full(full) => full.is_end_stream(),
             Inner::Boxed(body) => body.is_end_stream(),
         }
@@ -131,8 +192,18 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
+            Inner::Filtered(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
             Inner::Boxed(body) => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.log.take() {
+            let complete = self.ended || self.is_end_stream();
+            record.emit(self.sent, complete);
         }
     }
 }

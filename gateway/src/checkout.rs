@@ -23,7 +23,6 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::body::ProxyBody;
@@ -112,7 +111,7 @@ impl Checkout {
     pub async fn prepare(
         &self,
         head: &Parts,
-        body: Incoming,
+        body: crate::limits::LimitedBody,
         identified: bool,
         request_id: &HeaderValue,
     ) -> Result<Prepared, Response<ProxyBody>> {
@@ -166,7 +165,7 @@ impl Checkout {
             .contains_key("idempotency-key")
             .then(|| bytes.clone());
         Ok(Prepared {
-            body: Either::Right(Full::new(bytes)),
+            body: Either::Right(Either::Left(Full::new(bytes))),
             replay,
             sku,
         })

@@ -15,6 +15,14 @@ pub enum ProxyError {
     BadPath,
     #[error("no route matches this host and path")]
     NoRoute,
+    #[error("the request target is longer than the listener's max_uri_bytes")]
+    UriTooLong,
+    #[error("the request body is larger than the listener's max_body")]
+    BodyTooLarge,
+    #[error("the request body is malformed (bad chunk framing) or was cut short")]
+    BadBody,
+    #[error("the request body did not start arriving in time")]
+    BodyTimeout,
     #[error("the upstream cluster is at its concurrency limit")]
     Overflow,
     #[error("the upstream refused the connection")]
@@ -27,6 +35,8 @@ pub enum ProxyError {
     Timeout,
     #[error("the upstream closed or reset the connection before answering")]
     UpstreamReset,
+    #[error("the protocol upgrade could not be passed to the upstream")]
+    UpgradeFailed,
 }
 
 impl ProxyError {
@@ -34,10 +44,15 @@ impl ProxyError {
         match self {
             ProxyError::BadPath => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadBody => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ConnectRefused | ProxyError::ConnectFailed | ProxyError::UpstreamReset => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::ConnectRefused
+            | ProxyError::ConnectFailed
+            | ProxyError::UpstreamReset
+            | ProxyError::UpgradeFailed => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -46,12 +61,17 @@ impl ProxyError {
         match self {
             ProxyError::BadPath => "bad_path",
             ProxyError::NoRoute => "no_route",
+            ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BadBody => "bad_body",
+            ProxyError::BodyTimeout => "body_timeout",
             ProxyError::Overflow => "upstream_overflow",
             ProxyError::ConnectRefused => "connect_refused",
             ProxyError::ConnectFailed => "connect_failed",
             ProxyError::ConnectTimeout => "connect_timeout",
             ProxyError::Timeout => "upstream_timeout",
             ProxyError::UpstreamReset => "upstream_reset",
+            ProxyError::UpgradeFailed => "upgrade_failed",
         }
     }
 
@@ -71,6 +91,14 @@ impl ProxyError {
         h.insert("x-flashgate-error", HeaderValue::from_static(self.code()));
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        // The client's request was not read to its end (or was broken): the
+        // connection cannot carry another request.
+        if matches!(
+            self,
+            ProxyError::BodyTooLarge | ProxyError::BadBody | ProxyError::BodyTimeout
+        ) {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

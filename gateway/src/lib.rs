@@ -11,28 +11,34 @@
 //! [`Gateway::start`] binds every listener of a validated [`Config`] and
 //! returns the bound addresses.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod callout;
 pub mod checkout;
+pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod demo_checkout;
 pub mod error;
 pub mod headers;
 pub mod jwt;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -57,12 +63,17 @@ pub struct Shared {
     /// earlier reloads.
     bound: (Vec<config::ListenerConfig>, SocketAddr, config::LogConfig),
     reload_lock: tokio::sync::Mutex<()>,
+    /// The TLS listeners' certificates: a reload re-reads them from disk.
+    pub certs: Vec<Arc<tls::CertStore>>,
 }
 
 /// What a successful reload could not apply without a restart.
 #[derive(Debug, Default)]
 pub struct ReloadOutcome {
     pub restart_required: Vec<String>,
+    /// Certificate files that failed to load; their listeners keep the
+    /// certificates they had.
+    pub tls_errors: Vec<String>,
 }
 
 impl Shared {
@@ -72,6 +83,7 @@ impl Shared {
     /// reported as needing a restart.
     pub async fn reload(&self) -> Result<ReloadOutcome, String> {
         let _serial = self.reload_lock.lock().await;
+        self.precompile_filters().await;
         let result = self.try_reload();
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
@@ -87,6 +99,26 @@ impl Shared {
         result
     }
 
+    /// Compiles the Wasm modules the new config names on a blocking
+    /// thread, so that building the runtime finds them compiled (modules
+    /// are cached by content) and the request path never waits for
+    /// Cranelift. Errors are left for `try_reload` to report.
+    async fn precompile_filters(&self) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(config) = Config::load(&path) {
+                for f in &config.filters {
+                    if let Some(wasm) = &f.wasm {
+                        filters::wasm::precompile_file(wasm);
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
     fn try_reload(&self) -> Result<ReloadOutcome, String> {
         let path = self
             .config_path
@@ -95,7 +127,16 @@ impl Shared {
         let new = Config::load(path).map_err(|e| e.to_string())?;
         let old = self.runtime.load();
         let mut outcome = ReloadOutcome::default();
-        if self.bound.0 != new.listeners {
+        // Limits and trusted proxies apply live (new connections and
+        // requests); sockets, certificate paths and PROXY protocol do not.
+        let live = self.bound.0.len() == new.listeners.len()
+            && self
+                .bound
+                .0
+                .iter()
+                .zip(&new.listeners)
+                .all(|(a, b)| server::applies_live(a, b));
+        if !live {
             outcome.restart_required.push("listeners".into());
         }
         if self.bound.1 != new.admin.listen {
@@ -107,6 +148,11 @@ impl Shared {
         }
         let runtime = Runtime::build(new, &self.metrics, Some(&old)).map_err(|e| e.to_string())?;
         self.runtime.store(Arc::new(runtime));
+        for store in &self.certs {
+            if let Err(e) = store.reload(true) {
+                outcome.tls_errors.push(e.to_string());
+            }
+        }
         Ok(outcome)
     }
 }
@@ -116,6 +162,12 @@ impl Shared {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("listener {listener:?}: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: tls::TlsError,
+    },
     #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: String,
@@ -135,9 +187,6 @@ pub struct Gateway {
     admin_shutdown: watch::Sender<bool>,
     admin_task: tokio::task::JoinHandle<()>,
 }
-
-/// How long open connections get to finish once shutdown starts.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Gateway {
     /// Binds every listener and the admin port, then serves. Nothing is
@@ -178,8 +227,27 @@ impl Gateway {
             config.admin.listen,
             config.log.clone(),
         );
+        let mut certs = Vec::new();
+        let mut listener_certs = Vec::new();
+        for l in &config.listeners {
+            let store = match &l.tls {
+                Some(t) => {
+                    let store = tls::CertStore::load(&l.name, t, metrics.tls_cert_reloads.clone())
+                        .map_err(|source| StartError::Tls {
+                            listener: l.name.clone(),
+                            source,
+                        })?;
+                    store.watch(t.reload_interval.0);
+                    certs.push(store.clone());
+                    Some(store)
+                }
+                None => None,
+            };
+            listener_certs.push(store);
+        }
         let runtime = Runtime::build(config, &metrics, None)?;
         let shared = Arc::new(Shared {
+            certs,
             bound: bound_config,
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -187,10 +255,14 @@ impl Gateway {
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
         });
+        // Filters' HTTP callouts go to this gateway's clusters.
+        filters::callout::set_http_callout(Arc::new(callout::GatewayCallout {
+            shared: Arc::downgrade(&shared),
+        }));
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
-        for (cfg, listener) in bound {
+        for ((cfg, listener), certs) in bound.into_iter().zip(listener_certs) {
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 what: format!("listener {:?}", cfg.name),
                 addr: cfg.listen,
@@ -202,7 +274,7 @@ impl Gateway {
                 listener,
                 cfg,
                 rx.clone(),
-                DEFAULT_DRAIN_TIMEOUT,
+                certs,
             )));
         }
         let (admin_shutdown, admin_rx) = watch::channel(false);
@@ -234,12 +306,22 @@ impl Gateway {
         self.admin
     }
 
-    /// Graceful stop: readiness fails, listeners stop accepting, open
-    /// connections finish (bounded by the drain timeout), then it returns.
+    /// Graceful stop: readiness fails at once; the listeners keep serving
+    /// for `shutdown.drain_delay` (the load balancer needs that long to
+    /// notice and deregister us), then stop accepting; open connections
+    /// finish (bounded by `shutdown.drain_timeout`), then it returns.
     /// The admin port stays up until the listeners are done, so probes see
     /// `/readyz` answer 503 during the drain rather than a refused connect.
     pub async fn shutdown(self) {
         self.shared.draining.store(true, Ordering::Relaxed);
+        let delay = self.shared.runtime.load().config.shutdown.drain_delay.0;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "draining: readiness off, still serving for drain_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;

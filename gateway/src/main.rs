@@ -50,6 +50,13 @@ enum Command {
         /// The in-process order core (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         core: SocketAddr,
+        /// TLS listener (a self-signed certificate for localhost and
+        /// 127.0.0.1, made at start).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        tls_listen: SocketAddr,
+        /// Serve no TLS listener.
+        #[arg(long)]
+        no_tls: bool,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -67,9 +74,12 @@ fn main() -> ExitCode {
             admin,
             origin,
             core,
+            tls_listen,
+            no_tls,
             threads,
         } => {
-            exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core))))
+            let tls = (!no_tls).then_some(tls_listen);
+            exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core, tls))))
         }
     }
 }
@@ -146,6 +156,7 @@ async fn run_demo(
     admin: SocketAddr,
     origin: SocketAddr,
     core: SocketAddr,
+    tls: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let origin_listener = TcpListener::bind(origin)
         .await
@@ -159,6 +170,11 @@ async fn run_demo(
     gateway::demo_checkout::point_at(&mut config, order_core.addr);
     config.listeners[0].listen = listen;
     config.admin.listen = admin;
+    if let Some(addr) = tls {
+        config
+            .listeners
+            .push(demo_tls_listener(&config.listeners[0], addr)?);
+    }
     init_logging(&config.log);
     let token = config.admin.token.clone().unwrap_or_default();
     let gw = Gateway::start(config, None).await?;
@@ -166,10 +182,17 @@ async fn run_demo(
         .addr("public")
         .context("demo config has a public listener")?;
     let admin = gw.admin_addr();
+    let tls_line = match gw.addr("public-tls") {
+        Some(a) => format!(
+            "\n  over TLS (self-signed)    https://localhost:{}/products/1  (curl -k)",
+            a.port()
+        ),
+        None => String::new(),
+    };
     println!(
         "flashgate demo is running (not durable: everything lives in this process)\n\
          \n  shop through the gateway  http://{public}/\n  \
-         a product (JSON)          http://{public}/products/1\n  \
+         a product (JSON)          http://{public}/products/1{tls_line}\n  \
          a product page (HTML)     http://{public}/shop/1\n  \
          slow recommendations      http://{public}/recommendations?product=1\n  \
          demo origin (direct)      http://{origin}/\n  \
@@ -181,7 +204,45 @@ async fn run_demo(
          \nCtrl-C stops it.",
         checkout = gateway::demo_checkout::instructions(public, order_core.addr),
     );
-    serve_until_signal(gw).await
+    let result = serve_until_signal(gw).await;
+    if tls.is_some() {
+        let _ = std::fs::remove_dir_all(demo_tls_dir());
+    }
+    result
+}
+
+/// Where the demo writes its certificate; removed when the demo stops.
+fn demo_tls_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("flashgate-demo-{}", std::process::id()))
+}
+
+/// The demo's TLS listener: the public listener's settings on `addr`, with
+/// a self-signed certificate written to a temporary directory (the
+/// certificate store reads PEM files, as in production).
+fn demo_tls_listener(
+    public: &gateway::config::ListenerConfig,
+    addr: SocketAddr,
+) -> anyhow::Result<gateway::config::ListenerConfig> {
+    use gateway::config::{CertPair, Dur, TlsConfig};
+    let dir = demo_tls_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert, key) = gateway::tls::self_signed(&["localhost", "127.0.0.1"])
+        .context("generating the demo's self-signed certificate")?;
+    let pair = CertPair {
+        cert: dir.join("demo-cert.pem"),
+        key: dir.join("demo-key.pem"),
+    };
+    std::fs::write(&pair.cert, cert).context("writing the demo certificate")?;
+    std::fs::write(&pair.key, key).context("writing the demo key")?;
+    let mut l = public.clone();
+    l.name = "public-tls".into();
+    l.listen = addr;
+    l.tls = Some(TlsConfig {
+        certs: vec![pair],
+        reload_interval: Dur(std::time::Duration::from_secs(60)),
+        handshake_timeout: Dur(std::time::Duration::from_secs(10)),
+    });
+    Ok(l)
 }
 
 /// SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub endpoint_ejected: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// Connections closed before HTTP, by listener and reason
+    /// (`max_connections`, `proxy_protocol`, `tls_handshake`, ...).
+    pub connections_refused: IntCounterVec,
+    /// Certificate reloads from disk, by listener and result.
+    pub tls_cert_reloads: IntCounterVec,
     pub cache: crate::cache::CacheMetrics,
 }
 
@@ -122,6 +127,16 @@ impl Metrics {
                 &["cluster", "endpoint"],
             ),
             config_reloads: counter("config_reloads_total", "Config reloads, by result.", &["result"]),
+            connections_refused: counter(
+                "connections_refused_total",
+                "Client connections closed before HTTP, by reason.",
+                &["listener", "reason"],
+            ),
+            tls_cert_reloads: counter(
+                "tls_cert_reloads_total",
+                "TLS certificate reloads from disk, by result (error: the old certificates keep serving).",
+                &["listener", "result"],
+            ),
             cache: crate::cache::CacheMetrics::register(&registry),
             registry,
         }
@@ -169,7 +184,7 @@ pub fn render_wasm(filters: &[(String, std::sync::Arc<filters::wasm::WasmFilter>
         &'static str,
         fn(&filters::wasm::HostStats) -> u64,
     );
-    let families: [Family; 8] = [
+    let families: [Family; 11] = [
         ("calls_total", "Calls into Wasm guests.", |h| h.calls),
         ("traps_total", "Guest calls that trapped.", |h| h.traps),
         (
@@ -199,6 +214,21 @@ pub fn render_wasm(filters: &[(String, std::sync::Arc<filters::wasm::WasmFilter>
             "failed_closed_total",
             "Streams answered 500 by a failing filter (fail = closed).",
             |h| h.failed_closed,
+        ),
+        (
+            "backed_off_total",
+            "Streams that found the module backed off after repeated failures.",
+            |h| h.backed_off,
+        ),
+        (
+            "reloads_total",
+            "Wasm modules reloaded and swapped in.",
+            |h| h.reloads,
+        ),
+        (
+            "reload_failures_total",
+            "Wasm module reloads refused (the old module kept serving).",
+            |h| h.reload_failures,
         ),
     ];
     for (name, help, get) in families {

@@ -13,30 +13,41 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use filters::{LocalResponse, StreamInfo};
+use filters::{ChainStream, LocalResponse, StreamInfo};
 use http::request::Parts;
 use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 
+use crate::access_log::{AccessRecord, UpstreamTiming};
 use crate::body::ProxyBody;
 use crate::cache;
+use crate::config::ListenerConfig;
 use crate::error::ProxyError;
-use crate::headers;
+use crate::limits::{self, BodyVerdict, LimitedBody};
 use crate::router::{normalize_path, request_host};
 use crate::runtime::Runtime;
+use crate::upgrade;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
+use crate::{client_ip as identity, headers};
 
 /// What the listener knows about the connection a request came on.
 pub struct ConnInfo {
+    /// The connection's client address: the TCP peer, or the source in its
+    /// PROXY protocol header.
     pub peer: SocketAddr,
+    /// The TCP peer (the load balancer) when a PROXY header named another
+    /// source.
+    pub proxied_by: Option<SocketAddr>,
     pub listener: Arc<str>,
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
+    /// The listener's settings: trusted proxies and request limits.
+    pub config: Arc<ListenerConfig>,
 }
 
 /// Handles one request. Never fails: every error becomes a response here or
@@ -51,9 +62,19 @@ pub async fn handle(
     let runtime = shared.runtime.load_full();
     let (mut head, body) = req.into_parts();
 
-    // Client identity. The peer address for now; PROXY protocol and trusted
-    // X-Forwarded-For hops plug in here, before anything uses the client IP.
-    let client_ip = conn.peer.ip();
+    // Client identity: the connection's address (peer or PROXY source),
+    // or the right-most untrusted x-forwarded-for entry when that address
+    // is a trusted proxy. Before anything uses the client IP.
+    // The listener's settings from the config in effect, not from when the
+    // connection opened: an ALB keeps its connections for hours, and a
+    // reloaded limit must reach them.
+    let listener = runtime
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *conn.listener)
+        .unwrap_or(&conn.config);
+    let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &listener.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
     // The JWT subject becomes the user header; a user header the client
     // sent never passes, verified token or not (see `jwt`).
@@ -62,6 +83,26 @@ pub async fn handle(
         None => {
             crate::jwt::strip_user_header(&mut head.headers);
             false
+        }
+    };
+
+    // Request limits the connection layer cannot check: target length
+    // (414) and a declared body length (413), before any routing work.
+    let (body, verdict) = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
+        .and_then(|()| LimitedBody::new(body, listener.max_body.0))
+    {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(reject(
+                &shared,
+                &runtime,
+                e,
+                &head,
+                &request_id,
+                &conn,
+                client_ip,
+                started,
+            ))
         }
     };
 
@@ -105,12 +146,12 @@ pub async fn handle(
     // Checkout routes admit here too: identity required, the edge's
     // sold-out flag, and the body read whole so that an Idempotency-Key
     // makes a retry safe (see `checkout`).
-    let (body, replay, sku, early) = match &route.checkout {
+    let (mut body, replay, sku, early): (UpstreamBody, _, _, _) = match &route.checkout {
         None => (Either::Left(body), None, None, None),
         Some(c) => match c.prepare(&head, body, identified, &request_id).await {
             Ok(p) => (p.body, p.replay, p.sku, None),
             Err(answer) => (
-                Either::Right(Full::new(Bytes::new())),
+                Either::Right(Either::Left(Full::new(Bytes::new()))),
                 None,
                 None,
                 Some(answer),
@@ -130,10 +171,25 @@ pub async fn handle(
         };
         (route.filters.start(), info)
     });
-    let local = match (&early, &mut filtering) {
+    let mut local = match (&early, &mut filtering) {
         (None, Some((chain, info))) => chain.on_request(&mut head, info).await,
         _ => None,
     };
+    // The request body goes through the filters' body callbacks only when
+    // a filter of the route looks at bodies; otherwise it streams as is.
+    if let (None, None, Some((chain, info))) = (&early, &local, &filtering) {
+        if chain.wants_bodies() && !body.is_end_stream() {
+            if let Either::Left(incoming) = body {
+                match filter_request_body(chain, info, &mut head, incoming).await {
+                    Ok(filtered) => body = filtered,
+                    Err(answer) => {
+                        local = Some(answer);
+                        body = Either::Right(Either::Left(Full::new(Bytes::new())));
+                    }
+                }
+            }
+        }
+    }
 
     // Cache lookup: after filters (they may rewrite the head or answer
     // locally), before the upstream. A fresh L1 hit is answered here,
@@ -148,30 +204,56 @@ pub async fn handle(
         _ => None,
     };
 
+    let mut timing = UpstreamTiming::default();
     let (mut resp, endpoint) = match (early, local, cached) {
         (Some(answer), _, _) => (answer, None),
         (None, Some(local), _) => (local_response(local), None),
+        // WebSocket and other upgrades, on routes that allow them: a
+        // connection of their own, spliced after the upstream's 101.
+        (None, None, _) if route.websocket && upgrade::is_upgrade(&head) => {
+            match upgrade_request(&route.cluster, &mut head, client_ip, &conn, &host).await {
+                Ok((resp, ep)) => (resp, Some(ep)),
+                Err(e) => (e.response(&request_id), None),
+            }
+        }
         (None, None, Some(cache::Lookup::Hit(hit))) => (hit, None),
         // Misses, stale answers, bypasses: the cache decides whether and
-        // when this request goes upstream (at most once).
+        // when this request goes upstream (at most once). A chunked body's
+        // first chunk is read before the upstream is chosen: bad framing
+        // is refused here, never forwarded.
         (None, None, Some(cache::Lookup::Pending(pending))) => {
-            let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
-            pending.prepare_upstream(&mut up.headers);
-            let cluster = route.cluster.clone();
-            let fetch =
-                move || async move { forward(&cluster, up, body, replay).await.map(|(r, _)| r) };
-            (pending.resolve(&request_id, fetch).await, None)
+            match prefetch(&mut body, listener.header_read_timeout.0).await {
+                Err(e) => (e.response(&request_id), None),
+                Ok(()) => {
+                    let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+                    pending.prepare_upstream(&mut up.headers);
+                    let cluster = route.cluster.clone();
+                    let verdict = verdict.clone();
+                    let fetch = move || async move {
+                        let mut timing = UpstreamTiming::default();
+                        forward(&cluster, up, body, replay, &verdict, &mut timing)
+                            .await
+                            .map(|(r, _)| r)
+                    };
+                    (pending.resolve(&request_id, fetch).await, None)
+                }
+            }
         }
-        (None, None, None) => match forward(
-            &route.cluster,
-            head_for_upstream(&mut head, client_ip, &conn, &host),
-            body,
-            replay,
-        )
-        .await
-        {
-            Ok((resp, ep)) => (resp, Some(ep)),
+        (None, None, None) => match prefetch(&mut body, listener.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
+            Ok(()) => match forward(
+                &route.cluster,
+                head_for_upstream(&mut head, client_ip, &conn, &host),
+                body,
+                replay,
+                &verdict,
+                &mut timing,
+            )
+            .await
+            {
+                Ok((resp, ep)) => (resp, Some(ep)),
+                Err(e) => (e.response(&request_id), None),
+            },
         },
     };
     if let (Some(c), Some(_)) = (&route.checkout, &endpoint) {
@@ -183,6 +265,19 @@ pub async fn handle(
         let (mut parts, mut body) = resp.into_parts();
         if let Some(replaced) = chain.on_response(&mut parts, &info).await {
             body = ProxyBody::full(replaced.body);
+        } else if chain.wants_bodies() && !body.is_end_stream() {
+            body = match body.filter(&chain, &info).await {
+                Ok((filtered, len)) => {
+                    set_length(&mut parts.headers, len);
+                    filtered
+                }
+                Err(stop) => {
+                    let answer = stop.into_response(false);
+                    parts.status = answer.status;
+                    parts.headers = answer.headers;
+                    ProxyBody::full(answer.body)
+                }
+            };
         }
         body.attach(chain);
         resp = Response::from_parts(parts, body);
@@ -195,16 +290,18 @@ pub async fn handle(
     route.count(status);
     route.latency.observe(started.elapsed().as_secs_f64());
     if runtime.config.log.access_log {
-        access_log(
+        let record = access_record(
             &head,
             &request_id,
             &conn,
             client_ip,
-            &route.name,
-            endpoint.as_deref().map(|e| &*e.addr),
+            route.name.clone(),
+            endpoint.as_deref().map(|e| Arc::from(&*e.addr)),
             status,
             started,
+            timing,
         );
+        resp.body_mut().log_on_end(record);
     }
     Ok(resp)
 }
@@ -246,16 +343,18 @@ fn reject(
         .with_label_values(&["none", resp.status().as_str()])
         .inc();
     if runtime.config.log.access_log {
-        access_log(
+        let record = access_record(
             head,
             request_id,
             conn,
             client_ip,
-            "none",
+            Arc::from("none"),
             None,
             resp.status(),
             started,
+            UpstreamTiming::default(),
         );
+        resp.body_mut().log_on_end(record);
     }
     resp
 }
@@ -279,7 +378,13 @@ fn head_for_upstream(
         }
     }
     headers::remove_hop_by_hop(&mut headers);
-    headers::set_forwarded(&mut headers, client_ip, conn.scheme, host);
+    // x-forwarded-for and forwarded get the hop we saw (the connection's
+    // address); x-real-ip the resolved client, replacing whatever the
+    // client sent, so origins have one header they can believe.
+    headers::set_forwarded(&mut headers, conn.peer.ip(), conn.scheme, host);
+    if let Ok(v) = HeaderValue::try_from(client_ip.to_string()) {
+        headers.insert(headers::X_REAL_IP.clone(), v);
+    }
     headers::continue_trace(&mut headers);
     UpstreamHead {
         method: head.method.clone(),
@@ -290,6 +395,23 @@ fn head_for_upstream(
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         headers,
     }
+}
+
+/// Hands an upgrade request to [`upgrade::pass_through`].
+async fn upgrade_request(
+    cluster: &Arc<Cluster>,
+    head: &mut Parts,
+    client_ip: IpAddr,
+    conn: &ConnInfo,
+    host: &str,
+) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+    let on = head
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(ProxyError::UpgradeFailed)?;
+    let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
+    let up = head_for_upstream(head, client_ip, conn, host);
+    upgrade::pass_through(cluster, on, up.method, up.path, up.headers, protocol).await
 }
 
 struct UpstreamHead {
@@ -316,6 +438,8 @@ async fn forward(
     mut head: UpstreamHead,
     body: UpstreamBody,
     replay: Option<Bytes>,
+    verdict: &BodyVerdict,
+    timing: &mut UpstreamTiming,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let replayable = (head.method.is_idempotent() && body.is_end_stream()) || replay.is_some();
@@ -335,12 +459,15 @@ async fn forward(
         let deadline = tokio::time::Instant::now() + cluster.request_timeout;
         let sent = Instant::now();
 
-        let err = match tokio::time::timeout_at(deadline, cluster.connection(i)).await {
+        let connected = tokio::time::timeout_at(deadline, cluster.connection(i)).await;
+        let connect = sent.elapsed();
+        timing.connect = Some(connect);
+        let err = match connected {
             Err(_) => ProxyError::ConnectTimeout,
             Ok(Err(e)) => e,
             Ok(Ok(mut conn)) => {
                 let mut req = Request::new(body.take().unwrap_or_else(|| {
-                    Either::Right(Full::new(replay.clone().unwrap_or_default()))
+                    Either::Right(Either::Left(Full::new(replay.clone().unwrap_or_default())))
                 }));
                 *req.method_mut() = head.method.clone();
                 *req.uri_mut() = Uri::from(head.path.clone());
@@ -357,6 +484,7 @@ async fn forward(
                 }
                 match tokio::time::timeout_at(deadline, conn.try_send_request(req)).await {
                     Ok(Ok(resp)) => {
+                        timing.first_byte = Some(sent.elapsed().saturating_sub(connect));
                         cluster.duration.observe(sent.elapsed().as_secs_f64());
                         cluster.observe(i, resp.status().is_server_error());
                         let (mut parts, resp_body) = resp.into_parts();
@@ -388,6 +516,12 @@ async fn forward(
             }
         };
         drop(in_flight);
+        // The client's body overran max_body or broke: its fault, not the
+        // endpoint's, and nothing to retry.
+        let err = verdict.explain(err);
+        if matches!(err, ProxyError::BodyTooLarge | ProxyError::BadBody) {
+            return Err(err);
+        }
         cluster.observe(i, true);
         cluster.record_error(err.code());
         tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempt, "upstream attempt failed");
@@ -429,6 +563,46 @@ impl Tried {
     }
 }
 
+/// Reads ahead the first frame of a client body that goes upstream as it
+/// is ([`LimitedBody::prefetch`]); a filtered body was primed already.
+async fn prefetch(body: &mut UpstreamBody, within: Duration) -> Result<(), ProxyError> {
+    match body {
+        Either::Left(client) => client.prefetch(within).await,
+        Either::Right(_) => Ok(()),
+    }
+}
+
+/// Routes the request body through the filters' body callbacks, primed so
+/// that a filter holding the body from its start can still answer (413
+/// past the bound, or its own response) before anything goes upstream.
+async fn filter_request_body(
+    chain: &ChainStream,
+    info: &StreamInfo,
+    head: &mut Parts,
+    body: LimitedBody,
+) -> Result<UpstreamBody, LocalResponse> {
+    let mut filtered = chain.request_body(body, info);
+    filtered
+        .prime()
+        .await
+        .map_err(|stop| stop.into_response(true))?;
+    set_length(&mut head.headers, filtered.known_length());
+    Ok(Either::Right(Either::Right(filtered)))
+}
+
+/// A filtered body's length: exact when it was held whole (a filter may
+/// have rewritten it), unknown (chunked) while it streams.
+fn set_length(headers: &mut http::HeaderMap, len: Option<u64>) {
+    match len {
+        Some(n) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
 fn local_response(local: LocalResponse) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(local.body));
     *resp.status_mut() = local.status;
@@ -437,26 +611,29 @@ fn local_response(local: LocalResponse) -> Response<ProxyBody> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn access_log(
+fn access_record(
     head: &Parts,
     request_id: &HeaderValue,
     conn: &ConnInfo,
     client_ip: IpAddr,
-    route: &str,
-    upstream: Option<&str>,
+    route: Arc<str>,
+    upstream: Option<Arc<str>>,
     status: http::StatusCode,
     started: Instant,
-) {
-    tracing::info!(
-        target: "flashgate::access",
-        listener = %conn.listener,
-        client = %client_ip,
-        method = %head.method,
-        path = head.uri.path(),
+    timing: UpstreamTiming,
+) -> Box<AccessRecord> {
+    Box::new(AccessRecord {
+        listener: conn.listener.clone(),
+        client: client_ip,
+        peer: conn.peer,
+        method: head.method.clone(),
+        path: head.uri.path().to_string(),
         route,
-        upstream = upstream.unwrap_or("-"),
-        status = status.as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1000.0,
-        request_id = request_id.to_str().unwrap_or("-"),
-    );
+        upstream,
+        status,
+        request_id: request_id.clone(),
+        started,
+        head: started.elapsed(),
+        timing,
+    })
 }

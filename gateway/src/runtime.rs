@@ -20,6 +20,8 @@ pub struct Route {
     pub host: Option<String>,
     pub path_prefix: String,
     pub priority: Priority,
+    /// `Upgrade` requests (WebSocket) are passed through.
+    pub websocket: bool,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
     /// Set on the checkout route (see `crate::checkout`).
@@ -139,6 +141,7 @@ impl Runtime {
                 host: r.host.clone(),
                 path_prefix: r.path_prefix.clone(),
                 priority: r.priority,
+                websocket: r.websocket,
                 cluster,
                 filters: FilterChain::new(chain),
                 checkout: r.checkout.as_ref().map(crate::checkout::Checkout::new),

@@ -1,23 +1,45 @@
-//! Listeners: accept TCP connections and serve HTTP/1.1 and h2c (prior
-//! knowledge) on each, with the listener's limits, until shutdown.
+//! Listeners: accept TCP connections and take each through the connection
+//! phases of the pipeline before HTTP starts:
+//!
+//! ```text
+//! accept -> listener connection limit -> PROXY header (if enabled)
+//!        -> per-client-address limit -> TLS + ALPN (if enabled)
+//!        -> HTTP/1.1 or HTTP/2 (hyper, with the head/stream limits)
+//! ```
+//!
+//! The order matters: the listener limit is checked before a byte is read,
+//! so a flood costs one accept; the per-address limit needs the PROXY
+//! address, so it follows the header; TLS comes after both, so a refused
+//! client never costs a handshake.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus::IntCounterVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
-use crate::config::ListenerConfig;
+use crate::config::{Config, ListenerConfig};
+use crate::limits::ConnLimits;
 use crate::proxy::{self, ConnInfo};
-use crate::Shared;
+use crate::tls::CertStore;
+use crate::{proxy_protocol, Shared};
 
 /// Builds the connection settings of a listener: the limits a client
-/// controls (head size, time to send the head) are set here, on the
-/// connection, before any request reaches the pipeline.
+/// controls (head size, header count, time to send the head, HTTP/2
+/// streams) are set here, on the connection, before any request reaches
+/// the pipeline.
 fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -25,36 +47,244 @@ fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(cfg.header_read_timeout.0)
+        .max_headers(cfg.max_headers)
         .max_buf_size(cfg.max_header_bytes.0 as usize);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes.0 as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(cfg.max_concurrent_streams);
     builder
+}
+
+/// Whether a reload from `a` to `b` can be applied to a running listener:
+/// the socket (`name`, `listen`), the TLS certificate paths and the PROXY
+/// protocol switch are fixed at start; every limit and `trusted_proxies`
+/// apply to new connections and requests at once.
+pub fn applies_live(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    a.name == b.name
+        && a.listen == b.listen
+        && a.tls == b.tls
+        && a.proxy_protocol == b.proxy_protocol
+}
+
+/// A listener's settings for new connections, from one loaded config.
+struct Settings {
+    /// The config these were built from: a reload brings a new one.
+    source: Arc<Config>,
+    cfg: Arc<ListenerConfig>,
+    /// HTTP/1.1 only and HTTP/2 only: the protocol is chosen before hyper
+    /// sees the connection (ALPN, or the h2c preface), so hyper's HTTP/1.1
+    /// header read timeout runs from the first byte on.
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+impl Settings {
+    fn new(source: Arc<Config>, cfg: ListenerConfig) -> Settings {
+        let builder = http_builder(&cfg);
+        Settings {
+            source,
+            cfg: Arc::new(cfg),
+            h1: builder.clone().http1_only(),
+            h2: builder.http2_only(),
+        }
+    }
+}
+
+/// What every connection of one listener shares.
+struct Listener {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    settings: ArcSwap<Settings>,
+    tls: Option<(TlsAcceptor, Duration)>,
+    limits: Arc<ConnLimits>,
+    refused: IntCounterVec,
+}
+
+impl Listener {
+    fn refuse(&self, reason: &str) {
+        self.refused.with_label_values(&[&self.name, reason]).inc();
+    }
+
+    /// The settings for a new connection: those of the config in effect.
+    /// After a reload the first connection rebuilds them (and the
+    /// connection limits); later ones reuse them.
+    fn settings(&self) -> Arc<Settings> {
+        let current = self.settings.load_full();
+        let runtime = self.shared.runtime.load();
+        if Arc::ptr_eq(&current.source, &runtime.config) {
+            return current;
+        }
+        let found = runtime
+            .config
+            .listeners
+            .iter()
+            .find(|l| *l.name == *self.name && applies_live(&current.cfg, l));
+        // Gone or moved: the reload reported a restart as needed; keep
+        // serving with what we have.
+        let cfg = found.cloned().unwrap_or_else(|| (*current.cfg).clone());
+        self.limits
+            .set(cfg.max_connections, cfg.max_connections_per_ip);
+        let next = Arc::new(Settings::new(runtime.config.clone(), cfg));
+        self.settings.store(next.clone());
+        next
+    }
+
+    /// One connection, from its first byte to its end.
+    async fn connection(
+        &self,
+        settings: Arc<Settings>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        watcher: Watcher,
+    ) {
+        let mut client = peer;
+        let mut proxied_by = None;
+        let mut prefix = Bytes::new();
+        if settings.cfg.proxy_protocol {
+            let header = tokio::time::timeout(
+                settings.cfg.proxy_protocol_timeout.0,
+                proxy_protocol::read_header(&mut stream),
+            )
+            .await;
+            match header {
+                Ok(Ok((source, rest))) => {
+                    if let Some(source) = source {
+                        client = source;
+                        proxied_by = Some(peer);
+                    }
+                    prefix = rest;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "PROXY header refused; closing");
+                    return self.refuse("proxy_protocol");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no PROXY header in time; closing");
+                    return self.refuse("proxy_protocol_timeout");
+                }
+            }
+        }
+        let Some(_ip_slot) = self.limits.try_ip(client.ip()) else {
+            return self.refuse("max_connections_per_ip");
+        };
+        let Some((acceptor, handshake_timeout)) = &self.tls else {
+            // Plain: HTTP/2 with prior knowledge starts with its preface.
+            // A client that sends nothing (or half a preface) within
+            // header_read_timeout is closed: hyper's own timer only starts
+            // once the protocol is known.
+            let sniffed = tokio::time::timeout(
+                settings.cfg.header_read_timeout.0,
+                sniff_h2(&mut stream, prefix),
+            )
+            .await;
+            let (h2, prefix) = match sniffed {
+                Ok(Ok(found)) => found,
+                Ok(Err(_)) => return,
+                Err(_) => return self.refuse("first_bytes_timeout"),
+            };
+            let io = Rewind {
+                prefix,
+                inner: stream,
+            };
+            return self
+                .serve_http(&settings, io, h2, client, proxied_by, "http", watcher)
+                .await;
+        };
+        let io = Rewind {
+            prefix,
+            inner: stream,
+        };
+        match tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => {
+                // ALPN decides; a client that offered none speaks HTTP/1.1.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                self.serve_http(&settings, tls, h2, client, proxied_by, "https", watcher)
+                    .await
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                self.refuse("tls_handshake");
+            }
+            Err(_) => self.refuse("tls_handshake_timeout"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_http<I>(
+        &self,
+        settings: &Settings,
+        io: I,
+        h2: bool,
+        client: SocketAddr,
+        proxied_by: Option<SocketAddr>,
+        scheme: &'static str,
+        watcher: Watcher,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = Arc::new(ConnInfo {
+            peer: client,
+            proxied_by,
+            listener: self.name.clone(),
+            scheme,
+            config: settings.cfg.clone(),
+        });
+        let shared = self.shared.clone();
+        let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
+        // With upgrades: a WebSocket route hands the raw connection over
+        // once its 101 has been sent (see `proxy::upgrade`).
+        let builder = if h2 { &settings.h2 } else { &settings.h1 };
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(peer = %client, error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// Serves one listener until `shutdown` flips, then stops accepting, lets
 /// open connections finish (HTTP/1 gets `connection: close`, HTTP/2 a
-/// GOAWAY) for at most `drain_timeout`, and returns.
+/// GOAWAY) for at most `shutdown.drain_timeout`, and returns.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     cfg: ListenerConfig,
     mut shutdown: watch::Receiver<bool>,
-    drain_timeout: Duration,
+    certs: Option<Arc<CertStore>>,
 ) {
-    let builder = http_builder(&cfg);
-    let graceful = GracefulShutdown::new();
     let name: Arc<str> = cfg.name.as_str().into();
+    let tls = certs.and_then(|store| match store.server_config() {
+        Ok(config) => {
+            let timeout = cfg.tls.as_ref().map_or(Duration::from_secs(10), |t| {
+                t.handshake_timeout.0
+            });
+            Some((TlsAcceptor::from(config), timeout))
+        }
+        Err(e) => {
+            tracing::error!(listener = %name, error = %e, "TLS config failed; listener not serving");
+            None
+        }
+    });
+    if cfg.tls.is_some() && tls.is_none() {
+        return;
+    }
+    let this = Arc::new(Listener {
+        limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+        settings: ArcSwap::from_pointee(Settings::new(shared.runtime.load().config.clone(), cfg)),
+        refused: shared.metrics.connections_refused.clone(),
+        shared: shared.clone(),
+        name: name.clone(),
+        tls,
+    });
+    let graceful = GracefulShutdown::new();
     let active = shared
         .metrics
         .connections_active
-        .with_label_values(&[&cfg.name]);
-    let total = shared
-        .metrics
-        .connections_total
-        .with_label_values(&[&cfg.name]);
+        .with_label_values(&[&name]);
+    let total = shared.metrics.connections_total.with_label_values(&[&name]);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -68,33 +298,105 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let _ = stream.set_nodelay(true);
         total.inc();
+        let settings = this.settings();
+        let Some(slot) = this.limits.try_conn() else {
+            this.refuse("max_connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
         active.inc();
-        let conn = Arc::new(ConnInfo {
-            peer,
-            listener: name.clone(),
-            scheme: "http",
-        });
-        let shared = shared.clone();
-        let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(connection);
+        let this = this.clone();
         let active = active.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            this.connection(settings, stream, peer, watcher).await;
+            drop(slot);
             active.dec();
         });
     }
     drop(listener);
+    let drain_timeout = shared.runtime.load().config.shutdown.drain_timeout.0;
     if tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(listener = %name, "drain timeout: closing remaining connections");
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes tell HTTP/2 (the whole preface) from
+/// HTTP/1.1 (any byte that departs from it). Returns the verdict and every
+/// byte read, to be replayed.
+async fn sniff_h2(stream: &mut TcpStream, prefix: Bytes) -> std::io::Result<(bool, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::from(&prefix[..]);
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok((false, buf.freeze()));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok((true, buf.freeze()));
+        }
+        buf.reserve(H2_PREFACE.len());
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// A stream with bytes already read from it (past a PROXY header) put back
+/// in front, so the next protocol sees the stream from its own first byte.
+struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

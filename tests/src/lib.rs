@@ -27,9 +27,13 @@ use tokio::net::TcpListener;
 
 pub use gateway::{Config, Gateway};
 
+pub mod edge;
 pub mod order;
+pub mod raw;
 pub mod redis;
 pub mod rocketmq;
+pub mod tls;
+pub mod ws;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type Handler = Arc<
@@ -360,6 +364,20 @@ pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
         tokio::net::TcpStream::connect(addr).await.is_ok()
     })
     .await
+}
+
+/// Gives a test config's admin and public listeners (the first and second
+/// `listen = "127.0.0.1:0"`, as [`config`] writes them) fixed free ports,
+/// for tests that run the `flashgate` binary and must know where it
+/// listens. Returns the config, the public address and the admin address.
+pub fn with_fixed_ports(text: &str) -> (String, SocketAddr, SocketAddr) {
+    let public = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let any = "listen = \"127.0.0.1:0\"";
+    let text = text
+        .replacen(any, &format!("listen = \"{admin}\""), 1)
+        .replacen(any, &format!("listen = \"{public}\""), 1);
+    (text, public, admin)
 }
 
 /// A free loopback port (bound then released; fine for tests that start a

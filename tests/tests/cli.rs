@@ -105,6 +105,8 @@ async fn demo_serves_the_shop() {
                 "127.0.0.1:0",
                 "--origin",
                 "127.0.0.1:0",
+                "--tls-listen",
+                "127.0.0.1:0",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
@@ -139,6 +141,34 @@ async fn demo_serves_the_shop() {
         Some("DENY"),
         "demo filter on the catalog"
     );
+    // The TLS listener with its self-signed certificate.
+    let https = lines
+        .iter()
+        .find(|l| l.contains("over TLS"))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("https://")))
+        .unwrap_or_else(|| panic!("no TLS URL in {lines:?}"));
+    let port: u16 = https
+        .trim_start_matches("https://localhost:")
+        .split('/')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port in the TLS URL");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let s =
+        flashgate_tests::tls::connect(addr, &flashgate_tests::tls::ClientOpts::sni("localhost"))
+            .await
+            .expect("TLS handshake with the demo");
+    let mut send = flashgate_tests::tls::h1(s).await;
+    let resp = send
+        .send_request(
+            http::Request::get("/products/1")
+                .header("host", "localhost")
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the second catalog request, over TLS");
     let page = get(&url_of("a product page")).await;
     assert!(page.text().contains("<h1>"));
     let status = get(&url_of("admin status")).await.json();
@@ -146,7 +176,7 @@ async fn demo_serves_the_shop() {
     assert!(get(&url_of("metrics"))
         .await
         .text()
-        .contains("flashgate_requests_total{route=\"catalog\",status=\"200\"} 1"));
+        .contains("flashgate_requests_total{route=\"catalog\",status=\"200\"} 2"));
     child.signal("TERM");
     let exit = child
         .wait_exit(Duration::from_secs(10))
@@ -167,20 +197,7 @@ fn binary_config(
     upstream: std::net::SocketAddr,
     upstream_extra: &str,
 ) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
-    let public: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = config(&[upstream], upstream_extra, "")
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{admin}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{public}\""),
-            1,
-        );
-    (text, public, admin)
+    with_fixed_ports(&config(&[upstream], upstream_extra, ""))
 }
 
 /// SIGTERM: readiness fails at once, the in-flight request completes, the
@@ -277,6 +294,12 @@ async fn large_bodies_stream_in_bounded_memory() {
     })
     .await;
     let (text, public, _admin) = binary_config(up.addr, "request_timeout = \"60s\"");
+    // Above the default max_body (16MiB): this test is about streaming.
+    let text = text.replacen(
+        "name = \"public\"",
+        "name = \"public\"\nmax_body = \"1GiB\"",
+        1,
+    );
     let path = write_config("stream", &text);
     let gw = Proc::spawn(
         Command::new(flashgate_bin())

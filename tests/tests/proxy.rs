@@ -234,7 +234,13 @@ async fn bodies_stream_without_buffering() {
         }
     })
     .await;
-    let gw = gateway(&config(&[upload.addr], "", "")).await;
+    // 32 MiB goes up: above the default max_body (16MiB).
+    let text = config(&[upload.addr], "", "").replacen(
+        "name = \"public\"",
+        "name = \"public\"\nmax_body = \"64MiB\"",
+        1,
+    );
+    let gw = gateway(&text).await;
     let url = format!("http://{}/upload", gw.addr("public").unwrap());
 
     let (mut body_tx, body) = Channel::<Bytes, BoxError>::new(1);

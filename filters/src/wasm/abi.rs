@@ -21,11 +21,18 @@ pub(crate) mod status {
 /// `MapType` values.
 pub(crate) mod map {
     pub const REQUEST_HEADERS: u32 = 0;
+    pub const REQUEST_TRAILERS: u32 = 1;
     pub const RESPONSE_HEADERS: u32 = 2;
+    pub const RESPONSE_TRAILERS: u32 = 3;
+    pub const CALL_RESPONSE_HEADERS: u32 = 6;
+    pub const CALL_RESPONSE_TRAILERS: u32 = 7;
 }
 
 /// `BufferType` values.
 pub(crate) mod buffer {
+    pub const REQUEST_BODY: u32 = 0;
+    pub const RESPONSE_BODY: u32 = 1;
+    pub const CALL_RESPONSE_BODY: u32 = 4;
     pub const VM_CONFIGURATION: u32 = 6;
     pub const PLUGIN_CONFIGURATION: u32 = 7;
 }

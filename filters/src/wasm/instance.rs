@@ -13,7 +13,7 @@
 //! next phase according to the filter's fail mode.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,9 @@ impl Failure {
     }
 }
 
+/// `proxy_on_http_call_response(context, token, headers, body, trailers)`.
+type CallResponseFn = TypedFunc<(u32, u32, u32, u32, u32), ()>;
+
 /// The guest's exported callbacks the host calls. Optional ones the guest
 /// does not export behave as their defaults (continue, nothing to do).
 struct Exports {
@@ -75,6 +78,14 @@ struct Exports {
     configure: Option<TypedFunc<(u32, u32), u32>>,
     request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
+    response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
+    request_trailers: Option<TypedFunc<(u32, u32), u32>>,
+    response_trailers: Option<TypedFunc<(u32, u32), u32>>,
+    http_call_response: Option<CallResponseFn>,
+    grpc_close: Option<TypedFunc<(u32, u32, u32), ()>>,
+    tick: Option<TypedFunc<u32, ()>>,
+    queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     done: Option<TypedFunc<u32, u32>>,
     log: Option<TypedFunc<u32, ()>>,
     delete: Option<TypedFunc<u32, ()>>,
@@ -104,15 +115,37 @@ where
 pub(crate) struct Instance {
     store: Store<HostState>,
     f: Exports,
+    /// When the root context's next tick is due (set once it asks).
+    next_tick: Option<Instant>,
+}
+
+/// Does the module export body or trailer callbacks? (Modules built with
+/// the Rust SDK always do.)
+pub(crate) fn exports_bodies(module: &wasmtime::Module) -> bool {
+    [
+        "proxy_on_request_body",
+        "proxy_on_response_body",
+        "proxy_on_request_trailers",
+        "proxy_on_response_trailers",
+    ]
+    .iter()
+    .any(|name| module.get_export(name).is_some())
 }
 
 impl Instance {
     /// Instantiates the module and starts the root context:
     /// `_initialize`, `proxy_on_context_create(root, 0)`,
     /// `proxy_on_vm_start`, `proxy_on_configure`.
-    pub(crate) fn start(plugin: &Arc<Plugin>) -> Result<Instance, Failure> {
+    pub(crate) fn start(
+        plugin: &Arc<Plugin>,
+        slot: usize,
+        generation: u64,
+    ) -> Result<Instance, Failure> {
         let engine = super::engine::engine().map_err(|e| Failure::new(FailKind::Refused, e))?;
-        let mut store = Store::new(engine, HostState::new(plugin.clone()));
+        let mut state = HostState::new(plugin.clone());
+        state.slot = slot;
+        state.generation = generation;
+        let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(plugin.start_ticks);
         let inst = plugin
@@ -140,6 +173,14 @@ impl Instance {
             configure: typed(&inst, &mut store, "proxy_on_configure")?,
             request_headers: typed(&inst, &mut store, "proxy_on_request_headers")?,
             response_headers: typed(&inst, &mut store, "proxy_on_response_headers")?,
+            request_body: typed(&inst, &mut store, "proxy_on_request_body")?,
+            response_body: typed(&inst, &mut store, "proxy_on_response_body")?,
+            request_trailers: typed(&inst, &mut store, "proxy_on_request_trailers")?,
+            response_trailers: typed(&inst, &mut store, "proxy_on_response_trailers")?,
+            http_call_response: typed(&inst, &mut store, "proxy_on_http_call_response")?,
+            grpc_close: typed(&inst, &mut store, "proxy_on_grpc_close")?,
+            tick: typed(&inst, &mut store, "proxy_on_tick")?,
+            queue_ready: typed(&inst, &mut store, "proxy_on_queue_ready")?,
             done: typed(&inst, &mut store, "proxy_on_done")?,
             log: typed(&inst, &mut store, "proxy_on_log")?,
             delete: typed(&inst, &mut store, "proxy_on_delete")?,
@@ -153,7 +194,11 @@ impl Instance {
             s.root_id = root;
             s.effective = root;
         }
-        let mut me = Instance { store, f };
+        let mut me = Instance {
+            store,
+            f,
+            next_tick: None,
+        };
         let ticks = plugin.start_ticks;
         if let Some(init) = init {
             me.call_with(ticks, |s, _| init.call(s, ()))?;
@@ -268,6 +313,126 @@ impl Instance {
         })
     }
 
+    /// `proxy_on_request_body` / `proxy_on_response_body` with the body
+    /// already in the stream data; returns the guest's action.
+    pub(crate) fn body(
+        &mut self,
+        data: &mut Option<Box<StreamData>>,
+        request: bool,
+        len: u32,
+        end_of_stream: bool,
+    ) -> Result<u32, Failure> {
+        self.with_stream(data, |s, f, id| {
+            let cb = if request {
+                &f.request_body
+            } else {
+                &f.response_body
+            };
+            match cb {
+                Some(cb) => cb.call(s, (id, len, u32::from(end_of_stream))),
+                None => Ok(super::abi::action::CONTINUE),
+            }
+        })
+    }
+
+    /// `proxy_on_request_trailers` / `proxy_on_response_trailers`.
+    pub(crate) fn trailers(
+        &mut self,
+        data: &mut Option<Box<StreamData>>,
+        request: bool,
+        count: u32,
+    ) -> Result<u32, Failure> {
+        self.with_stream(data, |s, f, id| {
+            let cb = if request {
+                &f.request_trailers
+            } else {
+                &f.response_trailers
+            };
+            match cb {
+                Some(cb) => cb.call(s, (id, count)),
+                None => Ok(super::abi::action::CONTINUE),
+            }
+        })
+    }
+
+    /// `proxy_on_http_call_response` with the answer in the stream data.
+    pub(crate) fn http_call_response(
+        &mut self,
+        data: &mut Option<Box<StreamData>>,
+        token: u32,
+        sizes: (u32, u32, u32),
+    ) -> Result<(), Failure> {
+        self.with_stream(data, |s, f, id| match &f.http_call_response {
+            Some(cb) => cb.call(s, (id, token, sizes.0, sizes.1, sizes.2)),
+            None => Ok(()),
+        })
+    }
+
+    /// `proxy_on_grpc_close(token, status)`.
+    pub(crate) fn grpc_close(
+        &mut self,
+        data: &mut Option<Box<StreamData>>,
+        token: u32,
+        grpc_status: u32,
+    ) -> Result<(), Failure> {
+        self.with_stream(data, |s, f, id| match &f.grpc_close {
+            Some(cb) => cb.call(s, (id, token, grpc_status)),
+            None => Ok(()),
+        })
+    }
+
+    /// Keeps a paused stream's data in the instance, where other contexts
+    /// can reach it (`proxy_set_effective_context`).
+    pub(crate) fn park(&mut self, data: Box<StreamData>) {
+        self.store.data_mut().parked.insert(data.id, data);
+    }
+
+    pub(crate) fn unpark(&mut self, id: u32) -> Option<Box<StreamData>> {
+        self.store.data_mut().parked.remove(&id)
+    }
+
+    /// Runs a root-context callback (tick, queue ready).
+    fn root_call(
+        &mut self,
+        call: impl FnOnce(&mut Store<HostState>, &Exports, u32) -> wasmtime::Result<()>,
+    ) -> Result<(), Failure> {
+        let root = self.store.data().root_id;
+        self.store.data_mut().effective = root;
+        let r = self.call(|s, f| call(s, f, root));
+        self.store.data_mut().effective = root;
+        r
+    }
+
+    /// Delivers `proxy_on_tick` if it is due; returns how long until the
+    /// next one (`None`: the guest wants no ticks).
+    pub(crate) fn tick_if_due(&mut self, now: Instant) -> Result<Option<Duration>, Failure> {
+        let period = self.store.data().tick_period_ms;
+        if period == 0 || self.f.tick.is_none() {
+            self.next_tick = None;
+            return Ok(None);
+        }
+        let period = Duration::from_millis(u64::from(period));
+        let due = *self.next_tick.get_or_insert(now + period);
+        if now < due {
+            return Ok(Some(due - now));
+        }
+        // No catching up on missed ticks: a slow guest gets fewer ticks.
+        self.next_tick = Some(now + period);
+        self.root_call(|s, f, root| match &f.tick {
+            Some(cb) => cb.call(s, root),
+            None => Ok(()),
+        })?;
+        Ok(Some(period))
+    }
+
+    /// Delivers `proxy_on_queue_ready` for `queue` to the root context.
+    pub(crate) fn queue_ready(&mut self, queue: u32) -> Result<(), Failure> {
+        self.root_call(|s, f, root| match &f.queue_ready {
+            Some(cb) => cb.call(s, (root, queue)),
+            None => Ok(()),
+        })
+    }
+
     /// Ends an HTTP context: `proxy_on_done`, `proxy_on_log`,
     /// `proxy_on_delete`, in that order. The first failure stops the rest.
     pub(crate) fn end_context(
@@ -275,18 +440,23 @@ impl Instance {
         data: &mut Option<Box<StreamData>>,
     ) -> Result<(), Failure> {
         // on_done's answer ("may I be deleted now?") matters for root
-        // contexts only; an HTTP stream is over either way.
-        self.with_stream(data, |s, f, id| match &f.done {
-            Some(cb) => cb.call(s, id).map(drop),
-            None => Ok(()),
-        })?;
-        self.with_stream(data, |s, f, id| match &f.log {
-            Some(cb) => cb.call(s, id),
-            None => Ok(()),
-        })?;
-        self.with_stream(data, |s, f, id| match &f.delete {
-            Some(cb) => cb.call(s, id),
-            None => Ok(()),
+        // contexts only; an HTTP stream is over either way. The three run
+        // in one host round trip (the stream data moves in once), each
+        // with its own deadline.
+        let ticks = self.store.data().plugin.call_ticks;
+        self.with_stream(data, |s, f, id| {
+            if let Some(cb) = &f.done {
+                cb.call(&mut *s, id)?;
+            }
+            if let Some(cb) = &f.log {
+                s.set_epoch_deadline(ticks);
+                cb.call(&mut *s, id)?;
+            }
+            if let Some(cb) = &f.delete {
+                s.set_epoch_deadline(ticks);
+                cb.call(&mut *s, id)?;
+            }
+            Ok(())
         })
     }
 }
@@ -325,14 +495,35 @@ pub(crate) struct Slot {
 /// failed.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Crash-loop backoff: after the second failure in a row (no successful
+/// guest call in between), no instance is started for this long, doubling
+/// with each further failure up to [`CRASH_BACKOFF_MAX`]. One stray trap
+/// costs nothing; a module that traps on every request is not
+/// re-instantiated on every request.
+pub(crate) const CRASH_BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub(crate) const CRASH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The delay after `streak` failures in a row.
+pub(crate) fn crash_backoff(streak: u32) -> Option<Duration> {
+    if streak < 2 {
+        return None;
+    }
+    let doublings = (streak - 2).min(16);
+    Some((CRASH_BACKOFF_BASE * (1u32 << doublings)).min(CRASH_BACKOFF_MAX))
+}
+
 pub(crate) struct Pool {
     pub plugin: Arc<Plugin>,
     slots: Box<[Mutex<Slot>]>,
     next: AtomicUsize,
     /// Instances alive now.
     pub live: AtomicU64,
-    /// The "pausing is not supported" warning was logged.
-    pub pause_warned: AtomicBool,
+    /// Failures in a row without a successful guest call between them.
+    streak: AtomicU32,
+    /// No new instance before this (crash-loop backoff).
+    backoff_until: Mutex<Option<Instant>>,
+    /// The backoff was logged for the current streak.
+    backoff_logged: AtomicBool,
 }
 
 impl Pool {
@@ -351,8 +542,57 @@ impl Pool {
                 .collect(),
             next: AtomicUsize::new(0),
             live: AtomicU64::new(0),
-            pause_warned: AtomicBool::new(false),
+            streak: AtomicU32::new(0),
+            backoff_until: Mutex::new(None),
+            backoff_logged: AtomicBool::new(false),
         }
+    }
+
+    /// Makes the pool and starts its ticker thread.
+    pub(crate) fn start(plugin: Arc<Plugin>) -> Arc<Pool> {
+        let signals = plugin.signals.clone();
+        let pool = Arc::new(Pool::new(plugin));
+        super::ticker::spawn(Arc::downgrade(&pool), signals);
+        pool
+    }
+
+    /// A guest call succeeded: the module is not crash-looping.
+    pub(crate) fn succeeded(&self) {
+        if self.streak.load(Ordering::Relaxed) != 0 {
+            self.streak.store(0, Ordering::Relaxed);
+            self.backoff_logged.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Delivers queue-ready events and due ticks to every live instance;
+    /// returns how long the ticker may sleep.
+    pub(crate) fn service(&self, ready: Vec<super::ticker::QueueReady>) -> Duration {
+        let mut next = super::ticker::IDLE;
+        for i in 0..self.slots.len() {
+            let mut slot = self.lock(i);
+            let generation = slot.generation;
+            let Some(inst) = slot.inst.as_mut() else {
+                continue;
+            };
+            let mut r = Ok(None);
+            for &(s, g, queue) in &ready {
+                if s == i && g == generation {
+                    if let Err(f) = inst.queue_ready(queue) {
+                        r = Err(f);
+                        break;
+                    }
+                }
+            }
+            if r.is_ok() {
+                r = inst.tick_if_due(Instant::now());
+            }
+            match r {
+                Ok(Some(wait)) => next = next.min(wait),
+                Ok(None) => {}
+                Err(f) => self.poison(&mut slot, &f),
+            }
+        }
+        next
     }
 
     /// The slot a new stream will use: round robin.
@@ -370,7 +610,11 @@ impl Pool {
     }
 
     /// The slot's instance, started if there is none.
-    pub(crate) fn ensure<'a>(&self, slot: &'a mut Slot) -> Result<&'a mut Instance, Failure> {
+    pub(crate) fn ensure<'a>(
+        &self,
+        index: usize,
+        slot: &'a mut Slot,
+    ) -> Result<&'a mut Instance, Failure> {
         if slot.inst.is_none() {
             if slot.retry_at.is_some_and(|t| Instant::now() < t) {
                 return Err(Failure::new(
@@ -378,7 +622,19 @@ impl Pool {
                     "the instance failed to start recently",
                 ));
             }
-            match Instance::start(&self.plugin) {
+            let backoff = *self.backoff_until.lock().unwrap_or_else(|e| e.into_inner());
+            if backoff.is_some_and(|t| Instant::now() < t) {
+                self.plugin
+                    .metrics
+                    .host
+                    .backed_off
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Failure::new(
+                    FailKind::Unavailable,
+                    "the module keeps failing; new instances are backed off",
+                ));
+            }
+            match Instance::start(&self.plugin, index, slot.generation + 1) {
                 Ok(inst) => {
                     slot.inst = Some(inst);
                     slot.generation += 1;
@@ -408,8 +664,21 @@ impl Pool {
     }
 
     /// Discards the slot's instance after `f`; logs once for the event.
+    /// Failures in a row start the crash-loop backoff.
     pub(crate) fn poison(&self, slot: &mut Slot, f: &Failure) {
         if slot.inst.take().is_some() {
+            let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(delay) = crash_backoff(streak) {
+                *self.backoff_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Instant::now() + delay);
+                if !self.backoff_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        filter = %self.plugin.name,
+                        failures = streak,
+                        "wasm filter keeps failing; backing off new instances (fail mode applies meanwhile)"
+                    );
+                }
+            }
             self.live.fetch_sub(1, Ordering::Relaxed);
             self.plugin
                 .metrics

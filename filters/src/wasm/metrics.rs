@@ -97,6 +97,12 @@ pub struct HostStats {
     /// Streams failed open (filter skipped) or closed (500).
     pub failed_open: u64,
     pub failed_closed: u64,
+    /// Streams that found no instance because the module is backed off
+    /// after failing repeatedly.
+    pub backed_off: u64,
+    /// Module reloads that were swapped in / refused.
+    pub reloads: u64,
+    pub reload_failures: u64,
     /// Wall time spent in guest calls, nanoseconds.
     pub call_nanos: u64,
 }
@@ -111,6 +117,9 @@ pub(crate) struct HostCounters {
     pub instances_poisoned: AtomicU64,
     pub failed_open: AtomicU64,
     pub failed_closed: AtomicU64,
+    pub backed_off: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
     pub call_nanos: AtomicU64,
 }
 
@@ -251,6 +260,9 @@ impl WasmMetrics {
             instances_poisoned: l(&h.instances_poisoned),
             failed_open: l(&h.failed_open),
             failed_closed: l(&h.failed_closed),
+            backed_off: l(&h.backed_off),
+            reloads: l(&h.reloads),
+            reload_failures: l(&h.reload_failures),
             call_nanos: l(&h.call_nanos),
         }
     }

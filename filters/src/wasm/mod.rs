@@ -37,15 +37,18 @@ mod host;
 mod instance;
 mod metrics;
 mod plugin;
+mod reload;
 mod shared;
 mod state;
 mod stream;
+mod ticker;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use wasmtime::Linker;
 
 pub use engine::compiled_modules;
@@ -84,8 +87,26 @@ impl Default for WasmLimits {
 
 /// A configured proxy-wasm filter: the factory the gateway puts in a
 /// route's [`FilterChain`](crate::FilterChain).
+///
+/// The running module can be replaced while the filter serves (hot
+/// reload, [`WasmFilter::reload`]): new streams take the new module's
+/// pool, streams in flight finish on the one they started with.
 pub struct WasmFilter {
-    pool: Arc<Pool>,
+    name: String,
+    config: String,
+    limits: WasmLimits,
+    fail: FailMode,
+    /// Where the module was loaded from (`None` for [`WasmFilter::from_bytes`]).
+    path: Option<PathBuf>,
+    pool: ArcSwap<Pool>,
+    /// Shared by every module version, so counters survive a reload.
+    metrics: Arc<WasmMetrics>,
+    /// The file's identity when it was last loaded (mtime, length).
+    seen: Mutex<Option<reload::FileStamp>>,
+    body_limit: usize,
+    /// Body callbacks are delivered (unless the operator turned them off
+    /// for a header-only filter).
+    bodies: bool,
 }
 
 impl WasmFilter {
@@ -106,12 +127,28 @@ impl WasmFilter {
         fail: FailMode,
     ) -> Result<Arc<WasmFilter>, FilterError> {
         let path = path.as_ref();
+        let stamp = reload::FileStamp::of(path);
         let bytes = std::fs::read(path)
             .map_err(|e| FilterError::Wasm(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_bytes(name, &bytes, config, limits, fail).map_err(|e| match e {
-            FilterError::Wasm(m) => FilterError::Wasm(format!("{}: {m}", path.display())),
-            other => other,
-        })
+        let metrics = Arc::new(WasmMetrics::default());
+        let pool = build_pool(name, &bytes, config, limits, fail, metrics.clone()).map_err(
+            |e| match e {
+                FilterError::Wasm(m) => FilterError::Wasm(format!("{}: {m}", path.display())),
+                other => other,
+            },
+        )?;
+        Ok(Arc::new(WasmFilter {
+            name: name.to_string(),
+            config: config.to_string(),
+            limits,
+            fail,
+            path: Some(path.to_path_buf()),
+            pool: ArcSwap::new(pool),
+            metrics,
+            seen: Mutex::new(stamp),
+            body_limit: crate::DEFAULT_BODY_LIMIT,
+            bodies: true,
+        }))
     }
 
     /// Like [`WasmFilter::load`], from the module's bytes.
@@ -122,83 +159,154 @@ impl WasmFilter {
         limits: WasmLimits,
         fail: FailMode,
     ) -> Result<Arc<WasmFilter>, FilterError> {
-        if limits.timeout.is_zero() || limits.memory == 0 {
-            return Err(FilterError::Config(
-                "wasm limits: timeout and memory must be above zero".into(),
-            ));
+        let metrics = Arc::new(WasmMetrics::default());
+        let pool = build_pool(name, bytes, config, limits, fail, metrics.clone())?;
+        Ok(Arc::new(WasmFilter {
+            name: name.to_string(),
+            config: config.to_string(),
+            limits,
+            fail,
+            path: None,
+            pool: ArcSwap::new(pool),
+            metrics,
+            seen: Mutex::new(None),
+            body_limit: crate::DEFAULT_BODY_LIMIT,
+            bodies: true,
+        }))
+    }
+
+    /// The same filter with another bound on the body a filter may hold
+    /// (see [`FilterFactory::body_limit`]). For use right after loading.
+    pub fn with_body_limit(self: Arc<Self>, limit: usize) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut f) => {
+                f.body_limit = limit;
+                Arc::new(f)
+            }
+            Err(shared) => shared,
         }
-        let engine = engine::engine().map_err(FilterError::Wasm)?;
-        let module = engine::compile(bytes).map_err(FilterError::Wasm)?;
-        let abi = abi::ABI_MARKERS
-            .iter()
-            .find(|(export, _)| module.get_export(export).is_some())
-            .map(|(_, version)| *version)
-            .ok_or_else(|| {
-                FilterError::Wasm(
-                    "not a proxy-wasm module: no proxy_abi_version_0_2_1 (or _0_2_0) export".into(),
-                )
-            })?;
-        let mut linker: Linker<HostState> = Linker::new(engine);
-        host::add_to_linker(&mut linker)
-            .map_err(|e| FilterError::Wasm(format!("linking host functions: {e:#}")))?;
-        let stubbed =
-            host::stub_unknown_imports(&mut linker, &module).map_err(FilterError::Wasm)?;
-        if !stubbed.is_empty() {
-            tracing::info!(filter = name, imports = ?stubbed, "wasm filter imports functions the host only stubs");
+    }
+
+    /// The same filter without body and trailer callbacks: for header-only
+    /// filters (the SDK exports body callbacks whether or not the filter
+    /// uses them), so their routes stream bodies untouched. For use right
+    /// after loading.
+    pub fn without_bodies(self: Arc<Self>) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut f) => {
+                f.bodies = false;
+                Arc::new(f)
+            }
+            Err(shared) => shared,
         }
-        let pre = linker
-            .instantiate_pre(&module)
-            .map_err(|e| FilterError::Wasm(format!("{e:#}")))?;
-        let limits = Limits {
-            timeout: limits.timeout,
-            memory: usize::try_from(limits.memory).unwrap_or(usize::MAX),
-            instances: limits.instances.max(1),
-        };
-        let plugin = Arc::new(Plugin::new(name, config, limits, fail, abi, pre));
-        let pool = Arc::new(Pool::new(plugin));
-        // Start the first instance now: a module that traps at start-up or
-        // refuses its configuration is a load error, not a runtime surprise.
-        {
-            let mut slot = pool.lock(0);
-            pool.ensure(&mut slot).map_err(|f| match f.kind {
-                FailKind::Refused if f.message.contains("configuration") => {
-                    FilterError::Config(f.message)
-                }
-                kind => FilterError::Wasm(format!(
-                    "starting the module failed ({kind}): {}",
-                    f.message
-                )),
-            })?;
-        }
-        Ok(Arc::new(WasmFilter { pool }))
     }
 
     /// The filter's metrics: guest-defined ones and the host's counters.
     pub fn metrics(&self) -> &WasmMetrics {
-        &self.pool.plugin.metrics
+        &self.metrics
     }
 
     /// Instances alive now (at most `WasmLimits::instances`).
     pub fn live_instances(&self) -> u64 {
-        self.pool.live.load(Ordering::Relaxed)
+        self.pool.load().live.load(Ordering::Relaxed)
     }
 
     /// The proxy-wasm ABI version the module declares (`"0.2.1"`/`"0.2.0"`).
     pub fn abi_version(&self) -> &'static str {
-        self.pool.plugin.abi
+        self.pool.load().plugin.abi
     }
 
     pub fn fail_mode(&self) -> FailMode {
-        self.pool.plugin.fail
+        self.fail
     }
+}
+
+/// Compiles the module at `path` into the cache, if it compiles, so that
+/// a later [`WasmFilter::load`] of the same bytes does not compile. For
+/// callers that load filters on a latency-sensitive thread.
+pub fn precompile_file(path: &Path) {
+    if let Ok(bytes) = std::fs::read(path) {
+        let _ = engine::compile(&bytes);
+    }
+}
+
+/// Compiles (or finds compiled) `bytes`, checks and links the module, and
+/// starts its first instance in a new pool.
+fn build_pool(
+    name: &str,
+    bytes: &[u8],
+    config: &str,
+    limits: WasmLimits,
+    fail: FailMode,
+    metrics: Arc<WasmMetrics>,
+) -> Result<Arc<Pool>, FilterError> {
+    if limits.timeout.is_zero() || limits.memory == 0 {
+        return Err(FilterError::Config(
+            "wasm limits: timeout and memory must be above zero".into(),
+        ));
+    }
+    let engine = engine::engine().map_err(FilterError::Wasm)?;
+    let module = engine::compile(bytes).map_err(FilterError::Wasm)?;
+    let abi = abi::ABI_MARKERS
+        .iter()
+        .find(|(export, _)| module.get_export(export).is_some())
+        .map(|(_, version)| *version)
+        .ok_or_else(|| {
+            FilterError::Wasm(
+                "not a proxy-wasm module: no proxy_abi_version_0_2_1 (or _0_2_0) export".into(),
+            )
+        })?;
+    let mut linker: Linker<HostState> = Linker::new(engine);
+    host::add_to_linker(&mut linker)
+        .map_err(|e| FilterError::Wasm(format!("linking host functions: {e:#}")))?;
+    let stubbed = host::stub_unknown_imports(&mut linker, &module).map_err(FilterError::Wasm)?;
+    if !stubbed.is_empty() {
+        tracing::info!(filter = name, imports = ?stubbed, "wasm filter imports functions the host only stubs");
+    }
+    let bodies = instance::exports_bodies(&module);
+    let pre = linker
+        .instantiate_pre(&module)
+        .map_err(|e| FilterError::Wasm(format!("{e:#}")))?;
+    let limits = Limits {
+        timeout: limits.timeout,
+        memory: usize::try_from(limits.memory).unwrap_or(usize::MAX),
+        instances: limits.instances.max(1),
+    };
+    let plugin = Arc::new(Plugin::new(
+        name, config, limits, fail, abi, pre, metrics, bodies,
+    ));
+    let pool = Pool::start(plugin);
+    // Start the first instance now: a module that traps at start-up or
+    // refuses its configuration is a load error, not a runtime surprise.
+    {
+        let mut slot = pool.lock(0);
+        pool.ensure(0, &mut slot).map_err(|f| match f.kind {
+            FailKind::Refused if f.message.contains("configuration") => {
+                FilterError::Config(f.message)
+            }
+            kind => FilterError::Wasm(format!(
+                "starting the module failed ({kind}): {}",
+                f.message
+            )),
+        })?;
+    }
+    Ok(pool)
 }
 
 impl FilterFactory for WasmFilter {
     fn name(&self) -> &str {
-        &self.pool.plugin.name
+        &self.name
     }
 
     fn new_stream(&self) -> Box<dyn StreamFilter> {
-        Box::new(stream::WasmStream::new(self.pool.clone()))
+        Box::new(stream::WasmStream::new(self.pool.load_full()))
+    }
+
+    fn wants_bodies(&self) -> bool {
+        self.bodies && self.pool.load().plugin.bodies
+    }
+
+    fn body_limit(&self) -> usize {
+        self.body_limit
     }
 }

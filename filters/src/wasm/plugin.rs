@@ -11,6 +11,7 @@ use wasmtime::InstancePre;
 use super::metrics::WasmMetrics;
 use super::shared::SharedStore;
 use super::state::HostState;
+use super::ticker::Signals;
 use crate::FailMode;
 
 pub(crate) struct Limits {
@@ -36,7 +37,13 @@ pub(crate) struct Plugin {
     pub start_ticks: u64,
     /// Context ids are unique across all instances of the filter.
     next_context: AtomicU32,
+    /// Callout tokens, unique across all instances of the filter.
+    next_token: AtomicU32,
     pub pre: InstancePre<HostState>,
+    /// Wakes the pool's ticker thread (ticks, queue-ready).
+    pub signals: Arc<Signals>,
+    /// The module exports body or trailer callbacks.
+    pub bodies: bool,
 }
 
 impl Plugin {
@@ -48,6 +55,8 @@ impl Plugin {
         fail: FailMode,
         abi: &'static str,
         pre: InstancePre<HostState>,
+        metrics: Arc<WasmMetrics>,
+        bodies: bool,
     ) -> Plugin {
         let call_ticks = super::engine::deadline_ticks(limits.timeout);
         // Start-up parses configuration and fills tables: allow it more.
@@ -58,13 +67,26 @@ impl Plugin {
             config: config.as_bytes().to_vec(),
             fail,
             abi,
-            metrics: Arc::new(WasmMetrics::default()),
+            metrics,
             shared: SharedStore::for_vm(name),
             call_ticks,
             start_ticks: super::engine::deadline_ticks(start),
             next_context: AtomicU32::new(1),
+            next_token: AtomicU32::new(1),
             limits,
             pre,
+            signals: Arc::new(Signals::default()),
+            bodies,
+        }
+    }
+
+    /// A fresh callout token (never 0).
+    pub(crate) fn next_token(&self) -> u32 {
+        loop {
+            let t = self.next_token.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
         }
     }
 

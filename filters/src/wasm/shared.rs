@@ -7,7 +7,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use super::ticker::Signals;
 
 /// Limits that keep a guest from growing host memory without bound.
 const MAX_SHARED_BYTES: usize = 64 << 20;
@@ -26,10 +28,19 @@ struct Data {
     bytes: usize,
 }
 
+/// Who hears about new items in a queue: the instance (pool slot and
+/// generation) whose root context registered it.
+struct Subscriber {
+    signals: Weak<Signals>,
+    slot: usize,
+    generation: u64,
+}
+
 #[derive(Default)]
 struct Queues {
     by_name: HashMap<Vec<u8>, u32>,
     items: HashMap<u32, VecDeque<Vec<u8>>>,
+    subscribers: HashMap<u32, Vec<Subscriber>>,
 }
 
 /// One VM id's shared data and queues.
@@ -88,15 +99,40 @@ impl SharedStore {
         Ok(())
     }
 
-    /// Registers (or finds) the queue `name`; returns its id.
-    pub(crate) fn register_queue(&self, name: &[u8]) -> u32 {
+    /// Registers (or finds) the queue `name`; returns its id. The
+    /// registering instance (if any) hears of every later enqueue
+    /// (`proxy_on_queue_ready`), like Envoy's registering root context.
+    pub(crate) fn register_queue(
+        &self,
+        name: &[u8],
+        by: Option<(&Arc<Signals>, usize, u64)>,
+    ) -> u32 {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&id) = q.by_name.get(name) {
-            return id;
+        let id = match q.by_name.get(name) {
+            Some(&id) => id,
+            None => {
+                let id = NEXT_QUEUE.fetch_add(1, Ordering::Relaxed);
+                q.by_name.insert(name.to_vec(), id);
+                q.items.insert(id, VecDeque::new());
+                id
+            }
+        };
+        if let Some((signals, slot, generation)) = by {
+            let subs = q.subscribers.entry(id).or_default();
+            subs.retain(|s| s.signals.strong_count() > 0);
+            let known = subs.iter().any(|s| {
+                s.slot == slot
+                    && s.generation == generation
+                    && std::ptr::eq(s.signals.as_ptr(), Arc::as_ptr(signals))
+            });
+            if !known {
+                subs.push(Subscriber {
+                    signals: Arc::downgrade(signals),
+                    slot,
+                    generation,
+                });
+            }
         }
-        let id = NEXT_QUEUE.fetch_add(1, Ordering::Relaxed);
-        q.by_name.insert(name.to_vec(), id);
-        q.items.insert(id, VecDeque::new());
         id
     }
 
@@ -113,6 +149,15 @@ impl SharedStore {
             return Err(true);
         }
         items.push_back(value.to_vec());
+        if let Some(subs) = q.subscribers.get_mut(&id) {
+            subs.retain(|s| match s.signals.upgrade() {
+                Some(signals) => {
+                    signals.queue_ready(s.slot, s.generation, id);
+                    true
+                }
+                None => false,
+            });
+        }
         Ok(())
     }
 
@@ -161,8 +206,8 @@ mod tests {
     #[test]
     fn queues() {
         let s = SharedStore::default();
-        let id = s.register_queue(b"q");
-        assert_eq!(s.register_queue(b"q"), id);
+        let id = s.register_queue(b"q", None);
+        assert_eq!(s.register_queue(b"q", None), id);
         assert_eq!(s.resolve_queue(b"q"), Some(id));
         assert_eq!(s.dequeue(id), Some(None));
         s.enqueue(id, b"a").unwrap();

@@ -5,11 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
 
 use super::abi::status;
 use super::plugin::Plugin;
+use crate::callout::{CalloutError, CalloutFuture, CalloutResponse};
 use crate::{LocalResponse, StreamInfo};
 
 /// The request head while a Wasm filter works on it (moved out of the
@@ -41,6 +43,40 @@ pub(crate) struct StreamData {
     pub local: Option<LocalResponse>,
     /// The guest reset the stream (`proxy_close_stream`).
     pub reset: bool,
+    /// The guest resumed the stream (`proxy_continue_stream`), from one of
+    /// its own callbacks or through `proxy_set_effective_context`.
+    pub continued: bool,
+    /// Wakes the stream while it is paused without a callout to wait for.
+    pub wake: Option<Arc<tokio::sync::Notify>>,
+    /// The body buffer of the current body callback: its `BufferType` and
+    /// bytes (`proxy_get/set_buffer_bytes`).
+    pub body: Option<(u32, Bytes)>,
+    /// The trailers of the current trailer callback: `MapType` and map.
+    pub trailers: Option<(u32, HeaderMap)>,
+    /// Callouts the guest started and the stream has not waited for yet.
+    pub calls: Vec<(u32, CalloutFuture)>,
+    /// The answer being delivered by `proxy_on_http_call_response`.
+    pub call_response: Option<Result<CalloutResponse, CalloutError>>,
+}
+
+impl StreamData {
+    pub(crate) fn new(id: u32, info: StreamInfo) -> StreamData {
+        StreamData {
+            id,
+            info,
+            req: None,
+            resp: None,
+            props: HashMap::new(),
+            local: None,
+            reset: false,
+            continued: false,
+            wake: None,
+            body: None,
+            trailers: None,
+            calls: Vec::new(),
+            call_response: None,
+        }
+    }
 }
 
 /// Bounds a store's memory and tables and remembers whether it refused a
@@ -104,9 +140,16 @@ pub(crate) struct HostState {
     pub effective: u32,
     /// Properties set by the root context.
     pub root_props: HashMap<Vec<u8>, Vec<u8>>,
-    /// `proxy_set_tick_period_milliseconds`, recorded (ticks are not
-    /// delivered yet).
+    /// `proxy_set_tick_period_milliseconds`: the root context's tick
+    /// period (0 = no ticks), delivered by the pool's ticker thread.
     pub tick_period_ms: u32,
+    /// HTTP contexts of this instance that are paused: their data lives
+    /// here while they wait, so that another context (a tick, a queue) can
+    /// reach them through `proxy_set_effective_context`.
+    pub parked: HashMap<u32, Box<StreamData>>,
+    /// Where this instance lives in its pool (for queue-ready delivery).
+    pub slot: usize,
+    pub generation: u64,
     /// `proxy_exit` / WASI `proc_exit` was called.
     pub exited: Option<i32>,
 }
@@ -127,6 +170,9 @@ impl HostState {
             effective: 0,
             root_props: HashMap::new(),
             tick_period_ms: 0,
+            parked: HashMap::new(),
+            slot: 0,
+            generation: 0,
             exited: None,
         }
     }
@@ -134,7 +180,17 @@ impl HostState {
     /// The stream the host call acts on, if the effective context is one.
     pub(crate) fn stream(&mut self) -> Option<&mut StreamData> {
         let eff = self.effective;
-        self.cur.as_deref_mut().filter(|s| s.id == eff)
+        if self.cur.as_ref().is_some_and(|s| s.id == eff) {
+            return self.cur.as_deref_mut();
+        }
+        self.parked.get_mut(&eff).map(|s| &mut **s)
+    }
+
+    /// Is `id` a context the guest may make effective now?
+    pub(crate) fn knows(&self, id: u32) -> bool {
+        id == self.root_id
+            || self.cur.as_ref().is_some_and(|c| c.id == id)
+            || self.parked.contains_key(&id)
     }
 }
 

@@ -1,16 +1,44 @@
 //! The per-request side of a Wasm filter: one proxy-wasm HTTP context per
 //! stream, mapped onto [`StreamFilter`].
+//!
+//! Pausing: when a header callback returns `Pause` (and the guest did not
+//! answer or resume in the same call), the stream's data is parked in its
+//! instance and the chain waits on a [`Pending`](crate::Pending):
+//! - for the first callout the guest started, if any; on resume the
+//!   answer goes to `proxy_on_http_call_response`, and the stream goes on
+//!   if the guest called `proxy_continue_stream` there;
+//! - otherwise until another context of the instance (a tick, a queue, a
+//!   callout answer of another stream) resumes or closes it through
+//!   `proxy_set_effective_context` + `proxy_continue_stream`.
+//!
+//! A paused stream waits as long as its client does; a client abort drops
+//! the wait and ends the context.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode};
 
-use super::abi::action;
+use super::abi::{action, buffer, map};
 use super::instance::{FailKind, Failure, Pool, Slot};
 use super::state::{ReqHead, RespHead, StreamData};
-use crate::{FailMode, Flow, LocalResponse, StreamFilter, StreamInfo};
+use crate::callout::{CalloutError, CalloutResponse};
+use crate::{BodyFlow, FailMode, Flow, LocalResponse, StreamFilter, StreamInfo};
+
+/// The guest's `Pause` action.
+const PAUSE: u32 = 1;
+
+type CallResult = (u32, Result<CalloutResponse, CalloutError>);
+
+/// What a paused stream waits for.
+enum Wait {
+    /// A callout; the answer lands here.
+    Call(Arc<Mutex<Option<CallResult>>>),
+    /// A `proxy_continue_stream` / `proxy_close_stream` from elsewhere.
+    Wake,
+}
 
 pub(crate) struct WasmStream {
     pool: Arc<Pool>,
@@ -18,7 +46,12 @@ pub(crate) struct WasmStream {
     slot: Option<usize>,
     /// The slot generation the context was created in; 0 = no context yet.
     generation: u64,
+    /// The context id (0 until created).
+    id: u32,
+    /// The stream's data between calls (`None` while parked).
     data: Option<Box<StreamData>>,
+    /// Set while paused.
+    wait: Option<Wait>,
     /// The context is gone (its instance failed): the guest is not called
     /// again for this stream.
     lost: bool,
@@ -31,14 +64,16 @@ impl WasmStream {
             pool,
             slot: None,
             generation: 0,
+            id: 0,
             data: None,
+            wait: None,
             lost: false,
             ended: false,
         }
     }
 
     /// Locks this stream's slot, creating the HTTP context first if the
-    /// stream has none yet.
+    /// stream has none yet, and takes back its data if it was parked.
     fn enter<'p>(
         &mut self,
         pool: &'p Pool,
@@ -53,22 +88,15 @@ impl WasmStream {
         let slot_index = *self.slot.get_or_insert_with(|| pool.pick());
         let mut slot = pool.lock(slot_index);
         if self.generation == 0 {
-            let inst = match pool.ensure(&mut slot) {
+            let inst = match pool.ensure(slot_index, &mut slot) {
                 Ok(inst) => inst,
                 Err(f) => {
                     self.lost = true;
                     return Err(f);
                 }
             };
-            self.data = Some(Box::new(StreamData {
-                id: pool.plugin.next_context_id(),
-                info: info.clone(),
-                req: None,
-                resp: None,
-                props: Default::default(),
-                local: None,
-                reset: false,
-            }));
+            self.id = pool.plugin.next_context_id();
+            self.data = Some(Box::new(StreamData::new(self.id, info.clone())));
             if let Err(f) = inst.create_context(&mut self.data) {
                 pool.poison(&mut slot, &f);
                 self.lost = true;
@@ -82,13 +110,34 @@ impl WasmStream {
                 "the stream's instance was discarded",
             ));
         }
-        if let Some(d) = self.data.as_mut() {
-            // Load level and the like may have changed since the last phase.
-            d.info = info.clone();
-            d.local = None;
-            d.reset = false;
+        if self.data.is_none() {
+            self.data = slot.inst.as_mut().and_then(|i| i.unpark(self.id));
+        }
+        match self.data.as_mut() {
+            Some(d) => {
+                // Load level and the like may have changed since the last
+                // phase.
+                d.info = info.clone();
+                d.wake = None;
+            }
+            None => {
+                self.lost = true;
+                return Err(Failure::new(
+                    FailKind::Unavailable,
+                    "the stream's context data is gone",
+                ));
+            }
         }
         Ok(slot)
+    }
+
+    /// Starts a phase: a fresh slate for the guest's per-phase requests.
+    fn begin_phase(&mut self) {
+        if let Some(d) = self.data.as_mut() {
+            d.local = None;
+            d.reset = false;
+            d.continued = false;
+        }
     }
 
     /// After a failed call: poison the instance if the guest misbehaved.
@@ -102,29 +151,115 @@ impl WasmStream {
         }
     }
 
-    /// What the stream does when the filter failed: skip the filter (open)
-    /// or answer 500 (closed).
-    /// Turns a guest call's result into the stream's next step, releasing
-    /// the slot first (a failure poisons its instance while still locked).
+    /// Turns a header-phase guest call's result into the stream's next
+    /// step; a pause parks the stream's data in the instance before the
+    /// slot is released.
     fn settle(
         &mut self,
         pool: &Pool,
         mut slot: MutexGuard<'_, Slot>,
         r: Result<u32, Failure>,
     ) -> Flow {
-        match r {
-            Ok(action) => {
-                drop(slot);
-                self.outcome(action)
-            }
+        let action_code = match r {
+            Ok(a) => a,
             Err(f) => {
                 self.failed(pool, &mut slot, &f);
                 drop(slot);
-                self.fail(f)
+                return self.fail(f);
             }
+        };
+        pool.succeeded();
+        let Some(d) = self.data.as_mut() else {
+            return Flow::Continue;
+        };
+        if let Some(local) = d.local.take() {
+            return Flow::Respond(local);
         }
+        if d.reset {
+            return Flow::Respond(LocalResponse::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stream reset by filter\n",
+            ));
+        }
+        if action_code == action::CONTINUE || d.continued {
+            d.continued = false;
+            return Flow::Continue;
+        }
+        self.pause(slot)
     }
 
+    /// Parks the stream's data in its instance and returns what the chain
+    /// waits on.
+    fn pause(&mut self, mut slot: MutexGuard<'_, Slot>) -> Flow {
+        let (Some(mut d), Some(inst)) = (self.data.take(), slot.inst.as_mut()) else {
+            drop(slot);
+            return self.fail(Failure::new(FailKind::Unavailable, "no instance"));
+        };
+        let pending: crate::Pending = if d.calls.is_empty() {
+            let notify = Arc::new(tokio::sync::Notify::new());
+            d.wake = Some(notify.clone());
+            self.wait = Some(Wait::Wake);
+            Box::pin(async move { notify.notified().await })
+        } else {
+            let (token, call) = d.calls.remove(0);
+            let cell = Arc::new(Mutex::new(None));
+            let landed = cell.clone();
+            self.wait = Some(Wait::Call(cell));
+            Box::pin(async move {
+                let answer = call.await;
+                *landed.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, answer));
+            })
+        };
+        inst.park(d);
+        drop(slot);
+        Flow::Pause(pending)
+    }
+
+    /// Resumes a paused header phase: delivers the callout's answer, or
+    /// looks at what woke the stream.
+    fn resume(&mut self, info: &StreamInfo) -> Flow {
+        let pool = self.pool.clone();
+        let wait = self.wait.take();
+        let mut slot = match self.enter(&pool, info) {
+            Ok(slot) => slot,
+            Err(f) => return self.fail(f),
+        };
+        let answer = match wait {
+            Some(Wait::Call(cell)) => cell.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            _ => None,
+        };
+        let Some((token, answer)) = answer else {
+            // Woken by a continue or close from another context.
+            return self.settle(&pool, slot, Ok(PAUSE));
+        };
+        self.begin_phase();
+        let sizes = match &answer {
+            Ok(r) => (
+                (r.headers.len() + 1) as u32,
+                r.body.len() as u32,
+                r.trailers.len() as u32,
+            ),
+            Err(_) => (0, 0, 0),
+        };
+        let grpc = matches!(answer, Err(CalloutError::GrpcUnimplemented));
+        if let Some(d) = self.data.as_mut() {
+            d.call_response = Some(answer);
+        }
+        let r = match slot.inst.as_mut() {
+            Some(inst) if grpc => {
+                inst.grpc_close(&mut self.data, token, super::host::GRPC_UNIMPLEMENTED)
+            }
+            Some(inst) => inst.http_call_response(&mut self.data, token, sizes),
+            None => Err(Failure::new(FailKind::Unavailable, "no instance")),
+        };
+        if let Some(d) = self.data.as_mut() {
+            d.call_response = None;
+        }
+        self.settle(&pool, slot, r.map(|()| PAUSE))
+    }
+
+    /// What the stream does when the filter failed: skip the filter (open)
+    /// or answer 500 (closed).
     fn fail(&self, f: Failure) -> Flow {
         let plugin = &self.pool.plugin;
         tracing::debug!(filter = %plugin.name, kind = %f.kind, error = %f.message, "wasm filter failed for this stream");
@@ -151,36 +286,111 @@ impl WasmStream {
         }
     }
 
-    /// Maps a header callback's outcome to a [`Flow`].
-    fn outcome(&mut self, action_code: u32) -> Flow {
+    /// Puts the (possibly edited) request head back into `req`, keeping a
+    /// copy for the response phase, properties and on_log.
+    fn restore_request(&self, req: &mut http::request::Parts) {
+        if let Some(h) = self.data.as_ref().and_then(|d| d.req.as_ref()) {
+            req.method = h.method.clone();
+            req.uri = h.uri.clone();
+            req.headers = h.headers.clone();
+        }
+    }
+
+    fn restore_response(&mut self, resp: &mut http::response::Parts) {
+        if let Some(h) = self.data.as_mut().and_then(|d| d.resp.as_mut()) {
+            resp.status = h.status;
+            resp.headers = h.headers.clone();
+        }
+    }
+
+    /// One body callback: the body moves into the stream data for the call
+    /// and back.
+    fn body(
+        &mut self,
+        request: bool,
+        body: &mut Bytes,
+        end_of_stream: bool,
+        info: &StreamInfo,
+    ) -> BodyFlow {
+        let pool = self.pool.clone();
+        let mut slot = match self.enter(&pool, info) {
+            Ok(slot) => slot,
+            Err(f) => return body_flow(self.fail(f)),
+        };
+        self.begin_phase();
+        let kind = if request {
+            buffer::REQUEST_BODY
+        } else {
+            buffer::RESPONSE_BODY
+        };
+        let len = body.len() as u32;
+        if let Some(d) = self.data.as_mut() {
+            d.body = Some((kind, std::mem::take(body)));
+        }
+        let r = match slot.inst.as_mut() {
+            Some(inst) => inst.body(&mut self.data, request, len, end_of_stream),
+            None => Err(Failure::new(FailKind::Unavailable, "no instance")),
+        };
+        if let Some((_, b)) = self.data.as_mut().and_then(|d| d.body.take()) {
+            *body = b;
+        }
+        let action_code = match r {
+            Ok(a) => a,
+            Err(f) => {
+                self.failed(&pool, &mut slot, &f);
+                drop(slot);
+                return body_flow(self.fail(f));
+            }
+        };
+        drop(slot);
+        pool.succeeded();
         let Some(d) = self.data.as_mut() else {
-            return Flow::Continue;
+            return BodyFlow::Continue;
         };
         if let Some(local) = d.local.take() {
-            return Flow::Respond(local);
+            return BodyFlow::Respond(local);
         }
         if d.reset {
-            return Flow::Respond(LocalResponse::new(
+            return BodyFlow::Respond(LocalResponse::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "stream reset by filter\n",
             ));
         }
         if action_code == action::CONTINUE {
-            return Flow::Continue;
+            BodyFlow::Continue
+        } else {
+            BodyFlow::Buffer
         }
-        // Pause: nothing can resume the stream yet (no callouts or ticks are
-        // delivered), so waiting would hang it. Treated as a failure of the
-        // filter for this stream, without blaming the instance.
-        if !self.pool.pause_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                filter = %self.pool.plugin.name,
-                "wasm filter paused a stream; pausing is not supported yet, applying the fail mode"
-            );
+    }
+
+    /// One trailer callback; the guest may edit the map. A failure follows
+    /// the instance rules but cannot change the answer any more.
+    fn trailers(&mut self, request: bool, trailers: &mut HeaderMap, info: &StreamInfo) {
+        let pool = self.pool.clone();
+        let Ok(mut slot) = self.enter(&pool, info) else {
+            return;
+        };
+        self.begin_phase();
+        let kind = if request {
+            map::REQUEST_TRAILERS
+        } else {
+            map::RESPONSE_TRAILERS
+        };
+        let count = trailers.len() as u32;
+        if let Some(d) = self.data.as_mut() {
+            d.trailers = Some((kind, std::mem::take(trailers)));
         }
-        self.fail(Failure::new(
-            FailKind::Unavailable,
-            "pause is not supported yet",
-        ))
+        let r = match slot.inst.as_mut() {
+            Some(inst) => inst.trailers(&mut self.data, request, count),
+            None => Err(Failure::new(FailKind::Unavailable, "no instance")),
+        };
+        if let Some((_, t)) = self.data.as_mut().and_then(|d| d.trailers.take()) {
+            *trailers = t;
+        }
+        match r {
+            Ok(_) => pool.succeeded(),
+            Err(f) => self.failed(&pool, &mut slot, &f),
+        }
     }
 
     /// Ends the context exactly once: on_done, on_log, on_delete.
@@ -200,9 +410,23 @@ impl WasmStream {
         let Some(inst) = slot.inst.as_mut() else {
             return;
         };
+        if self.data.is_none() {
+            // Aborted while paused: the data is parked.
+            self.data = inst.unpark(self.id);
+        }
+        if let Some(d) = self.data.as_mut() {
+            d.calls.clear();
+        }
         if let Err(f) = inst.end_context(&mut self.data) {
             self.failed(&pool, &mut slot, &f);
         }
+    }
+}
+
+fn body_flow(flow: Flow) -> BodyFlow {
+    match flow {
+        Flow::Respond(local) => BodyFlow::Respond(local),
+        _ => BodyFlow::Continue,
     }
 }
 
@@ -222,6 +446,7 @@ impl StreamFilter for WasmStream {
             Ok(slot) => slot,
             Err(f) => return self.fail(f),
         };
+        self.begin_phase();
         let count = (req.headers.len() + 4) as u32;
         let eos = no_body(&req.headers);
         if let Some(d) = self.data.as_mut() {
@@ -236,14 +461,21 @@ impl StreamFilter for WasmStream {
             Some(inst) => inst.request_headers(&mut self.data, count, eos),
             None => Err(Failure::new(FailKind::Unavailable, "no instance")),
         };
-        // Put the (possibly edited) head back; keep a copy for the
-        // response phase and on_log.
-        if let Some(h) = self.data.as_ref().and_then(|d| d.req.as_ref()) {
-            req.method = h.method.clone();
-            req.uri = h.uri.clone();
-            req.headers = h.headers.clone();
-        }
+        // Put the head back before a pause parks the data: if the stream
+        // is lost while paused, it goes on (fail open) with this head.
+        self.restore_request(req);
         self.settle(&pool, slot, r)
+    }
+
+    fn resume_request_headers(
+        &mut self,
+        req: &mut http::request::Parts,
+        info: &StreamInfo,
+    ) -> Flow {
+        let flow = self.resume(info);
+        // Edits made while paused (by a tick, a callout answer) apply.
+        self.restore_request(req);
+        flow
     }
 
     fn on_response_headers(&mut self, resp: &mut http::response::Parts, info: &StreamInfo) -> Flow {
@@ -252,6 +484,7 @@ impl StreamFilter for WasmStream {
             Ok(slot) => slot,
             Err(f) => return self.fail(f),
         };
+        self.begin_phase();
         let count = (resp.headers.len() + 1) as u32;
         let eos = resp.status.is_informational()
             || resp.status == StatusCode::NO_CONTENT
@@ -270,11 +503,44 @@ impl StreamFilter for WasmStream {
             Some(inst) => inst.response_headers(&mut self.data, count, eos),
             None => Err(Failure::new(FailKind::Unavailable, "no instance")),
         };
-        if let Some(h) = self.data.as_mut().and_then(|d| d.resp.take()) {
-            resp.status = h.status;
-            resp.headers = h.headers;
-        }
+        self.restore_response(resp);
         self.settle(&pool, slot, r)
+    }
+
+    fn resume_response_headers(
+        &mut self,
+        resp: &mut http::response::Parts,
+        info: &StreamInfo,
+    ) -> Flow {
+        let flow = self.resume(info);
+        self.restore_response(resp);
+        flow
+    }
+
+    fn on_request_body(
+        &mut self,
+        body: &mut Bytes,
+        end_of_stream: bool,
+        info: &StreamInfo,
+    ) -> BodyFlow {
+        self.body(true, body, end_of_stream, info)
+    }
+
+    fn on_response_body(
+        &mut self,
+        body: &mut Bytes,
+        end_of_stream: bool,
+        info: &StreamInfo,
+    ) -> BodyFlow {
+        self.body(false, body, end_of_stream, info)
+    }
+
+    fn on_request_trailers(&mut self, trailers: &mut HeaderMap, info: &StreamInfo) {
+        self.trailers(true, trailers, info);
+    }
+
+    fn on_response_trailers(&mut self, trailers: &mut HeaderMap, info: &StreamInfo) {
+        self.trailers(false, trailers, info);
     }
 
     fn on_done(&mut self) {

@@ -60,12 +60,46 @@ pub struct Config {
     /// Client identity from JWTs (see `crate::jwt`).
     #[serde(default)]
     pub jwt: Option<crate::jwt::JwtConfig>,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     /// The response cache (used by routes with `cache = {...}`).
     #[serde(default)]
     pub cache: CacheConfig,
     /// The cache's shared L2; without it each gateway caches on its own.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+}
+
+/// What SIGTERM does (see `Gateway::shutdown`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM `/readyz` answers 503 at once, but the listeners keep
+    /// accepting and serving this long, so the load balancer sees the pod
+    /// leave rotation before connections are refused.
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay: Dur,
+    /// Then the listeners stop accepting and open connections get this long
+    /// to finish their in-flight requests.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay: default_drain_delay(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_drain_delay() -> Dur {
+    Dur(std::time::Duration::ZERO)
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +184,84 @@ pub struct ListenerConfig {
     /// HTTP/2 alike. Larger heads get 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: Size,
+    /// TLS termination; absent = plain HTTP/1.1 and h2c.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Every connection starts with a PROXY protocol v1 or v2 header (an
+    /// NLB in front); a connection without a valid one is closed.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Time a connection has to send its whole PROXY header.
+    #[serde(default = "default_proxy_protocol_timeout")]
+    pub proxy_protocol_timeout: Dur,
+    /// Peers (load balancers, CDNs) whose `x-forwarded-for` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Most request header fields (HTTP/1.1; 431 above).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Longest request target (path and query); 414 above.
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: Size,
+    /// Largest request body; 413 above, counted as it streams.
+    #[serde(default = "default_max_body")]
+    pub max_body: Size,
+    /// Open client connections at most; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections per client address at most (0 = no limit).
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
+    /// HTTP/2 streams per connection at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+/// `[listeners.tls]`: certificates chosen by SNI, reloaded from disk.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain + key PEM files. The first pair is the default
+    /// for clients without SNI or with a name no certificate covers.
+    pub certs: Vec<CertPair>,
+    /// How often the files' modification times are checked.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval: Dur,
+    /// Time a client has to finish the TLS handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_tls_reload_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_handshake_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_proxy_protocol_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_uri_bytes() -> Size {
+    Size(8 * 1024)
+}
+fn default_max_body() -> Size {
+    Size(16 << 20)
+}
+fn default_max_connections() -> usize {
+    50_000
+}
+fn default_max_concurrent_streams() -> u32 {
+    256
 }
 
 fn default_header_read_timeout() -> Dur {
@@ -320,6 +432,9 @@ pub struct RouteConfig {
     /// Marks the checkout route (see `crate::checkout`).
     #[serde(default)]
     pub checkout: Option<crate::checkout::CheckoutRouteConfig>,
+    /// Pass HTTP/1.1 `Upgrade` requests (WebSocket) through to the upstream.
+    #[serde(default)]
+    pub websocket: bool,
     /// Cache this route's responses (see `docs/cache.md`).
     #[serde(default)]
     pub cache: Option<RouteCacheConfig>,
@@ -370,6 +485,30 @@ pub struct FilterConfig {
     /// at a time); default one per CPU.
     #[serde(default)]
     pub instances: Option<usize>,
+    /// Wasm: most body bytes the filter may hold while it pauses on a
+    /// body (past it: 413 for a request, 502 for a response).
+    #[serde(default = "default_body_limit")]
+    pub body_limit: Size,
+    /// Wasm: deliver body and trailer callbacks. `false` for header-only
+    /// filters: their routes then stream bodies untouched.
+    #[serde(default = "default_bodies")]
+    pub bodies: bool,
+    /// Wasm: how often the module file is checked for changes (hot
+    /// reload); `"0s"` turns watching off.
+    #[serde(default = "default_watch")]
+    pub watch: Dur,
+}
+
+fn default_body_limit() -> Size {
+    Size(filters::DEFAULT_BODY_LIMIT as u64)
+}
+
+fn default_bodies() -> bool {
+    true
+}
+
+fn default_watch() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
 }
 
 fn default_wasm_timeout() -> Dur {
@@ -427,6 +566,14 @@ impl FilterConfig {
                     };
                     ConfigError::at(format!("{p}.{key}"), e.to_string())
                 })?;
+                let limit = usize::try_from(self.body_limit.0).unwrap_or(usize::MAX);
+                let mut wasm = wasm.with_body_limit(limit);
+                if !self.bodies {
+                    wasm = wasm.without_bodies();
+                }
+                if !self.watch.0.is_zero() {
+                    wasm.watch(self.watch.0);
+                }
                 Ok(Built {
                     factory: wasm.clone(),
                     wasm: Some(wasm),
@@ -521,6 +668,10 @@ impl Config {
                     "must be above zero",
                 ));
             }
+            crate::limits::validate_listener(l, &p)?;
+            if let Some(tls) = &l.tls {
+                crate::tls::validate(tls, &format!("{p}.tls"))?;
+            }
             if overlaps(l.listen, admin.listen) {
                 return Err(ConfigError::at(
                     format!("{p}.listen"),
@@ -535,6 +686,13 @@ impl Config {
                     ));
                 }
             }
+        }
+
+        if self.shutdown.drain_timeout.0.is_zero() {
+            return Err(ConfigError::at(
+                "shutdown.drain_timeout",
+                "must be above zero",
+            ));
         }
 
         let mut upstreams = HashSet::new();

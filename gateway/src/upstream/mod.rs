@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -24,7 +23,13 @@ use crate::metrics::Metrics;
 
 /// The body sent upstream: the client's streaming body, or a complete one
 /// (empty on retries, or produced by a filter).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// What goes upstream: the client's body as it is (with `max_body`
+/// enforced), a complete body (retries, callouts), or the client's body
+/// through the route's body filters.
+pub type UpstreamBody = Either<
+    crate::limits::LimitedBody,
+    Either<Full<Bytes>, filters::FilteredBody<crate::limits::LimitedBody>>,
+>;
 
 /// One `host:port` of a cluster and what load balancing knows about it.
 pub struct Endpoint {

@@ -12,6 +12,24 @@
 //! - `config`: answers locally with the plugin configuration as the body.
 //! - `pause`: pauses; the root context's tick (every 5 ms) resumes it.
 //! - `log`: logs at every level and prints to stdout/stderr.
+//! - `body`: holds the request body to its end (`Pause` on each chunk),
+//!   then replaces it with its ASCII upper-case form plus `|wasm`.
+//! - `resp-body`: the same for the response body, wrapped as `<...>`.
+//! - `body-chunks`: counts request body callbacks without holding the
+//!   body; the count goes to the response header `x-body-calls`.
+//! - `callout`: calls the cluster named by `x-callout-cluster` (path from
+//!   `x-callout-path`, timeout from `x-callout-timeout` ms, default 1000),
+//!   pauses, and on the answer sets `x-callout-status` / `x-callout-body`
+//!   / `x-callout-header` on the request, then resumes it.
+//! - `enqueue`: puts `x-value` on the shared queue `events`; the root
+//!   context's `on_queue_ready` moves it to the shared data key
+//!   `queue-last`. `queue-seen` reports that key in `x-queue-last`.
+//! - `grpc`: starts a gRPC call and pauses; the host answers it
+//!   UNIMPLEMENTED, which goes to `x-grpc-status` before resuming.
+//! - `ticks`: reports how many ticks the root contexts saw
+//!   (`x-ticks`, from shared data).
+//!
+//! Response trailers get `x-wasm-trailer: 1`.
 //!
 //! Every context's `on_log` bumps the counter `test_on_log_total`, so the
 //! tests can see that each stream ends exactly once.
@@ -38,13 +56,14 @@ struct Ids {
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { config: Rc::new(Vec::new()), ids: Rc::new(Ids::default()) })
+        Box::new(Root { config: Rc::new(Vec::new()), ids: Rc::new(Ids::default()), queue: 0 })
     });
 }}
 
 struct Root {
     config: Rc<Vec<u8>>,
     ids: Rc<Ids>,
+    queue: u32,
 }
 
 impl Context for Root {}
@@ -68,10 +87,26 @@ impl RootContext for Root {
             on_log: d(MetricType::Counter, "test_on_log_total"),
         });
         self.set_tick_period(Duration::from_millis(5));
+        self.queue = hostcalls::register_shared_queue("events").unwrap_or(0);
         true
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if queue_id != self.queue {
+            return;
+        }
+        while let Ok(Some(item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            let _ = hostcalls::set_shared_data("queue-last", Some(&item), None);
+        }
+    }
+
     fn on_tick(&mut self) {
+        let (ticks, cas) = self.get_shared_data("ticks");
+        let n = ticks
+            .and_then(|d| <[u8; 8]>::try_from(d.as_slice()).ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0);
+        let _ = self.set_shared_data("ticks", Some(&(n + 1).to_le_bytes()), cas);
         let paused: Vec<u32> = PAUSED.with(|p| p.borrow_mut().drain(..).collect());
         for id in paused {
             if hostcalls::set_effective_context(id).is_ok() {
@@ -88,6 +123,7 @@ impl RootContext for Root {
             config: self.config.clone(),
             ids: self.ids.clone(),
             test: String::new(),
+            body_calls: 0,
         }))
     }
 
@@ -101,9 +137,32 @@ struct Stream {
     config: Rc<Vec<u8>>,
     ids: Rc<Ids>,
     test: String,
+    body_calls: u32,
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    fn on_grpc_call_response(&mut self, _: u32, status_code: u32, _: usize) {
+        self.set_http_request_header("x-grpc-status", Some(&status_code.to_string()));
+        self.resume_http_request();
+    }
+
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_else(|| "none".to_string());
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let header = self
+            .get_http_call_response_header("x-auth")
+            .unwrap_or_default();
+        self.set_http_request_header("x-callout-status", Some(&status));
+        self.set_http_request_header("x-callout-body", Some(&body));
+        self.set_http_request_header("x-callout-header", Some(&header));
+        self.resume_http_request();
+    }
+}
 
 fn text(b: Option<Vec<u8>>) -> String {
     match b {
@@ -256,6 +315,68 @@ impl HttpContext for Stream {
                 PAUSED.with(|p| p.borrow_mut().push(self.id));
                 return Action::Pause;
             }
+            "callout" => {
+                let cluster = self
+                    .get_http_request_header("x-callout-cluster")
+                    .unwrap_or_default();
+                let path = self
+                    .get_http_request_header("x-callout-path")
+                    .unwrap_or_else(|| "/auth".to_string());
+                let timeout = self
+                    .get_http_request_header("x-callout-timeout")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1000);
+                let r = self.dispatch_http_call(
+                    &cluster,
+                    vec![
+                        (":method", "GET"),
+                        (":path", &path),
+                        (":authority", "auth.internal"),
+                        ("x-from", "wasm"),
+                    ],
+                    None,
+                    vec![],
+                    Duration::from_millis(timeout),
+                );
+                match r {
+                    Ok(_) => return Action::Pause,
+                    Err(e) => {
+                        self.set_http_request_header("x-callout-error", Some(&format!("{e:?}")))
+                    }
+                }
+            }
+            "grpc" => {
+                let r = self.dispatch_grpc_call(
+                    "auth",
+                    "flashgate.Test",
+                    "Check",
+                    vec![],
+                    None,
+                    Duration::from_secs(1),
+                );
+                match r {
+                    Ok(_) => return Action::Pause,
+                    Err(e) => {
+                        self.set_http_request_header("x-grpc-status", Some(&format!("{e:?}")))
+                    }
+                }
+            }
+            "enqueue" => {
+                let value = self.get_http_request_header("x-value").unwrap_or_default();
+                let r = hostcalls::resolve_shared_queue("", "events").and_then(|q| match q {
+                    Some(q) => hostcalls::enqueue_shared_queue(q, Some(value.as_bytes())),
+                    None => Err(Status::NotFound),
+                });
+                self.set_http_request_header("x-enqueued", Some(&format!("{r:?}")));
+            }
+            "queue-seen" => {
+                let (v, _) = self.get_shared_data("queue-last");
+                self.set_http_request_header("x-queue-last", Some(&text(v)));
+            }
+            "ticks" => {
+                let (v, _) = self.get_shared_data("ticks");
+                self.set_http_request_header("x-ticks", Some(&int(v)));
+            }
             "log" => {
                 log::trace!("test-host trace");
                 log::debug!("test-host debug");
@@ -274,6 +395,13 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.test == "body-chunks" {
+            let n = self.body_calls.to_string();
+            self.set_http_response_header("x-body-calls", Some(&n));
+        }
+        if self.test == "resp-body" {
+            self.set_http_response_header("content-length", None);
+        }
         if self.test == "headers" {
             self.set_http_response_header("x-resp-replace", Some("new"));
             self.remove_http_response_header("server");
@@ -289,6 +417,42 @@ impl HttpContext for Stream {
             self.send_http_response(503, vec![("x-replaced", "1")], Some(b"replaced"));
             return Action::Pause;
         }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        match self.test.as_str() {
+            "body" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, size).unwrap_or_default();
+                let mut out = body.to_ascii_uppercase();
+                out.extend_from_slice(b"|wasm");
+                self.set_http_request_body(0, size, &out);
+            }
+            "body-chunks" => self.body_calls += 1,
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.test == "resp-body" {
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = self.get_http_response_body(0, size).unwrap_or_default();
+            let mut out = b"<".to_vec();
+            out.extend_from_slice(&body);
+            out.push(b'>');
+            self.set_http_response_body(0, size, &out);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _: usize) -> Action {
+        self.add_http_response_trailer("x-wasm-trailer", "1");
         Action::Continue
     }
 

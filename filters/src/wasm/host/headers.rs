@@ -11,6 +11,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use wasmtime::{Caller, Linker};
 
+use crate::callout::CalloutResponse;
 use crate::wasm::abi::{self, map, status};
 use crate::wasm::state::{finish, give, read, HostResult, HostState, ReqHead, RespHead};
 
@@ -82,9 +83,13 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 enum Map<'a> {
     Req(&'a mut ReqHead),
     Resp(&'a mut RespHead),
-    /// A map type flashgate does not have (trailers, callout and gRPC
-    /// metadata) or that does not exist in this phase: reads see an empty
-    /// map, writes are refused.
+    /// A callout's answer: headers with `:status`.
+    Call(&'a mut CalloutResponse),
+    /// Trailers (of the body in the current trailer callback, or of a
+    /// callout's answer): no pseudo-headers.
+    Plain(&'a mut http::HeaderMap),
+    /// A map type flashgate does not have (gRPC metadata) or that does not
+    /// exist in this phase: reads see an empty map, writes are refused.
     Absent,
 }
 
@@ -95,6 +100,18 @@ fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
     match kind {
         map::REQUEST_HEADERS => stream.req.as_mut().map_or(Map::Absent, Map::Req),
         map::RESPONSE_HEADERS => stream.resp.as_mut().map_or(Map::Absent, Map::Resp),
+        map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => match stream.trailers.as_mut() {
+            Some((k, t)) if *k == kind => Map::Plain(t),
+            _ => Map::Absent,
+        },
+        map::CALL_RESPONSE_HEADERS => match stream.call_response.as_mut() {
+            Some(Ok(r)) => Map::Call(r),
+            _ => Map::Absent,
+        },
+        map::CALL_RESPONSE_TRAILERS => match stream.call_response.as_mut() {
+            Some(Ok(r)) => Map::Plain(&mut r.trailers),
+            _ => Map::Absent,
+        },
         _ => Map::Absent,
     }
 }
@@ -135,17 +152,21 @@ pub(crate) fn pairs(s: &mut HostState, kind: u32) -> Vec<u8> {
             );
             abi::encode_pairs(&all.collect::<Vec<_>>())
         }
-        Map::Resp(h) => {
-            let code = h.status.as_str().to_string();
-            let all = std::iter::once((&b":status"[..], code.as_bytes())).chain(
-                h.headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
-            );
-            abi::encode_pairs(&all.collect::<Vec<_>>())
-        }
+        Map::Resp(h) => with_status(h.status, &h.headers),
+        Map::Call(r) => with_status(r.status, &r.headers),
+        Map::Plain(t) => encode_map(t),
         Map::Absent => Vec::new(),
     }
+}
+
+fn with_status(status: StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
+    let code = status.as_str();
+    let all = std::iter::once((&b":status"[..], code.as_bytes())).chain(
+        headers
+            .iter()
+            .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+    );
+    abi::encode_pairs(&all.collect::<Vec<_>>())
 }
 
 /// Request headers as the pairs encoding, for the `request.headers` property.
@@ -157,8 +178,20 @@ pub(crate) fn encode_map(headers: &http::HeaderMap) -> Vec<u8> {
     abi::encode_pairs(&pairs)
 }
 
+/// `key` in lower case, copied only if it is not already.
+fn lower(key: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if key.iter().any(u8::is_ascii_uppercase) {
+        std::borrow::Cow::Owned(key.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(key)
+    }
+}
+
 fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
-    let key = key.to_ascii_lowercase();
+    let key = lower(key);
+    // Lookups by `&str` hash the name without building a `HeaderName`
+    // (no allocation for names the `http` crate does not know).
+    let name = std::str::from_utf8(&key).ok();
     let joined = |vals: http::header::GetAll<'_, HeaderValue>| {
         // Several values under one name read as one, comma-joined (Envoy
         // returns the first; joining loses nothing).
@@ -177,19 +210,24 @@ fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
             if key.first() == Some(&b':') {
                 return req_pseudo(h)
                     .into_iter()
-                    .find(|(k, _)| k.as_bytes() == key.as_slice())
+                    .find(|(k, _)| k.as_bytes() == &*key)
                     .map(|(_, v)| v.to_vec());
             }
-            let name = HeaderName::from_bytes(&key).ok()?;
-            joined(h.headers.get_all(name))
+            joined(h.headers.get_all(name?))
         }
         Map::Resp(h) => {
-            if key == b":status" {
+            if &*key == b":status" {
                 return Some(h.status.as_str().as_bytes().to_vec());
             }
-            let name = HeaderName::from_bytes(&key).ok()?;
-            joined(h.headers.get_all(name))
+            joined(h.headers.get_all(name?))
         }
+        Map::Call(r) => {
+            if &*key == b":status" {
+                return Some(r.status.as_str().as_bytes().to_vec());
+            }
+            joined(r.headers.get_all(name?))
+        }
+        Map::Plain(t) => joined(t.get_all(name?)),
         Map::Absent => None,
     }
 }
@@ -202,12 +240,78 @@ enum Op {
 }
 
 fn edit(c: &mut C<'_>, kind: u32, key: (u32, u32), val: Option<(u32, u32)>, op: Op) -> HostResult {
+    // The common case, a regular header: name and value are parsed
+    // straight out of guest memory, without intermediate copies.
+    if let Some((name, value)) = regular(c, key, val)? {
+        return apply_regular(c.data_mut(), kind, name, value, op);
+    }
     let key = read(c, key.0, key.1)?;
     let val = match val {
         Some((p, l)) => read(c, p, l)?,
         None => Vec::new(),
     };
     apply(c.data_mut(), kind, &key, &val, op)
+}
+
+/// A regular (not pseudo) header name and its value, parsed in place;
+/// `None` for a pseudo-header.
+fn regular(
+    c: &mut C<'_>,
+    key: (u32, u32),
+    val: Option<(u32, u32)>,
+) -> HostResult<Option<(HeaderName, Option<HeaderValue>)>> {
+    let mem = c.data().memory.ok_or(status::INTERNAL_FAILURE)?;
+    let data = mem.data(&*c);
+    let key = guest_slice(data, key)?;
+    if key.first() == Some(&b':') {
+        return Ok(None);
+    }
+    // `from_bytes` lower-cases the name.
+    let name = HeaderName::from_bytes(key).map_err(|_| status::BAD_ARGUMENT)?;
+    let value = match val {
+        Some(v) => {
+            Some(HeaderValue::from_bytes(guest_slice(data, v)?).map_err(|_| status::BAD_ARGUMENT)?)
+        }
+        None => None,
+    };
+    Ok(Some((name, value)))
+}
+
+fn guest_slice(data: &[u8], (ptr, len): (u32, u32)) -> HostResult<&[u8]> {
+    let start = ptr as usize;
+    start
+        .checked_add(len as usize)
+        .and_then(|end| data.get(start..end))
+        .ok_or_else(|| status::BAD_ARGUMENT.into())
+}
+
+fn apply_regular(
+    s: &mut HostState,
+    kind: u32,
+    name: HeaderName,
+    value: Option<HeaderValue>,
+    op: Op,
+) -> HostResult {
+    let headers = match map_of(s, kind) {
+        Map::Req(h) => &mut h.headers,
+        Map::Resp(h) => &mut h.headers,
+        Map::Call(r) => &mut r.headers,
+        Map::Plain(t) => t,
+        Map::Absent => return Err(status::BAD_ARGUMENT.into()),
+    };
+    match (op, value) {
+        (Op::Remove, _) => {
+            headers.remove(name);
+        }
+        (Op::Replace, Some(v)) => {
+            headers.insert(name, v);
+        }
+        (Op::Add, Some(v)) => {
+            headers.append(name, v);
+        }
+        (_, None) => return Err(status::BAD_ARGUMENT.into()),
+    }
+    Ok(())
 }
 
 fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostResult {
@@ -228,6 +332,8 @@ fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostRe
     let headers = match map {
         Map::Req(h) => &mut h.headers,
         Map::Resp(h) => &mut h.headers,
+        Map::Call(r) => &mut r.headers,
+        Map::Plain(t) => t,
         Map::Absent => return Err(status::BAD_ARGUMENT.into()),
     };
     match op {
@@ -309,6 +415,18 @@ fn set_pairs(s: &mut HostState, kind: u32, raw: &[u8]) -> HostResult {
             h.headers.clear();
             for (k, v) in regular {
                 h.headers.append(k, v);
+            }
+        }
+        Map::Call(r) => {
+            r.headers.clear();
+            for (k, v) in regular {
+                r.headers.append(k, v);
+            }
+        }
+        Map::Plain(t) => {
+            t.clear();
+            for (k, v) in regular {
+                t.append(k, v);
             }
         }
         Map::Absent => return Err(status::BAD_ARGUMENT.into()),

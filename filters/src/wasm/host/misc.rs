@@ -48,9 +48,11 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, ms: u32| {
-            // Recorded, not delivered yet (see docs/filters.md). The SDK treats
-            // any other answer than Ok as fatal, so Ok it is.
+            // Ticks go to the root context only (as in Envoy); the pool's
+            // ticker thread delivers them. The SDK treats any answer but Ok
+            // as fatal, so Ok it is.
             c.data_mut().tick_period_ms = ms;
+            c.data().plugin.signals.wake();
             Ok(status::OK)
         },
     )?;
@@ -64,17 +66,23 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |_c: C<'_>, _kind: u32, _start: u32, _size: u32, _ptr: u32, _len: u32| {
-            // Bodies are not available to Wasm filters yet.
-            Ok(status::NOT_FOUND)
+        |mut c: C<'_>, kind: u32, start: u32, size: u32, ptr: u32, len: u32| {
+            finish(set_buffer(&mut c, kind, start, size, ptr, len))
         },
     )?;
     l.func_wrap("env", "proxy_continue_stream", |mut c: C<'_>, kind: u32| {
-        // A header callback's own continue is implied by returning Continue;
-        // resuming a paused stream from another callback needs ticks or
-        // callouts, which are not delivered yet.
+        // Resumes the effective stream: a paused one (reached through
+        // proxy_set_effective_context from a tick, a queue or another
+        // stream) wakes up; the current one continues when its callback
+        // returns.
         Ok(match (kind, c.data_mut().stream()) {
-            (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, Some(_)) => status::OK,
+            (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, Some(s)) => {
+                s.continued = true;
+                if let Some(w) = &s.wake {
+                    w.notify_one();
+                }
+                status::OK
+            }
             (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, None) => status::NOT_FOUND,
             _ => status::BAD_ARGUMENT,
         })
@@ -83,6 +91,9 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         Ok(match (kind, c.data_mut().stream()) {
             (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, Some(s)) => {
                 s.reset = true;
+                if let Some(w) = &s.wake {
+                    w.notify_one();
+                }
                 status::OK
             }
             (stream::HTTP_REQUEST | stream::HTTP_RESPONSE, None) => status::NOT_FOUND,
@@ -114,8 +125,7 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_set_effective_context",
         |mut c: C<'_>, id: u32| {
             let s = c.data_mut();
-            let known = id == s.root_id || s.cur.as_ref().is_some_and(|cur| cur.id == id);
-            Ok(if known {
+            Ok(if s.knows(id) {
                 s.effective = id;
                 status::OK
             } else {
@@ -163,28 +173,39 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
 
-    // Not implemented yet: callouts and foreign functions. Each answers
-    // with a status its SDK wrapper returns as an error (never one it
-    // panics on), so a guest sees "call failed" and goes on.
     l.func_wrap(
         "env",
         "proxy_http_call",
-        |_c: C<'_>,
-         _up: u32,
-         _up_len: u32,
-         _h: u32,
-         _h_len: u32,
-         _b: u32,
-         _b_len: u32,
+        |mut c: C<'_>,
+         up: u32,
+         up_len: u32,
+         h: u32,
+         h_len: u32,
+         b: u32,
+         b_len: u32,
          _t: u32,
          _t_len: u32,
-         _timeout: u32,
-         _ret: u32| Ok(status::INTERNAL_FAILURE),
+         timeout: u32,
+         ret: u32| {
+            finish(http_call(
+                &mut c,
+                (up, up_len),
+                (h, h_len),
+                (b, b_len),
+                timeout,
+                ret,
+            ))
+        },
     )?;
+    // gRPC is not implemented. A call is accepted (a token, so the SDK's
+    // bookkeeping holds) and answered UNIMPLEMENTED: when the stream
+    // pauses on it, `proxy_on_grpc_close(token, 12)` is delivered, as a
+    // gRPC client gets from a server without the method. Streams
+    // (`proxy_grpc_stream`) answer InternalFailure at once.
     l.func_wrap(
         "env",
         "proxy_grpc_call",
-        |_c: C<'_>,
+        |mut c: C<'_>,
          _up: u32,
          _up_len: u32,
          _svc: u32,
@@ -196,7 +217,7 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
          _msg: u32,
          _msg_len: u32,
          _timeout: u32,
-         _ret: u32| Ok(status::INTERNAL_FAILURE),
+         ret: u32| finish(grpc_call(&mut c, ret)),
     )?;
     l.func_wrap(
         "env",
@@ -227,9 +248,20 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_status",
         |mut c: C<'_>, code: u32, rptr: u32, rsize: u32| {
-            // No callout ever completes, so there is no status to report:
-            // code 0 and no message.
-            finish(write_u32(&mut c, code, 0).and_then(|()| give(&mut c, &[], rptr, rsize)))
+            // The status of the callout being delivered: its HTTP status,
+            // or 0 with the reason when it got no answer.
+            let (status, msg) = match c.data_mut().stream().and_then(|s| s.call_response.as_ref()) {
+                Some(Ok(r)) => (u32::from(r.status.as_u16()), String::new()),
+                Some(Err(crate::callout::CalloutError::GrpcUnimplemented)) => {
+                    (GRPC_UNIMPLEMENTED, "unimplemented".to_string())
+                }
+                Some(Err(e)) => (0, e.to_string()),
+                None => (0, String::new()),
+            };
+            finish(
+                write_u32(&mut c, code, status)
+                    .and_then(|()| give(&mut c, msg.as_bytes(), rptr, rsize)),
+            )
         },
     )?;
     l.func_wrap(
@@ -257,16 +289,136 @@ fn log(c: &mut C<'_>, level: u32, ptr: u32, len: u32) -> HostResult {
 }
 
 fn get_buffer(c: &mut C<'_>, kind: u32, start: u32, max: u32, rptr: u32, rsize: u32) -> HostResult {
-    let plugin = c.data().plugin.clone();
-    let all: &[u8] = match kind {
-        buffer::PLUGIN_CONFIGURATION => &plugin.config,
-        buffer::VM_CONFIGURATION => &[],
-        // Bodies, callout responses and gRPC buffers are not available yet.
+    let slice = |all: &[u8]| {
+        let start = (start as usize).min(all.len());
+        let end = start.saturating_add(max as usize).min(all.len());
+        all[start..end].to_vec()
+    };
+    let bytes = match kind {
+        buffer::PLUGIN_CONFIGURATION => slice(&c.data().plugin.config),
+        buffer::VM_CONFIGURATION => Vec::new(),
+        buffer::REQUEST_BODY | buffer::RESPONSE_BODY => {
+            let s = c.data_mut().stream().ok_or(status::NOT_FOUND)?;
+            match &s.body {
+                Some((k, body)) if *k == kind => slice(body),
+                _ => return Err(status::NOT_FOUND.into()),
+            }
+        }
+        buffer::CALL_RESPONSE_BODY => {
+            let s = c.data_mut().stream().ok_or(status::NOT_FOUND)?;
+            match &s.call_response {
+                Some(Ok(r)) => slice(&r.body),
+                _ => return Err(status::NOT_FOUND.into()),
+            }
+        }
+        // gRPC buffers and stream (TCP) data do not exist here.
         _ => return Err(status::NOT_FOUND.into()),
     };
-    let start = (start as usize).min(all.len());
-    let end = start.saturating_add(max as usize).min(all.len());
-    give(c, &all[start..end], rptr, rsize)
+    give(c, &bytes, rptr, rsize)
+}
+
+/// `proxy_set_buffer_bytes` on the current body: replaces the bytes
+/// `[start, start + size)` with the new ones (clamped to the buffer, so
+/// `(0, len)` replaces all, `(len, 0)` appends and `(0, 0)` prepends).
+fn set_buffer(c: &mut C<'_>, kind: u32, start: u32, size: u32, ptr: u32, len: u32) -> HostResult {
+    if kind != buffer::REQUEST_BODY && kind != buffer::RESPONSE_BODY {
+        return Err(status::BAD_ARGUMENT.into());
+    }
+    let data = read(c, ptr, len)?;
+    let s = c.data_mut().stream().ok_or(status::NOT_FOUND)?;
+    let body = match &mut s.body {
+        Some((k, body)) if *k == kind => body,
+        _ => return Err(status::NOT_FOUND.into()),
+    };
+    let start = (start as usize).min(body.len());
+    let end = start.saturating_add(size as usize).min(body.len());
+    let mut out = bytes::BytesMut::with_capacity(body.len() - (end - start) + data.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(&data);
+    out.extend_from_slice(&body[end..]);
+    *body = out.freeze();
+    Ok(())
+}
+
+/// gRPC status UNIMPLEMENTED.
+pub(crate) const GRPC_UNIMPLEMENTED: u32 = 12;
+
+/// `proxy_grpc_call`: accepted, answered UNIMPLEMENTED when the stream
+/// waits for it. Root contexts get `InternalFailure`.
+fn grpc_call(c: &mut C<'_>, ret: u32) -> HostResult {
+    if c.data_mut().stream().is_none() {
+        return Err(status::INTERNAL_FAILURE.into());
+    }
+    let token = c.data().plugin.next_token();
+    let answer: crate::callout::CalloutFuture =
+        Box::pin(async { Err(crate::callout::CalloutError::GrpcUnimplemented) });
+    let s = c.data_mut().stream().ok_or(status::INTERNAL_FAILURE)?;
+    s.calls.push((token, answer));
+    write_u32(c, ret, token)
+}
+
+/// `proxy_http_call`: starts a callout to a configured upstream cluster
+/// for the effective HTTP context. Its answer is delivered through
+/// `proxy_on_http_call_response` when the stream pauses to wait for it.
+/// Root contexts cannot call out (the SDK gets `BadArgument`).
+fn http_call(
+    c: &mut C<'_>,
+    upstream: (u32, u32),
+    headers: (u32, u32),
+    body: (u32, u32),
+    timeout_ms: u32,
+    ret: u32,
+) -> HostResult {
+    let cluster = read(c, upstream.0, upstream.1)?;
+    let cluster = String::from_utf8(cluster).map_err(|_| status::BAD_ARGUMENT)?;
+    let raw = read(c, headers.0, headers.1)?;
+    let pairs = abi::decode_pairs(&raw).ok_or(status::BAD_ARGUMENT)?;
+    let mut method = None;
+    let mut path = None;
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        match k {
+            b":method" => {
+                method = Some(http::Method::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?)
+            }
+            b":path" => {
+                path = Some(String::from_utf8(v.to_vec()).map_err(|_| status::BAD_ARGUMENT)?)
+            }
+            b":authority" => {
+                let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+                map.insert(http::header::HOST, value);
+            }
+            _ if k.first() == Some(&b':') => {}
+            _ => {
+                let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
+                let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+                map.append(name, value);
+            }
+        }
+    }
+    let (Some(method), Some(path)) = (method, path) else {
+        return Err(status::BAD_ARGUMENT.into());
+    };
+    let body = read(c, body.0, body.1)?;
+    if c.data_mut().stream().is_none() {
+        return Err(status::BAD_ARGUMENT.into());
+    }
+    let req = crate::callout::CalloutRequest {
+        cluster,
+        method,
+        path,
+        headers: map,
+        body: Bytes::from(body),
+    };
+    let timeout = std::time::Duration::from_millis(u64::from(timeout_ms.max(1)));
+    let fut = crate::callout::start(req, timeout).map_err(|e| {
+        tracing::debug!(filter = %c.data().plugin.name, error = %e, "wasm callout refused");
+        status::BAD_ARGUMENT
+    })?;
+    let token = c.data().plugin.next_token();
+    let s = c.data_mut().stream().ok_or(status::BAD_ARGUMENT)?;
+    s.calls.push((token, fut));
+    write_u32(c, ret, token)
 }
 
 fn local_response(c: &mut C<'_>, code: u32, body: (u32, u32), headers: (u32, u32)) -> HostResult {

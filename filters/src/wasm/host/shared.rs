@@ -1,7 +1,7 @@
 //! Shared data (with CAS) and shared queues, backed by the filter's
-//! [`SharedStore`](crate::wasm::shared::SharedStore). Queues hold data, but
-//! `proxy_on_queue_ready` is not delivered yet: a consumer polls with
-//! `proxy_dequeue_shared_queue`.
+//! [`SharedStore`](crate::wasm::shared::SharedStore). An enqueue wakes the
+//! root context of every instance that registered the queue with
+//! `proxy_on_queue_ready` (delivered by the pool's ticker thread).
 
 use wasmtime::{Caller, Linker};
 
@@ -45,7 +45,9 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, nptr: u32, nlen: u32, rid: u32| {
             finish((|| {
                 let name = read(&mut c, nptr, nlen)?;
-                let id = c.data().plugin.shared.register_queue(&name);
+                let d = c.data();
+                let by = (&d.plugin.signals, d.slot, d.generation);
+                let id = d.plugin.shared.register_queue(&name, Some(by));
                 write_u32(&mut c, rid, id)
             })())
         },

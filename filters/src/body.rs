@@ -1,0 +1,247 @@
+//! Bodies through the filters' body callbacks.
+//!
+//! [`FilteredBody`] wraps a request or response body and feeds each chunk
+//! to the chain. It streams: a chunk that every filter lets through goes on
+//! at once. A filter that answers [`BodyFlow::Buffer`](crate::BodyFlow)
+//! holds the body (up to the chain's limit) until it continues or the body
+//! ends, and may rewrite it then.
+//!
+//! The head must not leave before the filters decided about the body's
+//! start: [`FilteredBody::prime`] runs the body until the first bytes pass
+//! every filter (or the whole body was held and released at its end), so a
+//! filter that holds the body from its first chunk can still change the
+//! answer (413/502 past the bound, a local response) and the gateway can
+//! give a rewritten body its exact length.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::chain::{lock, ChainInner};
+use crate::{LocalResponse, StreamInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    Request,
+    Response,
+}
+
+/// Why a filtered body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyStop {
+    /// A filter held more than the chain's body limit (bytes).
+    #[error("body held by a filter exceeds {0} bytes")]
+    TooLarge(usize),
+    /// A filter answered the stream from a body callback.
+    #[error("a filter answered the stream from its body callback")]
+    Local(Box<LocalResponse>),
+    /// The wrapped body failed (client or upstream went away).
+    #[error("reading the body: {0}")]
+    Read(String),
+}
+
+impl BodyStop {
+    /// The answer for a stream whose request (`request = true`) or
+    /// response body stopped: 413 for a request body past the limit, 502
+    /// for a response body past it or an upstream body that broke, 400 for
+    /// a request body that broke, or the filter's own response.
+    pub fn into_response(self, request: bool) -> LocalResponse {
+        match (self, request) {
+            (BodyStop::Local(local), _) => *local,
+            (BodyStop::TooLarge(_), true) => {
+                LocalResponse::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+            (BodyStop::TooLarge(_), false) => LocalResponse::new(
+                StatusCode::BAD_GATEWAY,
+                "response body too large for the filter\n",
+            ),
+            (BodyStop::Read(_), true) => {
+                LocalResponse::new(StatusCode::BAD_REQUEST, "request body incomplete\n")
+            }
+            (BodyStop::Read(_), false) => {
+                LocalResponse::new(StatusCode::BAD_GATEWAY, "upstream body incomplete\n")
+            }
+        }
+    }
+}
+
+/// A body whose chunks go through the chain's body callbacks.
+pub struct FilteredBody<B> {
+    inner: B,
+    chain: Arc<Mutex<ChainInner>>,
+    dir: Dir,
+    info: StreamInfo,
+    /// Output ready to hand out (from `prime`, or before trailers).
+    ready: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// The chain saw the end of the body.
+    ended: bool,
+    /// Nothing is left to hand out after `ready` and `trailers`.
+    finished: bool,
+}
+
+impl<B> fmt::Debug for FilteredBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FilteredBody")
+            .field("dir", &self.dir)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl<B> FilteredBody<B> {
+    pub(crate) fn new(inner: B, chain: Arc<Mutex<ChainInner>>, dir: Dir, info: StreamInfo) -> Self {
+        FilteredBody {
+            inner,
+            chain,
+            dir,
+            info,
+            ready: None,
+            trailers: None,
+            ended: false,
+            finished: false,
+        }
+    }
+}
+
+impl<B> FilteredBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: fmt::Display,
+{
+    /// Runs the body until its first bytes passed every filter, or to its
+    /// end while a filter holds it. An error is the stream's answer
+    /// ([`BodyStop::into_response`]).
+    pub async fn prime(&mut self) -> Result<(), BodyStop> {
+        let first = poll_fn(|cx| self.poll_filtered(cx)).await;
+        match first {
+            None => {}
+            Some(Err(stop)) => return Err(stop),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => self.ready = Some(data),
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        self.trailers = Some(t);
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// The body's total length, when it is known whole after
+    /// [`FilteredBody::prime`] (a held and released body): the gateway
+    /// sets `content-length` from it.
+    pub fn known_length(&self) -> Option<u64> {
+        (self.finished && self.trailers.is_none())
+            .then(|| self.ready.as_ref().map_or(0, |b| b.len() as u64))
+    }
+
+    fn step(&mut self, data: Bytes, end: bool) -> Result<Bytes, BodyStop> {
+        if end {
+            self.ended = true;
+        }
+        lock(&self.chain).body(self.dir, data, end, &self.info)
+    }
+
+    fn poll_filtered(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyStop>>> {
+        if let Some(b) = self.ready.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if let Some(t) = self.trailers.take() {
+            self.finished = true;
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    self.finished = true;
+                    return Poll::Ready(Some(Err(BodyStop::Read(e.to_string()))));
+                }
+                None => {
+                    self.finished = true;
+                    if !self.ended {
+                        let out = self.step(Bytes::new(), true)?;
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => {
+                    let end = self.inner.is_end_stream();
+                    let out = self.step(data, end)?;
+                    if end {
+                        self.finished = true;
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                    if end {
+                        return Poll::Ready(None);
+                    }
+                    continue;
+                }
+                Err(frame) => frame,
+            };
+            let Ok(mut trailers) = frame.into_trailers() else {
+                continue;
+            };
+            // Trailers end the body: release what filters hold first.
+            let flushed = if self.ended {
+                Bytes::new()
+            } else {
+                self.step(Bytes::new(), true)?
+            };
+            lock(&self.chain).trailers(self.dir, &mut trailers, &self.info);
+            if flushed.is_empty() {
+                self.finished = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            self.trailers = Some(trailers);
+            return Poll::Ready(Some(Ok(Frame::data(flushed))));
+        }
+    }
+}
+
+impl<B> Body for FilteredBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: fmt::Display,
+{
+    type Data = Bytes;
+    type Error = BodyStop;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyStop>>> {
+        self.get_mut().poll_filtered(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.ready.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.known_length() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! HTTP/1.1 `Upgrade` pass-through (WebSocket) on routes with
+//! `websocket = true`.
+//!
+//! An upgrade cannot use the keep-alive pool: once the upstream answers
+//! `101 Switching Protocols` the connection is no longer HTTP and never
+//! comes back. So the request goes out on a connection of its own; on 101
+//! the client gets the upstream's 101 (with its `Upgrade`/`Connection` and
+//! `Sec-WebSocket-*` headers) and both raw connections are spliced together
+//! until either side closes. Any other answer is passed on as a normal
+//! response. Upgrades on other routes are not passed on (`Upgrade` is a
+//! hop-by-hop header and is removed like the others), so the upstream sees
+//! a plain request.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::upstream::{Cluster, Endpoint, UpstreamBody};
+
+/// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection:
+/// upgrade` with an `Upgrade` header). HTTP/2 extended CONNECT is not
+/// supported.
+pub fn is_upgrade(head: &Parts) -> bool {
+    head.version == http::Version::HTTP_11
+        && head.headers.contains_key(header::UPGRADE)
+        && head
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The `Upgrade` and `Connection` headers to put back on the upstream
+/// request after hop-by-hop removal.
+pub fn upgrade_headers(head: &Parts) -> Option<HeaderValue> {
+    head.headers.get(header::UPGRADE).cloned()
+}
+
+/// Sends an upgrade request on a fresh connection to one endpoint of the
+/// cluster and, on 101, splices the client's and the upstream's
+/// connections. `headers` are the upstream request's headers (hop-by-hop
+/// already removed); `upgrade` is the client's `Upgrade` value.
+pub async fn pass_through(
+    cluster: &Arc<Cluster>,
+    client: OnUpgrade,
+    method: http::Method,
+    path: http::uri::PathAndQuery,
+    mut headers: HeaderMap,
+    upgrade: HeaderValue,
+) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+    let i = cluster.pick(&[]);
+    let endpoint = cluster.endpoints[i].clone();
+    let connect_timeout = cluster.config.connect_timeout.0;
+    let stream =
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(&endpoint.addr)).await {
+            Err(_) => return Err(ProxyError::ConnectTimeout),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(ProxyError::ConnectRefused)
+            }
+            Ok(Err(_)) => return Err(ProxyError::ConnectFailed),
+            Ok(Ok(s)) => s,
+        };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, UpstreamBody>(TokioIo::new(stream))
+            .await
+            .map_err(|_| ProxyError::ConnectFailed)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgraded upstream connection ended with an error");
+        }
+    });
+
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, upgrade);
+    if !headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let mut req = Request::new(Either::Right(Either::Left(Full::new(Bytes::new()))));
+    *req.method_mut() = method;
+    *req.uri_mut() = http::Uri::from(path);
+    *req.headers_mut() = headers;
+    let mut resp = tokio::time::timeout(cluster.request_timeout, sender.send_request(req))
+        .await
+        .map_err(|_| ProxyError::Timeout)?
+        .map_err(|_| ProxyError::UpstreamReset)?;
+
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // Refused (401, 426, ...): an ordinary answer. Its body is small
+        // by nature; bounded anyway.
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, 1 << 20)
+            .collect()
+            .await
+            .map_err(|_| ProxyError::UpstreamReset)?
+            .to_bytes();
+        let mut out = Response::from_parts(parts, ProxyBody::full(body));
+        crate::headers::remove_hop_by_hop(out.headers_mut());
+        return Ok((out, endpoint));
+    }
+
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (parts, _) = resp.into_parts();
+    let name = cluster.name.clone();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::join!(client, upstream) {
+            (Ok(c), Ok(u)) => (c, u),
+            _ => {
+                tracing::debug!(cluster = %name, "upgrade did not complete on both sides");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(cluster = %name, error = %e, "upgraded connection ended with an error");
+        }
+    });
+    // The 101 goes to the client with the upstream's headers, Upgrade and
+    // Connection included: hyper hands over the raw connection after it.
+    Ok((Response::from_parts(parts, ProxyBody::empty()), endpoint))
+}

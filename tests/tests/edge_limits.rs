@@ -1,0 +1,407 @@
+//! Client limits and malformed requests, with raw TCP clients where a real
+//! client would refuse to send the request: each limit answers with its
+//! status code, and nothing refused ever reaches the upstream.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashgate_tests::{
+    edge, eventually, gateway, h2_client, metric, raw, reply, send_with, Upstream,
+};
+use http::Request;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn get_with_headers(n: usize, value_len: usize) -> Vec<u8> {
+    let mut r = b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n".to_vec();
+    for i in 0..n {
+        r.extend_from_slice(format!("x-h{i}: {}\r\n", "v".repeat(value_len)).as_bytes());
+    }
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+#[tokio::test]
+async fn header_count_header_bytes_and_uri_length() {
+    let up = Upstream::fixed("ok").await;
+    let gw = gateway(&edge::config(
+        up.addr,
+        "max_headers = 20\nmax_header_bytes = \"8KiB\"\nmax_uri_bytes = \"512B\"",
+        "",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    // Within every limit.
+    assert_eq!(
+        raw::status(&raw::exchange(addr, &get_with_headers(10, 10)).await),
+        Some(200)
+    );
+    // 30 fields: more than max_headers.
+    let text = raw::exchange(addr, &get_with_headers(30, 10)).await;
+    assert_eq!(raw::status(&text), Some(431), "{text}");
+    // 10 fields of 1 KiB: a head above max_header_bytes.
+    let text = raw::exchange(addr, &get_with_headers(10, 1024)).await;
+    assert_eq!(raw::status(&text), Some(431), "{text}");
+    // A 600-byte target: above max_uri_bytes.
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        "a".repeat(600)
+    );
+    let text = raw::exchange(addr, long.as_bytes()).await;
+    assert_eq!(raw::status(&text), Some(414), "{text}");
+    assert!(text.contains("uri_too_long"), "{text}");
+    assert_eq!(up.hits(), 1, "only the request within the limits went up");
+}
+
+#[tokio::test]
+async fn body_limit_counts_declared_and_streamed_bytes() {
+    let up = Upstream::echo().await;
+    let gw = gateway(&edge::config(up.addr, "max_body = \"1KiB\"", "")).await;
+    let addr = gw.addr("public").unwrap();
+    let post = |headers: &str, body: &[u8]| {
+        let mut r =
+            format!("POST /upload HTTP/1.1\r\nHost: shop.test\r\n{headers}\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    // Within the limit, chunked.
+    let ok = post(
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n",
+        b"200\r\n"
+            .iter()
+            .copied()
+            .chain(vec![b'a'; 512])
+            .chain(*b"\r\n0\r\n\r\n")
+            .collect::<Vec<_>>()
+            .as_slice(),
+    );
+    let text = raw::exchange(addr, &ok).await;
+    assert_eq!(raw::status(&text), Some(200), "{text}");
+    assert_eq!(raw::json_body(&text)["body_len"], 512);
+    let hits = up.hits();
+
+    // Declared too large: refused before a byte of the body is read.
+    let text = raw::exchange(addr, &post("Content-Length: 5000\r\n", b"")).await;
+    assert_eq!(raw::status(&text), Some(413), "{text}");
+    assert!(text.contains("body_too_large"));
+    // Chunked, the first chunk already too large: refused before the
+    // upstream is asked.
+    let mut big = b"800\r\n".to_vec();
+    big.extend_from_slice(&[b'b'; 0x800]);
+    big.extend_from_slice(b"\r\n0\r\n\r\n");
+    let text = raw::exchange(addr, &post("Transfer-Encoding: chunked\r\n", &big)).await;
+    assert_eq!(raw::status(&text), Some(413), "{text}");
+    assert_eq!(up.hits(), hits, "the upstream saw neither");
+
+    // Chunked, over the limit only in its third chunk: counted as it
+    // streams, answered 413 (the upstream saw the start of it).
+    let mut body = Vec::new();
+    for _ in 0..3 {
+        body.extend_from_slice(b"200\r\n");
+        body.extend_from_slice(&[b'c'; 0x200]);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let text = raw::exchange(addr, &post("Transfer-Encoding: chunked\r\n", &body)).await;
+    assert_eq!(raw::status(&text), Some(413), "{text}");
+}
+
+#[tokio::test]
+async fn malformed_and_smuggling_shapes_are_refused_never_forwarded() {
+    let up = Upstream::echo().await;
+    let gw = gateway(&edge::config(up.addr, "", "")).await;
+    let addr = gw.addr("public").unwrap();
+    let refused: &[(&str, &[u8])] = &[
+        ("garbage request line", b"HELLO\r\n\r\n"),
+        ("space in the target", b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "two different Content-Length",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        ),
+        (
+            "Content-Length not a number",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc",
+        ),
+        (
+            "obs-fold",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n",
+        ),
+        (
+            "Transfer-Encoding other than chunked",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "bad chunk size",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "space before the colon",
+            b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+        ),
+    ];
+    for (what, bytes) in refused {
+        let text = raw::exchange(addr, bytes).await;
+        assert_eq!(raw::status(&text), Some(400), "{what}: {text:?}");
+    }
+    assert_eq!(up.hits(), 0, "nothing refused reached the upstream");
+
+    // Content-Length and Transfer-Encoding together: hyper lets chunked
+    // win and drops Content-Length (RFC 9112 section 6.3), and closes the
+    // connection after the answer. The upstream gets one re-framed
+    // request; the bytes a smuggler hid behind the chunked body never
+    // become a second request.
+    let smuggle =
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let text = raw::exchange(addr, smuggle).await;
+    assert_eq!(raw::status(&text), Some(200), "{text}");
+    assert_eq!(raw::json_body(&text)["body_len"], 3);
+    assert_eq!(raw::json_body(&text)["path"], "/a");
+    assert!(!text.contains("/smuggled"), "{text}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(up.hits(), 1, "one request upstream, not two");
+}
+
+#[tokio::test]
+async fn slowloris_is_closed_while_others_are_served() {
+    let up = Upstream::fixed("ok").await;
+    let gw = gateway(&edge::config(up.addr, "header_read_timeout = \"1s\"", "")).await;
+    let addr = gw.addr("public").unwrap();
+    // 40 slow clients: half send a head one byte every 200 ms, half send
+    // nothing at all.
+    let mut slow = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        }
+        slow.push(s);
+    }
+    let dripping = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut open = slow;
+        while !open.is_empty() && tokio::time::Instant::now() < deadline {
+            let mut still = Vec::new();
+            for (i, mut s) in open.into_iter().enumerate() {
+                let alive = if i % 2 == 0 {
+                    s.write_all(b"x").await.is_ok()
+                } else {
+                    true
+                };
+                // A closed connection reads EOF at once.
+                let closed = raw::closed_within(&mut s, Duration::from_millis(1)).await;
+                if alive && !closed {
+                    still.push(s);
+                }
+            }
+            open = still;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        open.len()
+    });
+    // A normal client is served meanwhile.
+    let client = flashgate_tests::client();
+    for _ in 0..20 {
+        let got = send_with(
+            &client,
+            Request::get(format!("http://{addr}/"))
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = dripping.await.unwrap();
+    assert_eq!(left, 0, "every slow connection was closed");
+    assert!(metric(gw.admin_addr(), "flashgate_connections_refused_total{listener=\"public\",reason=\"first_bytes_timeout\"}").await >= 20.0);
+}
+
+#[tokio::test]
+async fn connection_limits_per_listener_and_per_client_address() {
+    let up = Upstream::fixed("ok").await;
+    let gw = gateway(&edge::config(
+        up.addr,
+        "max_connections = 3\nproxy_protocol = true\nmax_connections_per_ip = 2",
+        "",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    let admin = gw.admin_addr();
+    let v1 = |ip: &str| format!("PROXY TCP4 {ip} 10.0.0.1 1000 80\r\n").into_bytes();
+    let open = |ip: &'static str| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&v1(ip)).await.unwrap();
+        s
+    };
+    // Two from one client address: fine; a third from it: closed.
+    let a1 = open("198.51.100.1").await;
+    let _a2 = open("198.51.100.1").await;
+    let mut a3 = open("198.51.100.1").await;
+    assert!(raw::closed_within(&mut a3, Duration::from_secs(20)).await);
+    // Another address still gets in, up to the listener's 3.
+    let _b1 = open("198.51.100.2").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(admin, "flashgate_connections_active{listener=\"public\"}").await == 3.0
+        })
+        .await
+    );
+    let mut over = TcpStream::connect(addr).await.unwrap();
+    assert!(raw::closed_within(&mut over, Duration::from_secs(20)).await);
+    // A slot frees when a connection ends.
+    drop(a1);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(admin, "flashgate_connections_active{listener=\"public\"}").await == 2.0
+        })
+        .await
+    );
+    let mut req = v1("198.51.100.3");
+    req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw::status(&raw::exchange(addr, &req).await), Some(200));
+    assert!(
+        metric(
+            admin,
+            "flashgate_connections_refused_total{listener=\"public\",reason=\"max_connections\"}"
+        )
+        .await
+            >= 1.0
+    );
+    assert!(metric(admin, "flashgate_connections_refused_total{listener=\"public\",reason=\"max_connections_per_ip\"}").await >= 1.0);
+}
+
+#[tokio::test]
+async fn http2_streams_per_connection_are_capped() {
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let up = Upstream::start(move |_| {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let c = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(c, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            reply(200, "ok")
+        }
+    })
+    .await;
+    let gw = gateway(&edge::config(up.addr, "max_concurrent_streams = 2", "")).await;
+    let addr = gw.addr("public").unwrap();
+    let client = h2_client();
+    // One request first, so the client has our SETTINGS (a client that
+    // opens streams before reading them gets REFUSED_STREAM beyond the
+    // cap, which is the cap working too); then it queues by itself.
+    let warm = send_with(
+        &client,
+        Request::get(format!("http://{addr}/warm"))
+            .body(flashgate_tests::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(warm.status, 200);
+    let mut all = Vec::new();
+    for i in 0..6 {
+        let client = client.clone();
+        all.push(tokio::spawn(async move {
+            send_with(
+                &client,
+                Request::get(format!("http://{addr}/{i}"))
+                    .body(flashgate_tests::empty())
+                    .unwrap(),
+            )
+            .await
+            .status
+        }));
+    }
+    for a in all {
+        assert_eq!(a.await.unwrap(), 200);
+    }
+    assert!(
+        peak.load(Ordering::SeqCst) <= 2,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+}
+
+/// A reload changes limits and trusted proxies for new requests without a
+/// restart; moving the listener is reported as needing one.
+#[tokio::test]
+async fn limits_change_on_reload() {
+    let up = Upstream::echo().await;
+    let dir = flashgate_tests::tls::temp_dir("limits-reload");
+    let path = dir.join("gw.toml");
+    let write = |listener_extra: &str| {
+        std::fs::write(&path, edge::config(up.addr, listener_extra, "")).unwrap();
+    };
+    write("max_uri_bytes = \"512B\"");
+    let config = flashgate_tests::Config::load(&path).unwrap();
+    let gw = flashgate_tests::Gateway::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let addr = gw.addr("public").unwrap();
+    let long = format!("http://{addr}/{}", "a".repeat(600));
+    let client = flashgate_tests::client();
+    let get = |url: String, xff: &'static str| {
+        let client = client.clone();
+        async move {
+            send_with(
+                &client,
+                Request::get(url)
+                    .header("x-forwarded-for", xff)
+                    .body(flashgate_tests::empty())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    assert_eq!(get(long.clone(), "203.0.113.1").await.status, 414);
+    let seen = get(format!("http://{addr}/"), "203.0.113.1").await.json();
+    assert_eq!(seen["headers"]["x-real-ip"], "127.0.0.1");
+
+    write("max_uri_bytes = \"2KiB\"\ntrusted_proxies = [\"127.0.0.1/32\"]");
+    let reload = |gw: &flashgate_tests::Gateway| {
+        let admin = gw.admin_addr();
+        async move {
+            flashgate_tests::send(
+                Request::post(format!("http://{admin}/admin/reload"))
+                    .header("authorization", "Bearer test-token")
+                    .body(flashgate_tests::empty())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let answer = reload(&gw).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["restart_required"], serde_json::json!([]));
+    // The same client on its kept-alive connection: new requests get the
+    // new limits.
+    assert_eq!(get(long.clone(), "203.0.113.1").await.status, 200);
+    let seen = get(format!("http://{addr}/"), "203.0.113.1").await.json();
+    assert_eq!(seen["headers"]["x-real-ip"], "203.0.113.1");
+
+    // Moving the listener cannot be applied live.
+    std::fs::write(
+        &path,
+        edge::config(up.addr, "max_uri_bytes = \"2KiB\"", "")
+            .replacen("listen = \"127.0.0.1:0\"\n[[upstreams]]", "", 0)
+            .replace(
+                "name = \"public\"\nlisten = \"127.0.0.1:0\"",
+                "name = \"public\"\nlisten = \"127.0.0.1:1\"",
+            ),
+    )
+    .unwrap();
+    let answer = reload(&gw).await;
+    assert_eq!(
+        answer.json()["restart_required"],
+        serde_json::json!(["listeners"])
+    );
+    gw.shutdown().await;
+}
