@@ -79,7 +79,10 @@ fn main() -> ExitCode {
             threads,
         } => {
             let tls = (!no_tls).then_some(tls_listen);
-            exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core, tls))))
+            exit(
+                runtime(threads)
+                    .and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core, tls))),
+            )
         }
     }
 }

@@ -58,7 +58,7 @@ pub fn bin(name: &str) -> PathBuf {
 fn free_broker_port() -> u16 {
     loop {
         let p = crate::free_port();
-        if p < 1100 || p > 65000 {
+        if !(1100..=65000).contains(&p) {
             continue;
         }
         let free = |port: u16| {

@@ -116,7 +116,7 @@ async fn a_409_from_the_core_is_answered_at_the_edge_until_the_flag_expires() {
     let first = post(
         base,
         "/checkout",
-        &[auth.clone()],
+        std::slice::from_ref(&auth),
         r#"{"sku":"gone","qty":1}"#,
     )
     .await;
@@ -126,7 +126,7 @@ async fn a_409_from_the_core_is_answered_at_the_edge_until_the_flag_expires() {
         let again = post(
             base,
             "/checkout",
-            &[auth.clone()],
+            std::slice::from_ref(&auth),
             r#"{"sku":"gone","qty":1}"#,
         )
         .await;
@@ -138,7 +138,7 @@ async fn a_409_from_the_core_is_answered_at_the_edge_until_the_flag_expires() {
     post(
         base,
         "/checkout",
-        &[auth.clone()],
+        std::slice::from_ref(&auth),
         r#"{"sku":"other","qty":1}"#,
     )
     .await;
@@ -200,7 +200,7 @@ async fn a_checkout_is_retried_after_a_reset_only_with_an_idempotency_key() {
     let (addr, conns) = flaky(1).await;
     let gw = gateway(&config(&[addr], 1)).await;
     let base = gw.addr("public").unwrap();
-    let got = post(base, "/checkout", &[auth.clone()], body).await;
+    let got = post(base, "/checkout", std::slice::from_ref(&auth), body).await;
     assert_eq!(
         got.status,
         502,
