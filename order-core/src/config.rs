@@ -13,6 +13,8 @@
 //! [limits]
 //! per_user = 1
 //! max_qty = 10
+//! max_in_flight = 32   # transactions at once; the rest queue
+//! queue_wait = "2s"    # then 503, nothing deducted
 //! [expiry]
 //! window = "15m"
 //! sweep_every = "1s"
@@ -80,6 +82,8 @@ fn default_consumer_group() -> String {
 pub struct LimitsConfig {
     pub per_user: u32,
     pub max_qty: u32,
+    pub max_in_flight: usize,
+    pub queue_wait: String,
 }
 
 impl Default for LimitsConfig {
@@ -87,6 +91,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             per_user: 1,
             max_qty: 10,
+            max_in_flight: 32,
+            queue_wait: "2s".into(),
         }
     }
 }
@@ -158,6 +164,11 @@ impl Config {
         if self.limits.max_qty == 0 {
             return Err("limits.max_qty: must be at least 1".into());
         }
+        let ceiling = crate::service::MAX_IN_FLIGHT_CEILING;
+        if self.limits.max_in_flight == 0 || self.limits.max_in_flight > ceiling {
+            return Err(format!("limits.max_in_flight: must be 1-{ceiling}"));
+        }
+        self.queue_wait()?;
         self.expiry_window()?;
         self.sweep_every()?;
         if self.consumer.max_attempts == 0 {
@@ -179,6 +190,10 @@ impl Config {
             (None, Some(c)) if !c.is_empty() => Ok(RedisTarget::Cluster(c.clone())),
             _ => Err("redis: set exactly one of `url` or a non-empty `cluster`".into()),
         }
+    }
+
+    pub fn queue_wait(&self) -> Result<Duration, String> {
+        parse_duration(&self.limits.queue_wait).map_err(|e| format!("limits.queue_wait: {e}"))
     }
 
     pub fn expiry_window(&self) -> Result<Duration, String> {

@@ -26,6 +26,10 @@ pub enum CoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Too many checkouts in flight: this one waited its turn too long and
+    /// was refused before anything was sent or deducted (503).
+    #[error("busy: {0}")]
+    Busy(String),
     /// The outcome of the local transaction is unknown (its reply was lost).
     /// The broker's check-back settles it from the store; a retry with the
     /// same idempotency key returns the order if it was created (503).
@@ -62,7 +66,10 @@ impl CoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            CoreError::Store { .. } | CoreError::Broker { .. } | CoreError::Unknown(_)
+            CoreError::Store { .. }
+                | CoreError::Broker { .. }
+                | CoreError::Busy(_)
+                | CoreError::Unknown(_)
         )
     }
 }

@@ -278,6 +278,7 @@ pub fn error_response(e: &CoreError, method: &Method, path: &str) -> Response<Bo
         CoreError::BadInput(_) | CoreError::KeyReuse(_) => {
             (StatusCode::UNPROCESSABLE_ENTITY, "bad_input")
         }
+        CoreError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         CoreError::Store { .. } | CoreError::Broker { .. } | CoreError::Unknown(_) => {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }

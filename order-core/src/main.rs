@@ -98,6 +98,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,rocketmq=warn,rocketmq_client_rust=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -191,6 +192,8 @@ async fn run(c: Config) -> Result<()> {
         per_user: c.limits.per_user,
         max_qty: c.limits.max_qty,
         expiry: c.expiry_window().map_err(|e| anyhow!(e))?,
+        max_in_flight: c.limits.max_in_flight,
+        queue_wait: c.queue_wait().map_err(|e| anyhow!(e))?,
     };
     let core = Arc::new(Core::new(store, publisher, limits));
     let _expiry = core.spawn_expiry(c.sweep_every().map_err(|e| anyhow!(e))?);

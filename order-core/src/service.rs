@@ -19,6 +19,10 @@ use crate::model::{
 use crate::publish::Publisher;
 use crate::store::{Precheck, Released, Store};
 
+/// The most [`Limits::max_in_flight`] may be (config validation enforces
+/// it): the broker client's listener queue is made at least this deep.
+pub const MAX_IN_FLIGHT_CEILING: usize = 1024;
+
 /// Business limits, from config.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -28,6 +32,15 @@ pub struct Limits {
     pub max_qty: u32,
     /// How long an order may stay unpaid before its stock goes back.
     pub expiry: Duration,
+    /// Most transactions (half message + Lua) in flight at once. A sale
+    /// sends thousands of buyers at once; past a few dozen concurrent half
+    /// messages the broker client's own queues overflow and every extra
+    /// buyer costs a broker round trip only to be told "sold out" later.
+    /// The rest wait here, and re-check stock before they send.
+    pub max_in_flight: usize,
+    /// How long a checkout waits for a transaction slot before it is
+    /// answered 503 (nothing deducted).
+    pub queue_wait: Duration,
 }
 
 impl Default for Limits {
@@ -36,6 +49,8 @@ impl Default for Limits {
             per_user: 1,
             max_qty: 10,
             expiry: Duration::from_secs(15 * 60),
+            max_in_flight: 32,
+            queue_wait: Duration::from_secs(2),
         }
     }
 }
@@ -54,6 +69,8 @@ pub struct Core {
     store: Arc<dyn Store>,
     publisher: Arc<dyn Publisher>,
     limits: Limits,
+    /// Transaction slots (see [`Limits::max_in_flight`]).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Core {
@@ -61,6 +78,7 @@ impl Core {
         Core {
             store,
             publisher,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight.max(1))),
             limits,
         }
     }
@@ -92,15 +110,32 @@ impl Core {
         }
         // Read-only fast path: the losers of a sale and the retries of
         // winners never reach the broker or a write.
-        match self
-            .store
-            .precheck(&req.sku, req.qty, &req.user, &req.idempotency_key)
-            .await?
-        {
-            Precheck::Replay(order) => return self.replay(order, req.qty),
-            Precheck::SoldOut => return Ok(Outcome::SoldOut),
-            Precheck::Proceed => {}
+        if let Some(done) = self.precheck(&req).await? {
+            return done;
         }
+        // A slot for the transaction; whoever had to wait looks again,
+        // since the buyers ahead may have taken the last unit meanwhile.
+        let _slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let slot = tokio::time::timeout(
+                    self.limits.queue_wait,
+                    self.slots.clone().acquire_owned(),
+                )
+                .await
+                .map_err(|_| {
+                    CoreError::Busy(format!(
+                        "no transaction slot within {:?}",
+                        self.limits.queue_wait
+                    ))
+                })?
+                .map_err(|_| CoreError::Busy("shutting down".into()))?;
+                if let Some(done) = self.precheck(&req).await? {
+                    return done;
+                }
+                slot
+            }
+        };
         let now = now_ms();
         let cmd = CheckoutCmd {
             order_id: new_order_id(&req.sku),
@@ -124,6 +159,25 @@ impl Core {
             Outcome::Replay(order) => self.replay(order, cmd.qty),
             other => Ok(other),
         }
+    }
+
+    /// The read-only fast path: `Some` when the answer is known without a
+    /// transaction (a replay, or sold out).
+    async fn precheck(
+        &self,
+        req: &CheckoutRequest,
+    ) -> Result<Option<Result<Outcome, CoreError>>, CoreError> {
+        Ok(
+            match self
+                .store
+                .precheck(&req.sku, req.qty, &req.user, &req.idempotency_key)
+                .await?
+            {
+                Precheck::Replay(order) => Some(self.replay(order, req.qty)),
+                Precheck::SoldOut => Some(Ok(Outcome::SoldOut)),
+                Precheck::Proceed => None,
+            },
+        )
     }
 
     /// A replay must be the same request; a key reused for another
@@ -329,6 +383,105 @@ mod tests {
             StockInfo {
                 stock: 1,
                 orders: 0
+            }
+        );
+    }
+
+    /// A publisher that holds each transaction until released, and counts
+    /// the transactions it was asked for.
+    struct Held {
+        inner: LocalQueue,
+        gate: Arc<tokio::sync::Semaphore>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Publisher for Held {
+        fn transact(
+            &self,
+            event: crate::model::OrderEvent,
+            local: crate::publish::LocalTxn,
+        ) -> crate::store::BoxFut<'_, Result<Outcome, CoreError>> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                let _go = self.gate.acquire().await.unwrap();
+                self.inner.transact(event, local).await
+            })
+        }
+        fn durable(&self) -> bool {
+            false
+        }
+    }
+
+    async fn held_core(stock: i64, queue_wait: Duration) -> (Arc<Core>, Arc<Held>, Sku) {
+        let held = Arc::new(Held {
+            inner: LocalQueue::new(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            calls: Default::default(),
+        });
+        let limits = Limits {
+            max_in_flight: 1,
+            queue_wait,
+            ..Limits::default()
+        };
+        let core = Arc::new(Core::new(
+            Arc::new(MemoryStore::new()),
+            held.clone(),
+            limits,
+        ));
+        let sku = Sku::parse("s1").unwrap();
+        core.set_stock(&sku, stock).await.unwrap();
+        (core, held, sku)
+    }
+
+    #[tokio::test]
+    async fn a_buyer_who_waited_for_a_slot_looks_at_the_stock_again() {
+        let (core, held, sku) = held_core(1, Duration::from_secs(10)).await;
+        let first = tokio::spawn({
+            let (core, sku) = (core.clone(), sku.clone());
+            async move { core.checkout(req(&sku, "a", "ka")).await }
+        });
+        while held.calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Stock is still 1 while the first transaction is held, so the
+        // second buyer passes the fast path and queues for the slot.
+        let second = tokio::spawn({
+            let (core, sku) = (core.clone(), sku.clone());
+            async move { core.checkout(req(&sku, "b", "kb")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        held.gate.add_permits(10);
+        assert!(matches!(first.await.unwrap(), Ok(Outcome::Created(_))));
+        assert_eq!(second.await.unwrap().unwrap(), Outcome::SoldOut);
+        assert_eq!(
+            held.calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the loser never reached the broker"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_slot_in_time_is_busy_and_deducts_nothing() {
+        let (core, held, sku) = held_core(5, Duration::from_millis(30)).await;
+        let first = tokio::spawn({
+            let (core, sku) = (core.clone(), sku.clone());
+            async move { core.checkout(req(&sku, "a", "ka")).await }
+        });
+        while held.calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let second = core.checkout(req(&sku, "b", "kb")).await;
+        assert!(
+            matches!(&second, Err(e @ CoreError::Busy(_)) if e.is_unavailable()),
+            "{second:?}"
+        );
+        held.gate.add_permits(10);
+        assert!(matches!(first.await.unwrap(), Ok(Outcome::Created(_))));
+        assert_eq!(
+            core.stock(&sku).await.unwrap(),
+            StockInfo {
+                stock: 4,
+                orders: 1
             }
         );
     }

@@ -217,6 +217,15 @@ async fn gateway_for(core: SocketAddr) -> flashgate_tests::Gateway {
     gateway(&toml).await
 }
 
+/// The first few warnings and errors of a log, one per line.
+fn first_warnings(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(5)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 async fn the_sale(redis: RedisAt) {
     let stack = Stack::start(redis, |_| {}).await;
     let sku = "sneaker";
@@ -237,7 +246,8 @@ async fn the_sale(redis: RedisAt) {
     assert_eq!(
         statuses.get(&409),
         Some(&9_900),
-        "every loser gets 409: {statuses:?}"
+        "every loser gets 409: {statuses:?}; first core warnings:\n{}",
+        first_warnings(&stack.core_log())
     );
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), 100, "order ids are unique");

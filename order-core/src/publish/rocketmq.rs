@@ -36,6 +36,7 @@ use super::{LocalTxn, Publisher};
 use crate::error::CoreError;
 use crate::hooks;
 use crate::model::{OrderEvent, Outcome, TxnVerdict};
+use crate::service::MAX_IN_FLIGHT_CEILING;
 use crate::store::{BoxFut, Store};
 
 /// How long a listener waits for Redis before answering `Unknown` (the
@@ -52,13 +53,22 @@ pub struct MqRuntime {
 
 impl MqRuntime {
     pub fn new(scope: &str) -> Result<MqRuntime, CoreError> {
-        let owner = RuntimeOwner::plan(RuntimeConfig {
+        let mut config = RuntimeConfig {
             thread_name: format!("rocketmq-{scope}"),
             ..Default::default()
-        })
-        .map_err(|e| CoreError::broker("plan RocketMQ client runtime", e.to_string()))?
-        .build()
-        .map_err(|e| CoreError::broker("build RocketMQ client runtime", e.to_string()))?;
+        };
+        // Transaction listeners run on the client's metadata lane, one per
+        // checkout in flight. Its default queue is sized to the core count
+        // (16 on a 2-core box) and a listener refused there leaves the
+        // transaction unknown (503, settled by the check-back). The core's
+        // own slot gate (`limits.max_in_flight`) is the bound meant to
+        // apply, so the lane's queue must never be the tighter one.
+        let lane = &mut config.blocking_lane_policies.metadata_io;
+        lane.max_queue_depth = lane.max_queue_depth.max(MAX_IN_FLIGHT_CEILING);
+        let owner = RuntimeOwner::plan(config)
+            .map_err(|e| CoreError::broker("plan RocketMQ client runtime", e.to_string()))?
+            .build()
+            .map_err(|e| CoreError::broker("build RocketMQ client runtime", e.to_string()))?;
         let telemetry = rocketmq_observability::install_global(
             &rocketmq_observability::TelemetryBootstrapConfig::default(),
         )
