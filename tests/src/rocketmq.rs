@@ -148,9 +148,10 @@ impl RocketMq {
         wait_port(self.broker_port, "broker", &self.dir.0);
         // Registration with the name server follows the listen by a moment.
         std::thread::sleep(Duration::from_millis(1500));
-        // The broker may listen and then roll its start back (it refuses to
-        // start on a disk fuller than its `diskMaxUsedSpaceRatio`, 75% by
-        // default): say so here rather than as a failed checkout later.
+        // The broker may listen and then roll its start back (its store
+        // health check fails on a disk past `diskSpaceCleanForciblyRatio`,
+        // 85%, a bound its config clamps): say so here rather than as a
+        // failed checkout later.
         let exited = self
             .broker
             .as_mut()
@@ -158,7 +159,17 @@ impl RocketMq {
         if let Some(status) = exited {
             let log = self.broker_log();
             let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().join("\n");
-            panic!("the RocketMQ broker exited during start ({status}); last log lines (newest first):\n{tail}");
+            let df = Command::new("df")
+                .arg("-P")
+                .arg(&self.dir.0)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!(
+                "the RocketMQ broker exited during start ({status}). It refuses to \
+                 run on a disk 85% or more full; the disk:\n{df}\n\
+                 last log lines (newest first):\n{tail}"
+            );
         }
     }
 
