@@ -86,39 +86,34 @@ pub async fn handle(
         }
     };
 
+    // The answer for a request refused before it has a route (one place:
+    // metrics under route "none", the access log, the request id).
+    let refuse = |e: ProxyError, head: &Parts| {
+        Ok(reject(
+            &shared,
+            &runtime,
+            e,
+            head,
+            &request_id,
+            &conn,
+            client_ip,
+            started,
+        ))
+    };
+
     // Request limits the connection layer cannot check: target length
     // (414) and a declared body length (413), before any routing work.
     let (body, verdict) = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
         .and_then(|()| LimitedBody::new(body, listener.max_body.0))
     {
         Ok(b) => b,
-        Err(e) => {
-            return Ok(reject(
-                &shared,
-                &runtime,
-                e,
-                &head,
-                &request_id,
-                &conn,
-                client_ip,
-                started,
-            ))
-        }
+        Err(e) => return refuse(e, &head),
     };
 
     // Route: decides the cluster, the priority and the filters. The path is
     // normalized first, so the route and the upstream see the same path.
     if let Err(e) = normalize_request_path(&mut head.uri) {
-        return Ok(reject(
-            &shared,
-            &runtime,
-            e,
-            &head,
-            &request_id,
-            &conn,
-            client_ip,
-            started,
-        ));
+        return refuse(e, &head);
     }
     let host = request_host(&head.uri, &head.headers).to_string();
     // `OPTIONS *` is about the server as a whole: it takes the `/` route.
@@ -128,16 +123,7 @@ pub async fn handle(
         head.uri.path()
     };
     let Some(route) = runtime.route(&host, route_path) else {
-        return Ok(reject(
-            &shared,
-            &runtime,
-            ProxyError::NoRoute,
-            &head,
-            &request_id,
-            &conn,
-            client_ip,
-            started,
-        ));
+        return refuse(ProxyError::NoRoute, &head);
     };
 
     // Admission (bot rules, rate limits, waiting room, overload shedding)
