@@ -26,6 +26,23 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
     rustup target add wasm32-wasip1
 fi
 
+# RocketMQ name server + broker for the order core's tests: a long compile
+# (25-30 min on 2 cores), so installed once into ~/.cache/rocketmq and
+# reused; skipped when both binaries are there at 1.0.0.
+RMQ_ROOT="$HOME/.cache/rocketmq"
+rmq_ok() {
+    for b in rocketmq-namesrv-rust rocketmq-broker-rust; do
+        local p
+        p="$(command -v "$b" 2>/dev/null || echo "$RMQ_ROOT/bin/$b")"
+        [ -x "$p" ] && "$p" --version 2>/dev/null | grep -qx 'version=1.0.0' || return 1
+    done
+}
+if ! rmq_ok; then
+    echo "== installing RocketMQ 1.0.0 into $RMQ_ROOT (slow, once)"
+    cargo install --locked --root "$RMQ_ROOT" rocketmq-namesrv@1.0.0 rocketmq-broker@1.0.0
+fi
+export PATH="$PATH:$RMQ_ROOT/bin"
+
 echo "== building (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --bins --locked
 echo "== testing"

@@ -47,6 +47,9 @@ enum Command {
         /// The demo shop origin.
         #[arg(long, default_value = "127.0.0.1:9080")]
         origin: SocketAddr,
+        /// The in-process order core (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        core: SocketAddr,
         /// TLS listener (a self-signed certificate for localhost and
         /// 127.0.0.1, made at start).
         #[arg(long, default_value = "127.0.0.1:8443")]
@@ -70,12 +73,16 @@ fn main() -> ExitCode {
             listen,
             admin,
             origin,
+            core,
             tls_listen,
             no_tls,
             threads,
         } => {
             let tls = (!no_tls).then_some(tls_listen);
-            exit(runtime(threads).and_then(|rt| rt.block_on(run_demo(listen, admin, origin, tls))))
+            exit(
+                runtime(threads)
+                    .and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core, tls))),
+            )
         }
     }
 }
@@ -151,6 +158,7 @@ async fn run_demo(
     listen: SocketAddr,
     admin: SocketAddr,
     origin: SocketAddr,
+    core: SocketAddr,
     tls: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let origin_listener = TcpListener::bind(origin)
@@ -158,7 +166,11 @@ async fn run_demo(
         .with_context(|| format!("cannot listen on {origin} for the demo origin (try --origin)"))?;
     let origin = origin_listener.local_addr()?;
     tokio::spawn(demo::serve_origin(origin_listener));
+    let order_core = gateway::demo_checkout::start_core(core)
+        .await
+        .with_context(|| format!("cannot start the demo order core on {core} (try --core)"))?;
     let mut config = demo::config(origin);
+    gateway::demo_checkout::point_at(&mut config, order_core.addr);
     config.listeners[0].listen = listen;
     config.admin.listen = admin;
     if let Some(addr) = tls {
@@ -191,7 +203,9 @@ async fn run_demo(
          metrics                   http://{admin}/metrics\n  \
          reload (token)            curl -X POST -H 'authorization: Bearer {token}' http://{admin}/admin/reload\n\
          \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
-         \nCtrl-C stops it."
+         \n{checkout}\
+         \nCtrl-C stops it.",
+        checkout = gateway::demo_checkout::instructions(public, order_core.addr),
     );
     let result = serve_until_signal(gw).await;
     if tls.is_some() {

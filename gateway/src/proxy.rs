@@ -80,6 +80,15 @@ pub async fn handle(
         .unwrap_or(&conn.config);
     let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &listener.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
+    // The JWT subject becomes the user header; a user header the client
+    // sent never passes, verified token or not (see `jwt`).
+    let identified = match &runtime.jwt {
+        Some(v) => matches!(v.identify(&mut head.headers), Ok(Some(_))),
+        None => {
+            crate::jwt::strip_user_header(&mut head.headers);
+            false
+        }
+    };
 
     // The answer for a request refused before it has a route (one place:
     // metrics under route "none", the access log, the request id).
@@ -124,6 +133,21 @@ pub async fn handle(
     // Admission (bot rules, rate limits, waiting room, overload shedding)
     // comes here: after routing, because limits and priorities are per
     // route; before filters, so refused traffic costs no filter time.
+    // Checkout routes admit here too: identity required, the edge's
+    // sold-out flag, and the body read whole so that an Idempotency-Key
+    // makes a retry safe (see `checkout`).
+    let (mut body, replay, sku, early): (UpstreamBody, _, _, _) = match &route.checkout {
+        None => (Either::Left(body), None, None, None),
+        Some(c) => match c.prepare(&head, body, identified, &request_id).await {
+            Ok(p) => (p.body, p.replay, p.sku, None),
+            Err(answer) => (
+                Either::Right(Either::Left(Full::new(Bytes::new()))),
+                None,
+                None,
+                Some(answer),
+            ),
+        },
+    };
 
     // Request filters: may rewrite the head, answer locally, or pause.
     // (Built only for routes that have filters: most traffic has none.)
@@ -137,14 +161,13 @@ pub async fn handle(
         };
         (route.filters.start(), info)
     });
-    let mut local = match &mut filtering {
-        Some((chain, info)) => chain.on_request(&mut head, info).await,
-        None => None,
+    let mut local = match (&early, &mut filtering) {
+        (None, Some((chain, info))) => chain.on_request(&mut head, info).await,
+        _ => None,
     };
     // The request body goes through the filters' body callbacks only when
     // a filter of the route looks at bodies; otherwise it streams as is.
-    let mut body: UpstreamBody = Either::Left(body);
-    if let (None, Some((chain, info))) = (&local, &filtering) {
+    if let (None, None, Some((chain, info))) = (&early, &local, &filtering) {
         if chain.wants_bodies() && !body.is_end_stream() {
             if let Either::Left(incoming) = body {
                 match filter_request_body(chain, info, &mut head, incoming).await {
@@ -161,32 +184,34 @@ pub async fn handle(
     // Cache lookup: after filters (they may rewrite the head or answer
     // locally), before the upstream. A fresh L1 hit is answered here,
     // without building an upstream request.
-    let cached = match (&local, &route.cache) {
-        (None, Some(rc)) => Some(
-            runtime
-                .cache
-                .lookup(rc, &head, &host, !body.is_end_stream()),
-        ),
+    let cached = match (&early, &local, &route.cache) {
+        (None, None, Some(rc)) => Some(runtime.cache.lookup(
+            rc,
+            &head,
+            &host,
+            !body.is_end_stream(),
+        )),
         _ => None,
     };
 
     let mut timing = UpstreamTiming::default();
-    let (mut resp, endpoint) = match (local, cached) {
-        (Some(local), _) => (local_response(local), None),
+    let (mut resp, endpoint) = match (early, local, cached) {
+        (Some(answer), _, _) => (answer, None),
+        (None, Some(local), _) => (local_response(local), None),
         // WebSocket and other upgrades, on routes that allow them: a
         // connection of their own, spliced after the upstream's 101.
-        (None, _) if route.websocket && upgrade::is_upgrade(&head) => {
+        (None, None, _) if route.websocket && upgrade::is_upgrade(&head) => {
             match upgrade_request(&route.cluster, &mut head, client_ip, conn, &host).await {
                 Ok((resp, ep)) => (resp, Some(ep)),
                 Err(e) => (e.response(&request_id), None),
             }
         }
-        (None, Some(cache::Lookup::Hit(hit))) => (hit, None),
+        (None, None, Some(cache::Lookup::Hit(hit))) => (hit, None),
         // Misses, stale answers, bypasses: the cache decides whether and
         // when this request goes upstream (at most once). A chunked body's
         // first chunk is read before the upstream is chosen: bad framing
         // is refused here, never forwarded.
-        (None, Some(cache::Lookup::Pending(pending))) => {
+        (None, None, Some(cache::Lookup::Pending(pending))) => {
             match prefetch(&mut body, listener.header_read_timeout.0).await {
                 Err(e) => (e.response(&request_id), None),
                 Ok(()) => {
@@ -196,7 +221,7 @@ pub async fn handle(
                     let verdict = verdict.clone();
                     let fetch = move || async move {
                         let mut timing = UpstreamTiming::default();
-                        forward(&cluster, up, body, &verdict, &mut timing)
+                        forward(&cluster, up, body, replay, &verdict, &mut timing)
                             .await
                             .map(|(r, _)| r)
                     };
@@ -204,12 +229,13 @@ pub async fn handle(
                 }
             }
         }
-        (None, None) => match prefetch(&mut body, listener.header_read_timeout.0).await {
+        (None, None, None) => match prefetch(&mut body, listener.header_read_timeout.0).await {
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
                 &route.cluster,
                 head_for_upstream(&mut head, client_ip, conn, &host),
                 body,
+                replay,
                 &verdict,
                 &mut timing,
             )
@@ -220,6 +246,9 @@ pub async fn handle(
             },
         },
     };
+    if let (Some(c), Some(_)) = (&route.checkout, &endpoint) {
+        c.observe(sku.as_deref(), resp.status());
+    }
 
     // Response filters, in reverse order; then our own response headers.
     if let Some((mut chain, info)) = filtering {
@@ -397,7 +426,9 @@ struct UpstreamHead {
 ///   request comes back unsent and goes out again (this does not count as
 ///   an attempt; at most twice per request);
 /// - a reset or close before any response, for idempotent methods without
-///   a body only, on another endpoint when there is one.
+///   a body, and for checkout requests whose `Idempotency-Key` makes a
+///   repeat harmless (`replay` holds their body), on another endpoint when
+///   there is one.
 ///
 /// A timeout is never retried: the request may be running upstream, and a
 /// retry would double the load on a cluster that is already slow.
@@ -405,11 +436,12 @@ async fn forward(
     cluster: &Arc<Cluster>,
     mut head: UpstreamHead,
     body: UpstreamBody,
+    replay: Option<Bytes>,
     verdict: &BodyVerdict,
     timing: &mut UpstreamTiming,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
-    let replayable = head.method.is_idempotent() && body.is_end_stream();
+    let replayable = (head.method.is_idempotent() && body.is_end_stream()) || replay.is_some();
     let attempts = cluster.retries + 1;
     let mut body: Option<UpstreamBody> = Some(body);
     // At most 6 attempts (retries <= 5) plus resends of unsent requests.
@@ -433,10 +465,9 @@ async fn forward(
             Err(_) => ProxyError::ConnectTimeout,
             Ok(Err(e)) => e,
             Ok(Ok(mut conn)) => {
-                let mut req = Request::new(
-                    body.take()
-                        .unwrap_or_else(|| Either::Right(Either::Left(Full::new(Bytes::new())))),
-                );
+                let mut req = Request::new(body.take().unwrap_or_else(|| {
+                    Either::Right(Either::Left(Full::new(replay.clone().unwrap_or_default())))
+                }));
                 *req.method_mut() = head.method.clone();
                 *req.uri_mut() = Uri::from(head.path.clone());
                 // Keep a copy only when a reset could be retried.

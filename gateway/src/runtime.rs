@@ -24,6 +24,8 @@ pub struct Route {
     pub websocket: bool,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
+    /// Set on the checkout route (see `crate::checkout`).
+    pub checkout: Option<crate::checkout::Checkout>,
     /// Set on routes with `cache = {...}`.
     pub cache: Option<Arc<RouteCache>>,
     pub latency: Histogram,
@@ -60,6 +62,8 @@ pub struct Runtime {
     pub clusters: Vec<Arc<Cluster>>,
     /// The Wasm filters by name, for their metrics on `/metrics`.
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
+    /// The JWT verifier when `[jwt]` is set.
+    pub jwt: Option<crate::jwt::JwtVerifier>,
     /// The response cache: carried over by reloads that keep `[cache]` and
     /// `[redis]` as they were, so its entries survive the reload.
     pub cache: Arc<Cache>,
@@ -140,6 +144,7 @@ impl Runtime {
                 websocket: r.websocket,
                 cluster,
                 filters: FilterChain::new(chain),
+                checkout: r.checkout.as_ref().map(crate::checkout::Checkout::new),
             });
         }
         let router = Router::new(routes.iter().enumerate().map(|(i, r)| {
@@ -149,7 +154,13 @@ impl Runtime {
                 i,
             )
         }));
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(crate::jwt::JwtVerifier::new)
+            .transpose()?;
         Ok(Runtime {
+            jwt,
             config: Arc::new(config),
             router,
             routes,

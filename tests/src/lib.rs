@@ -28,8 +28,10 @@ use tokio::net::TcpListener;
 pub use gateway::{Config, Gateway};
 
 pub mod edge;
+pub mod order;
 pub mod raw;
 pub mod redis;
+pub mod rocketmq;
 pub mod tls;
 pub mod ws;
 
@@ -184,6 +186,9 @@ pub fn config(endpoints: &[SocketAddr], upstream_extra: &str, extra: &str) -> St
         eps.join(", ")
     )
 }
+
+/// The client type the helpers take.
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
 /// An HTTP/1.1 client with keep-alive.
 pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Body> {

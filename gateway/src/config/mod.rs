@@ -57,6 +57,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
+    /// Client identity from JWTs (see `crate::jwt`).
+    #[serde(default)]
+    pub jwt: Option<crate::jwt::JwtConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     /// The response cache (used by routes with `cache = {...}`).
@@ -436,6 +439,9 @@ pub struct RouteConfig {
     /// Filter names, run in this order.
     #[serde(default)]
     pub filters: Vec<String>,
+    /// Marks the checkout route (see `crate::checkout`).
+    #[serde(default)]
+    pub checkout: Option<crate::checkout::CheckoutRouteConfig>,
     /// Pass HTTP/1.1 `Upgrade` requests (WebSocket) through to the upstream.
     #[serde(default)]
     pub websocket: bool,
@@ -891,9 +897,15 @@ impl Config {
                     ));
                 }
             }
+            if r.checkout.is_some() {
+                crate::checkout::validate_route(r, &p, self.jwt.is_some())?;
+            }
             if let Some(c) = &r.cache {
                 c.validate(&p)?;
             }
+        }
+        if let Some(jwt) = &self.jwt {
+            crate::jwt::JwtVerifier::new(jwt)?;
         }
         self.cache.validate()?;
         if let Some(r) = &self.redis {

@@ -1,0 +1,246 @@
+//! The checkout route (`checkout = { ... }` on a route): what the gateway
+//! does for the one path that must never be wrong.
+//!
+//! - Identity is required: the verified JWT subject (see [`crate::jwt`]);
+//!   without one the gateway answers 401 and the core never sees the call.
+//! - The sold-out flag at the edge: when the core answers 409 for a SKU,
+//!   the gateway answers 409 itself for that SKU for `sold_out_ttl`
+//!   (short: stock can come back when unpaid orders expire), so the losers
+//!   of a sale stop at the edge. A 201 for the SKU clears the flag.
+//! - The body is read whole (a checkout is tiny; `max_body` bounds it) so
+//!   that a request carrying an `Idempotency-Key` can be retried after a
+//!   reset: the core answers a repeat with the same order. Without the key
+//!   a POST is never retried once sent (only a refused connect is).
+//! - Never cached: the core marks every answer `cache-control: no-store`,
+//!   and a checkout route must be `priority = "critical"` (validated), so
+//!   overload shedding keeps its capacity.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use serde::Deserialize;
+
+use crate::body::ProxyBody;
+use crate::config::{ConfigError, Dur, RouteConfig};
+use crate::upstream::UpstreamBody;
+use filters::Priority;
+
+/// `checkout = { sold_out_ttl = "1s", max_body_bytes = 16384 }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRouteConfig {
+    /// How long a 409 from the core keeps the SKU sold out at the edge.
+    #[serde(default = "default_ttl")]
+    pub sold_out_ttl: Dur,
+    /// Largest checkout body read (413 above).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_ttl() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_max_body() -> usize {
+    16 * 1024
+}
+
+/// Checks a route with `checkout`: critical priority, and `[jwt]` present
+/// (the user comes only from a verified subject).
+pub fn validate_route(r: &RouteConfig, p: &str, has_jwt: bool) -> Result<(), ConfigError> {
+    if r.priority != Priority::Critical {
+        return Err(ConfigError::at(
+            format!("{p}.priority"),
+            "a checkout route must be \"critical\"",
+        ));
+    }
+    if !has_jwt {
+        return Err(ConfigError::at(
+            format!("{p}.checkout"),
+            "needs a [jwt] section: the user comes from the verified token subject",
+        ));
+    }
+    if let Some(c) = &r.checkout {
+        if c.max_body_bytes == 0 || c.max_body_bytes > 1 << 20 {
+            return Err(ConfigError::at(
+                format!("{p}.checkout.max_body_bytes"),
+                "must be between 1 and 1048576",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Most SKUs flagged at once; beyond that expired flags are dropped first,
+/// then all (a flag is only an optimisation: the core decides).
+const MAX_FLAGS: usize = 10_000;
+
+/// A checkout route's runtime state.
+pub struct Checkout {
+    config: CheckoutRouteConfig,
+    sold_out: Mutex<HashMap<String, Instant>>,
+}
+
+/// A checkout request that may go upstream.
+pub struct Prepared {
+    pub body: UpstreamBody,
+    /// The body again, when an `Idempotency-Key` makes a retry safe.
+    pub replay: Option<Bytes>,
+    pub sku: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SkuOnly {
+    sku: String,
+}
+
+impl Checkout {
+    pub fn new(config: &CheckoutRouteConfig) -> Checkout {
+        Checkout {
+            config: config.clone(),
+            sold_out: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admission for a checkout: identity, body, sold-out flag. `Err` is
+    /// the gateway's own answer.
+    pub async fn prepare(
+        &self,
+        head: &Parts,
+        body: crate::limits::LimitedBody,
+        identified: bool,
+        request_id: &HeaderValue,
+    ) -> Result<Prepared, Response<ProxyBody>> {
+        if !identified {
+            let mut r = answer(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "checkout needs a valid bearer token",
+                request_id,
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Err(r);
+        }
+        let bytes = match Limited::new(body, self.config.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the checkout body is too large",
+                    request_id,
+                ))
+            }
+            Err(_) => {
+                return Err(answer(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "the request body could not be read",
+                    request_id,
+                ))
+            }
+        };
+        // Not JSON or no SKU: the core answers 422; the edge only reads.
+        let sku = serde_json::from_slice::<SkuOnly>(&bytes)
+            .ok()
+            .map(|b| b.sku);
+        if let Some(sku) = &sku {
+            if self.is_sold_out(sku) {
+                let mut r = answer(StatusCode::CONFLICT, "sold_out", "sold out", request_id);
+                r.headers_mut()
+                    .insert("x-flashgate-sold-out", HeaderValue::from_static("edge"));
+                return Err(r);
+            }
+        }
+        let replay = head
+            .headers
+            .contains_key("idempotency-key")
+            .then(|| bytes.clone());
+        Ok(Prepared {
+            body: Either::Right(Either::Left(Full::new(bytes))),
+            replay,
+            sku,
+        })
+    }
+
+    /// Learns from the core's answer for `sku`.
+    pub fn observe(&self, sku: Option<&str>, status: StatusCode) {
+        let Some(sku) = sku else { return };
+        let mut flags = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
+        match status {
+            StatusCode::CONFLICT => {
+                if flags.len() >= MAX_FLAGS {
+                    let now = Instant::now();
+                    flags.retain(|_, until| *until > now);
+                    if flags.len() >= MAX_FLAGS {
+                        flags.clear();
+                    }
+                }
+                flags.insert(sku.to_string(), Instant::now() + self.config.sold_out_ttl.0);
+            }
+            StatusCode::CREATED => {
+                flags.remove(sku);
+            }
+            _ => {}
+        }
+    }
+
+    fn is_sold_out(&self, sku: &str) -> bool {
+        let flags = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
+        flags.get(sku).is_some_and(|until| *until > Instant::now())
+    }
+}
+
+/// The gateway's own answer, in the same JSON shape as
+/// [`crate::error::ProxyError::response`].
+fn answer(
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "request_id": request_id.to_str().unwrap_or(""),
+    });
+    let mut resp = Response::new(ProxyBody::full(body.to_string()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-flashgate-error", HeaderValue::from_static(code));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_409_flags_the_sku_until_the_ttl_or_a_201() {
+        let c = Checkout::new(&CheckoutRouteConfig {
+            sold_out_ttl: Dur(Duration::from_millis(50)),
+            max_body_bytes: 1024,
+        });
+        c.observe(Some("a"), StatusCode::CONFLICT);
+        assert!(c.is_sold_out("a"));
+        assert!(!c.is_sold_out("b"));
+        c.observe(Some("a"), StatusCode::CREATED);
+        assert!(!c.is_sold_out("a"));
+        c.observe(Some("a"), StatusCode::CONFLICT);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!c.is_sold_out("a"), "flags expire");
+    }
+}

@@ -1,0 +1,256 @@
+//! Client identity from a JWT (`[jwt]`): the gateway verifies
+//! `authorization: Bearer <token>` (HS256 with a shared secret, or RS256
+//! with the issuer's public key) and forwards the verified subject to the
+//! upstream as `x-user-id`.
+//!
+//! The user header is trusted by the order core, so the gateway owns it:
+//! whatever a client sends under that name is removed on every request,
+//! verified or not. Only a subject this gateway verified reaches the core.
+
+use std::path::PathBuf;
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+/// The header the verified subject goes into.
+pub const DEFAULT_USER_HEADER: &str = "x-user-id";
+
+/// `[jwt]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// `"HS256"` or `"RS256"`.
+    pub algorithm: String,
+    /// HS256: the shared secret.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// RS256: path of the issuer's public key (PEM).
+    #[serde(default)]
+    pub public_key: Option<PathBuf>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Where the verified subject goes.
+    #[serde(default = "default_user_header")]
+    pub user_header: String,
+}
+
+fn default_user_header() -> String {
+    DEFAULT_USER_HEADER.into()
+}
+
+/// Why a request has no identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("a bearer token is required")]
+    Missing,
+    #[error("the bearer token is invalid: {0}")]
+    Invalid(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+/// A verifier built from a validated `[jwt]`.
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+    pub user_header: HeaderName,
+}
+
+impl JwtVerifier {
+    /// Builds the verifier; errors name the `jwt.*` key.
+    pub fn new(c: &JwtConfig) -> Result<JwtVerifier, ConfigError> {
+        let (alg, key) = match c.algorithm.as_str() {
+            "HS256" => {
+                let secret = c
+                    .secret
+                    .as_deref()
+                    .filter(|s| s.len() >= 16)
+                    .ok_or_else(|| {
+                        ConfigError::at("jwt.secret", "HS256 needs a secret of at least 16 bytes")
+                    })?;
+                (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(secret.as_bytes()),
+                )
+            }
+            "RS256" => {
+                let path = c
+                    .public_key
+                    .as_ref()
+                    .ok_or_else(|| ConfigError::at("jwt.public_key", "RS256 needs a public key"))?;
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::at(
+                        "jwt.public_key",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                    ConfigError::at(
+                        "jwt.public_key",
+                        format!("not an RSA public key (PEM): {e}"),
+                    )
+                })?;
+                (Algorithm::RS256, key)
+            }
+            other => {
+                return Err(ConfigError::at(
+                    "jwt.algorithm",
+                    format!("{other:?} is not supported (HS256 or RS256)"),
+                ))
+            }
+        };
+        let user_header = HeaderName::from_bytes(c.user_header.as_bytes())
+            .map_err(|_| ConfigError::at("jwt.user_header", "not a valid header name"))?;
+        // One algorithm only: a token cannot pick a weaker one (the
+        // classic "alg: none" / HS-with-public-key confusion).
+        let mut validation = Validation::new(alg);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(iss) = &c.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match &c.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(JwtVerifier {
+            key,
+            validation,
+            user_header,
+        })
+    }
+
+    /// Verifies the request's bearer token, if any, and sets the user
+    /// header to its subject. The client's own user header is always gone
+    /// afterwards. `Ok(None)`: no token was sent.
+    pub fn identify(&self, headers: &mut HeaderMap) -> Result<Option<String>, IdentityError> {
+        headers.remove(&self.user_header);
+        let Some(auth) = headers.get(header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| IdentityError::Invalid("not a bearer token".into()))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        let sub = data.claims.sub;
+        let value = HeaderValue::from_str(&sub)
+            .ok()
+            .filter(|_| !sub.is_empty() && sub.len() <= 128)
+            .ok_or_else(|| IdentityError::Invalid("subject is not a usable user id".into()))?;
+        headers.insert(self.user_header.clone(), value);
+        Ok(Some(sub))
+    }
+}
+
+/// Removes a client-sent user header when no `[jwt]` is configured: the
+/// header is the gateway's to set, never the client's.
+pub fn strip_user_header(headers: &mut HeaderMap) {
+    headers.remove(DEFAULT_USER_HEADER);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "0123456789abcdef-test";
+
+    fn verifier() -> JwtVerifier {
+        JwtVerifier::new(&JwtConfig {
+            algorithm: "HS256".into(),
+            secret: Some(SECRET.into()),
+            public_key: None,
+            issuer: Some("shop".into()),
+            audience: None,
+            user_header: DEFAULT_USER_HEADER.into(),
+        })
+        .unwrap()
+    }
+
+    fn token(sub: &str, iss: &str, exp_in: i64, secret: &str) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + exp_in;
+        encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": sub, "iss": iss, "exp": exp}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn headers(auth: Option<String>, user: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.parse().unwrap());
+        }
+        if let Some(u) = user {
+            h.insert(DEFAULT_USER_HEADER, u.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_valid_token_sets_the_subject_and_replaces_a_forged_header() {
+        let v = verifier();
+        let mut h = headers(
+            Some(format!("Bearer {}", token("alice", "shop", 60, SECRET))),
+            Some("mallory"),
+        );
+        assert_eq!(v.identify(&mut h).unwrap().as_deref(), Some("alice"));
+        assert_eq!(h.get_all(DEFAULT_USER_HEADER).iter().count(), 1);
+        assert_eq!(h[DEFAULT_USER_HEADER], "alice");
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_and_forged_headers_dropped() {
+        let v = verifier();
+        for bad in [
+            token("a", "shop", -3600, SECRET),
+            token("a", "other", 60, SECRET),
+            token("a", "shop", 60, "another-secret-of-16"),
+            "not.a.jwt".to_string(),
+        ] {
+            let mut h = headers(Some(format!("Bearer {bad}")), Some("mallory"));
+            assert!(v.identify(&mut h).is_err(), "{bad}");
+            assert!(h.get(DEFAULT_USER_HEADER).is_none());
+        }
+        let mut h = headers(None, Some("mallory"));
+        assert_eq!(v.identify(&mut h).unwrap(), None);
+        assert!(h.get(DEFAULT_USER_HEADER).is_none());
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let mut c = JwtConfig {
+            algorithm: "HS256".into(),
+            secret: Some("short".into()),
+            public_key: None,
+            issuer: None,
+            audience: None,
+            user_header: DEFAULT_USER_HEADER.into(),
+        };
+        assert_eq!(JwtVerifier::new(&c).err().unwrap().path, "jwt.secret");
+        c.algorithm = "none".into();
+        assert_eq!(JwtVerifier::new(&c).err().unwrap().path, "jwt.algorithm");
+    }
+}
