@@ -1,6 +1,7 @@
 //! The response body type the gateway hands to hyper: a streamed upstream
 //! body or a complete local one, plus what must live exactly as long as the
-//! response does (the endpoint's in-flight slot, the filters' stream state).
+//! response does (the endpoint's in-flight slot, the filters' stream state,
+//! the client connection's count of requests in flight).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::access_log::AccessRecord;
+use crate::conn_clock::ActiveRequest;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -22,6 +24,9 @@ pub struct ProxyBody {
     in_flight: Option<InFlight>,
     /// Dropped at the same moment, which ends the stream for filters.
     chain: Option<ChainStream>,
+    /// The request on its client connection: while it is held the
+    /// connection is busy, not idle (`conn_clock`).
+    request: Option<ActiveRequest>,
     /// The access log line, written when the body is dropped (sent or
     /// abandoned), with the bytes that went out.
     log: Option<Box<AccessRecord>>,
@@ -49,6 +54,7 @@ impl ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
             in_flight: None,
             chain: None,
+            request: None,
             log: None,
             sent: 0,
             ended: false,
@@ -61,6 +67,7 @@ impl ProxyBody {
             inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
+            request: None,
             log: None,
             sent: 0,
             ended: false,
@@ -84,6 +91,7 @@ impl ProxyBody {
             inner: Inner::Upstream(body),
             in_flight,
             chain: None,
+            request: None,
             log: None,
             sent: 0,
             ended: false,
@@ -126,6 +134,13 @@ impl ProxyBody {
         }
     }
 
+    /// Keeps the request counted on its connection until this body is done.
+    pub fn hold(&mut self, request: ActiveRequest) {
+        if !self.ended {
+            self.request = Some(request);
+        }
+    }
+
     /// Writes `record` to the access log when this body is done.
     pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
         self.log = Some(record);
@@ -143,6 +158,7 @@ impl ProxyBody {
     fn release(&mut self) {
         self.in_flight = None;
         self.chain = None;
+        self.request = None;
     }
 }
 

@@ -19,6 +19,7 @@ pub mod callout;
 pub mod checkout;
 pub mod client_ip;
 pub mod config;
+pub mod conn_clock;
 pub mod demo;
 pub mod demo_checkout;
 pub mod error;

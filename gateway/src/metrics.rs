@@ -20,6 +20,11 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
+    /// Connections closed by a listener timeout, by listener and timeout
+    /// (`header_read`, `idle`).
+    pub connection_timeouts: IntCounterVec,
+    /// WebSocket tunnels open, by cluster.
+    pub websocket_tunnels: IntGaugeVec,
     pub upstream_requests: IntCounterVec,
     /// Failed upstream attempts by cause (the `x-flashgate-error` codes: `connect_refused`, `upstream_timeout`, ...).
     pub upstream_errors: IntCounterVec,
@@ -80,6 +85,16 @@ impl Metrics {
             ),
             connections_active: gauge("connections_active", "Open client connections.", &["listener"]),
             connections_total: counter("connections_total", "Accepted client connections.", &["listener"]),
+            connection_timeouts: counter(
+                "connection_timeouts_total",
+                "Client connections closed by a timeout: header_read (a request head too slow; dropped) or idle (no request for idle_timeout; closed gracefully).",
+                &["listener", "timeout"],
+            ),
+            websocket_tunnels: gauge(
+                "websocket_tunnels_active",
+                "Open WebSocket (upgraded) connections, by upstream cluster.",
+                &["cluster"],
+            ),
             upstream_requests: counter(
                 "upstream_requests_total",
                 "Requests sent to upstream endpoints.",

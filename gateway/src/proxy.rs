@@ -10,7 +10,6 @@
 //! here, so the order stays readable in one function.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use crate::access_log::{AccessRecord, UpstreamTiming};
 use crate::body::ProxyBody;
 use crate::cache;
 use crate::config::ListenerConfig;
+use crate::conn_clock::ConnClock;
 use crate::error::ProxyError;
 use crate::limits::{self, BodyVerdict, LimitedBody};
 use crate::router::{normalize_path, request_host};
@@ -48,15 +48,19 @@ pub struct ConnInfo {
     pub scheme: &'static str,
     /// The listener's settings: trusted proxies and request limits.
     pub config: Arc<ListenerConfig>,
+    /// Requests in flight and the header read / idle clocks.
+    pub clock: Arc<ConnClock>,
+    /// A WebSocket tunnel to run once hyper hands the connection over.
+    pub tunnel: upgrade::TunnelSlot,
 }
 
 /// Handles one request. Never fails: every error becomes a response here or
 /// in [`ProxyError::response`].
 pub async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
+    shared: &Shared,
+    conn: &ConnInfo,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Response<ProxyBody> {
     let started = Instant::now();
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = shared.runtime.load_full();
@@ -89,16 +93,16 @@ pub async fn handle(
     // The answer for a request refused before it has a route (one place:
     // metrics under route "none", the access log, the request id).
     let refuse = |e: ProxyError, head: &Parts| {
-        Ok(reject(
-            &shared,
+        reject(
+            shared,
             &runtime,
             e,
             head,
             &request_id,
-            &conn,
+            conn,
             client_ip,
             started,
-        ))
+        )
     };
 
     // Request limits the connection layer cannot check: target length
@@ -197,7 +201,7 @@ pub async fn handle(
         // WebSocket and other upgrades, on routes that allow them: a
         // connection of their own, spliced after the upstream's 101.
         (None, None, _) if route.websocket && upgrade::is_upgrade(&head) => {
-            match upgrade_request(&route.cluster, &mut head, client_ip, &conn, &host).await {
+            match upgrade_request(&route.cluster, &mut head, client_ip, conn, &host).await {
                 Ok((resp, ep)) => (resp, Some(ep)),
                 Err(e) => (e.response(&request_id), None),
             }
@@ -211,7 +215,7 @@ pub async fn handle(
             match prefetch(&mut body, listener.header_read_timeout.0).await {
                 Err(e) => (e.response(&request_id), None),
                 Ok(()) => {
-                    let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+                    let mut up = head_for_upstream(&mut head, client_ip, conn, &host);
                     pending.prepare_upstream(&mut up.headers);
                     let cluster = route.cluster.clone();
                     let verdict = verdict.clone();
@@ -229,7 +233,7 @@ pub async fn handle(
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
                 &route.cluster,
-                head_for_upstream(&mut head, client_ip, &conn, &host),
+                head_for_upstream(&mut head, client_ip, conn, &host),
                 body,
                 replay,
                 &verdict,
@@ -279,7 +283,7 @@ pub async fn handle(
         let record = access_record(
             &head,
             &request_id,
-            &conn,
+            conn,
             client_ip,
             route.name.clone(),
             endpoint.as_deref().map(|e| Arc::from(&*e.addr)),
@@ -289,7 +293,7 @@ pub async fn handle(
         );
         resp.body_mut().log_on_end(record);
     }
-    Ok(resp)
+    resp
 }
 
 /// Rewrites the URI's path to its normalized form, keeping the query.
@@ -397,7 +401,16 @@ async fn upgrade_request(
         .ok_or(ProxyError::UpgradeFailed)?;
     let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
     let up = head_for_upstream(head, client_ip, conn, host);
-    upgrade::pass_through(cluster, on, up.method, up.path, up.headers, protocol).await
+    upgrade::pass_through(
+        cluster,
+        on,
+        &conn.tunnel,
+        up.method,
+        up.path,
+        up.headers,
+        protocol,
+    )
+    .await
 }
 
 struct UpstreamHead {

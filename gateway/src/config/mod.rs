@@ -172,14 +172,20 @@ fn yes() -> bool {
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
-    /// Time a client has to send a complete request head. For HTTP/1.1 it
-    /// also bounds the idle wait for the next request on a keep-alive
-    /// connection (hyper starts the clock when it starts waiting for a
-    /// head), so behind a load balancer it must exceed the balancer's idle
-    /// timeout (an ALB's is 60s) or the balancer will sometimes reuse a
-    /// connection we just closed and answer 502.
+    /// HTTP/1.1: time from the first byte of a request head to its end
+    /// (for a new connection: from the start of HTTP, so also the time to
+    /// its first bytes). A client that dribbles a head is cut off
+    /// (slowloris); an idle keep-alive connection is not affected.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
+    /// A connection with no request in flight (HTTP/1.1 between keep-alive
+    /// requests, HTTP/2 with no open stream) for this long is closed
+    /// gracefully (HTTP/2: GOAWAY). The default, 75s, is above an ALB's
+    /// 60s idle timeout: behind a load balancer the balancer must close
+    /// idle connections first, or it will now and then send a request on a
+    /// connection we are closing and answer 502.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
     /// Largest request head (request line + headers) accepted, HTTP/1.1 and
     /// HTTP/2 alike. Larger heads get 431.
     #[serde(default = "default_max_header_bytes")]
@@ -265,6 +271,10 @@ fn default_max_concurrent_streams() -> u32 {
 }
 
 fn default_header_read_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+
+fn default_idle_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(75))
 }
 
@@ -668,6 +678,12 @@ impl Config {
                     "must be above zero",
                 ));
             }
+            if l.idle_timeout.0.is_zero() {
+                return Err(ConfigError::at(
+                    format!("{p}.idle_timeout"),
+                    "must be above zero",
+                ));
+            }
             crate::limits::validate_listener(l, &p)?;
             if let Some(tls) = &l.tls {
                 crate::tls::validate(tls, &format!("{p}.tls"))?;
@@ -969,6 +985,14 @@ upstream = "catalog"
         assert_eq!(c.upstreams[0].retries, 1);
         assert_eq!(c.routes[0].priority, Priority::Normal);
         assert_eq!(c.listeners[0].max_header_bytes, Size(65536));
+        assert_eq!(
+            c.listeners[0].header_read_timeout,
+            Dur(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            c.listeners[0].idle_timeout,
+            Dur(std::time::Duration::from_secs(75))
+        );
     }
 
     #[test]
@@ -1102,6 +1126,24 @@ upstream = "catalog"
         assert_eq!(e.path, "upstreams[0].outlier.max_ejection_percent");
         let e = err("[upstreams.health]\ntimeout = \"0s\"\n");
         assert_eq!(e.path, "upstreams[0].health.timeout");
+    }
+
+    #[test]
+    fn listener_timeouts_are_bounded() {
+        for key in ["header_read_timeout", "idle_timeout"] {
+            let e = Config::parse(&BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{key} = \"0s\""),
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, format!("listeners[0].{key}"));
+            let e = Config::parse(&BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{key} = \"25h\""),
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, format!("listeners[0].{key}"));
+        }
     }
 
     #[test]
