@@ -429,3 +429,43 @@ async fn hanging_collector_drops_spans_not_requests() {
     assert_eq!(dropped + queued, 41.0, "every span is queued or dropped");
     held.abort();
 }
+
+/// `[tracing]` is read at start: a reload that changes, adds or removes it
+/// is applied for the rest and reports `tracing` as needing a restart.
+#[tokio::test]
+async fn tracing_changes_need_a_restart() {
+    let echo = Upstream::echo().await;
+    let down = closed_port().await;
+    let with = |ratio: &str| {
+        config(
+            &[echo.addr],
+            "",
+            &format!("[tracing]\nendpoint = \"http://{down}\"\nsample_ratio = {ratio}\n"),
+        )
+    };
+    let dir = flashgate_tests::tls::temp_dir("otlp-reload");
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, with("1.0")).unwrap();
+    let cfg = flashgate_tests::Config::load(&path).unwrap();
+    let gw = flashgate_tests::Gateway::start(cfg, Some(path.clone()))
+        .await
+        .unwrap();
+    let same = gw.shared.reload().await.unwrap();
+    assert!(same.restart_required.is_empty(), "{same:?}");
+    std::fs::write(&path, with("0.5")).unwrap();
+    let changed = gw.shared.reload().await.unwrap();
+    assert_eq!(changed.restart_required, vec!["tracing".to_string()]);
+    std::fs::write(&path, config(&[echo.addr], "", "")).unwrap();
+    let removed = gw.shared.reload().await.unwrap();
+    assert_eq!(removed.restart_required, vec!["tracing".to_string()]);
+    // The exporter started with keeps running.
+    assert!(gw.shared.otel.is_some());
+    std::fs::write(
+        &path,
+        with("1.0").replace(&format!("http://{down}"), "ftp://x"),
+    )
+    .unwrap();
+    let refused = gw.shared.reload().await.unwrap_err();
+    assert!(refused.starts_with("tracing.endpoint: "), "{refused}");
+    gw.shutdown().await;
+}
