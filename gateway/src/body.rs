@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use crate::access_log::AccessRecord;
 use crate::conn_clock::ActiveRequest;
+use crate::otel::RequestSpan;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -30,6 +31,8 @@ pub struct ProxyBody {
     /// The access log line, written when the body is dropped (sent or
     /// abandoned), with the bytes that went out.
     log: Option<Box<AccessRecord>>,
+    /// The request's span (`[tracing]`), ended at the same moment.
+    span: Option<Box<RequestSpan>>,
     sent: u64,
     ended: bool,
 }
@@ -56,6 +59,7 @@ impl ProxyBody {
             chain: None,
             request: None,
             log: None,
+            span: None,
             sent: 0,
             ended: false,
         }
@@ -69,6 +73,7 @@ impl ProxyBody {
             chain: None,
             request: None,
             log: None,
+            span: None,
             sent: 0,
             ended: false,
         }
@@ -93,6 +98,7 @@ impl ProxyBody {
             chain: None,
             request: None,
             log: None,
+            span: None,
             sent: 0,
             ended: false,
         }
@@ -144,6 +150,11 @@ impl ProxyBody {
     /// Writes `record` to the access log when this body is done.
     pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
         self.log = Some(record);
+    }
+
+    /// Ends `span` when this body is done.
+    pub fn span_on_end(&mut self, span: RequestSpan) {
+        self.span = Some(Box::new(span));
     }
 
     /// The response was read to its end: its connection can be reused.
@@ -217,9 +228,15 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if self.log.is_none() && self.span.is_none() {
+            return;
+        }
+        let complete = self.ended || self.is_end_stream();
         if let Some(record) = self.log.take() {
-            let complete = self.ended || self.is_end_stream();
             record.emit(self.sent, complete);
+        }
+        if let Some(span) = self.span.take() {
+            span.finish(self.sent, complete);
         }
     }
 }

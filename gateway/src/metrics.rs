@@ -3,7 +3,8 @@
 //! once when config loads, so a request does not hash label values for them.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets from 0.5 ms to 10 s: a cache hit and a slow checkout both
@@ -157,6 +158,30 @@ impl Metrics {
         }
     }
 
+    /// Registers the span exporter's counters (`[tracing]`); called once,
+    /// when the exporter starts, so a gateway without one shows none.
+    pub fn otlp(&self) -> prometheus::Result<OtlpMetrics> {
+        let spans = IntCounterVec::new(
+            Opts::new(
+                "otlp_spans_total",
+                "Request spans by what became of them: queued (entered the export queue), exported (the collector accepted them), export_failed (lost: the export failed after its retries). Queue-full drops: otlp_spans_dropped_total.",
+            ),
+            &["result"],
+        )?;
+        self.registry.register(Box::new(spans.clone()))?;
+        let dropped = IntCounter::with_opts(Opts::new(
+            "otlp_spans_dropped_total",
+            "Request spans dropped because the export queue was full (collector slow or down).",
+        ))?;
+        self.registry.register(Box::new(dropped.clone()))?;
+        Ok(OtlpMetrics {
+            queued: spans.with_label_values(&["queued"]),
+            exported: spans.with_label_values(&["exported"]),
+            export_failed: spans.with_label_values(&["export_failed"]),
+            dropped,
+        })
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -165,6 +190,20 @@ impl Metrics {
             .expect("text encoding into a Vec cannot fail");
         out
     }
+}
+
+/// The span exporter's counters (see `crate::otel`).
+#[derive(Clone, Debug)]
+pub struct OtlpMetrics {
+    /// Sampled spans that entered the export queue.
+    pub queued: IntCounter,
+    /// Spans the collector accepted (a 2xx answer).
+    pub exported: IntCounter,
+    /// Spans whose export request failed after its retries (collector down,
+    /// refused, timed out): they are lost.
+    pub export_failed: IntCounter,
+    /// Spans not queued because the queue was full.
+    pub dropped: IntCounter,
 }
 
 impl Default for Metrics {

@@ -33,7 +33,7 @@ use crate::runtime::Runtime;
 use crate::upgrade;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
-use crate::{client_ip as identity, headers};
+use crate::{client_ip as identity, headers, otel};
 
 /// What the listener knows about the connection a request came on.
 pub struct ConnInfo {
@@ -80,6 +80,22 @@ pub async fn handle(
         .unwrap_or(&conn.config);
     let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &listener.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
+    // Trace: with an exporter the request's server span starts here, as a
+    // child of the client's traceparent; its context is what the upstream
+    // gets. Without one the traceparent is continued on the way out.
+    let mut span = shared.otel.as_ref().map(|o| {
+        let mut s = o.start_span(&head);
+        s.arrived(otel::Arrival {
+            head: &head,
+            scheme: conn.scheme,
+            listener: &conn.listener,
+            peer: conn.peer,
+            client: client_ip,
+            request_id: &request_id,
+        });
+        s
+    });
+    let trace = span.as_ref().map(|s| s.context);
     // The JWT subject becomes the user header; a user header the client
     // sent never passes, verified token or not (see `jwt`).
     let identified = match &runtime.jwt {
@@ -92,7 +108,7 @@ pub async fn handle(
 
     // The answer for a request refused before it has a route (one place:
     // metrics under route "none", the access log, the request id).
-    let refuse = |e: ProxyError, head: &Parts| {
+    let mut refuse = |e: ProxyError, head: &Parts| {
         reject(
             shared,
             &runtime,
@@ -102,6 +118,7 @@ pub async fn handle(
             conn,
             client_ip,
             started,
+            span.take(),
         )
     };
 
@@ -201,7 +218,7 @@ pub async fn handle(
         // WebSocket and other upgrades, on routes that allow them: a
         // connection of their own, spliced after the upstream's 101.
         (None, None, _) if route.websocket && upgrade::is_upgrade(&head) => {
-            match upgrade_request(&route.cluster, &mut head, client_ip, conn, &host).await {
+            match upgrade_request(&route.cluster, &mut head, client_ip, conn, &host, trace).await {
                 Ok((resp, ep)) => (resp, Some(ep)),
                 Err(e) => (e.response(&request_id), None),
             }
@@ -215,7 +232,7 @@ pub async fn handle(
             match prefetch(&mut body, listener.header_read_timeout.0).await {
                 Err(e) => (e.response(&request_id), None),
                 Ok(()) => {
-                    let mut up = head_for_upstream(&mut head, client_ip, conn, &host);
+                    let mut up = head_for_upstream(&mut head, client_ip, conn, &host, trace);
                     pending.prepare_upstream(&mut up.headers);
                     let cluster = route.cluster.clone();
                     let verdict = verdict.clone();
@@ -233,7 +250,7 @@ pub async fn handle(
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
                 &route.cluster,
-                head_for_upstream(&mut head, client_ip, conn, &host),
+                head_for_upstream(&mut head, client_ip, conn, &host, trace),
                 body,
                 replay,
                 &verdict,
@@ -293,6 +310,17 @@ pub async fn handle(
         );
         resp.body_mut().log_on_end(record);
     }
+    if let Some(mut span) = span {
+        span.answered(otel::Answer {
+            route: &route.name,
+            host: &host,
+            path: head.uri.path(),
+            upstream: endpoint.as_deref().map(|e| e.addr.as_str()),
+            status,
+            headers: resp.headers(),
+        });
+        resp.body_mut().span_on_end(span);
+    }
     resp
 }
 
@@ -323,6 +351,7 @@ fn reject(
     conn: &ConnInfo,
     client_ip: IpAddr,
     started: Instant,
+    span: Option<otel::RequestSpan>,
 ) -> Response<ProxyBody> {
     let mut resp = err.response(request_id);
     resp.headers_mut()
@@ -346,6 +375,17 @@ fn reject(
         );
         resp.body_mut().log_on_end(record);
     }
+    if let Some(mut span) = span {
+        span.answered(otel::Answer {
+            route: &Arc::from("none"),
+            host: "",
+            path: head.uri.path(),
+            upstream: None,
+            status: resp.status(),
+            headers: resp.headers(),
+        });
+        resp.body_mut().span_on_end(span);
+    }
     resp
 }
 
@@ -355,6 +395,7 @@ fn head_for_upstream(
     client_ip: IpAddr,
     conn: &ConnInfo,
     host: &str,
+    trace: Option<headers::TraceContext>,
 ) -> UpstreamHead {
     // The client's head keeps only what the access log reads; the headers
     // move to the upstream request rather than being copied.
@@ -375,7 +416,12 @@ fn head_for_upstream(
     if let Ok(v) = HeaderValue::try_from(client_ip.to_string()) {
         headers.insert(headers::X_REAL_IP.clone(), v);
     }
-    headers::continue_trace(&mut headers);
+    // The span's context when an exporter is on (decided when the request
+    // arrived), else the client's trace continued now.
+    match trace {
+        Some(ctx) => ctx.write(&mut headers),
+        None => headers::continue_trace(&mut headers),
+    }
     UpstreamHead {
         method: head.method.clone(),
         path: head
@@ -394,13 +440,14 @@ async fn upgrade_request(
     client_ip: IpAddr,
     conn: &ConnInfo,
     host: &str,
+    trace: Option<headers::TraceContext>,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let on = head
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or(ProxyError::UpgradeFailed)?;
     let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
-    let up = head_for_upstream(head, client_ip, conn, host);
+    let up = head_for_upstream(head, client_ip, conn, host, trace);
     upgrade::pass_through(
         cluster,
         on,

@@ -11,6 +11,7 @@
 //! Every key and its default is documented in `docs/config.md`.
 
 pub mod cache;
+pub mod otlp;
 pub mod units;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use filters::{FailMode, Priority};
 use serde::Deserialize;
 
 pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
+pub use otlp::TracingConfig;
 pub use units::{Dur, Rate, Size};
 
 /// A config error: where (key path) and what.
@@ -68,6 +70,9 @@ pub struct Config {
     /// The cache's shared L2; without it each gateway caches on its own.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// OpenTelemetry span export (OTLP/HTTP); absent = none.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
 }
 
 /// What SIGTERM does (see `Gateway::shutdown`).
@@ -910,6 +915,9 @@ impl Config {
         self.cache.validate()?;
         if let Some(r) = &self.redis {
             r.validate()?;
+        }
+        if let Some(t) = &self.tracing {
+            t.validate()?;
         }
         Ok(())
     }
