@@ -191,6 +191,13 @@ pub struct ListenerConfig {
     /// connection we are closing and answer 502.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
+    /// An HTTP/1.1 keep-alive connection idle this long is parked: its
+    /// HTTP state and buffers (about 16 KiB) are freed and only the socket
+    /// (and TLS session) is kept until the client sends again. Parking and
+    /// waking cost a little CPU, so connections busy with back-to-back
+    /// requests are left alone. `0s`: park as soon as a connection is idle.
+    #[serde(default = "default_park_idle_after")]
+    pub park_idle_after: Dur,
     /// Largest request head (request line + headers) accepted, HTTP/1.1 and
     /// HTTP/2 alike. Larger heads get 431.
     #[serde(default = "default_max_header_bytes")]
@@ -281,6 +288,10 @@ fn default_header_read_timeout() -> Dur {
 
 fn default_idle_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(75))
+}
+
+fn default_park_idle_after() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
 }
 
 fn default_max_header_bytes() -> Size {
