@@ -306,13 +306,22 @@ impl Listener {
         // once its 101 has been sent (see `proxy::upgrade`).
         let ended = if h2 {
             let io = HeadWatch::new(io, None);
-            let connection = pin!(settings
-                .h2
-                .serve_connection_with_upgrades(TokioIo::new(io), service));
+            // Boxed, so that the HTTP/1.1 connections' tasks, parked or
+            // not, are not sized for an HTTP/2 connection.
+            let mut connection = Box::pin(
+                settings
+                    .h2
+                    .serve_connection_with_upgrades(TokioIo::new(io), service),
+            );
             let run = self
-                .drive(&mut clocks, connection, &mut drain, client, None, |c| {
-                    c.graceful_shutdown()
-                })
+                .drive(
+                    &mut clocks,
+                    connection.as_mut(),
+                    &mut drain,
+                    client,
+                    None,
+                    |c| c.graceful_shutdown(),
+                )
                 .await;
             match run {
                 Run::Ended(ended) => ended,
