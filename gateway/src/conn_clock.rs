@@ -477,4 +477,46 @@ mod tests {
         let h2 = ConnClock::new(false);
         assert_eq!(h2.pending_head(), None);
     }
+
+    /// Parkable only while hyper's head timer lives, nothing is in flight,
+    /// no head byte has come and every write has been flushed.
+    #[tokio::test]
+    async fn parkable_needs_a_head_wait_and_a_flush() {
+        use tokio::io::AsyncWriteExt;
+
+        let c = ConnClock::new(true);
+        c.begin();
+        c.end();
+        assert!(!c.parkable(), "hyper is not waiting for a head");
+        let timer = ParkTimer(c.clone());
+        let wait = timer.sleep(Duration::from_secs(60));
+        assert!(c.parkable());
+        // hyper's reset: a new timer first, then the old one dropped.
+        let again = timer.sleep(Duration::from_secs(60));
+        drop(wait);
+        assert!(c.parkable());
+
+        // A write the peer has not taken yet: not parkable until flushed.
+        let (near, mut far) = tokio::io::duplex(4);
+        let mut io = HeadWatch::new(near, Some(c.clone()));
+        let wrote = poll_fn(|cx| Poll::Ready(Pin::new(&mut io).poll_write(cx, b"12345678"))).await;
+        assert!(matches!(wrote, Poll::Ready(Ok(4))));
+        assert!(!c.parkable(), "written, not flushed");
+        io.flush().await.unwrap();
+        assert!(c.parkable());
+
+        // Bytes from the client with nothing in flight: a head has begun.
+        far.write_all(b"G").await.unwrap();
+        let mut buf = [0u8; 8];
+        let _ = tokio::io::AsyncReadExt::read(&mut io, &mut buf)
+            .await
+            .unwrap();
+        assert!(!c.parkable(), "a head has begun");
+        c.begin();
+        assert!(!c.parkable(), "a request in flight");
+        c.end();
+        assert!(c.parkable());
+        drop(again);
+        assert!(!c.parkable(), "hyper parsed a head");
+    }
 }

@@ -89,6 +89,7 @@ pub fn upgrade_headers(head: &Parts) -> Option<HeaderValue> {
 /// upstream's connections in `tunnel`. `headers` are the upstream request's
 /// headers (hop-by-hop already removed); `upgrade` is the client's
 /// `Upgrade` value.
+#[allow(clippy::too_many_arguments)]
 pub async fn pass_through(
     cluster: &Arc<Cluster>,
     client: OnUpgrade,
