@@ -226,15 +226,22 @@ impl Listener {
                 prefix,
                 inner: stream,
             };
-            return self
-                .serve_http(&settings, io, h2, client, proxied_by, "http", http_from)
-                .await;
+            return Box::pin(
+                self.serve_http(&settings, io, h2, client, proxied_by, "http", http_from),
+            )
+            .await;
         };
         let io = Rewind {
             prefix,
             inner: stream,
         };
-        match tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await {
+        // Boxed: the handshake's state (a whole rustls connection) would
+        // otherwise stay part of the task's size for its whole life.
+        let handshake = Box::pin(tokio::time::timeout(
+            *handshake_timeout,
+            acceptor.accept(io),
+        ));
+        match handshake.await {
             Ok(Ok(tls)) => {
                 // ALPN decides; a client that offered none speaks HTTP/1.1.
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -243,7 +250,7 @@ impl Listener {
                     prefix: Bytes::new(),
                     inner: tls,
                 };
-                self.serve_http(&settings, io, h2, client, proxied_by, "https", http_from)
+                Box::pin(self.serve_http(&settings, io, h2, client, proxied_by, "https", http_from))
                     .await
             }
             Ok(Err(e)) => {
@@ -313,16 +320,15 @@ impl Listener {
                     .h2
                     .serve_connection_with_upgrades(TokioIo::new(io), service),
             );
-            let run = self
-                .drive(
-                    &mut clocks,
-                    connection.as_mut(),
-                    &mut drain,
-                    client,
-                    None,
-                    |c| c.graceful_shutdown(),
-                )
-                .await;
+            let run = Box::pin(self.drive(
+                &mut clocks,
+                connection.as_mut(),
+                &mut drain,
+                client,
+                None,
+                |c| c.graceful_shutdown(),
+            ))
+            .await;
             match run {
                 Run::Ended(ended) => ended,
                 Run::Dropped | Run::Park => return,
@@ -332,13 +338,14 @@ impl Listener {
             // lazily, as the clocks' timer is.
             let mut park_timer = pin!(tokio::time::sleep_until(http_from));
             loop {
-                let mut builder = settings.h1.clone();
-                builder.timer(ParkTimer(clock.clone()));
-                let io_watch = HeadWatch::new(io, Some(clock.clone()));
+                let io_watch = TokioIo::new(HeadWatch::new(io, Some(clock.clone())));
                 // Boxed: parking frees it with the buffers it owns.
                 let mut connection = Box::pin(
-                    builder
-                        .serve_connection(TokioIo::new(io_watch), service)
+                    settings
+                        .h1
+                        .clone()
+                        .timer(ParkTimer(clock.clone()))
+                        .serve_connection(io_watch, service)
                         .with_upgrades(),
                 );
                 let park = Park {
@@ -346,16 +353,17 @@ impl Listener {
                     after: cfg.park_idle_after.0,
                     timer: park_timer.as_mut(),
                 };
-                let run = self
-                    .drive(
-                        &mut clocks,
-                        connection.as_mut(),
-                        &mut drain,
-                        client,
-                        Some(park),
-                        |c| c.graceful_shutdown(),
-                    )
-                    .await;
+                // Boxed too: what serving takes is freed while parked, and
+                // the task itself stays small.
+                let run = Box::pin(self.drive(
+                    &mut clocks,
+                    connection.as_mut(),
+                    &mut drain,
+                    client,
+                    Some(park),
+                    |c| c.graceful_shutdown(),
+                ))
+                .await;
                 match run {
                     Run::Ended(ended) => break ended.map_err(Into::into),
                     Run::Dropped => return,
