@@ -256,35 +256,48 @@ impl Instance {
 
     /// Runs `call` with the stream's data in the store as the current and
     /// effective context, and takes the data back afterwards, whatever
-    /// happened.
+    /// happened. A stream the guest does not know yet gets its
+    /// `proxy_on_context_create(id, root)` first, in the same round trip
+    /// (each guest call under its own deadline).
     fn with_stream<R>(
         &mut self,
         data: &mut Option<Box<StreamData>>,
         call: impl FnOnce(&mut Store<HostState>, &Exports, u32) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        let Some(d) = data.take() else {
+        let Some(mut d) = data.take() else {
             return Err(Failure::new(FailKind::Unavailable, "stream data missing"));
         };
         let id = d.id;
-        {
+        let create = !d.created;
+        d.created = true;
+        let root = {
             let s = self.store.data_mut();
             s.cur = Some(d);
             s.effective = id;
-        }
-        let r = self.call(|s, f| call(s, f, id));
+            s.root_id
+        };
+        let ticks = self.store.data().plugin.call_ticks;
+        let r = self.call(|s, f| {
+            if create {
+                f.context_create.call(&mut *s, (id, root))?;
+                s.set_epoch_deadline(ticks);
+            }
+            call(s, f, id)
+        });
         let s = self.store.data_mut();
         *data = s.cur.take();
         s.effective = s.root_id;
         r
     }
 
-    /// `proxy_on_context_create(id, root)` for a new HTTP context.
-    pub(crate) fn create_context(
-        &mut self,
-        data: &mut Option<Box<StreamData>>,
-    ) -> Result<(), Failure> {
-        let root = self.store.data().root_id;
-        self.with_stream(data, |s, f, id| f.context_create.call(s, (id, root)))
+    /// Data for a new stream of this instance (see [`HostState::stream_data`]).
+    pub(crate) fn stream_data(&mut self, id: u32, info: &crate::StreamInfo) -> Box<StreamData> {
+        self.store.data_mut().stream_data(id, info)
+    }
+
+    /// Takes back an ended stream's data for reuse.
+    pub(crate) fn recycle(&mut self, data: Box<StreamData>) {
+        self.store.data_mut().recycle(data);
     }
 
     /// `proxy_on_request_headers`; returns the guest's action.
@@ -442,7 +455,11 @@ impl Instance {
         // on_done's answer ("may I be deleted now?") matters for root
         // contexts only; an HTTP stream is over either way. The three run
         // in one host round trip (the stream data moves in once), each
-        // with its own deadline.
+        // with its own deadline. A context the guest never saw has
+        // nothing to end.
+        if data.as_ref().is_some_and(|d| !d.created) {
+            return Ok(());
+        }
         let ticks = self.store.data().plugin.call_ticks;
         self.with_stream(data, |s, f, id| {
             if let Some(cb) = &f.done {

@@ -28,6 +28,10 @@
 //!   UNIMPLEMENTED, which goes to `x-grpc-status` before resuming.
 //! - `ticks`: reports how many ticks the root contexts saw
 //!   (`x-ticks`, from shared data).
+//! - `close-request`, `close-response`, `close-resp-body`: reset the
+//!   stream (`proxy_close_stream`) from the request headers, response
+//!   headers or first response body callback (then return `Continue`: the
+//!   reset must win).
 //!
 //! Response trailers get `x-wasm-trailer: 1`.
 //!
@@ -377,6 +381,7 @@ impl HttpContext for Stream {
                 let (v, _) = self.get_shared_data("ticks");
                 self.set_http_request_header("x-ticks", Some(&int(v)));
             }
+            "close-request" => self.reset_http_request(),
             "log" => {
                 log::trace!("test-host trace");
                 log::debug!("test-host debug");
@@ -413,6 +418,9 @@ impl HttpContext for Stream {
             let status = self.get_http_response_header(":status").unwrap_or_default();
             self.set_http_response_header("x-status-seen", Some(&status));
         }
+        if self.test == "close-response" {
+            self.reset_http_response();
+        }
         if self.test == "local-response-phase" {
             self.send_http_response(503, vec![("x-replaced", "1")], Some(b"replaced"));
             return Action::Pause;
@@ -438,6 +446,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.test == "close-resp-body" {
+            self.reset_http_response();
+        }
         if self.test == "resp-body" {
             if !end_of_stream {
                 return Action::Pause;
