@@ -29,6 +29,7 @@ function init(args)
   i = tid
   body = '{"sku":"' .. sku .. '","qty":1}'
   created, replay, soldout, limited, other = 0, 0, 0, 0, 0
+  other_status = 0
 end
 
 function request()
@@ -47,18 +48,19 @@ function response(status, headers, body)
   elseif status == 200 then replay = replay + 1
   elseif status == 409 then soldout = soldout + 1
   elseif status == 429 then limited = limited + 1
-  else other = other + 1 end
+  else other = other + 1; other_status = status end
 end
 
 function done(summary, latency, requests)
-  local c, r, s, l, o = 0, 0, 0, 0, 0
+  local c, r, s, l, o, os = 0, 0, 0, 0, 0, 0
   for _, t in ipairs(threads) do
     c = c + t:get("created"); r = r + t:get("replay"); s = s + t:get("soldout")
     l = l + t:get("limited"); o = o + t:get("other")
+    if t:get("other_status") ~= 0 then os = t:get("other_status") end
   end
   io.write(string.format(
-    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"created":%d,"replay":%d,"sold_out":%d,"over_limit":%d,"other":%d,"socket_errors":%d}\n',
+    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"created":%d,"replay":%d,"sold_out":%d,"over_limit":%d,"other":%d,"other_status":%d,"socket_errors":%d}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    c, r, s, l, o,
+    c, r, s, l, o, os,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end

@@ -18,27 +18,52 @@ use crate::{BodyFlow, FilterFactory, Flow, LocalResponse, StreamFilter, StreamIn
 #[derive(Clone, Default)]
 pub struct FilterChain {
     factories: Arc<[Arc<dyn FilterFactory>]>,
-    /// Which filters want body callbacks, by position.
-    body_filters: Arc<[bool]>,
+    bodies: Arc<BodyRouting>,
+}
+
+/// Which filters of a chain get body callbacks, and the bound on what they
+/// may hold.
+#[derive(Default)]
+pub(crate) struct BodyRouting {
+    /// By position.
+    filters: Box<[bool]>,
     /// Any of them.
-    wants_bodies: bool,
-    body_limit: usize,
+    any: bool,
+    /// The smallest `body_limit` of those that do.
+    limit: usize,
+}
+
+impl BodyRouting {
+    fn of(factories: &[Arc<dyn FilterFactory>]) -> BodyRouting {
+        let filters: Box<[bool]> = factories.iter().map(|f| f.wants_bodies()).collect();
+        let limit = factories
+            .iter()
+            .zip(filters.iter())
+            .filter(|(_, wants)| **wants)
+            .map(|(f, _)| f.body_limit())
+            .min()
+            .unwrap_or(crate::DEFAULT_BODY_LIMIT);
+        BodyRouting {
+            any: filters.iter().any(|b| *b),
+            filters,
+            limit,
+        }
+    }
+
+    /// Do the factories still say what this routing was built from?
+    fn current(&self, factories: &[Arc<dyn FilterFactory>]) -> bool {
+        factories
+            .iter()
+            .zip(self.filters.iter())
+            .all(|(f, wants)| f.wants_bodies() == *wants)
+    }
 }
 
 impl FilterChain {
     pub fn new(factories: Vec<Arc<dyn FilterFactory>>) -> Self {
-        let body_filters: Arc<[bool]> = factories.iter().map(|f| f.wants_bodies()).collect();
-        let body_limit = factories
-            .iter()
-            .filter(|f| f.wants_bodies())
-            .map(|f| f.body_limit())
-            .min()
-            .unwrap_or(crate::DEFAULT_BODY_LIMIT);
         FilterChain {
+            bodies: Arc::new(BodyRouting::of(&factories)),
             factories: factories.into(),
-            wants_bodies: body_filters.iter().any(|b| *b),
-            body_filters,
-            body_limit,
         }
     }
 
@@ -50,29 +75,37 @@ impl FilterChain {
         self.factories.iter().map(|f| f.name())
     }
 
-    /// Does any filter of the chain look at bodies?
+    /// Does any filter of the chain look at bodies (as it was built)?
     pub fn wants_bodies(&self) -> bool {
-        self.wants_bodies
+        self.bodies.any
     }
 
     /// Makes the per-request state of every filter in the chain.
     pub fn start(&self) -> ChainStream {
+        // A Wasm module swapped in from its file (not through a config
+        // reload, which builds a new chain) may export body callbacks the
+        // old one did not, or drop them: each stream asks again, one cheap
+        // call per filter, and builds a new routing only when it changed.
+        let bodies = if self.bodies.current(&self.factories) {
+            self.bodies.clone()
+        } else {
+            Arc::new(BodyRouting::of(&self.factories))
+        };
         let filters = match &*self.factories {
             [one] => Filters::One(one.new_stream()),
             all => Filters::Many(all.iter().map(|f| f.new_stream()).collect()),
         };
         ChainStream {
             len: self.factories.len(),
+            wants_bodies: bodies.any,
             inner: Arc::new(Mutex::new(ChainInner {
                 filters,
                 entered: 0,
-                body_filters: self.body_filters.clone(),
-                body_limit: self.body_limit,
+                bodies,
                 req_held: Vec::new(),
                 resp_held: Vec::new(),
                 reset: false,
             })),
-            wants_bodies: self.wants_bodies,
         }
     }
 }
@@ -118,8 +151,7 @@ pub(crate) struct ChainInner {
     filters: Filters,
     /// How many filters saw the request phase; only those see the response.
     entered: usize,
-    body_filters: Arc<[bool]>,
-    body_limit: usize,
+    bodies: Arc<BodyRouting>,
     /// Bytes a filter holds after `BodyFlow::Buffer`, by filter index
     /// (empty, and unallocated, unless a filter holds a body).
     req_held: Vec<(usize, BytesMut)>,
@@ -270,7 +302,7 @@ impl ChainInner {
                 Dir::Request => step,
                 Dir::Response => n - 1 - step,
             };
-            if !self.body_filters[i] {
+            if !self.bodies.filters[i] {
                 continue;
             }
             let held = match dir {
@@ -297,8 +329,8 @@ impl ChainInner {
                 // Nothing more will come to wait for: the data goes on.
                 BodyFlow::Buffer if end_of_stream => chunk = data,
                 BodyFlow::Buffer => {
-                    if data.len() > self.body_limit {
-                        return Err(BodyStop::TooLarge(self.body_limit));
+                    if data.len() > self.bodies.limit {
+                        return Err(BodyStop::TooLarge(self.bodies.limit));
                     }
                     held.push((i, BytesMut::from(data)));
                     return Ok(Bytes::new());
@@ -327,7 +359,7 @@ impl ChainInner {
                 Dir::Request => step,
                 Dir::Response => n - 1 - step,
             };
-            if !self.body_filters[i] {
+            if !self.bodies.filters[i] {
                 continue;
             }
             let r = match dir {
@@ -515,6 +547,53 @@ mod tests {
         assert!(!FilterChain::new(vec![native]).wants_bodies());
     }
 
+    /// A filter whose body callbacks come and go, like a Wasm module
+    /// swapped in from its file.
+    struct Swappable(Arc<std::sync::atomic::AtomicBool>);
+
+    impl FilterFactory for Swappable {
+        fn name(&self) -> &str {
+            "swappable"
+        }
+        fn new_stream(&self) -> Box<dyn StreamFilter> {
+            Box::new(Swappable(self.0.clone()))
+        }
+        fn wants_bodies(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn body_limit(&self) -> usize {
+            7
+        }
+    }
+
+    impl StreamFilter for Swappable {}
+
+    #[test]
+    fn body_routing_follows_a_swapped_module() {
+        let bodies = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (recorded, _, _) = chain(&[("a", false, false)]);
+        let c = FilterChain::new(vec![
+            recorded.factories[0].clone(),
+            Arc::new(Swappable(bodies.clone())),
+        ]);
+        let before = c.start();
+        assert!(!before.wants_bodies());
+
+        bodies.store(true, Ordering::SeqCst);
+        let after = c.start();
+        assert!(after.wants_bodies());
+        {
+            let inner = after.lock();
+            assert_eq!(&*inner.bodies.filters, &[false, true]);
+            assert_eq!(inner.bodies.limit, 7);
+        }
+        // A stream keeps the routing it started with.
+        assert!(!before.wants_bodies());
+
+        bodies.store(false, Ordering::SeqCst);
+        assert!(!c.start().wants_bodies());
+    }
+
     /// Resets the stream in the phase `on` names.
     struct Resetter {
         on: &'static str,
@@ -557,7 +636,10 @@ mod tests {
         ];
         let (mut req, mut resp) = parts();
         let mut s = FilterChain::new(factories.clone()).start();
-        assert_eq!(s.on_request(&mut req, &info()).await.unwrap_err(), StreamReset);
+        assert_eq!(
+            s.on_request(&mut req, &info()).await.unwrap_err(),
+            StreamReset
+        );
         assert!(s.is_reset());
         drop(s);
         // c never saw the request; a and c still end exactly once.
@@ -569,14 +651,14 @@ mod tests {
         let mut s = FilterChain::new(factories).start();
         assert!(s.on_request(&mut req, &info()).await.unwrap().is_none());
         assert!(!s.is_reset());
-        assert_eq!(s.on_response(&mut resp, &info()).await.unwrap_err(), StreamReset);
+        assert_eq!(
+            s.on_response(&mut resp, &info()).await.unwrap_err(),
+            StreamReset
+        );
         assert!(s.is_reset());
         drop(s);
         // The response phase stops at the filter that reset: a never sees it.
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["req:a", "req:a", "req:c", "resp:c"]
-        );
+        assert_eq!(*log.lock().unwrap(), ["req:a", "req:a", "req:c", "resp:c"]);
         assert_eq!(done.load(Ordering::SeqCst), 4);
     }
 

@@ -205,7 +205,11 @@ async fn bot_score_blocks_at_threshold() {
     let f = load("bot-score-block", "bot_score", r#"{"block_at": 50}"#);
     let mut req = request(&[("user-agent", "python-requests/2.31")]);
     let mut s = chain(&f).start();
-    let local = s.on_request(&mut req, &info(0)).await.unwrap().expect("blocked");
+    let local = s
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap()
+        .expect("blocked");
     assert_eq!(local.status, StatusCode::FORBIDDEN);
     assert_eq!(h(&local.headers, "x-bot-score"), "80");
     assert_eq!(&local.body[..], b"automated traffic is not allowed\n");
@@ -225,7 +229,10 @@ async fn degrade_answers_locally_under_load() {
         let mut req = request(&[]);
         let mut s = c.start();
         assert!(
-            s.on_request(&mut req, &info(level)).await.unwrap().is_none(),
+            s.on_request(&mut req, &info(level))
+                .await
+                .unwrap()
+                .is_none(),
             "level {level}"
         );
     }
@@ -320,14 +327,22 @@ async fn local_response_and_config() {
     let f = load("local-filter", "test_host", "hello config");
     let mut req = request(&[("x-test", "local")]);
     let mut s = chain(&f).start();
-    let local = s.on_request(&mut req, &info(0)).await.unwrap().expect("local");
+    let local = s
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap()
+        .expect("local");
     assert_eq!(local.status, StatusCode::IM_A_TEAPOT);
     assert_eq!(h(&local.headers, "x-local"), "1");
     assert_eq!(&local.body[..], b"teapot");
 
     let mut req = request(&[("x-test", "config")]);
     let mut s = chain(&f).start();
-    let local = s.on_request(&mut req, &info(0)).await.unwrap().expect("local");
+    let local = s
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap()
+        .expect("local");
     assert_eq!(&local.body[..], b"hello config");
 }
 
@@ -338,7 +353,11 @@ async fn local_response_in_response_phase_replaces_it() {
     let mut s = chain(&f).start();
     assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[]);
-    let replaced = s.on_response(&mut resp, &info(0)).await.unwrap().expect("replaced");
+    let replaced = s
+        .on_response(&mut resp, &info(0))
+        .await
+        .unwrap()
+        .expect("replaced");
     assert_eq!(replaced.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h(&resp.headers, "x-replaced"), "1");
@@ -496,7 +515,11 @@ async fn ticks_reach_the_root_context() {
     let f = load("ticks", "test_host", "");
     let ticks = eventually(|| async {
         let mut req = request(&[("x-test", "ticks")]);
-        chain(&f).start().on_request(&mut req, &info(0)).await.unwrap();
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
         let n: u64 = h(&req.headers, "x-ticks").parse().unwrap_or(0);
         (n >= 3).then_some(n)
     })
@@ -508,13 +531,21 @@ async fn ticks_reach_the_root_context() {
 async fn shared_queue_wakes_the_registering_root_context() {
     let f = load("queue", "test_host", "");
     let mut req = request(&[("x-test", "enqueue"), ("x-value", "hello-queue")]);
-    chain(&f).start().on_request(&mut req, &info(0)).await.unwrap();
+    chain(&f)
+        .start()
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap();
     assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
     // proxy_on_queue_ready runs on the ticker thread: the root context
     // dequeues the item into shared data.
     eventually(|| async {
         let mut req = request(&[("x-test", "queue-seen")]);
-        chain(&f).start().on_request(&mut req, &info(0)).await.unwrap();
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
         (h(&req.headers, "x-queue-last") == "hello-queue").then_some(())
     })
     .await;
@@ -654,7 +685,10 @@ async fn close_stream_resets_the_stream_in_every_phase() {
     let mut resp = response(&[]);
     assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     let mut body = s.response_body(chunks(b"0123456789", 4), &info(0));
-    let stop = body.prime().await.expect_err("reset from the body callback");
+    let stop = body
+        .prime()
+        .await
+        .expect_err("reset from the body callback");
     assert!(matches!(stop, BodyStop::Reset), "{stop:?}");
     assert_eq!(stop.into_response(false).unwrap_err(), StreamReset);
     assert!(s.is_reset());
@@ -741,6 +775,21 @@ impl filters::callout::HttpCallout for TestCallout {
             })
         }))
     }
+
+    fn spawn(&self, task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        // Each test has its own runtime, which ends with the test: root
+        // callouts run on one that lives as long as the binary.
+        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap()
+            })
+            .spawn(task);
+    }
 }
 
 fn callouts() {
@@ -821,7 +870,78 @@ async fn client_abort_while_paused_ends_the_context() {
     assert_eq!(counter(&f, "test_on_log_total"), 1);
 }
 
+#[tokio::test]
+async fn a_root_context_calls_out_and_gets_the_answer() {
+    callouts();
+    let f = load("rootcall", "test_host", "");
+    // The root context calls from `on_queue_ready`: no request waits.
+    let mut req = request(&[("x-test", "enqueue"), ("x-value", "call:auth")]);
+    chain(&f)
+        .start()
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap();
+    assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
+    let seen = eventually(|| async {
+        let mut req = request(&[("x-test", "root-call-seen")]);
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
+        let v = h(&req.headers, "x-root-call").to_string();
+        (v != "<none>").then_some(v)
+    })
+    .await;
+    // Status and body of the answer, read through the call-response
+    // header map and buffer from the root context.
+    assert_eq!(seen, "200 GET /root-call host=auth from=<absent>");
+
+    // A cluster that does not exist: the call is refused at once.
+    let f = load("rootcall-unknown", "test_host", "");
+    let mut req = request(&[("x-test", "enqueue"), ("x-value", "call:nope")]);
+    chain(&f)
+        .start()
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap();
+    let seen = eventually(|| async {
+        let mut req = request(&[("x-test", "root-call-seen")]);
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
+        let v = h(&req.headers, "x-root-call").to_string();
+        (v != "<none>").then_some(v)
+    })
+    .await;
+    assert_eq!(seen, "refused");
+}
+
 // ---- hot reload --------------------------------------------------------------
+
+#[tokio::test]
+async fn a_replaced_module_ends_its_root_contexts() {
+    let dir = std::env::temp_dir().join(format!("fg-root-done-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("filter.wasm");
+    std::fs::copy(wasm("test_host"), &path).unwrap();
+    let f = WasmFilter::load("root-done", &path, "", limits(), FailMode::Closed).unwrap();
+    let mut s = chain(&f).start();
+    let mut req = request(&[("x-test", "metrics")]);
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+    assert_eq!(counter(&f, "test_root_done_total"), 0);
+
+    // The swap keeps the old module for the stream still on it...
+    f.reload().unwrap();
+    assert_eq!(counter(&f, "test_root_done_total"), 0);
+    // ...and its root context ends (on_done) with that stream (or a
+    // moment later, when the ticker thread lets go of the old pool).
+    drop(s);
+    eventually(|| async { (counter(&f, "test_root_done_total") == 1).then_some(()) }).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 #[tokio::test]
 async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
@@ -846,7 +966,11 @@ async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
 
     // ...finishes on it; new streams run the new one.
     let mut resp = response(&[]);
-    assert!(old.on_response(&mut resp, &info(0)).await.unwrap().is_none());
+    assert!(old
+        .on_response(&mut resp, &info(0))
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(h(&resp.headers, "x-version"), "<absent>");
     let mut s = c.start();
     let mut req = request(&[]);
@@ -988,7 +1112,11 @@ async fn panic_in_response_phase() {
     let mut s = chain(&f).start();
     assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[("x-origin", "1")]);
-    let r = s.on_response(&mut resp, &info(0)).await.unwrap().expect("500");
+    let r = s
+        .on_response(&mut resp, &info(0))
+        .await
+        .unwrap()
+        .expect("500");
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR);
     drop(s); // on_done on a discarded instance must not call the guest
@@ -1065,7 +1193,11 @@ async fn crash_loop_is_backed_off_not_restarted_per_request() {
     // streak.
     eventually(|| async {
         let mut req = request(&[]);
-        chain(&f).start().on_request(&mut req, &info(0)).await.unwrap();
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
         (h(&req.headers, "x-trap-passed") == "1").then_some(())
     })
     .await;

@@ -1,6 +1,7 @@
 //! The response body type the gateway hands to hyper: a streamed upstream
 //! body or a complete local one, plus what must live exactly as long as the
-//! response does (the endpoint's in-flight slot, the filters' stream state).
+//! response does (the endpoint's in-flight slot, the filters' stream state,
+//! the client connection's count of requests in flight).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,6 +14,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::access_log::AccessRecord;
+use crate::conn_clock::ActiveRequest;
+use crate::otel::RequestSpan;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -22,9 +25,14 @@ pub struct ProxyBody {
     in_flight: Option<InFlight>,
     /// Dropped at the same moment, which ends the stream for filters.
     chain: Option<ChainStream>,
+    /// The request on its client connection: while it is held the
+    /// connection is busy, not idle (`conn_clock`).
+    request: Option<ActiveRequest>,
     /// The access log line, written when the body is dropped (sent or
     /// abandoned), with the bytes that went out.
     log: Option<Box<AccessRecord>>,
+    /// The request's span (`[tracing]`), ended at the same moment.
+    span: Option<Box<RequestSpan>>,
     sent: u64,
     ended: bool,
 }
@@ -49,7 +57,9 @@ impl ProxyBody {
             inner: Inner::Full(Full::new(bytes.into())),
             in_flight: None,
             chain: None,
+            request: None,
             log: None,
+            span: None,
             sent: 0,
             ended: false,
         }
@@ -61,7 +71,9 @@ impl ProxyBody {
             inner: Inner::Boxed(body),
             in_flight: None,
             chain: None,
+            request: None,
             log: None,
+            span: None,
             sent: 0,
             ended: false,
         }
@@ -84,7 +96,9 @@ impl ProxyBody {
             inner: Inner::Upstream(body),
             in_flight,
             chain: None,
+            request: None,
             log: None,
+            span: None,
             sent: 0,
             ended: false,
         }
@@ -126,9 +140,21 @@ impl ProxyBody {
         }
     }
 
+    /// Keeps the request counted on its connection until this body is done.
+    pub fn hold(&mut self, request: ActiveRequest) {
+        if !self.ended {
+            self.request = Some(request);
+        }
+    }
+
     /// Writes `record` to the access log when this body is done.
     pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
         self.log = Some(record);
+    }
+
+    /// Ends `span` when this body is done.
+    pub fn span_on_end(&mut self, span: RequestSpan) {
+        self.span = Some(Box::new(span));
     }
 
     /// The response was read to its end: its connection can be reused.
@@ -143,6 +169,7 @@ impl ProxyBody {
     fn release(&mut self) {
         self.in_flight = None;
         self.chain = None;
+        self.request = None;
     }
 }
 
@@ -201,9 +228,15 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if self.log.is_none() && self.span.is_none() {
+            return;
+        }
+        let complete = self.ended || self.is_end_stream();
         if let Some(record) = self.log.take() {
-            let complete = self.ended || self.is_end_stream();
             record.emit(self.sent, complete);
+        }
+        if let Some(span) = self.span.take() {
+            span.finish(self.sent, complete);
         }
     }
 }

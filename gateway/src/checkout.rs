@@ -30,7 +30,7 @@ use crate::config::{ConfigError, Dur, RouteConfig};
 use crate::upstream::UpstreamBody;
 use filters::Priority;
 
-/// `checkout = { sold_out_ttl = "1s", max_body_bytes = 16384 }`.
+/// `checkout = { sold_out_ttl = "1s", max_body_bytes = 16384, body_timeout = "10s" }`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRouteConfig {
@@ -40,6 +40,15 @@ pub struct CheckoutRouteConfig {
     /// Largest checkout body read (413 above).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Time the client has to send the whole (small) checkout body, which
+    /// the edge reads before it forwards; a client that dribbles it gets
+    /// 408 instead of holding a critical request open.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: Dur,
+}
+
+fn default_body_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 fn default_ttl() -> Dur {
@@ -69,6 +78,12 @@ pub fn validate_route(r: &RouteConfig, p: &str, has_jwt: bool) -> Result<(), Con
             return Err(ConfigError::at(
                 format!("{p}.checkout.max_body_bytes"),
                 "must be between 1 and 1048576",
+            ));
+        }
+        if c.body_timeout.0.is_zero() || c.body_timeout.0 > Duration::from_secs(3600) {
+            return Err(ConfigError::at(
+                format!("{p}.checkout.body_timeout"),
+                "must be more than 0 and at most 1h",
             ));
         }
     }
@@ -126,10 +141,23 @@ impl Checkout {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return Err(r);
         }
-        let bytes = match Limited::new(body, self.config.max_body_bytes)
-            .collect()
-            .await
-        {
+        let read = tokio::time::timeout(
+            self.config.body_timeout.0,
+            Limited::new(body, self.config.max_body_bytes).collect(),
+        )
+        .await
+        .map_err(|_| {
+            let mut r = answer(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the checkout body did not arrive in time",
+                request_id,
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        })?;
+        let bytes = match read {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(answer(
@@ -233,6 +261,7 @@ mod tests {
         let c = Checkout::new(&CheckoutRouteConfig {
             sold_out_ttl: Dur(Duration::from_millis(50)),
             max_body_bytes: 1024,
+            body_timeout: Dur(Duration::from_secs(10)),
         });
         c.observe(Some("a"), StatusCode::CONFLICT);
         assert!(c.is_sold_out("a"));

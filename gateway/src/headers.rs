@@ -112,35 +112,83 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
 /// id for our hop, as a participating intermediary must) or starts a new
 /// sampled one when there is none or it is malformed.
 pub fn continue_trace(headers: &mut HeaderMap) {
-    // `00-<trace id: 32 hex>-<parent id: 16 hex>-<flags: 2 hex>`, built on
-    // the stack: this runs for every request.
-    let mut rng = rand::thread_rng();
-    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    let mut span = [0u8; 8];
-    rng.fill_bytes(&mut span);
-    hex_into(&span, &mut out[36..52]);
-    match headers
-        .get(&TRACEPARENT)
-        .and_then(|v| parse_traceparent(v.as_bytes()))
-    {
-        Some((trace, flags)) => {
-            out[3..35].copy_from_slice(trace.as_bytes());
-            out[53..55].copy_from_slice(flags.as_bytes());
-        }
-        None => {
-            let mut trace = [0u8; 16];
-            rng.fill_bytes(&mut trace);
-            hex_into(&trace, &mut out[3..35]);
-        }
-    }
-    headers.insert(
-        TRACEPARENT.clone(),
-        HeaderValue::from_bytes(&out).expect("hex"),
-    );
+    TraceContext::continue_or_start(headers).write(headers);
 }
 
-/// Returns (trace id, flags) of a valid version-00 traceparent.
-fn parse_traceparent(v: &[u8]) -> Option<(&str, &str)> {
+/// A valid version-00 `traceparent` a client sent: the remote parent of
+/// this hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteParent {
+    pub trace_id: [u8; 16],
+    /// The client's span (W3C `parent-id`).
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl RemoteParent {
+    /// The client's `traceparent`, when it is a valid version-00 header.
+    pub fn from_headers(headers: &HeaderMap) -> Option<RemoteParent> {
+        let (trace, parent, flags) = parse_traceparent(headers.get(&TRACEPARENT)?.as_bytes())?;
+        let mut p = RemoteParent {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            flags: 0,
+        };
+        let mut f = [0u8; 1];
+        (unhex_into(trace, &mut p.trace_id)
+            && unhex_into(parent, &mut p.span_id)
+            && unhex_into(flags, &mut f))
+        .then(|| RemoteParent { flags: f[0], ..p })
+    }
+}
+
+/// This hop's W3C trace context: the trace it belongs to, the span id of
+/// the gateway's hop (the `parent-id` the upstream gets, and the id of the
+/// exported span when `[tracing]` is on) and the flags. Written to the
+/// upstream request as `traceparent` by [`TraceContext::write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Without an exporter: the client's trace and flags with a new random
+    /// span id, or a new sampled trace (`-01`).
+    pub fn continue_or_start(headers: &HeaderMap) -> TraceContext {
+        let mut rng = rand::thread_rng();
+        let mut ctx = TraceContext {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            flags: 1,
+        };
+        rng.fill_bytes(&mut ctx.span_id);
+        match RemoteParent::from_headers(headers) {
+            Some(p) => {
+                ctx.trace_id = p.trace_id;
+                ctx.flags = p.flags;
+            }
+            None => rng.fill_bytes(&mut ctx.trace_id),
+        }
+        ctx
+    }
+
+    /// Sets `traceparent` (`00-<trace id>-<span id>-<flags>`), replacing
+    /// any the request had. Built on the stack: this runs for every request.
+    pub fn write(&self, headers: &mut HeaderMap) {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..55]);
+        if let Ok(v) = HeaderValue::from_bytes(&out) {
+            headers.insert(TRACEPARENT.clone(), v);
+        }
+    }
+}
+
+/// Returns (trace id, parent id, flags) of a valid version-00 traceparent.
+fn parse_traceparent(v: &[u8]) -> Option<(&str, &str, &str)> {
     let s = std::str::from_utf8(v).ok()?;
     let mut parts = s.split('-');
     let (version, trace, parent, flags) =
@@ -157,7 +205,29 @@ fn parse_traceparent(v: &[u8]) -> Option<(&str, &str)> {
         && lower_hex(flags, 2)
         && trace.bytes().any(|b| b != b'0')
         && parent.bytes().any(|b| b != b'0');
-    ok.then_some((trace, flags))
+    ok.then_some((trace, parent, flags))
+}
+
+/// Bytes from lower-case hex (`hex` twice as long as `out`); false on a
+/// character that is not a hex digit.
+fn unhex_into(hex: &str, out: &mut [u8]) -> bool {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    if hex.len() != out.len() * 2 {
+        return false;
+    }
+    for (pair, o) in hex.as_bytes().chunks_exact(2).zip(out.iter_mut()) {
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(h), Some(l)) => *o = (h << 4) | l,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Lower-case hex of `bytes` into `out` (twice as long).
@@ -215,6 +285,26 @@ mod tests {
     }
 
     #[test]
+    fn trace_context_round_trips() {
+        let ctx = TraceContext {
+            trace_id: [0xab; 16],
+            span_id: [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef],
+            flags: 0,
+        };
+        let mut h = HeaderMap::new();
+        ctx.write(&mut h);
+        assert_eq!(
+            h["traceparent"],
+            "00-abababababababababababababababab-0123456789abcdef-00"
+        );
+        let p = RemoteParent::from_headers(&h).unwrap();
+        assert_eq!(
+            (p.trace_id, p.span_id, p.flags),
+            (ctx.trace_id, ctx.span_id, 0)
+        );
+    }
+
+    #[test]
     fn traceparent_continued_or_started() {
         let mut h = HeaderMap::new();
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -225,11 +315,26 @@ mod tests {
         assert!(out.ends_with("-01"));
         assert_ne!(out, incoming);
         assert!(parse_traceparent(out.as_bytes()).is_some());
+        let parent = RemoteParent::from_headers(&h).unwrap();
+        assert_eq!(parent.trace_id[..2], [0x4b, 0xf9]);
+        assert_eq!(parent.flags, 1);
+
+        // Flags are kept as they came (not sampled stays not sampled).
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+                .parse()
+                .unwrap(),
+        );
+        continue_trace(&mut h);
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
 
         for bad in [
             "garbage",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
         ] {
             let mut h = HeaderMap::new();
             h.insert("traceparent", bad.parse().unwrap());
@@ -237,6 +342,7 @@ mod tests {
             let out = h["traceparent"].to_str().unwrap();
             assert!(parse_traceparent(out.as_bytes()).is_some());
             assert!(!out.contains("4bf92f"));
+            assert!(out.ends_with("-01"), "a new trace is sampled: {out}");
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod callout;
 pub mod checkout;
 pub mod client_ip;
 pub mod config;
+pub mod conn_clock;
 pub mod demo;
 pub mod demo_checkout;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod headers;
 pub mod jwt;
 pub mod limits;
 pub mod metrics;
+pub mod otel;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod router;
@@ -61,10 +63,17 @@ pub struct Shared {
     /// The listener and admin settings in effect: bound at start, so a
     /// reload that changes them reports a restart as needed, also after
     /// earlier reloads.
-    bound: (Vec<config::ListenerConfig>, SocketAddr, config::LogConfig),
+    bound: (
+        Vec<config::ListenerConfig>,
+        SocketAddr,
+        config::LogConfig,
+        Option<config::TracingConfig>,
+    ),
     reload_lock: tokio::sync::Mutex<()>,
     /// The TLS listeners' certificates: a reload re-reads them from disk.
     pub certs: Vec<Arc<tls::CertStore>>,
+    /// The span exporter (`[tracing]`), built at start; `None` without one.
+    pub otel: Option<otel::Otel>,
 }
 
 /// What a successful reload could not apply without a restart.
@@ -146,6 +155,9 @@ impl Shared {
         if log.level != new.log.level || log.format != new.log.format {
             outcome.restart_required.push("log.level/log.format".into());
         }
+        if self.bound.3 != new.tracing {
+            outcome.restart_required.push("tracing".into());
+        }
         let runtime = Runtime::build(new, &self.metrics, Some(&old)).map_err(|e| e.to_string())?;
         self.runtime.store(Arc::new(runtime));
         for store in &self.certs {
@@ -168,6 +180,8 @@ pub enum StartError {
         #[source]
         source: tls::TlsError,
     },
+    #[error("tracing: {0}")]
+    Tracing(String),
     #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: String,
@@ -226,6 +240,7 @@ impl Gateway {
             config.listeners.clone(),
             config.admin.listen,
             config.log.clone(),
+            config.tracing.clone(),
         );
         let mut certs = Vec::new();
         let mut listener_certs = Vec::new();
@@ -245,8 +260,13 @@ impl Gateway {
             };
             listener_certs.push(store);
         }
+        let otel = match &config.tracing {
+            Some(t) => Some(otel::Otel::start(t, &metrics).map_err(StartError::Tracing)?),
+            None => None,
+        };
         let runtime = Runtime::build(config, &metrics, None)?;
         let shared = Arc::new(Shared {
+            otel,
             certs,
             bound: bound_config,
             runtime: ArcSwap::from_pointee(runtime),
@@ -258,6 +278,7 @@ impl Gateway {
         // Filters' HTTP callouts go to this gateway's clusters.
         filters::callout::set_http_callout(Arc::new(callout::GatewayCallout {
             shared: Arc::downgrade(&shared),
+            runtime: tokio::runtime::Handle::current(),
         }));
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -328,5 +349,9 @@ impl Gateway {
         }
         let _ = self.admin_shutdown.send(true);
         let _ = self.admin_task.await;
+        // The last spans (the drained requests') go out before the exit.
+        if let Some(otel) = &self.shared.otel {
+            otel.shutdown().await;
+        }
     }
 }

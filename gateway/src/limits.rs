@@ -45,6 +45,14 @@ pub fn validate_listener(l: &ListenerConfig, p: &str) -> Result<(), ConfigError>
     if l.proxy_protocol_timeout.0.is_zero() {
         return at("proxy_protocol_timeout", "must be above zero");
     }
+    // The connection clocks add these to instants: keep them sane.
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    if l.header_read_timeout.0 > DAY {
+        return at("header_read_timeout", "must be at most 24h");
+    }
+    if l.idle_timeout.0 > DAY {
+        return at("idle_timeout", "must be at most 24h");
+    }
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! once when config loads, so a request does not hash label values for them.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets from 0.5 ms to 10 s: a cache hit and a slow checkout both
@@ -20,6 +21,11 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
+    /// Connections closed by a listener timeout, by listener and timeout
+    /// (`header_read`, `idle`).
+    pub connection_timeouts: IntCounterVec,
+    /// WebSocket tunnels open, by cluster.
+    pub websocket_tunnels: IntGaugeVec,
     pub upstream_requests: IntCounterVec,
     /// Failed upstream attempts by cause (the `x-flashgate-error` codes: `connect_refused`, `upstream_timeout`, ...).
     pub upstream_errors: IntCounterVec,
@@ -80,6 +86,16 @@ impl Metrics {
             ),
             connections_active: gauge("connections_active", "Open client connections.", &["listener"]),
             connections_total: counter("connections_total", "Accepted client connections.", &["listener"]),
+            connection_timeouts: counter(
+                "connection_timeouts_total",
+                "Client connections closed by a timeout: header_read (a request head too slow; dropped) or idle (no request for idle_timeout; closed gracefully).",
+                &["listener", "timeout"],
+            ),
+            websocket_tunnels: gauge(
+                "websocket_tunnels_active",
+                "Open WebSocket (upgraded) connections, by upstream cluster.",
+                &["cluster"],
+            ),
             upstream_requests: counter(
                 "upstream_requests_total",
                 "Requests sent to upstream endpoints.",
@@ -142,6 +158,30 @@ impl Metrics {
         }
     }
 
+    /// Registers the span exporter's counters (`[tracing]`); called once,
+    /// when the exporter starts, so a gateway without one shows none.
+    pub fn otlp(&self) -> prometheus::Result<OtlpMetrics> {
+        let spans = IntCounterVec::new(
+            Opts::new(
+                "otlp_spans_total",
+                "Request spans by what became of them: queued (entered the export queue), exported (the collector accepted them), export_failed (lost: the export failed after its retries). Queue-full drops: otlp_spans_dropped_total.",
+            ),
+            &["result"],
+        )?;
+        self.registry.register(Box::new(spans.clone()))?;
+        let dropped = IntCounter::with_opts(Opts::new(
+            "otlp_spans_dropped_total",
+            "Request spans dropped because the export queue was full (collector slow or down).",
+        ))?;
+        self.registry.register(Box::new(dropped.clone()))?;
+        Ok(OtlpMetrics {
+            queued: spans.with_label_values(&["queued"]),
+            exported: spans.with_label_values(&["exported"]),
+            export_failed: spans.with_label_values(&["export_failed"]),
+            dropped,
+        })
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -150,6 +190,20 @@ impl Metrics {
             .expect("text encoding into a Vec cannot fail");
         out
     }
+}
+
+/// The span exporter's counters (see `crate::otel`).
+#[derive(Clone, Debug)]
+pub struct OtlpMetrics {
+    /// Sampled spans that entered the export queue.
+    pub queued: IntCounter,
+    /// Spans the collector accepted (a 2xx answer).
+    pub exported: IntCounter,
+    /// Spans whose export request failed after its retries (collector down,
+    /// refused, timed out): they are lost.
+    pub export_failed: IntCounter,
+    /// Spans not queued because the queue was full.
+    pub dropped: IntCounter,
 }
 
 impl Default for Metrics {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use filters::{BodyStop, ChainStream, StreamInfo, StreamReset};
 use filters::LocalResponse;
+use filters::{BodyStop, ChainStream, StreamInfo, StreamReset};
 use http::request::Parts;
 use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
@@ -26,6 +26,7 @@ use crate::access_log::{AccessRecord, UpstreamTiming};
 use crate::body::ProxyBody;
 use crate::cache;
 use crate::config::ListenerConfig;
+use crate::conn_clock::ConnClock;
 use crate::error::ProxyError;
 use crate::limits::{self, BodyVerdict, LimitedBody};
 use crate::router::{normalize_path, request_host};
@@ -33,7 +34,7 @@ use crate::runtime::Runtime;
 use crate::upgrade;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 use crate::Shared;
-use crate::{client_ip as identity, headers};
+use crate::{client_ip as identity, headers, otel};
 
 /// What the listener knows about the connection a request came on.
 pub struct ConnInfo {
@@ -48,6 +49,10 @@ pub struct ConnInfo {
     pub scheme: &'static str,
     /// The listener's settings: trusted proxies and request limits.
     pub config: Arc<ListenerConfig>,
+    /// Requests in flight and the header read / idle clocks.
+    pub clock: Arc<ConnClock>,
+    /// A WebSocket tunnel to run once hyper hands the connection over.
+    pub tunnel: upgrade::TunnelSlot,
 }
 
 /// What the access log and the request metrics record for a stream a
@@ -64,8 +69,8 @@ pub const RESET_STATUS: http::StatusCode = match http::StatusCode::from_u16(444)
 /// an HTTP/2 `RST_STREAM` for the stream, or an HTTP/1.1 connection closed
 /// without a response.
 pub async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
+    shared: &Shared,
+    conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, StreamReset> {
     let started = Instant::now();
@@ -87,6 +92,22 @@ pub async fn handle(
         .unwrap_or(&conn.config);
     let client_ip = identity::resolve(conn.peer.ip(), &head.headers, &listener.trusted_proxies);
     let request_id = headers::ensure_request_id(&mut head.headers);
+    // Trace: with an exporter the request's server span starts here, as a
+    // child of the client's traceparent; its context is what the upstream
+    // gets. Without one the traceparent is continued on the way out.
+    let mut span = shared.otel.as_ref().map(|o| {
+        let mut s = o.start_span(&head);
+        s.arrived(otel::Arrival {
+            head: &head,
+            scheme: conn.scheme,
+            listener: &conn.listener,
+            peer: conn.peer,
+            client: client_ip,
+            request_id: &request_id,
+        });
+        s
+    });
+    let trace = span.as_ref().map(|s| s.context);
     // The JWT subject becomes the user header; a user header the client
     // sent never passes, verified token or not (see `jwt`).
     let identified = match &runtime.jwt {
@@ -99,17 +120,18 @@ pub async fn handle(
 
     // The answer for a request refused before it has a route (one place:
     // metrics under route "none", the access log, the request id).
-    let refuse = |e: ProxyError, head: &Parts| {
-        Ok(reject(
-            &shared,
+    let mut refuse = |e: ProxyError, head: &Parts| {
+        reject(
+            shared,
             &runtime,
             e,
             head,
             &request_id,
-            &conn,
+            conn,
             client_ip,
             started,
-        ))
+            span.take(),
+        )
     };
 
     // Request limits the connection layer cannot check: target length
@@ -118,13 +140,13 @@ pub async fn handle(
         .and_then(|()| LimitedBody::new(body, listener.max_body.0))
     {
         Ok(b) => b,
-        Err(e) => return refuse(e, &head),
+        Err(e) => return Ok(refuse(e, &head)),
     };
 
     // Route: decides the cluster, the priority and the filters. The path is
     // normalized first, so the route and the upstream see the same path.
     if let Err(e) = normalize_request_path(&mut head.uri) {
-        return refuse(e, &head);
+        return Ok(refuse(e, &head));
     }
     let host = request_host(&head.uri, &head.headers).to_string();
     // `OPTIONS *` is about the server as a whole: it takes the `/` route.
@@ -134,7 +156,7 @@ pub async fn handle(
         head.uri.path()
     };
     let Some(route) = runtime.route(&host, route_path) else {
-        return refuse(ProxyError::NoRoute, &head);
+        return Ok(refuse(ProxyError::NoRoute, &head));
     };
 
     // Admission (bot rules, rate limits, waiting room, overload shedding)
@@ -160,7 +182,15 @@ pub async fn handle(
     // filters' streams end (on_done, on_log) when `filtering` drops on the
     // way out.
     let aborted = |head: &Parts| {
-        abort_exchange(&runtime, route, head, &request_id, &conn, client_ip, started)
+        abort_exchange(
+            &runtime,
+            route,
+            head,
+            &request_id,
+            conn,
+            client_ip,
+            started,
+        )
     };
 
     // Request filters: may rewrite the head, answer locally, pause, or
@@ -222,7 +252,7 @@ pub async fn handle(
         // WebSocket and other upgrades, on routes that allow them: a
         // connection of their own, spliced after the upstream's 101.
         (None, None, _) if route.websocket && upgrade::is_upgrade(&head) => {
-            match upgrade_request(&route.cluster, &mut head, client_ip, &conn, &host).await {
+            match upgrade_request(&route.cluster, &mut head, client_ip, conn, &host, trace).await {
                 Ok((resp, ep)) => (resp, Some(ep)),
                 Err(e) => (e.response(&request_id), None),
             }
@@ -236,7 +266,7 @@ pub async fn handle(
             match prefetch(&mut body, listener.header_read_timeout.0).await {
                 Err(e) => (e.response(&request_id), None),
                 Ok(()) => {
-                    let mut up = head_for_upstream(&mut head, client_ip, &conn, &host);
+                    let mut up = head_for_upstream(&mut head, client_ip, conn, &host, trace);
                     pending.prepare_upstream(&mut up.headers);
                     let cluster = route.cluster.clone();
                     let verdict = verdict.clone();
@@ -254,7 +284,7 @@ pub async fn handle(
             Err(e) => (e.response(&request_id), None),
             Ok(()) => match forward(
                 &route.cluster,
-                head_for_upstream(&mut head, client_ip, &conn, &host),
+                head_for_upstream(&mut head, client_ip, conn, &host, trace),
                 body,
                 replay,
                 &verdict,
@@ -321,7 +351,7 @@ pub async fn handle(
         let record = access_record(
             &head,
             &request_id,
-            &conn,
+            conn,
             client_ip,
             route.name.clone(),
             endpoint.as_deref().map(|e| Arc::from(&*e.addr)),
@@ -330,6 +360,17 @@ pub async fn handle(
             timing,
         );
         resp.body_mut().log_on_end(record);
+    }
+    if let Some(mut span) = span {
+        span.answered(otel::Answer {
+            route: &route.name,
+            host: &host,
+            path: head.uri.path(),
+            upstream: endpoint.as_deref().map(|e| e.addr.as_str()),
+            status,
+            headers: resp.headers(),
+        });
+        resp.body_mut().span_on_end(span);
     }
     Ok(resp)
 }
@@ -394,6 +435,7 @@ fn reject(
     conn: &ConnInfo,
     client_ip: IpAddr,
     started: Instant,
+    span: Option<otel::RequestSpan>,
 ) -> Response<ProxyBody> {
     let mut resp = err.response(request_id);
     resp.headers_mut()
@@ -417,6 +459,17 @@ fn reject(
         );
         resp.body_mut().log_on_end(record);
     }
+    if let Some(mut span) = span {
+        span.answered(otel::Answer {
+            route: &Arc::from("none"),
+            host: "",
+            path: head.uri.path(),
+            upstream: None,
+            status: resp.status(),
+            headers: resp.headers(),
+        });
+        resp.body_mut().span_on_end(span);
+    }
     resp
 }
 
@@ -426,6 +479,7 @@ fn head_for_upstream(
     client_ip: IpAddr,
     conn: &ConnInfo,
     host: &str,
+    trace: Option<headers::TraceContext>,
 ) -> UpstreamHead {
     // The client's head keeps only what the access log reads; the headers
     // move to the upstream request rather than being copied.
@@ -446,7 +500,12 @@ fn head_for_upstream(
     if let Ok(v) = HeaderValue::try_from(client_ip.to_string()) {
         headers.insert(headers::X_REAL_IP.clone(), v);
     }
-    headers::continue_trace(&mut headers);
+    // The span's context when an exporter is on (decided when the request
+    // arrived), else the client's trace continued now.
+    match trace {
+        Some(ctx) => ctx.write(&mut headers),
+        None => headers::continue_trace(&mut headers),
+    }
     UpstreamHead {
         method: head.method.clone(),
         path: head
@@ -465,14 +524,24 @@ async fn upgrade_request(
     client_ip: IpAddr,
     conn: &ConnInfo,
     host: &str,
+    trace: Option<headers::TraceContext>,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     let on = head
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or(ProxyError::UpgradeFailed)?;
     let protocol = upgrade::upgrade_headers(head).ok_or(ProxyError::UpgradeFailed)?;
-    let up = head_for_upstream(head, client_ip, conn, host);
-    upgrade::pass_through(cluster, on, up.method, up.path, up.headers, protocol).await
+    let up = head_for_upstream(head, client_ip, conn, host, trace);
+    upgrade::pass_through(
+        cluster,
+        on,
+        &conn.tunnel,
+        up.method,
+        up.path,
+        up.headers,
+        protocol,
+    )
+    .await
 }
 
 struct UpstreamHead {

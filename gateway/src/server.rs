@@ -11,9 +11,16 @@
 //! so a flood costs one accept; the per-address limit needs the PROXY
 //! address, so it follows the header; TLS comes after both, so a refused
 //! client never costs a handshake.
+//!
+//! Once HTTP runs, the connection's task polls hyper's connection and the
+//! connection's clocks together (`conn_clock`): a request head slower than
+//! `header_read_timeout` drops the connection, `idle_timeout` without a
+//! request closes it gracefully, and the drain asks it to close. A
+//! connection that upgraded (WebSocket) runs its tunnel in the same task,
+//! so it keeps its connection slots and the drain waits for it.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,30 +30,33 @@ use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus::IntCounterVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ListenerConfig};
+use crate::conn_clock::{ActiveRequest, Clocks, ConnClock, Exit, HeadWatch};
 use crate::limits::ConnLimits;
 use crate::proxy::{self, ConnInfo};
 use crate::tls::CertStore;
 use crate::{proxy_protocol, Shared};
 
 /// Builds the connection settings of a listener: the limits a client
-/// controls (head size, header count, time to send the head, HTTP/2
-/// streams) are set here, on the connection, before any request reaches
-/// the pipeline.
+/// controls (head size, header count, HTTP/2 streams) are set here, on the
+/// connection, before any request reaches the pipeline. The header read
+/// and idle timeouts are our own (`conn_clock`): hyper's one HTTP/1.1
+/// clock runs from the moment it waits for a head, idle time included, so
+/// it stays only as a backstop that never fires before ours.
 fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(cfg.header_read_timeout.0)
+        .header_read_timeout(cfg.idle_timeout.0 + cfg.header_read_timeout.0 * 2)
         .max_headers(cfg.max_headers)
         .max_buf_size(cfg.max_header_bytes.0 as usize);
     builder
@@ -74,8 +84,7 @@ struct Settings {
     source: Arc<Config>,
     cfg: Arc<ListenerConfig>,
     /// HTTP/1.1 only and HTTP/2 only: the protocol is chosen before hyper
-    /// sees the connection (ALPN, or the h2c preface), so hyper's HTTP/1.1
-    /// header read timeout runs from the first byte on.
+    /// sees the connection (ALPN, or the h2c preface).
     h1: auto::Builder<TokioExecutor>,
     h2: auto::Builder<TokioExecutor>,
 }
@@ -92,6 +101,14 @@ impl Settings {
     }
 }
 
+/// The drain's stages, sent to every connection that serves HTTP.
+const SERVING: u8 = 0;
+/// Close gracefully: HTTP/1.1 `connection: close` after the request in
+/// flight (idle ones at once), HTTP/2 GOAWAY; tunnels run on.
+const DRAINING: u8 = 1;
+/// `drain_timeout` has passed: drop whatever is still open.
+const CUT: u8 = 2;
+
 /// What every connection of one listener shares.
 struct Listener {
     shared: Arc<Shared>,
@@ -100,11 +117,22 @@ struct Listener {
     tls: Option<(TlsAcceptor, Duration)>,
     limits: Arc<ConnLimits>,
     refused: IntCounterVec,
+    /// The drain's stage. Each connection serving HTTP holds a receiver,
+    /// so the drain knows when the last one is gone (`Sender::closed`).
+    drain: watch::Sender<u8>,
 }
 
 impl Listener {
     fn refuse(&self, reason: &str) {
         self.refused.with_label_values(&[&self.name, reason]).inc();
+    }
+
+    fn timed_out(&self, timeout: &str) {
+        self.shared
+            .metrics
+            .connection_timeouts
+            .with_label_values(&[&self.name, timeout])
+            .inc();
     }
 
     /// The settings for a new connection: those of the config in effect.
@@ -132,13 +160,7 @@ impl Listener {
     }
 
     /// One connection, from its first byte to its end.
-    async fn connection(
-        &self,
-        settings: Arc<Settings>,
-        mut stream: TcpStream,
-        peer: SocketAddr,
-        watcher: Watcher,
-    ) {
+    async fn connection(&self, settings: Arc<Settings>, mut stream: TcpStream, peer: SocketAddr) {
         let mut client = peer;
         let mut proxied_by = None;
         let mut prefix = Bytes::new();
@@ -172,10 +194,11 @@ impl Listener {
         let Some((acceptor, handshake_timeout)) = &self.tls else {
             // Plain: HTTP/2 with prior knowledge starts with its preface.
             // A client that sends nothing (or half a preface) within
-            // header_read_timeout is closed: hyper's own timer only starts
-            // once the protocol is known.
-            let sniffed = tokio::time::timeout(
-                settings.cfg.header_read_timeout.0,
+            // header_read_timeout is closed. For HTTP/1.1 the first head's
+            // clock starts here too: its first bytes are read here.
+            let http_from = Instant::now();
+            let sniffed = tokio::time::timeout_at(
+                http_from + settings.cfg.header_read_timeout.0,
                 sniff_h2(&mut stream, prefix),
             )
             .await;
@@ -189,7 +212,7 @@ impl Listener {
                 inner: stream,
             };
             return self
-                .serve_http(&settings, io, h2, client, proxied_by, "http", watcher)
+                .serve_http(&settings, io, h2, client, proxied_by, "http", http_from)
                 .await;
         };
         let io = Rewind {
@@ -200,7 +223,8 @@ impl Listener {
             Ok(Ok(tls)) => {
                 // ALPN decides; a client that offered none speaks HTTP/1.1.
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                self.serve_http(&settings, tls, h2, client, proxied_by, "https", watcher)
+                let http_from = Instant::now();
+                self.serve_http(&settings, tls, h2, client, proxied_by, "https", http_from)
                     .await
             }
             Ok(Err(e)) => {
@@ -211,6 +235,8 @@ impl Listener {
         }
     }
 
+    /// HTTP on a connection, from `http_from` (when its first bytes were
+    /// awaited) to its end, and then its tunnel if it upgraded.
     #[allow(clippy::too_many_arguments)]
     async fn serve_http<I>(
         &self,
@@ -220,34 +246,96 @@ impl Listener {
         client: SocketAddr,
         proxied_by: Option<SocketAddr>,
         scheme: &'static str,
-        watcher: Watcher,
+        http_from: Instant,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // HTTP/1.1 owes its first head from the start; HTTP/2 starts idle.
+        let clock = ConnClock::new(!h2);
         let conn = Arc::new(ConnInfo {
             peer: client,
             proxied_by,
             listener: self.name.clone(),
             scheme,
             config: settings.cfg.clone(),
+            clock: clock.clone(),
+            tunnel: Default::default(),
         });
         let shared = self.shared.clone();
-        let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
+        let info = conn.clone();
+        let service = service_fn(move |req| {
+            // Counted from the moment hyper has the head until the
+            // response body is done (or the handler is dropped).
+            let request = ActiveRequest::start(&info);
+            let shared = shared.clone();
+            async move {
+                let mut resp = proxy::handle(&shared, request.conn(), req).await?;
+                resp.body_mut().hold(request);
+                Ok::<_, filters::StreamReset>(resp)
+            }
+        });
         // With upgrades: a WebSocket route hands the raw connection over
         // once its 101 has been sent (see `proxy::upgrade`).
         let builder = if h2 { &settings.h2 } else { &settings.h1 };
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        if let Err(e) = watcher.watch(connection).await {
+        let io = HeadWatch::new(io, (!h2).then(|| clock.clone()));
+        let mut connection =
+            pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+
+        let mut drain = self.drain.subscribe();
+        let cfg = &settings.cfg;
+        let timer = pin!(tokio::time::sleep_until(http_from));
+        let mut clocks = Clocks::new(
+            &clock,
+            cfg.header_read_timeout.0,
+            cfg.idle_timeout.0,
+            http_from,
+            timer,
+        );
+        let mut closing = false;
+        let ended = loop {
+            let stop_at = if closing { CUT } else { DRAINING };
+            let stop = drain.wait_for(|stage| *stage >= stop_at);
+            match clocks.run(connection.as_mut(), stop).await {
+                Exit::Done(ended) => break ended,
+                Exit::HeadTimeout => {
+                    tracing::debug!(peer = %client, "request head too slow; closing");
+                    return self.timed_out("header_read");
+                }
+                // Told to close and still there: the client did not go
+                // within the grace, or the drain's time is up.
+                Exit::IdleTimeout | Exit::Stopped if closing => return,
+                Exit::IdleTimeout => {
+                    self.timed_out("idle");
+                    connection.as_mut().graceful_shutdown();
+                    clocks.closing();
+                    closing = true;
+                }
+                Exit::Stopped => {
+                    connection.as_mut().graceful_shutdown();
+                    clocks.closing();
+                    closing = true;
+                }
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(peer = %client, error = %e, "connection ended with an error");
+        }
+        // An upgraded connection: its tunnel runs here, holding the
+        // connection's slots, until either side closes or the drain's
+        // time is up.
+        if let Some(tunnel) = conn.tunnel.take() {
+            tokio::select! {
+                _ = tunnel => {}
+                _ = drain.wait_for(|stage| *stage >= CUT) => {}
+            }
         }
     }
 }
 
 /// Serves one listener until `shutdown` flips, then stops accepting, lets
 /// open connections finish (HTTP/1 gets `connection: close`, HTTP/2 a
-/// GOAWAY) for at most `shutdown.drain_timeout`, and returns.
+/// GOAWAY; WebSocket tunnels run on) for at most `shutdown.drain_timeout`,
+/// cuts what is left, and returns.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -278,8 +366,8 @@ pub async fn serve(
         shared: shared.clone(),
         name: name.clone(),
         tls,
+        drain: watch::Sender::new(SERVING),
     });
-    let graceful = GracefulShutdown::new();
     let active = shared
         .metrics
         .connections_active
@@ -308,20 +396,21 @@ pub async fn serve(
         active.inc();
         let this = this.clone();
         let active = active.clone();
-        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            this.connection(settings, stream, peer, watcher).await;
+            this.connection(settings, stream, peer).await;
             drop(slot);
             active.dec();
         });
     }
     drop(listener);
     let drain_timeout = shared.runtime.load().config.shutdown.drain_timeout.0;
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    this.drain.send_replace(DRAINING);
+    if tokio::time::timeout(drain_timeout, this.drain.closed())
         .await
         .is_err()
     {
         tracing::warn!(listener = %name, "drain timeout: closing remaining connections");
+        this.drain.send_replace(CUT);
     }
 }
 

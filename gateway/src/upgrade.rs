@@ -10,8 +10,17 @@
 //! response. Upgrades on other routes are not passed on (`Upgrade` is a
 //! hop-by-hop header and is removed like the others), so the upstream sees
 //! a plain request.
+//!
+//! A tunnel is still the client connection it came on, and a request to
+//! its cluster: it takes one of the cluster's `max_concurrent_requests`
+//! slots (503 when the cluster is full, like any request) and holds it, and
+//! the endpoint's in-flight count, until it ends. It runs in the client
+//! connection's own task (see [`TunnelSlot`]), so it keeps the listener's
+//! connection slots and the drain waits for it (up to `drain_timeout`).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -19,11 +28,33 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::upstream::{Cluster, Endpoint, UpstreamBody};
+use crate::upstream::{Cluster, Endpoint, InFlight, UpstreamBody};
+
+type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a request that upgraded its connection leaves the tunnel for the
+/// connection's task, which runs it once hyper has handed the connection
+/// over (after the 101 went out). Running it there, rather than in a task
+/// of its own, keeps everything the connection holds (its `max_connections`
+/// slots, the drain's count) held for as long as the tunnel is open.
+#[derive(Default)]
+pub struct TunnelSlot(Mutex<Option<Tunnel>>);
+
+impl TunnelSlot {
+    fn put(&self, tunnel: Tunnel) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+    }
+
+    /// The tunnel left by the connection's last request, if it upgraded.
+    pub fn take(&self) -> Option<Tunnel> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
 
 /// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection:
 /// upgrade` with an `Upgrade` header). HTTP/2 extended CONNECT is not
@@ -47,19 +78,24 @@ pub fn upgrade_headers(head: &Parts) -> Option<HeaderValue> {
 }
 
 /// Sends an upgrade request on a fresh connection to one endpoint of the
-/// cluster and, on 101, splices the client's and the upstream's
-/// connections. `headers` are the upstream request's headers (hop-by-hop
-/// already removed); `upgrade` is the client's `Upgrade` value.
+/// cluster and, on 101, leaves the splice of the client's and the
+/// upstream's connections in `tunnel`. `headers` are the upstream request's
+/// headers (hop-by-hop already removed); `upgrade` is the client's
+/// `Upgrade` value.
 pub async fn pass_through(
     cluster: &Arc<Cluster>,
     client: OnUpgrade,
+    tunnel: &TunnelSlot,
     method: http::Method,
     path: http::uri::PathAndQuery,
     mut headers: HeaderMap,
     upgrade: HeaderValue,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+    // A cluster slot, as for any request; the tunnel keeps it.
+    let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let i = cluster.pick(&[]);
     let endpoint = cluster.endpoints[i].clone();
+    let in_flight = cluster.start(i, Some(permit));
     let connect_timeout = cluster.config.connect_timeout.0;
     let stream =
         match tokio::time::timeout(connect_timeout, TcpStream::connect(&endpoint.addr)).await {
@@ -113,22 +149,54 @@ pub async fn pass_through(
 
     let upstream = hyper::upgrade::on(&mut resp);
     let (parts, _) = resp.into_parts();
-    let name = cluster.name.clone();
-    tokio::spawn(async move {
-        let (client, upstream) = match tokio::join!(client, upstream) {
-            (Ok(c), Ok(u)) => (c, u),
-            _ => {
-                tracing::debug!(cluster = %name, "upgrade did not complete on both sides");
-                return;
-            }
-        };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(cluster = %name, error = %e, "upgraded connection ended with an error");
-        }
-    });
+    tunnel.put(Box::pin(splice(
+        cluster.clone(),
+        client,
+        upstream,
+        in_flight,
+    )));
     // The 101 goes to the client with the upstream's headers, Upgrade and
     // Connection included: hyper hands over the raw connection after it.
     Ok((Response::from_parts(parts, ProxyBody::empty()), endpoint))
+}
+
+/// Copies bytes both ways until either side closes. `in_flight` (the
+/// cluster slot and the endpoint's count) is released when this ends or
+/// is dropped (the drain's `drain_timeout` cutting it).
+async fn splice(
+    cluster: Arc<Cluster>,
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    in_flight: InFlight,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        _ => {
+            tracing::debug!(cluster = %cluster.name, "upgrade did not complete on both sides");
+            return;
+        }
+    };
+    let _open = OpenTunnel::new(&cluster.tunnels);
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(cluster = %cluster.name, error = %e, "upgraded connection ended with an error");
+    }
+    drop(in_flight);
+}
+
+/// Counts in `flashgate_websocket_tunnels_active` while it lives.
+struct OpenTunnel(IntGauge);
+
+impl OpenTunnel {
+    fn new(gauge: &IntGauge) -> OpenTunnel {
+        gauge.inc();
+        OpenTunnel(gauge.clone())
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -338,6 +338,22 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Like [`Proc::wait_exit`], but lets the test's runtime run meanwhile
+    /// (in-process upstreams keep serving the process while it drains).
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.0.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Peak resident memory (VmHWM) in KiB, from /proc.
     pub fn peak_rss_kib(&self) -> u64 {
         let status =

@@ -75,3 +75,29 @@ pub fn proxy_v2_ipv4(src: SocketAddr, dst: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
     h.extend_from_slice(tlvs);
     h
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` body from a
+/// keep-alive connection, leaving the connection open. `None` when the
+/// server closed first or nothing complete came within `within`.
+pub async fn read_response(s: &mut TcpStream, within: Duration) -> Option<String> {
+    tokio::time::timeout(within, async {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(s.read_u8().await.ok()?);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let len = text
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.ok()?;
+        Some(text + &String::from_utf8_lossy(&body))
+    })
+    .await
+    .ok()?
+}

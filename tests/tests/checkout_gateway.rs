@@ -296,3 +296,28 @@ async fn demo_sells_a_sneaker_through_the_in_process_core() {
     child.signal("TERM");
     assert!(child.wait_exit(Duration::from_secs(10)).is_some());
 }
+
+/// A client that sends the checkout head and then dribbles its body gets
+/// 408 after `body_timeout` (and the connection closes); nothing reaches
+/// the core.
+#[tokio::test]
+async fn a_dribbled_checkout_body_gets_408_after_body_timeout() {
+    let up = Upstream::echo().await;
+    let cfg = config(&[up.addr], 0).replace(
+        "checkout = { sold_out_ttl = \"30s\" }",
+        "checkout = { sold_out_ttl = \"30s\", body_timeout = \"300ms\" }",
+    );
+    let gw = gateway(&cfg).await;
+    let base = gw.addr("public").unwrap();
+    let mut s = tokio::net::TcpStream::connect(base).await.unwrap();
+    let head = format!(
+        "POST /checkout HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 26\r\n\r\n{{\"sku\":",
+        token("eve", SECRET, 60)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = flashgate_tests::raw::read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(flashgate_tests::raw::status(&answer), Some(408), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert_eq!(up.hits(), 0);
+}

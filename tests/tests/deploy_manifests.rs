@@ -172,7 +172,7 @@ fn the_numbers_agree_with_the_gateway_config() {
         "alb.ingress.kubernetes.io/load-balancer-attributes",
         "idle_timeout.timeout_seconds",
     );
-    assert!(Duration::from_secs(idle) < config.listeners[0].header_read_timeout.0);
+    assert!(Duration::from_secs(idle) < config.listeners[0].idle_timeout.0);
     let dereg = attr(
         "alb.ingress.kubernetes.io/target-group-attributes",
         "deregistration_delay.timeout_seconds",

@@ -2,16 +2,19 @@
 //! a spot interruption sends it: readiness fails at once, the listener
 //! keeps serving for `drain_delay`, then stops accepting; in-flight
 //! requests on HTTP/1.1 and HTTP/2 finish, keep-alive connections are told
-//! to close, and the process exits 0.
+//! to close, open WebSocket tunnels are waited for (up to `drain_timeout`),
+//! and the process exits 0.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flashgate_tests::{
-    edge, eventually, flashgate_bin, get, h2_client, reply, send_with, wait_listening,
-    with_fixed_ports, Proc, Upstream,
+    edge, eventually, flashgate_bin, get, h2_client, raw, reply, send_with, wait_listening,
+    with_fixed_ports, ws, Proc, Upstream,
 };
 use http::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn sigterm_waits_drain_delay_then_drains_in_flight_requests() {
@@ -148,4 +151,126 @@ async fn drain_timeout_bounds_the_wait() {
         "did not wait for the 60 s request"
     );
     stuck.abort();
+}
+
+/// Starts the binary with a WebSocket route to `upstream` and `shutdown`
+/// settings; returns it and its public address.
+async fn websocket_gateway(
+    upstream: std::net::SocketAddr,
+    shutdown: &str,
+    dir: &str,
+) -> (Proc, std::net::SocketAddr) {
+    let text = edge::config(upstream, "", "websocket = true") + "[shutdown]\n" + shutdown;
+    let (text, public, _admin) = with_fixed_ports(&text);
+    let dir = flashgate_tests::tls::temp_dir(dir);
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = Proc::spawn(
+        Command::new(flashgate_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_listening(public, Duration::from_secs(20)).await);
+    (gw, public)
+}
+
+/// Opens a WebSocket through the gateway.
+async fn open_tunnel(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: shop.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.expect("head byte"));
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert_eq!(raw::status(&head), Some(101), "{head}");
+    s
+}
+
+/// Whether one frame makes it through the tunnel and back.
+async fn echoes(s: &mut TcpStream, payload: &[u8]) -> bool {
+    if ws::write_frame(s, 2, payload, Some([5, 6, 7, 8]))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), ws::read_frame(s)).await,
+        Ok(Ok((2, back))) if back == payload
+    )
+}
+
+#[tokio::test]
+async fn sigterm_waits_for_an_open_websocket_tunnel() {
+    let (upstream, _task) = ws::echo_server().await;
+    let (mut gw, public) = websocket_gateway(
+        upstream,
+        "drain_delay = \"500ms\"\ndrain_timeout = \"30s\"\n",
+        "drain-ws",
+    )
+    .await;
+    let mut tunnel = open_tunnel(public).await;
+    assert!(echoes(&mut tunnel, b"before").await);
+    gw.signal("TERM");
+    // Past drain_delay the listener no longer accepts...
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            TcpStream::connect(public).await.is_err()
+        })
+        .await,
+        "no new connections after drain_delay"
+    );
+    // ...but the tunnel still works, and the process waits for it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(echoes(&mut tunnel, b"during the drain").await);
+    assert!(gw.0.try_wait().unwrap().is_none(), "still draining");
+
+    // The client closes the tunnel: the drain is done.
+    ws::write_frame(&mut tunnel, 8, &[0x03, 0xe8], Some([1, 2, 3, 4]))
+        .await
+        .unwrap();
+    let closed_at = Instant::now();
+    drop(tunnel);
+    // (The echo upstream runs in this test's runtime: wait without
+    // blocking it.)
+    let exit = gw
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("exits once the tunnel closed");
+    assert!(exit.success(), "exit code 0: {exit:?}");
+    assert!(closed_at.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn drain_timeout_cuts_open_websocket_tunnels() {
+    let (upstream, _task) = ws::echo_server().await;
+    let (mut gw, public) =
+        websocket_gateway(upstream, "drain_timeout = \"1500ms\"\n", "drain-ws-timeout").await;
+    let mut tunnel = open_tunnel(public).await;
+    assert!(echoes(&mut tunnel, b"before").await);
+    let t = Instant::now();
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(echoes(&mut tunnel, b"during the drain").await);
+    let exit = gw
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("exits after drain_timeout");
+    assert!(exit.success(), "exit code 0: {exit:?}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(10),
+        "waited for the tunnel up to drain_timeout: {took:?}"
+    );
+    assert!(
+        raw::closed_within(&mut tunnel, Duration::from_secs(5)).await,
+        "the tunnel was cut"
+    );
 }

@@ -10,8 +10,48 @@ use flashgate_tests::{
     edge, eventually, gateway, h2_client, metric, raw, reply, send_with, Upstream,
 };
 use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const KEEP_ALIVE_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+
+/// An upstream that answers `ok`, after 1.5 s for paths under `/slow`.
+async fn slow_on_request() -> Upstream {
+    Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path().starts_with("/slow") {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        reply(200, "ok")
+    })
+    .await
+}
+
+/// Sends `req` on a kept-alive connection and returns the status.
+async fn request_on(s: &mut TcpStream, req: &[u8]) -> Option<u16> {
+    s.write_all(req).await.ok()?;
+    let text = raw::read_response(s, Duration::from_secs(10)).await?;
+    raw::status(&text)
+}
+
+/// Writes one byte of a never-ending head every 200 ms until the server
+/// closes; returns how long that took (`None`: still open after `within`).
+async fn drip_until_closed(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    if s.write_all(b"GET / HTTP/1.1\r\nx-slow: ").await.is_err() {
+        return Some(start.elapsed());
+    }
+    while start.elapsed() < within {
+        if s.write_all(b"a").await.is_err()
+            || raw::closed_within(s, Duration::from_millis(200)).await
+        {
+            return Some(start.elapsed());
+        }
+    }
+    None
+}
 
 fn get_with_headers(n: usize, value_len: usize) -> Vec<u8> {
     let mut r = b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n".to_vec();
@@ -404,4 +444,164 @@ async fn limits_change_on_reload() {
         serde_json::json!(["listeners"])
     );
     gw.shutdown().await;
+}
+
+/// `idle_timeout` closes a keep-alive connection that sends no request;
+/// one that keeps sending stays open, and a request that takes longer
+/// than `idle_timeout` upstream is not cut (busy is not idle).
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_idle_timeout() {
+    let up = slow_on_request().await;
+    let gw = gateway(&edge::config(up.addr, "idle_timeout = \"1s\"", "")).await;
+    let addr = gw.addr("public").unwrap();
+
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(request_on(&mut idle, KEEP_ALIVE_GET).await, Some(200));
+    let idle_from = Instant::now();
+
+    let busy = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        for i in 0..10 {
+            assert_eq!(
+                request_on(&mut s, KEEP_ALIVE_GET).await,
+                Some(200),
+                "request {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        s
+    });
+    let slow = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let status = request_on(&mut s, b"GET /slow HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
+        (status, s)
+    });
+
+    assert!(
+        raw::closed_within(&mut idle, Duration::from_secs(10)).await,
+        "the idle connection was closed"
+    );
+    let waited = idle_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}, idle_timeout is 1s"
+    );
+    // Ten requests 300 ms apart over about 3 s: one connection, all served.
+    let mut busy = busy.await.unwrap();
+    let (status, mut slow) = slow.await.unwrap();
+    assert_eq!(status, Some(200), "a 1.5 s request outlives idle_timeout");
+    // Both are closed in turn once they are idle.
+    assert!(raw::closed_within(&mut busy, Duration::from_secs(10)).await);
+    assert!(raw::closed_within(&mut slow, Duration::from_secs(10)).await);
+    let admin = gw.admin_addr();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                admin,
+                "flashgate_connection_timeouts_total{listener=\"public\",timeout=\"idle\"}",
+            )
+            .await
+                >= 3.0
+        })
+        .await
+    );
+}
+
+/// `header_read_timeout` bounds a head from its first byte: a client
+/// dribbling its second request's head is cut, while a kept-alive
+/// connection that is merely idle for longer survives (it has
+/// `idle_timeout`).
+#[tokio::test]
+async fn slow_head_is_cut_while_an_idle_connection_survives() {
+    let up = Upstream::fixed("ok").await;
+    let gw = gateway(&edge::config(
+        up.addr,
+        "header_read_timeout = \"1s\"\nidle_timeout = \"20s\"",
+        "",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(request_on(&mut idle, KEEP_ALIVE_GET).await, Some(200));
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(request_on(&mut slow, KEEP_ALIVE_GET).await, Some(200));
+
+    let took = drip_until_closed(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("the dribbling client was cut");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "cut after {took:?}, header_read_timeout is 1s"
+    );
+    // The idle connection has been idle for longer than header_read_timeout
+    // and still serves.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        request_on(&mut idle, KEEP_ALIVE_GET).await,
+        Some(200),
+        "the idle keep-alive connection survived"
+    );
+    // A head sent in pieces, each well within the limit, is fine.
+    idle.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        request_on(&mut idle, b"Host: shop.test\r\n\r\n").await,
+        Some(200)
+    );
+    assert!(
+        metric(
+            gw.admin_addr(),
+            "flashgate_connection_timeouts_total{listener=\"public\",timeout=\"header_read\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
+
+/// An HTTP/2 connection with no open stream for `idle_timeout` gets a
+/// GOAWAY and is closed; a stream open for longer is not cut.
+#[tokio::test]
+async fn http2_connection_without_streams_closes_after_idle_timeout() {
+    let up = slow_on_request().await;
+    let gw = gateway(&edge::config(up.addr, "idle_timeout = \"1s\"", "")).await;
+    let addr = gw.addr("public").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    let conn = tokio::spawn(conn);
+
+    let resp = sender
+        .send_request(
+            Request::get(format!("http://{addr}/slow"))
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await
+        .expect("the 1.5 s stream is answered");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    let idle_from = Instant::now();
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the server closed the idle HTTP/2 connection")
+        .unwrap();
+    assert!(ended.is_ok(), "a clean close (GOAWAY): {ended:?}");
+    let waited = idle_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}, idle_timeout is 1s"
+    );
+    assert!(sender.is_closed());
+    assert!(
+        metric(
+            gw.admin_addr(),
+            "flashgate_connection_timeouts_total{listener=\"public\",timeout=\"idle\"}"
+        )
+        .await
+            >= 1.0
+    );
 }

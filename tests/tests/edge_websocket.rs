@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flashgate_tests::{edge, gateway, raw, ws};
+use flashgate_tests::{edge, eventually, gateway, metric, raw, ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -30,6 +30,36 @@ async fn read_head(s: &mut TcpStream) -> String {
     .await
     .expect("a response head in time");
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Opens a WebSocket through the gateway at `addr` and checks one echo.
+async fn open_tunnel(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&handshake("/ws")).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(raw::status(&head), Some(101), "{head}");
+    echo(&mut s, b"ping").await;
+    s
+}
+
+async fn echo(s: &mut TcpStream, payload: &[u8]) {
+    ws::write_frame(s, 1, payload, Some([9, 8, 7, 6]))
+        .await
+        .expect("frame out");
+    let (op, back) = tokio::time::timeout(Duration::from_secs(10), ws::read_frame(s))
+        .await
+        .expect("echo in time")
+        .expect("frame back");
+    assert_eq!((op, back.as_slice()), (1, payload));
+}
+
+/// Closes a tunnel the way a browser does: close frame, its echo, FIN.
+async fn close_tunnel(mut s: TcpStream) {
+    ws::write_frame(&mut s, 8, &[0x03, 0xe8], Some([1, 2, 3, 4]))
+        .await
+        .unwrap();
+    let (op, _) = ws::read_frame(&mut s).await.unwrap();
+    assert_eq!(op, 8, "close echoed");
 }
 
 #[tokio::test]
@@ -85,4 +115,107 @@ async fn upgrades_are_not_passed_on_routes_without_websocket() {
     let head = read_head(&mut s).await;
     // The upstream saw a plain request (Upgrade is hop-by-hop) and said so.
     assert_eq!(raw::status(&head), Some(426), "{head}");
+}
+
+const TUNNELS: &str = "flashgate_websocket_tunnels_active{cluster=\"origin\"}";
+
+/// An open tunnel is still a client connection: it holds its
+/// `max_connections` slot until it closes.
+#[tokio::test]
+async fn a_tunnel_holds_its_connection_slot() {
+    let (upstream, _task) = ws::echo_server().await;
+    let gw = gateway(&edge::config(
+        upstream,
+        "max_connections = 1",
+        "websocket = true",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    let admin = gw.admin_addr();
+    let mut tunnel = open_tunnel(addr).await;
+
+    // The listener is full: another client is closed at accept, unanswered.
+    let plain = b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n";
+    let text = raw::exchange(addr, plain).await;
+    assert_eq!(
+        raw::status(&text),
+        None,
+        "refused while the tunnel is open: {text}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(admin, TUNNELS).await == 1.0
+        })
+        .await
+    );
+    assert!(
+        metric(
+            admin,
+            "flashgate_connections_refused_total{listener=\"public\",reason=\"max_connections\"}"
+        )
+        .await
+            >= 1.0
+    );
+    echo(&mut tunnel, b"still here").await;
+
+    // Once it closes, the slot is free again (the echo server answers a
+    // plain request with 426).
+    close_tunnel(tunnel).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            raw::status(&raw::exchange(addr, plain).await) == Some(426)
+        })
+        .await,
+        "accepted after the tunnel closed"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(admin, TUNNELS).await == 0.0
+        })
+        .await
+    );
+}
+
+/// An upgrade is a request to its cluster: it takes one of the cluster's
+/// `max_concurrent_requests` slots (503 when none is free) and keeps it
+/// for the tunnel's life.
+#[tokio::test]
+async fn a_tunnel_holds_a_cluster_slot() {
+    let (upstream, _task) = ws::echo_server().await;
+    let text = edge::config(upstream, "", "websocket = true").replace(
+        "[[upstreams]]\nname = \"origin\"",
+        "[[upstreams]]\nname = \"origin\"\nmax_concurrent_requests = 1",
+    );
+    let gw = gateway(&text).await;
+    let addr = gw.addr("public").unwrap();
+    let tunnel = open_tunnel(addr).await;
+
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    second.write_all(&handshake("/ws")).await.unwrap();
+    let head = read_head(&mut second).await;
+    assert_eq!(raw::status(&head), Some(503), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+    assert!(
+        metric(
+            gw.admin_addr(),
+            "flashgate_upstream_overflow_total{cluster=\"origin\"}"
+        )
+        .await
+            >= 1.0
+    );
+
+    close_tunnel(tunnel).await;
+    let mut third = None;
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&handshake("/ws")).await.unwrap();
+        let head = read_head(&mut s).await;
+        if raw::status(&head) == Some(101) {
+            third = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut third = third.expect("an upgrade succeeds once the first tunnel closed");
+    echo(&mut third, b"next").await;
 }

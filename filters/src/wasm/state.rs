@@ -138,7 +138,10 @@ impl<'a> HeadersRef<'a> {
     /// The values of `name` (lower case), in order.
     pub(crate) fn get_all(self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         let (from_map, from_copy) = match self {
-            HeadersRef::Map(m) => (Some(m.get_all(name).into_iter().map(|v| v.as_bytes())), None),
+            HeadersRef::Map(m) => (
+                Some(m.get_all(name).into_iter().map(|v| v.as_bytes())),
+                None,
+            ),
             HeadersRef::Copy(..) => (
                 None,
                 Some(
@@ -391,7 +394,15 @@ pub(crate) struct HostState {
     pub generation: u64,
     /// `proxy_exit` / WASI `proc_exit` was called.
     pub exited: Option<i32>,
-    /// Data of ended streams, kept for the next ones.
+    /// Callouts the root context started that have not answered yet.
+    pub root_calls: u32,
+    /// The answer being delivered to the root context by
+    /// `proxy_on_http_call_response`.
+    pub root_call_response: Option<Result<CalloutResponse, CalloutError>>,
+    /// Data of ended streams, kept for the next ones. Boxed: a stream
+    /// holds its data as a `Box` between calls, and taking one from here
+    /// or giving it back moves a pointer, not the data.
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<StreamData>>,
     /// Header names the guest set values of, parsed once, with the values
     /// it set last (`proxy_{add,replace}_header_map_value`).
@@ -439,6 +450,8 @@ impl HostState {
             slot: 0,
             generation: 0,
             exited: None,
+            root_calls: 0,
+            root_call_response: None,
             spare: Vec::new(),
             names: Vec::new(),
         }
@@ -471,6 +484,14 @@ impl HostState {
             return self.cur.as_deref_mut();
         }
         self.parked.get_mut(&eff).map(|s| &mut **s)
+    }
+
+    /// The callout answer being delivered to the effective context.
+    pub(crate) fn call_response(&mut self) -> Option<&mut Result<CalloutResponse, CalloutError>> {
+        if self.effective == self.root_id {
+            return self.root_call_response.as_mut();
+        }
+        self.stream()?.call_response.as_mut()
     }
 
     /// Is `id` a context the guest may make effective now?

@@ -229,14 +229,7 @@ impl WasmStream {
             return self.settle(&pool, slot, Ok(PAUSE));
         };
         self.begin_phase();
-        let sizes = match &answer {
-            Ok(r) => (
-                (r.headers.len() + 1) as u32,
-                r.body.len() as u32,
-                r.trailers.len() as u32,
-            ),
-            Err(_) => (0, 0, 0),
-        };
+        let sizes = super::instance::call_response_sizes(&answer);
         let grpc = matches!(answer, Err(CalloutError::GrpcUnimplemented));
         if let Some(d) = self.data.as_mut() {
             d.call_response = Some(answer);

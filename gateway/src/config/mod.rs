@@ -11,6 +11,7 @@
 //! Every key and its default is documented in `docs/config.md`.
 
 pub mod cache;
+pub mod otlp;
 pub mod units;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use filters::{FailMode, Priority};
 use serde::Deserialize;
 
 pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
+pub use otlp::TracingConfig;
 pub use units::{Dur, Rate, Size};
 
 /// A config error: where (key path) and what.
@@ -68,6 +70,9 @@ pub struct Config {
     /// The cache's shared L2; without it each gateway caches on its own.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// OpenTelemetry span export (OTLP/HTTP); absent = none.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
 }
 
 /// What SIGTERM does (see `Gateway::shutdown`).
@@ -172,14 +177,20 @@ fn yes() -> bool {
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
-    /// Time a client has to send a complete request head. For HTTP/1.1 it
-    /// also bounds the idle wait for the next request on a keep-alive
-    /// connection (hyper starts the clock when it starts waiting for a
-    /// head), so behind a load balancer it must exceed the balancer's idle
-    /// timeout (an ALB's is 60s) or the balancer will sometimes reuse a
-    /// connection we just closed and answer 502.
+    /// HTTP/1.1: time from the first byte of a request head to its end
+    /// (for a new connection: from the start of HTTP, so also the time to
+    /// its first bytes). A client that dribbles a head is cut off
+    /// (slowloris); an idle keep-alive connection is not affected.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
+    /// A connection with no request in flight (HTTP/1.1 between keep-alive
+    /// requests, HTTP/2 with no open stream) for this long is closed
+    /// gracefully (HTTP/2: GOAWAY). The default, 75s, is above an ALB's
+    /// 60s idle timeout: behind a load balancer the balancer must close
+    /// idle connections first, or it will now and then send a request on a
+    /// connection we are closing and answer 502.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
     /// Largest request head (request line + headers) accepted, HTTP/1.1 and
     /// HTTP/2 alike. Larger heads get 431.
     #[serde(default = "default_max_header_bytes")]
@@ -265,6 +276,10 @@ fn default_max_concurrent_streams() -> u32 {
 }
 
 fn default_header_read_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+
+fn default_idle_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(75))
 }
 
@@ -668,6 +683,12 @@ impl Config {
                     "must be above zero",
                 ));
             }
+            if l.idle_timeout.0.is_zero() {
+                return Err(ConfigError::at(
+                    format!("{p}.idle_timeout"),
+                    "must be above zero",
+                ));
+            }
             crate::limits::validate_listener(l, &p)?;
             if let Some(tls) = &l.tls {
                 crate::tls::validate(tls, &format!("{p}.tls"))?;
@@ -895,6 +916,9 @@ impl Config {
         if let Some(r) = &self.redis {
             r.validate()?;
         }
+        if let Some(t) = &self.tracing {
+            t.validate()?;
+        }
         Ok(())
     }
 }
@@ -969,6 +993,14 @@ upstream = "catalog"
         assert_eq!(c.upstreams[0].retries, 1);
         assert_eq!(c.routes[0].priority, Priority::Normal);
         assert_eq!(c.listeners[0].max_header_bytes, Size(65536));
+        assert_eq!(
+            c.listeners[0].header_read_timeout,
+            Dur(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            c.listeners[0].idle_timeout,
+            Dur(std::time::Duration::from_secs(75))
+        );
     }
 
     #[test]
@@ -1102,6 +1134,24 @@ upstream = "catalog"
         assert_eq!(e.path, "upstreams[0].outlier.max_ejection_percent");
         let e = err("[upstreams.health]\ntimeout = \"0s\"\n");
         assert_eq!(e.path, "upstreams[0].health.timeout");
+    }
+
+    #[test]
+    fn listener_timeouts_are_bounded() {
+        for key in ["header_read_timeout", "idle_timeout"] {
+            let e = Config::parse(&BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{key} = \"0s\""),
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, format!("listeners[0].{key}"));
+            let e = Config::parse(&BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{key} = \"25h\""),
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, format!("listeners[0].{key}"));
+        }
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct Cluster {
     connect_timeout: Duration,
     /// New connections opened (pool misses).
     opened: IntCounter,
+    /// WebSocket tunnels open to this cluster (`upgrade.rs`).
+    pub tunnels: IntGauge,
     pub request_timeout: Duration,
     pub retries: u32,
     lb: LbPolicy,
@@ -170,6 +172,7 @@ impl Cluster {
             endpoints,
             connect_timeout: cfg.connect_timeout.0,
             opened: metrics.upstream_connections.with_label_values(&[&cfg.name]),
+            tunnels: metrics.websocket_tunnels.with_label_values(&[&cfg.name]),
             request_timeout: cfg.request_timeout.0,
             retries: cfg.retries,
             lb: cfg.lb,

@@ -97,6 +97,21 @@ enum Map<'a> {
 }
 
 fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
+    match kind {
+        map::CALL_RESPONSE_HEADERS => {
+            return match s.call_response() {
+                Some(Ok(r)) => Map::Call(r),
+                _ => Map::Absent,
+            }
+        }
+        map::CALL_RESPONSE_TRAILERS => {
+            return match s.call_response() {
+                Some(Ok(r)) => Map::Plain(&mut r.trailers),
+                _ => Map::Absent,
+            }
+        }
+        _ => {}
+    }
     let Some(stream) = s.stream() else {
         return Map::Absent;
     };
@@ -105,14 +120,6 @@ fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
         map::RESPONSE_HEADERS if stream.has_resp => Map::Resp(&mut stream.resp),
         map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => match stream.trailers.as_mut() {
             Some((k, t)) if *k == kind => Map::Plain(t),
-            _ => Map::Absent,
-        },
-        map::CALL_RESPONSE_HEADERS => match stream.call_response.as_mut() {
-            Some(Ok(r)) => Map::Call(r),
-            _ => Map::Absent,
-        },
-        map::CALL_RESPONSE_TRAILERS => match stream.call_response.as_mut() {
-            Some(Ok(r)) => Map::Plain(&mut r.trailers),
             _ => Map::Absent,
         },
         _ => Map::Absent,

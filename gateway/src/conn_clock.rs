@@ -1,0 +1,380 @@
+//! The two clocks of a client connection, kept apart:
+//!
+//! - **header read** (`header_read_timeout`, HTTP/1.1): from the first byte
+//!   of a request head to its last. A client that dribbles a head is cut.
+//! - **idle** (`idle_timeout`): how long a connection may have no request
+//!   in flight (HTTP/1.1 between keep-alive requests, HTTP/2 with no open
+//!   stream). It is then closed gracefully: HTTP/1.1 closes, HTTP/2 sends
+//!   GOAWAY.
+//!
+//! hyper has only one clock for HTTP/1.1, started when it waits for the
+//! next head, so it cannot tell a slow head from an idle keep-alive
+//! connection. The pieces here share one [`ConnClock`] per connection:
+//!
+//! - [`HeadWatch`], around the connection's IO, notes that bytes arrived
+//!   while no request was in flight: a head has started;
+//! - [`ActiveRequest`], made when hyper hands a request to the service and
+//!   kept in the response body until it ends or is dropped, counts requests
+//!   in flight and stamps when the last one ended;
+//! - [`Clocks`], polled in the connection's own task right after the hyper
+//!   connection, turns that into one timer per connection.
+//!
+//! A request costs a few relaxed atomic operations and one clock read when
+//! it ends; no timer is touched per request. The timer is re-armed lazily:
+//! when it fires it computes the real deadline from the counters and
+//! sleeps again, and it is moved earlier only for a head that did not
+//! arrive in one read.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::proxy::ConnInfo;
+
+/// Requests started (high 32 bits, wrapping) and in flight (low 32 bits)
+/// in one word, so starting a request is one atomic add.
+const ONE_STARTED: u64 = 1 << 32;
+const IN_FLIGHT: u64 = ONE_STARTED - 1;
+
+fn started(counts: u64) -> u64 {
+    counts >> 32
+}
+
+fn in_flight(counts: u64) -> u64 {
+    counts & IN_FLIGHT
+}
+
+/// What one connection's requests and reads tell its clocks.
+pub struct ConnClock {
+    epoch: Instant,
+    counts: AtomicU64,
+    /// 0, or 1 + the number of requests started when bytes last arrived
+    /// with no request in flight. Equal to 1 + `started` means a head has
+    /// begun and not yet become a request.
+    head_mark: AtomicU64,
+    /// Milliseconds from `epoch` to the end of the last request.
+    idle_since: AtomicU64,
+}
+
+impl ConnClock {
+    /// `head_first`: the connection speaks HTTP/1.1, and its first request
+    /// head is due from the start.
+    pub fn new(head_first: bool) -> Arc<ConnClock> {
+        Arc::new(ConnClock {
+            epoch: Instant::now(),
+            counts: AtomicU64::new(0),
+            head_mark: AtomicU64::new(u64::from(head_first)),
+            idle_since: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(&self) {
+        self.counts.fetch_add(ONE_STARTED + 1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        let prev = self.counts.fetch_sub(1, Ordering::Relaxed);
+        if in_flight(prev) == 1 {
+            let ms = self.epoch.elapsed().as_millis() as u64;
+            self.idle_since.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes came in: with no request in flight they start a head.
+    fn saw_bytes(&self) {
+        let counts = self.counts.load(Ordering::Relaxed);
+        if in_flight(counts) == 0 {
+            let mark = started(counts) + 1;
+            if self.head_mark.load(Ordering::Relaxed) != mark {
+                self.head_mark.store(mark, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The mark of a head that has begun and not yet become a request.
+    fn pending_head(&self) -> Option<u64> {
+        let mark = self.head_mark.load(Ordering::Relaxed);
+        let counts = self.counts.load(Ordering::Relaxed);
+        (mark != 0 && mark == started(counts) + 1).then_some(mark)
+    }
+
+    fn in_flight(&self) -> u64 {
+        in_flight(self.counts.load(Ordering::Relaxed))
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Relaxed))
+    }
+}
+
+/// One request from the moment hyper hands it to the service until its
+/// response body has ended or been dropped (also when the handler's
+/// future is dropped before it answered).
+pub struct ActiveRequest(Arc<ConnInfo>);
+
+impl ActiveRequest {
+    pub fn start(conn: &Arc<ConnInfo>) -> ActiveRequest {
+        conn.clock.begin();
+        ActiveRequest(conn.clone())
+    }
+
+    pub fn conn(&self) -> &ConnInfo {
+        &self.0
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.clock.end();
+    }
+}
+
+/// A connection's IO, noting for the header read clock when bytes arrive
+/// between requests. `None` (HTTP/2) passes reads through untouched.
+pub struct HeadWatch<I> {
+    inner: I,
+    clock: Option<Arc<ConnClock>>,
+}
+
+impl<I> HeadWatch<I> {
+    pub fn new(inner: I, clock: Option<Arc<ConnClock>>) -> HeadWatch<I> {
+        HeadWatch { inner, clock }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeadWatch<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(clock)) = (&polled, &self.clock) {
+            if buf.filled().len() > before {
+                clock.saw_bytes();
+            }
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Why [`Clocks::run`] returned.
+pub enum Exit<T> {
+    /// The connection future ended by itself.
+    Done(T),
+    /// The future given as `stop` completed (the drain).
+    Stopped,
+    /// A request head took longer than `header_read_timeout`: drop the
+    /// connection.
+    HeadTimeout,
+    /// No request for `idle_timeout` (or, once closing, for the close
+    /// grace): close gracefully, or drop if already closing.
+    IdleTimeout,
+}
+
+/// The timeouts of one connection and its single timer.
+pub struct Clocks<'a> {
+    clock: &'a ConnClock,
+    header_read: Duration,
+    idle: Duration,
+    /// The head being waited for: its mark and deadline.
+    head: Option<(u64, Instant)>,
+    /// Set once the connection is closing: from then on an idle
+    /// connection gets `header_read` more (time for a client to read the
+    /// GOAWAY and go), not `idle`.
+    closing_since: Option<Instant>,
+    sleep: Pin<&'a mut Sleep>,
+}
+
+impl<'a> Clocks<'a> {
+    /// `sleep` is the connection's timer (any deadline; it is reset here).
+    /// `head_from`: when the first head's clock started, for HTTP/1.1.
+    pub fn new(
+        clock: &'a ConnClock,
+        header_read: Duration,
+        idle: Duration,
+        head_from: Instant,
+        mut sleep: Pin<&'a mut Sleep>,
+    ) -> Clocks<'a> {
+        let head = clock
+            .pending_head()
+            .map(|mark| (mark, head_from + header_read));
+        sleep
+            .as_mut()
+            .reset(head.map_or(clock.epoch + idle, |h| h.1));
+        Clocks {
+            clock,
+            header_read,
+            idle,
+            head,
+            closing_since: None,
+            sleep,
+        }
+    }
+
+    /// From now on the connection is closing (graceful shutdown started).
+    pub fn closing(&mut self) {
+        let now = Instant::now();
+        self.closing_since = Some(now);
+        // Re-evaluated at once: a connection that is idle now gets the
+        // close grace from now.
+        self.sleep.as_mut().reset(now);
+    }
+
+    /// Polls `conn` until it ends, `stop` completes, or a clock runs out.
+    pub async fn run<C: Future>(
+        &mut self,
+        mut conn: Pin<&mut C>,
+        stop: impl Future,
+    ) -> Exit<C::Output> {
+        let mut stop = pin!(stop);
+        poll_fn(|cx| {
+            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Exit::Done(out));
+            }
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Exit::Stopped);
+            }
+            self.poll_timer(cx)
+        })
+        .await
+    }
+
+    fn poll_timer<T>(&mut self, cx: &mut Context<'_>) -> Poll<Exit<T>> {
+        // A head that did not arrive in the read that began it: its clock
+        // starts now, and the timer moves earlier if it has to. (The
+        // first head's clock started with the connection, in `new`.)
+        match self.clock.pending_head() {
+            Some(mark) if self.head.map(|h| h.0) != Some(mark) => {
+                let deadline = Instant::now() + self.header_read;
+                self.head = Some((mark, deadline));
+                if deadline < self.sleep.deadline() {
+                    self.sleep.as_mut().reset(deadline);
+                }
+            }
+            Some(_) => {}
+            None => {
+                // The head became a request. The timer may sleep past
+                // the idle deadline that can follow now (an idle_timeout
+                // shorter than header_read_timeout): never later than
+                // that. Only for a connection's first head and for heads
+                // that took more than one read.
+                if self.head.take().is_some() {
+                    let latest = Instant::now() + self.idle;
+                    if self.sleep.deadline() > latest {
+                        self.sleep.as_mut().reset(latest);
+                    }
+                }
+            }
+        }
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            match self.next_deadline(now) {
+                Ok(next) => self.sleep.as_mut().reset(next),
+                Err(exit) => {
+                    // Whatever the caller does next, the timer restarts
+                    // from a fresh evaluation rather than firing at once.
+                    self.sleep.as_mut().reset(now + self.header_read);
+                    return Poll::Ready(exit);
+                }
+            }
+        }
+    }
+
+    /// The next moment the clocks must be looked at, or the timeout that
+    /// has run out.
+    fn next_deadline<T>(&self, now: Instant) -> Result<Instant, Exit<T>> {
+        if let Some((_, deadline)) = self.head {
+            return if deadline <= now {
+                Err(Exit::HeadTimeout)
+            } else {
+                Ok(deadline)
+            };
+        }
+        let (limit, floor) = match self.closing_since {
+            Some(since) => (self.header_read, Some(since)),
+            None => (self.idle, None),
+        };
+        if self.clock.in_flight() > 0 {
+            // Busy: look again in a while (a request in flight is never
+            // timed out here; the upstream's request_timeout bounds it).
+            return Ok(now + limit);
+        }
+        let since = self.clock.idle_since();
+        let since = floor.map_or(since, |f| f.max(since));
+        let deadline = since + limit;
+        if deadline <= now {
+            Err(Exit::IdleTimeout)
+        } else {
+            Ok(deadline)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_head_marks() {
+        let c = ConnClock::new(true);
+        assert_eq!(c.pending_head(), Some(1), "the first head is due at once");
+        c.saw_bytes();
+        assert_eq!(c.pending_head(), Some(1));
+        c.begin();
+        assert_eq!(c.pending_head(), None, "the head became a request");
+        c.saw_bytes();
+        assert_eq!(c.pending_head(), None, "body bytes start no head");
+        c.end();
+        assert_eq!(c.in_flight(), 0);
+        c.saw_bytes();
+        assert_eq!(c.pending_head(), Some(2), "the next head");
+        c.begin();
+        c.begin();
+        c.end();
+        assert_eq!(c.in_flight(), 1);
+        assert_eq!(c.pending_head(), None);
+        let h2 = ConnClock::new(false);
+        assert_eq!(h2.pending_head(), None);
+    }
+}
