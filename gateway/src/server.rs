@@ -19,7 +19,6 @@
 //! connection that upgraded (WebSocket) runs its tunnel in the same task,
 //! so it keeps its connection slots and the drain waits for it.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -270,9 +269,9 @@ impl Listener {
             let request = ActiveRequest::start(&info);
             let shared = shared.clone();
             async move {
-                let mut resp = proxy::handle(&shared, request.conn(), req).await;
+                let mut resp = proxy::handle(&shared, request.conn(), req).await?;
                 resp.body_mut().hold(request);
-                Ok::<_, Infallible>(resp)
+                Ok::<_, filters::StreamReset>(resp)
             }
         });
         // With upgrades: a WebSocket route hands the raw connection over
