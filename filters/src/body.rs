@@ -24,7 +24,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::chain::{lock, ChainInner};
-use crate::{LocalResponse, StreamInfo};
+use crate::{LocalResponse, StreamInfo, StreamReset};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dir {
@@ -44,15 +44,20 @@ pub enum BodyStop {
     /// The wrapped body failed (client or upstream went away).
     #[error("reading the body: {0}")]
     Read(String),
+    /// A filter reset the stream from a body or trailer callback.
+    #[error("stream reset by filter")]
+    Reset,
 }
 
 impl BodyStop {
     /// The answer for a stream whose request (`request = true`) or
     /// response body stopped: 413 for a request body past the limit, 502
     /// for a response body past it or an upstream body that broke, 400 for
-    /// a request body that broke, or the filter's own response.
-    pub fn into_response(self, request: bool) -> LocalResponse {
-        match (self, request) {
+    /// a request body that broke, or the filter's own response; none
+    /// (`Err`) when a filter reset the stream.
+    pub fn into_response(self, request: bool) -> Result<LocalResponse, StreamReset> {
+        Ok(match (self, request) {
+            (BodyStop::Reset, _) => return Err(StreamReset),
             (BodyStop::Local(local), _) => *local,
             (BodyStop::TooLarge(_), true) => {
                 LocalResponse::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
@@ -67,7 +72,7 @@ impl BodyStop {
             (BodyStop::Read(_), false) => {
                 LocalResponse::new(StatusCode::BAD_GATEWAY, "upstream body incomplete\n")
             }
-        }
+        })
     }
 }
 
@@ -208,7 +213,13 @@ where
             } else {
                 self.step(Bytes::new(), true)?
             };
-            lock(&self.chain).trailers(self.dir, &mut trailers, &self.info);
+            if lock(&self.chain)
+                .trailers(self.dir, &mut trailers, &self.info)
+                .is_err()
+            {
+                self.finished = true;
+                return Poll::Ready(Some(Err(BodyStop::Reset)));
+            }
             if flushed.is_empty() {
                 self.finished = true;
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));

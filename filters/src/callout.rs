@@ -62,6 +62,11 @@ pub trait HttpCallout: Send + Sync {
     /// Starts `req`. An error here (no such cluster) is reported to the
     /// guest at once; a started call always completes through the future.
     fn call(&self, req: CalloutRequest) -> Result<CalloutFuture, CalloutError>;
+
+    /// Runs a root context's callout in the background. A stream's callout
+    /// is awaited by the request's own task; a root context (a tick, a
+    /// queue) has no task, and its ticker thread is not a runtime thread.
+    fn spawn(&self, task: Pin<Box<dyn Future<Output = ()> + Send + 'static>>);
 }
 
 static CALLOUT: RwLock<Option<Arc<dyn HttpCallout>>> = RwLock::new(None);
@@ -72,13 +77,13 @@ pub fn set_http_callout(callout: Arc<dyn HttpCallout>) {
     *CALLOUT.write().unwrap_or_else(|e| e.into_inner()) = Some(callout);
 }
 
+fn registered() -> Option<Arc<dyn HttpCallout>> {
+    CALLOUT.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Starts a callout bounded by `timeout`.
 pub(crate) fn start(req: CalloutRequest, timeout: Duration) -> Result<CalloutFuture, CalloutError> {
-    let callout = CALLOUT
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .ok_or_else(|| CalloutError::UnknownCluster(req.cluster.clone()))?;
+    let callout = registered().ok_or_else(|| CalloutError::UnknownCluster(req.cluster.clone()))?;
     let fut = callout.call(req)?;
     Ok(Box::pin(async move {
         match tokio::time::timeout(timeout, fut).await {
@@ -86,4 +91,17 @@ pub(crate) fn start(req: CalloutRequest, timeout: Duration) -> Result<CalloutFut
             Err(_) => Err(CalloutError::Timeout),
         }
     }))
+}
+
+/// Starts a root context's callout bounded by `timeout`; `deliver` gets
+/// its answer, on a runtime thread.
+pub(crate) fn start_detached(
+    req: CalloutRequest,
+    timeout: Duration,
+    deliver: impl FnOnce(Result<CalloutResponse, CalloutError>) + Send + 'static,
+) -> Result<(), CalloutError> {
+    let callout = registered().ok_or_else(|| CalloutError::UnknownCluster(req.cluster.clone()))?;
+    let fut = start(req, timeout)?;
+    callout.spawn(Box::pin(async move { deliver(fut.await) }));
+    Ok(())
 }

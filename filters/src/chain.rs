@@ -12,30 +12,58 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 
 use crate::body::{BodyStop, Dir, FilteredBody};
-use crate::{BodyFlow, FilterFactory, Flow, LocalResponse, StreamFilter, StreamInfo};
+use crate::{BodyFlow, FilterFactory, Flow, LocalResponse, StreamFilter, StreamInfo, StreamReset};
 
 /// A route's ordered filters. Cheap to clone; built when config is loaded.
 #[derive(Clone, Default)]
 pub struct FilterChain {
     factories: Arc<[Arc<dyn FilterFactory>]>,
-    /// Which filters want body callbacks, by position.
-    body_filters: Arc<[bool]>,
-    body_limit: usize,
+    bodies: Arc<BodyRouting>,
+}
+
+/// Which filters of a chain get body callbacks, and the bound on what they
+/// may hold.
+#[derive(Default)]
+pub(crate) struct BodyRouting {
+    /// By position.
+    filters: Box<[bool]>,
+    /// Any of them.
+    any: bool,
+    /// The smallest `body_limit` of those that do.
+    limit: usize,
+}
+
+impl BodyRouting {
+    fn of(factories: &[Arc<dyn FilterFactory>]) -> BodyRouting {
+        let filters: Box<[bool]> = factories.iter().map(|f| f.wants_bodies()).collect();
+        let limit = factories
+            .iter()
+            .zip(filters.iter())
+            .filter(|(_, wants)| **wants)
+            .map(|(f, _)| f.body_limit())
+            .min()
+            .unwrap_or(crate::DEFAULT_BODY_LIMIT);
+        BodyRouting {
+            any: filters.iter().any(|b| *b),
+            filters,
+            limit,
+        }
+    }
+
+    /// Do the factories still say what this routing was built from?
+    fn current(&self, factories: &[Arc<dyn FilterFactory>]) -> bool {
+        factories
+            .iter()
+            .zip(self.filters.iter())
+            .all(|(f, wants)| f.wants_bodies() == *wants)
+    }
 }
 
 impl FilterChain {
     pub fn new(factories: Vec<Arc<dyn FilterFactory>>) -> Self {
-        let body_filters: Arc<[bool]> = factories.iter().map(|f| f.wants_bodies()).collect();
-        let body_limit = factories
-            .iter()
-            .filter(|f| f.wants_bodies())
-            .map(|f| f.body_limit())
-            .min()
-            .unwrap_or(crate::DEFAULT_BODY_LIMIT);
         FilterChain {
+            bodies: Arc::new(BodyRouting::of(&factories)),
             factories: factories.into(),
-            body_filters,
-            body_limit,
         }
     }
 
@@ -47,23 +75,63 @@ impl FilterChain {
         self.factories.iter().map(|f| f.name())
     }
 
-    /// Does any filter of the chain look at bodies?
+    /// Does any filter of the chain look at bodies (as it was built)?
     pub fn wants_bodies(&self) -> bool {
-        self.body_filters.iter().any(|b| *b)
+        self.bodies.any
     }
 
     /// Makes the per-request state of every filter in the chain.
     pub fn start(&self) -> ChainStream {
+        // A Wasm module swapped in from its file (not through a config
+        // reload, which builds a new chain) may export body callbacks the
+        // old one did not, or drop them: each stream asks again, one cheap
+        // call per filter, and builds a new routing only when it changed.
+        let bodies = if self.bodies.current(&self.factories) {
+            self.bodies.clone()
+        } else {
+            Arc::new(BodyRouting::of(&self.factories))
+        };
+        let filters = match &*self.factories {
+            [one] => Filters::One(one.new_stream()),
+            all => Filters::Many(all.iter().map(|f| f.new_stream()).collect()),
+        };
         ChainStream {
+            len: self.factories.len(),
+            wants_bodies: bodies.any,
             inner: Arc::new(Mutex::new(ChainInner {
-                filters: self.factories.iter().map(|f| f.new_stream()).collect(),
+                filters,
                 entered: 0,
-                body_filters: self.body_filters.clone(),
-                body_limit: self.body_limit,
+                bodies,
                 req_held: Vec::new(),
                 resp_held: Vec::new(),
+                reset: false,
             })),
-            wants_bodies: self.wants_bodies(),
+        }
+    }
+}
+
+/// A stream's filters; one (the common case) without a vector.
+enum Filters {
+    One(Box<dyn StreamFilter>),
+    Many(Vec<Box<dyn StreamFilter>>),
+}
+
+impl std::ops::Deref for Filters {
+    type Target = [Box<dyn StreamFilter>];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Filters::One(f) => std::slice::from_ref(f),
+            Filters::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Filters {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Filters::One(f) => std::slice::from_mut(f),
+            Filters::Many(v) => v,
         }
     }
 }
@@ -74,19 +142,22 @@ impl FilterChain {
 /// with it.
 pub struct ChainStream {
     inner: Arc<Mutex<ChainInner>>,
+    /// How many filters.
+    len: usize,
     wants_bodies: bool,
 }
 
 pub(crate) struct ChainInner {
-    filters: Vec<Box<dyn StreamFilter>>,
+    filters: Filters,
     /// How many filters saw the request phase; only those see the response.
     entered: usize,
-    body_filters: Arc<[bool]>,
-    body_limit: usize,
+    bodies: Arc<BodyRouting>,
     /// Bytes a filter holds after `BodyFlow::Buffer`, by filter index
     /// (empty, and unallocated, unless a filter holds a body).
     req_held: Vec<(usize, BytesMut)>,
     resp_held: Vec<(usize, BytesMut)>,
+    /// A filter reset the stream.
+    reset: bool,
 }
 
 pub(crate) fn lock(inner: &Mutex<ChainInner>) -> MutexGuard<'_, ChainInner> {
@@ -103,41 +174,63 @@ impl ChainStream {
     /// Runs the request phase in configuration order. `Some` means a filter
     /// answered locally: the answer still goes through the response phase of
     /// the filters before it (never through its own), like Envoy's local
-    /// replies.
+    /// replies. `Err` means a filter reset the stream: abort it, answer
+    /// nothing.
     pub async fn on_request(
         &mut self,
         req: &mut http::request::Parts,
         info: &StreamInfo,
-    ) -> Option<LocalResponse> {
-        let n = self.lock().filters.len();
-        for i in 0..n {
-            let mut flow = self.lock().filters[i].on_request_headers(req, info);
+    ) -> Result<Option<LocalResponse>, StreamReset> {
+        for i in 0..self.len {
+            let mut flow = self.request_step(i, req, info, false);
             loop {
                 match flow {
                     Flow::Continue => break,
                     Flow::Respond(local) => {
                         self.lock().entered = i;
-                        return Some(local);
+                        return Ok(Some(local));
                     }
                     Flow::Pause(pending) => {
                         pending.await;
-                        flow = self.lock().filters[i].resume_request_headers(req, info);
+                        flow = self.request_step(i, req, info, true);
                     }
+                    Flow::Reset => return Err(self.lock().mark_reset()),
                 }
             }
-            self.lock().entered = i + 1;
         }
-        None
+        Ok(None)
+    }
+
+    /// One request-header call (or its resumption) of filter `i`, under
+    /// one lock; a filter that lets the request go on has seen it.
+    fn request_step(
+        &self,
+        i: usize,
+        req: &mut http::request::Parts,
+        info: &StreamInfo,
+        resume: bool,
+    ) -> Flow {
+        let mut inner = self.lock();
+        let flow = match inner.filters.get_mut(i) {
+            Some(f) if resume => f.resume_request_headers(req, info),
+            Some(f) => f.on_request_headers(req, info),
+            None => Flow::Continue,
+        };
+        if matches!(flow, Flow::Continue) {
+            inner.entered = i + 1;
+        }
+        flow
     }
 
     /// Runs the response phase in reverse order over the filters that saw
     /// the request. `Some` means a filter replaced the response; the
-    /// replacement goes on through the remaining filters.
+    /// replacement goes on through the remaining filters. `Err`: a filter
+    /// reset the stream.
     pub async fn on_response(
         &mut self,
         resp: &mut http::response::Parts,
         info: &StreamInfo,
-    ) -> Option<LocalResponse> {
+    ) -> Result<Option<LocalResponse>, StreamReset> {
         let mut replaced = None;
         let entered = self.lock().entered;
         for i in (0..entered).rev() {
@@ -155,10 +248,17 @@ impl ChainStream {
                         pending.await;
                         flow = self.lock().filters[i].resume_response_headers(resp, info);
                     }
+                    Flow::Reset => return Err(self.lock().mark_reset()),
                 }
             }
         }
-        replaced
+        Ok(replaced)
+    }
+
+    /// Did a filter reset the stream? (A body or trailer callback can, in
+    /// a body the gateway was streaming at the time.)
+    pub fn is_reset(&self) -> bool {
+        self.lock().reset
     }
 
     /// Does any filter of this stream look at bodies?
@@ -181,6 +281,11 @@ impl ChainStream {
 }
 
 impl ChainInner {
+    fn mark_reset(&mut self) -> StreamReset {
+        self.reset = true;
+        StreamReset
+    }
+
     /// Feeds one chunk through the body callbacks of the filters that saw
     /// the request; returns what passes all of them now (empty while a
     /// filter holds the body).
@@ -197,7 +302,7 @@ impl ChainInner {
                 Dir::Request => step,
                 Dir::Response => n - 1 - step,
             };
-            if !self.body_filters[i] {
+            if !self.bodies.filters[i] {
                 continue;
             }
             let held = match dir {
@@ -224,40 +329,54 @@ impl ChainInner {
                 // Nothing more will come to wait for: the data goes on.
                 BodyFlow::Buffer if end_of_stream => chunk = data,
                 BodyFlow::Buffer => {
-                    if data.len() > self.body_limit {
-                        return Err(BodyStop::TooLarge(self.body_limit));
+                    if data.len() > self.bodies.limit {
+                        return Err(BodyStop::TooLarge(self.bodies.limit));
                     }
                     held.push((i, BytesMut::from(data)));
                     return Ok(Bytes::new());
                 }
                 BodyFlow::Respond(local) => return Err(BodyStop::Local(Box::new(local))),
+                BodyFlow::Reset => {
+                    self.mark_reset();
+                    return Err(BodyStop::Reset);
+                }
             }
         }
         Ok(chunk)
     }
 
-    /// Runs the trailer callbacks in the body's order.
-    pub(crate) fn trailers(&mut self, dir: Dir, trailers: &mut HeaderMap, info: &StreamInfo) {
+    /// Runs the trailer callbacks in the body's order, until one resets
+    /// the stream.
+    pub(crate) fn trailers(
+        &mut self,
+        dir: Dir,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<(), StreamReset> {
         let n = self.entered;
         for step in 0..n {
             let i = match dir {
                 Dir::Request => step,
                 Dir::Response => n - 1 - step,
             };
-            if !self.body_filters[i] {
+            if !self.bodies.filters[i] {
                 continue;
             }
-            match dir {
+            let r = match dir {
                 Dir::Request => self.filters[i].on_request_trailers(trailers, info),
                 Dir::Response => self.filters[i].on_response_trailers(trailers, info),
+            };
+            if r.is_err() {
+                return Err(self.mark_reset());
             }
         }
+        Ok(())
     }
 }
 
 impl Drop for ChainInner {
     fn drop(&mut self) {
-        for f in &mut self.filters {
+        for f in self.filters.iter_mut() {
             f.on_done();
         }
     }
@@ -344,7 +463,7 @@ mod tests {
             route: "r".into(),
             priority: Priority::Normal,
             load_level: 0,
-            request_id: "id".into(),
+            request_id: http::HeaderValue::from_static("id"),
         }
     }
 
@@ -379,8 +498,8 @@ mod tests {
         let (chain, log, done) = chain(&[("a", false, false), ("b", false, false)]);
         let (mut req, mut resp) = parts();
         let mut s = chain.start();
-        assert!(s.on_request(&mut req, &info()).await.is_none());
-        assert!(s.on_response(&mut resp, &info()).await.is_none());
+        assert!(s.on_request(&mut req, &info()).await.unwrap().is_none());
+        assert!(s.on_response(&mut resp, &info()).await.unwrap().is_none());
         drop(s);
         assert_eq!(*log.lock().unwrap(), ["req:a", "req:b", "resp:b", "resp:a"]);
         let seen: Vec<_> = req.headers.get_all("x-seen").iter().collect();
@@ -394,9 +513,13 @@ mod tests {
             chain(&[("a", false, false), ("b", true, false), ("c", false, false)]);
         let (mut req, mut resp) = parts();
         let mut s = chain.start();
-        let local = s.on_request(&mut req, &info()).await.expect("b answers");
+        let local = s
+            .on_request(&mut req, &info())
+            .await
+            .unwrap()
+            .expect("b answers");
         assert_eq!(local.status, StatusCode::FORBIDDEN);
-        s.on_response(&mut resp, &info()).await;
+        s.on_response(&mut resp, &info()).await.unwrap();
         drop(s);
         assert_eq!(*log.lock().unwrap(), ["req:a", "req:b", "resp:a"]);
         // c never saw the request but its stream still ends exactly once.
@@ -408,7 +531,7 @@ mod tests {
         let (chain, log, _) = chain(&[("p", false, true), ("q", false, false)]);
         let (mut req, _) = parts();
         let mut s = chain.start();
-        assert!(s.on_request(&mut req, &info()).await.is_none());
+        assert!(s.on_request(&mut req, &info()).await.unwrap().is_none());
         assert_eq!(*log.lock().unwrap(), ["req:p", "resume:p", "req:q"]);
         let seen: Vec<_> = req.headers.get_all("x-seen").iter().collect();
         assert_eq!(seen, ["p", "q"]);
@@ -422,6 +545,121 @@ mod tests {
         assert!(!c.wants_bodies());
         let native = crate::native::build("headers", "h", "").unwrap();
         assert!(!FilterChain::new(vec![native]).wants_bodies());
+    }
+
+    /// A filter whose body callbacks come and go, like a Wasm module
+    /// swapped in from its file.
+    struct Swappable(Arc<std::sync::atomic::AtomicBool>);
+
+    impl FilterFactory for Swappable {
+        fn name(&self) -> &str {
+            "swappable"
+        }
+        fn new_stream(&self) -> Box<dyn StreamFilter> {
+            Box::new(Swappable(self.0.clone()))
+        }
+        fn wants_bodies(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn body_limit(&self) -> usize {
+            7
+        }
+    }
+
+    impl StreamFilter for Swappable {}
+
+    #[test]
+    fn body_routing_follows_a_swapped_module() {
+        let bodies = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (recorded, _, _) = chain(&[("a", false, false)]);
+        let c = FilterChain::new(vec![
+            recorded.factories[0].clone(),
+            Arc::new(Swappable(bodies.clone())),
+        ]);
+        let before = c.start();
+        assert!(!before.wants_bodies());
+
+        bodies.store(true, Ordering::SeqCst);
+        let after = c.start();
+        assert!(after.wants_bodies());
+        {
+            let inner = after.lock();
+            assert_eq!(&*inner.bodies.filters, &[false, true]);
+            assert_eq!(inner.bodies.limit, 7);
+        }
+        // A stream keeps the routing it started with.
+        assert!(!before.wants_bodies());
+
+        bodies.store(false, Ordering::SeqCst);
+        assert!(!c.start().wants_bodies());
+    }
+
+    /// Resets the stream in the phase `on` names.
+    struct Resetter {
+        on: &'static str,
+    }
+
+    impl FilterFactory for Resetter {
+        fn name(&self) -> &str {
+            "reset"
+        }
+        fn new_stream(&self) -> Box<dyn StreamFilter> {
+            Box::new(Resetter { on: self.on })
+        }
+    }
+
+    impl StreamFilter for Resetter {
+        fn on_request_headers(&mut self, _: &mut http::request::Parts, _: &StreamInfo) -> Flow {
+            if self.on == "request" {
+                Flow::Reset
+            } else {
+                Flow::Continue
+            }
+        }
+        fn on_response_headers(&mut self, _: &mut http::response::Parts, _: &StreamInfo) -> Flow {
+            if self.on == "response" {
+                Flow::Reset
+            } else {
+                Flow::Continue
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_stops_the_chain_and_still_ends_every_stream() {
+        let (recorded, log, done) = chain(&[("a", false, false), ("c", false, false)]);
+        let reset: Arc<dyn FilterFactory> = Arc::new(Resetter { on: "request" });
+        let factories = vec![
+            recorded.factories[0].clone(),
+            reset,
+            recorded.factories[1].clone(),
+        ];
+        let (mut req, mut resp) = parts();
+        let mut s = FilterChain::new(factories.clone()).start();
+        assert_eq!(
+            s.on_request(&mut req, &info()).await.unwrap_err(),
+            StreamReset
+        );
+        assert!(s.is_reset());
+        drop(s);
+        // c never saw the request; a and c still end exactly once.
+        assert_eq!(*log.lock().unwrap(), ["req:a"]);
+        assert_eq!(done.load(Ordering::SeqCst), 2);
+
+        let mut factories = factories;
+        factories[1] = Arc::new(Resetter { on: "response" });
+        let mut s = FilterChain::new(factories).start();
+        assert!(s.on_request(&mut req, &info()).await.unwrap().is_none());
+        assert!(!s.is_reset());
+        assert_eq!(
+            s.on_response(&mut resp, &info()).await.unwrap_err(),
+            StreamReset
+        );
+        assert!(s.is_reset());
+        drop(s);
+        // The response phase stops at the filter that reset: a never sees it.
+        assert_eq!(*log.lock().unwrap(), ["req:a", "req:a", "req:c", "resp:c"]);
+        assert_eq!(done.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]

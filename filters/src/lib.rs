@@ -46,6 +46,11 @@ pub enum Flow {
     /// filter that needs to change the head after the wait records what to
     /// do and applies it in `resume_*`.
     Pause(Pending),
+    /// Abort the stream without an answer (proxy-wasm's
+    /// `proxy_close_stream`, Envoy's stream reset): HTTP/2 resets the
+    /// stream, HTTP/1.1 closes the connection. Later filters never see the
+    /// stream; every filter's `on_done` still runs. See [`StreamReset`].
+    Reset,
 }
 
 impl fmt::Debug for Flow {
@@ -54,6 +59,7 @@ impl fmt::Debug for Flow {
             Flow::Continue => f.write_str("Continue"),
             Flow::Respond(r) => f.debug_tuple("Respond").field(&r.status).finish(),
             Flow::Pause(_) => f.write_str("Pause"),
+            Flow::Reset => f.write_str("Reset"),
         }
     }
 }
@@ -69,7 +75,18 @@ pub enum BodyFlow {
     Buffer,
     /// Stop the stream and answer with this response instead.
     Respond(LocalResponse),
+    /// Abort the stream without an answer, as [`Flow::Reset`]. Once the
+    /// response head went out, the client sees the response cut off.
+    Reset,
 }
+
+/// A filter reset the stream ([`Flow::Reset`], [`BodyFlow::Reset`]): the
+/// chain's answer, which the gateway turns into an aborted exchange (an
+/// HTTP/2 `RST_STREAM`, or an HTTP/1.1 connection closed without a
+/// response) instead of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stream reset by filter")]
+pub struct StreamReset;
 
 /// A paused stream's wake-up: when it completes, the chain resumes the filter.
 pub type Pending = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -124,7 +141,8 @@ pub struct StreamInfo {
     pub priority: Priority,
     /// The gateway's current load level (0 = calm; higher = more loaded).
     pub load_level: u8,
-    pub request_id: Arc<str>,
+    /// The request id (the `x-request-id` header's value).
+    pub request_id: http::HeaderValue,
 }
 
 /// Per-request filter state. Every phase has a default that lets the stream
@@ -191,11 +209,23 @@ pub trait StreamFilter: Send {
     }
 
     /// Runs on the trailers of a body that has them (after its last data
-    /// chunk); the filter may edit them.
-    fn on_request_trailers(&mut self, _trailers: &mut HeaderMap, _info: &StreamInfo) {}
+    /// chunk); the filter may edit them, or reset the stream.
+    fn on_request_trailers(
+        &mut self,
+        _trailers: &mut HeaderMap,
+        _info: &StreamInfo,
+    ) -> Result<(), StreamReset> {
+        Ok(())
+    }
 
     /// Like [`StreamFilter::on_request_trailers`] for response trailers.
-    fn on_response_trailers(&mut self, _trailers: &mut HeaderMap, _info: &StreamInfo) {}
+    fn on_response_trailers(
+        &mut self,
+        _trailers: &mut HeaderMap,
+        _info: &StreamInfo,
+    ) -> Result<(), StreamReset> {
+        Ok(())
+    }
 
     /// The stream is over (answered, failed or aborted by the client). Runs
     /// exactly once per stream, also when the client went away mid-request.

@@ -166,7 +166,7 @@ mod tests {
             route: "r".into(),
             priority: crate::Priority::Normal,
             load_level: 0,
-            request_id: "id".into(),
+            request_id: http::HeaderValue::from_static("id"),
         };
         let mut s = f.new_stream();
         let (mut req, ()) = http::Request::builder()

@@ -7,7 +7,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use filters::wasm::{MetricValue, WasmFilter, WasmLimits};
-use filters::{FailMode, FilterChain, FilterError, FilterFactory, Priority, StreamInfo};
+use filters::{
+    BodyStop, FailMode, FilterChain, FilterError, FilterFactory, Priority, StreamInfo, StreamReset,
+};
 use http::StatusCode;
 
 /// Builds the guests once and returns the directory of the `.wasm` files.
@@ -67,7 +69,7 @@ fn info(load_level: u8) -> StreamInfo {
         route: "products".into(),
         priority: Priority::Sheddable,
         load_level,
-        request_id: "req-1".into(),
+        request_id: http::HeaderValue::from_static("req-1"),
     }
 }
 
@@ -125,7 +127,7 @@ async fn add_headers_edits_both_directions() {
     assert_eq!(f.abi_version(), "0.2.1");
     let mut req = request(&[("x-debug", "1"), ("x-env", "dev"), ("x-multi", "1")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-edge"), "flashgate");
     assert_eq!(h(&req.headers, "x-env"), "prod");
     assert_eq!(h(&req.headers, "x-debug"), "<absent>");
@@ -136,7 +138,7 @@ async fn add_headers_edits_both_directions() {
     assert_eq!(req.method, http::Method::GET);
 
     let mut resp = response(&[("server", "origin"), ("x-frame-options", "SAMEORIGIN")]);
-    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&resp.headers, "server"), "<absent>");
     assert_eq!(h(&resp.headers, "x-frame-options"), "DENY");
     assert_eq!(h(&resp.headers, "cache-status"), "edge");
@@ -180,7 +182,7 @@ async fn bot_score_scores_and_counts() {
     for (headers, want) in cases {
         let mut req = request(headers);
         let mut s = c.start();
-        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+        assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
         assert_eq!(h(&req.headers, "x-bot-score"), *want, "{headers:?}");
         assert_eq!(req.headers.get_all("x-bot-score").iter().count(), 1);
     }
@@ -203,7 +205,11 @@ async fn bot_score_blocks_at_threshold() {
     let f = load("bot-score-block", "bot_score", r#"{"block_at": 50}"#);
     let mut req = request(&[("user-agent", "python-requests/2.31")]);
     let mut s = chain(&f).start();
-    let local = s.on_request(&mut req, &info(0)).await.expect("blocked");
+    let local = s
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap()
+        .expect("blocked");
     assert_eq!(local.status, StatusCode::FORBIDDEN);
     assert_eq!(h(&local.headers, "x-bot-score"), "80");
     assert_eq!(&local.body[..], b"automated traffic is not allowed\n");
@@ -223,7 +229,10 @@ async fn degrade_answers_locally_under_load() {
         let mut req = request(&[]);
         let mut s = c.start();
         assert!(
-            s.on_request(&mut req, &info(level)).await.is_none(),
+            s.on_request(&mut req, &info(level))
+                .await
+                .unwrap()
+                .is_none(),
             "level {level}"
         );
     }
@@ -233,6 +242,7 @@ async fn degrade_answers_locally_under_load() {
         let local = s
             .on_request(&mut req, &info(level))
             .await
+            .unwrap()
             .expect("degraded");
         assert_eq!(local.status, StatusCode::OK);
         assert_eq!(h(&local.headers, "content-type"), "application/json");
@@ -261,7 +271,7 @@ async fn properties() {
     let f = load("props-filter", "test_host", "");
     let mut req = request(&[("x-test", "props"), ("user-agent", "UA/1")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(3)).await.is_none());
+    assert!(s.on_request(&mut req, &info(3)).await.unwrap().is_none());
     let hs = &req.headers;
     assert_eq!(h(hs, "x-prop-path"), "/products/42?color=red");
     assert_eq!(h(hs, "x-prop-method"), "GET");
@@ -290,7 +300,7 @@ async fn headers_add_replace_remove_both_ways() {
         ("x-new-path", "/elsewhere?q=1"),
     ]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let hs = &req.headers;
     assert_eq!(h(hs, "x-replace"), "new");
     assert_eq!(h(hs, "x-remove"), "<absent>");
@@ -303,7 +313,7 @@ async fn headers_add_replace_remove_both_ways() {
     assert_eq!(req.uri, "/elsewhere?q=1");
 
     let mut resp = response(&[("server", "origin"), ("x-resp-replace", "old")]);
-    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     let hs = &resp.headers;
     assert_eq!(h(hs, "server"), "<absent>");
     assert_eq!(h(hs, "x-resp-replace"), "new");
@@ -317,14 +327,22 @@ async fn local_response_and_config() {
     let f = load("local-filter", "test_host", "hello config");
     let mut req = request(&[("x-test", "local")]);
     let mut s = chain(&f).start();
-    let local = s.on_request(&mut req, &info(0)).await.expect("local");
+    let local = s
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap()
+        .expect("local");
     assert_eq!(local.status, StatusCode::IM_A_TEAPOT);
     assert_eq!(h(&local.headers, "x-local"), "1");
     assert_eq!(&local.body[..], b"teapot");
 
     let mut req = request(&[("x-test", "config")]);
     let mut s = chain(&f).start();
-    let local = s.on_request(&mut req, &info(0)).await.expect("local");
+    let local = s
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap()
+        .expect("local");
     assert_eq!(&local.body[..], b"hello config");
 }
 
@@ -333,9 +351,13 @@ async fn local_response_in_response_phase_replaces_it() {
     let f = load("resp-local", "test_host", "");
     let mut req = request(&[("x-test", "local-response-phase")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[]);
-    let replaced = s.on_response(&mut resp, &info(0)).await.expect("replaced");
+    let replaced = s
+        .on_response(&mut resp, &info(0))
+        .await
+        .unwrap()
+        .expect("replaced");
     assert_eq!(replaced.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h(&resp.headers, "x-replaced"), "1");
@@ -360,7 +382,7 @@ async fn metrics_from_the_guest() {
     for v in ["3", "9"] {
         let mut req = request(&[("x-test", "metrics"), ("x-value", v)]);
         let mut s = c.start();
-        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+        assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
         if v == "9" {
             assert_eq!(h(&req.headers, "x-counter-value"), "Ok(\"2\")");
         }
@@ -390,7 +412,7 @@ async fn logging_time_and_wasi() {
     let f = load("log-filter", "test_host", "");
     let mut req = request(&[("x-test", "log")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-time-ok"), "1");
 }
 
@@ -418,7 +440,7 @@ fn shared_data_cas_across_instances_and_threads() {
                     for _ in 0..25 {
                         let mut req = request(&[("x-test", "shared")]);
                         let mut s = c.start();
-                        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+                        assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
                         assert_eq!(h(&req.headers, "x-cas-stale"), "refused");
                     }
                 })
@@ -435,7 +457,7 @@ fn shared_data_cas_across_instances_and_threads() {
         .unwrap();
     rt.block_on(async {
         let mut s = chain(&f).start();
-        s.on_request(&mut req, &info(0)).await;
+        s.on_request(&mut req, &info(0)).await.unwrap();
     });
     assert_eq!(h(&req.headers, "x-counter"), "101");
     assert_eq!(f.live_instances(), 3);
@@ -450,10 +472,10 @@ async fn instances_are_reused_and_every_stream_ends_once() {
         let mut req = request(&[("x-test", "metrics")]);
         let mut resp = response(&[]);
         let mut s = c.start();
-        assert!(s.on_request(&mut req, &info(0)).await.is_none());
+        assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
         if i % 2 == 0 {
             // Half the clients go away before the response.
-            s.on_response(&mut resp, &info(0)).await;
+            s.on_response(&mut resp, &info(0)).await.unwrap();
         }
     }
     // A stream that never reached the filter creates no context.
@@ -480,7 +502,7 @@ async fn pause_resumes_from_a_tick_through_the_effective_context() {
     let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
         .await
         .expect("the tick resumes the stream");
-    assert!(r.is_none());
+    assert!(r.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-resumed"), "1");
     assert_eq!(h(&req.headers, "x-test"), "pause", "head kept");
     assert_eq!(req.uri.path(), "/products/42");
@@ -493,7 +515,11 @@ async fn ticks_reach_the_root_context() {
     let f = load("ticks", "test_host", "");
     let ticks = eventually(|| async {
         let mut req = request(&[("x-test", "ticks")]);
-        chain(&f).start().on_request(&mut req, &info(0)).await;
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
         let n: u64 = h(&req.headers, "x-ticks").parse().unwrap_or(0);
         (n >= 3).then_some(n)
     })
@@ -505,13 +531,21 @@ async fn ticks_reach_the_root_context() {
 async fn shared_queue_wakes_the_registering_root_context() {
     let f = load("queue", "test_host", "");
     let mut req = request(&[("x-test", "enqueue"), ("x-value", "hello-queue")]);
-    chain(&f).start().on_request(&mut req, &info(0)).await;
+    chain(&f)
+        .start()
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap();
     assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
     // proxy_on_queue_ready runs on the ticker thread: the root context
     // dequeues the item into shared data.
     eventually(|| async {
         let mut req = request(&[("x-test", "queue-seen")]);
-        chain(&f).start().on_request(&mut req, &info(0)).await;
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
         (h(&req.headers, "x-queue-last") == "hello-queue").then_some(())
     })
     .await;
@@ -582,7 +616,7 @@ async fn request_body_held_to_its_end_then_rewritten() {
     let data: Vec<u8> = (0..900 * 1024).map(|i| b"abcdefgh"[i % 8]).collect();
     let mut req = request(&[("x-test", "body"), ("content-length", "921600")]);
     let mut s = c.start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut body = s.request_body(chunks(&data, 16 << 10), &info(0));
     body.prime().await.expect("held, then released");
     let mut expected = data.to_ascii_uppercase();
@@ -598,22 +632,70 @@ async fn request_body_past_the_bound_is_413_and_response_502() {
     let big = vec![b'x'; 2 << 20];
     let mut req = request(&[("x-test", "body"), ("content-length", "2097152")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut body = s.request_body(chunks(&big, 64 << 10), &info(0));
     let stop = body.prime().await.expect_err("past the bound");
     assert_eq!(
-        stop.into_response(true).status,
+        stop.into_response(true).unwrap().status,
         StatusCode::PAYLOAD_TOO_LARGE
     );
 
     let mut req = request(&[("x-test", "resp-body")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[("content-length", "2097152")]);
-    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     let mut body = s.response_body(chunks(&big, 64 << 10), &info(0));
     let stop = body.prime().await.expect_err("past the bound");
-    assert_eq!(stop.into_response(false).status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        stop.into_response(false).unwrap().status,
+        StatusCode::BAD_GATEWAY
+    );
+}
+
+/// `proxy_close_stream` resets the stream in every phase (even when the
+/// callback then returns `Continue`), and the context still ends.
+#[tokio::test]
+async fn close_stream_resets_the_stream_in_every_phase() {
+    let f = load("close", "test_host", "");
+    let mut req = request(&[("x-test", "close-request")]);
+    let mut s = chain(&f).start();
+    assert_eq!(
+        s.on_request(&mut req, &info(0)).await.unwrap_err(),
+        StreamReset
+    );
+    assert!(s.is_reset());
+    drop(s);
+    assert_eq!(counter(&f, "test_on_log_total"), 1);
+
+    let mut req = request(&[("x-test", "close-response")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+    let mut resp = response(&[]);
+    assert_eq!(
+        s.on_response(&mut resp, &info(0)).await.unwrap_err(),
+        StreamReset
+    );
+    drop(s);
+    assert_eq!(counter(&f, "test_on_log_total"), 2);
+
+    let mut req = request(&[("x-test", "close-resp-body")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+    let mut resp = response(&[]);
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
+    let mut body = s.response_body(chunks(b"0123456789", 4), &info(0));
+    let stop = body
+        .prime()
+        .await
+        .expect_err("reset from the body callback");
+    assert!(matches!(stop, BodyStop::Reset), "{stop:?}");
+    assert_eq!(stop.into_response(false).unwrap_err(), StreamReset);
+    assert!(s.is_reset());
+    drop(body);
+    drop(s);
+    assert_eq!(counter(&f, "test_on_log_total"), 3);
+    assert_eq!(f.metrics().host().traps, 0);
 }
 
 #[tokio::test]
@@ -621,9 +703,9 @@ async fn response_body_rewritten_and_trailers_edited() {
     let f = load("resp-body", "test_host", "");
     let mut req = request(&[("x-test", "resp-body")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[("content-length", "10")]);
-    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&resp.headers, "content-length"), "<absent>");
     let mut frames = chunks(b"0123456789", 4);
     let mut trailers = http::HeaderMap::new();
@@ -643,7 +725,7 @@ async fn body_streams_when_the_filter_does_not_hold_it() {
     let f = load("body-stream", "test_host", "");
     let mut req = request(&[("x-test", "body-chunks")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut body = s.request_body(chunks(b"aaaabbbbcccc", 4), &info(0));
     body.prime().await.unwrap();
     // Primed with the first chunk only: the rest has not been read.
@@ -651,7 +733,7 @@ async fn body_streams_when_the_filter_does_not_hold_it() {
     let (got, _) = collect(body).await;
     assert_eq!(got, b"aaaabbbbcccc");
     let mut resp = response(&[]);
-    s.on_response(&mut resp, &info(0)).await;
+    s.on_response(&mut resp, &info(0)).await.unwrap();
     // Three chunks and the end of the body.
     assert_eq!(h(&resp.headers, "x-body-calls"), "4");
 }
@@ -693,6 +775,21 @@ impl filters::callout::HttpCallout for TestCallout {
             })
         }))
     }
+
+    fn spawn(&self, task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        // Each test has its own runtime, which ends with the test: root
+        // callouts run on one that lives as long as the binary.
+        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap()
+            })
+            .spawn(task);
+    }
 }
 
 fn callouts() {
@@ -709,7 +806,7 @@ async fn callout_pauses_and_resumes_with_the_answer() {
     let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
         .await
         .expect("resumed");
-    assert!(r.is_none());
+    assert!(r.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-callout-status"), "200");
     assert_eq!(h(&req.headers, "x-callout-header"), "granted");
     assert_eq!(
@@ -720,7 +817,7 @@ async fn callout_pauses_and_resumes_with_the_answer() {
     // An unknown cluster is refused at once; the guest goes on.
     let mut req = request(&[("x-test", "callout"), ("x-callout-cluster", "nope")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-callout-error"), "BadArgument");
 }
 
@@ -737,7 +834,7 @@ async fn callout_timeout_delivers_an_empty_answer() {
     let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
         .await
         .expect("the callout's own timeout resumes the stream");
-    assert!(r.is_none());
+    assert!(r.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-callout-status"), "none");
     assert_eq!(h(&req.headers, "x-callout-body"), "");
 }
@@ -750,7 +847,7 @@ async fn grpc_calls_answer_unimplemented() {
     let r = tokio::time::timeout(Duration::from_secs(10), s.on_request(&mut req, &info(0)))
         .await
         .expect("resumed");
-    assert!(r.is_none());
+    assert!(r.unwrap().is_none());
     // gRPC status 12 = UNIMPLEMENTED.
     assert_eq!(h(&req.headers, "x-grpc-status"), "12");
 }
@@ -773,7 +870,78 @@ async fn client_abort_while_paused_ends_the_context() {
     assert_eq!(counter(&f, "test_on_log_total"), 1);
 }
 
+#[tokio::test]
+async fn a_root_context_calls_out_and_gets_the_answer() {
+    callouts();
+    let f = load("rootcall", "test_host", "");
+    // The root context calls from `on_queue_ready`: no request waits.
+    let mut req = request(&[("x-test", "enqueue"), ("x-value", "call:auth")]);
+    chain(&f)
+        .start()
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap();
+    assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
+    let seen = eventually(|| async {
+        let mut req = request(&[("x-test", "root-call-seen")]);
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
+        let v = h(&req.headers, "x-root-call").to_string();
+        (v != "<none>").then_some(v)
+    })
+    .await;
+    // Status and body of the answer, read through the call-response
+    // header map and buffer from the root context.
+    assert_eq!(seen, "200 GET /root-call host=auth from=<absent>");
+
+    // A cluster that does not exist: the call is refused at once.
+    let f = load("rootcall-unknown", "test_host", "");
+    let mut req = request(&[("x-test", "enqueue"), ("x-value", "call:nope")]);
+    chain(&f)
+        .start()
+        .on_request(&mut req, &info(0))
+        .await
+        .unwrap();
+    let seen = eventually(|| async {
+        let mut req = request(&[("x-test", "root-call-seen")]);
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
+        let v = h(&req.headers, "x-root-call").to_string();
+        (v != "<none>").then_some(v)
+    })
+    .await;
+    assert_eq!(seen, "refused");
+}
+
 // ---- hot reload --------------------------------------------------------------
+
+#[tokio::test]
+async fn a_replaced_module_ends_its_root_contexts() {
+    let dir = std::env::temp_dir().join(format!("fg-root-done-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("filter.wasm");
+    std::fs::copy(wasm("test_host"), &path).unwrap();
+    let f = WasmFilter::load("root-done", &path, "", limits(), FailMode::Closed).unwrap();
+    let mut s = chain(&f).start();
+    let mut req = request(&[("x-test", "metrics")]);
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+    assert_eq!(counter(&f, "test_root_done_total"), 0);
+
+    // The swap keeps the old module for the stream still on it...
+    f.reload().unwrap();
+    assert_eq!(counter(&f, "test_root_done_total"), 0);
+    // ...and its root context ends (on_done) with that stream (or a
+    // moment later, when the ticker thread lets go of the old pool).
+    drop(s);
+    eventually(|| async { (counter(&f, "test_root_done_total") == 1).then_some(()) }).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 #[tokio::test]
 async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
@@ -791,20 +959,24 @@ async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
     // A stream that starts on the old module...
     let mut old = c.start();
     let mut req = request(&[]);
-    assert!(old.on_request(&mut req, &info(0)).await.is_none());
+    assert!(old.on_request(&mut req, &info(0)).await.unwrap().is_none());
 
     std::fs::copy(wasm("add_headers"), &path).unwrap();
     eventually(|| async { (f.metrics().host().reloads >= 1).then_some(()) }).await;
 
     // ...finishes on it; new streams run the new one.
     let mut resp = response(&[]);
-    assert!(old.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(old
+        .on_response(&mut resp, &info(0))
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(h(&resp.headers, "x-version"), "<absent>");
     let mut s = c.start();
     let mut req = request(&[]);
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[]);
-    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&resp.headers, "x-version"), "2");
 
     // A broken file is refused; the running module stays.
@@ -813,9 +985,9 @@ async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
     assert!(f.reload().is_err());
     let mut s = c.start();
     let mut req = request(&[]);
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[]);
-    assert!(s.on_response(&mut resp, &info(0)).await.is_none());
+    assert!(s.on_response(&mut resp, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&resp.headers, "x-version"), "2");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -825,14 +997,14 @@ async fn hot_reload_swaps_the_module_and_refuses_a_bad_one() {
 async fn trap_run(f: &Arc<WasmFilter>) -> (Option<filters::LocalResponse>, http::request::Parts) {
     let mut req = request(&[("x-trap", "1"), ("keep", "me")]);
     let mut s = chain(f).start();
-    let r = s.on_request(&mut req, &info(0)).await;
+    let r = s.on_request(&mut req, &info(0)).await.expect("not reset");
     (r, req)
 }
 
 async fn passes(f: &Arc<WasmFilter>) {
     let mut req = request(&[]);
     let mut s = chain(f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     assert_eq!(h(&req.headers, "x-trap-passed"), "1");
 }
 
@@ -938,9 +1110,13 @@ async fn panic_in_response_phase() {
     );
     let mut req = request(&[("x-trap", "1")]);
     let mut s = chain(&f).start();
-    assert!(s.on_request(&mut req, &info(0)).await.is_none());
+    assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
     let mut resp = response(&[("x-origin", "1")]);
-    let r = s.on_response(&mut resp, &info(0)).await.expect("500");
+    let r = s
+        .on_response(&mut resp, &info(0))
+        .await
+        .unwrap()
+        .expect("500");
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR);
     drop(s); // on_done on a discarded instance must not call the guest
@@ -1017,7 +1193,11 @@ async fn crash_loop_is_backed_off_not_restarted_per_request() {
     // streak.
     eventually(|| async {
         let mut req = request(&[]);
-        chain(&f).start().on_request(&mut req, &info(0)).await;
+        chain(&f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
         (h(&req.headers, "x-trap-passed") == "1").then_some(())
     })
     .await;

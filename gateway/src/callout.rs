@@ -22,6 +22,8 @@ pub struct GatewayCallout {
     /// Weak: the registration is process-wide and must not keep a stopped
     /// gateway alive.
     pub shared: Weak<Shared>,
+    /// Where root contexts' callouts run (see [`HttpCallout::spawn`]).
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl HttpCallout for GatewayCallout {
@@ -38,6 +40,10 @@ impl HttpCallout for GatewayCallout {
             .cloned()
             .ok_or_else(|| CalloutError::UnknownCluster(req.cluster.clone()))?;
         Ok(Box::pin(send(cluster, req)))
+    }
+
+    fn spawn(&self, task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.runtime.spawn(task);
     }
 }
 

@@ -278,6 +278,7 @@ impl Gateway {
         // Filters' HTTP callouts go to this gateway's clusters.
         filters::callout::set_http_callout(Arc::new(callout::GatewayCallout {
             shared: Arc::downgrade(&shared),
+            runtime: tokio::runtime::Handle::current(),
         }));
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();

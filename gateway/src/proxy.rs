@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use filters::{ChainStream, LocalResponse, StreamInfo};
+use filters::LocalResponse;
+use filters::{BodyStop, ChainStream, StreamInfo, StreamReset};
 use http::request::Parts;
 use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
@@ -54,13 +55,24 @@ pub struct ConnInfo {
     pub tunnel: upgrade::TunnelSlot,
 }
 
-/// Handles one request. Never fails: every error becomes a response here or
-/// in [`ProxyError::response`].
+/// What the access log and the request metrics record for a stream a
+/// filter reset (no response at all): 444, nginx's code for a connection
+/// closed without a response.
+pub const RESET_STATUS: http::StatusCode = match http::StatusCode::from_u16(444) {
+    Ok(s) => s,
+    Err(_) => http::StatusCode::INTERNAL_SERVER_ERROR,
+};
+
+/// Handles one request. Every error becomes a response here or in
+/// [`ProxyError::response`]; the one `Err` is a filter resetting the
+/// stream ([`StreamReset`]), which hyper turns into an aborted exchange:
+/// an HTTP/2 `RST_STREAM` for the stream, or an HTTP/1.1 connection closed
+/// without a response.
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, StreamReset> {
     let started = Instant::now();
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = shared.runtime.load_full();
@@ -128,13 +140,13 @@ pub async fn handle(
         .and_then(|()| LimitedBody::new(body, listener.max_body.0))
     {
         Ok(b) => b,
-        Err(e) => return refuse(e, &head),
+        Err(e) => return Ok(refuse(e, &head)),
     };
 
     // Route: decides the cluster, the priority and the filters. The path is
     // normalized first, so the route and the upstream see the same path.
     if let Err(e) = normalize_request_path(&mut head.uri) {
-        return refuse(e, &head);
+        return Ok(refuse(e, &head));
     }
     let host = request_host(&head.uri, &head.headers).to_string();
     // `OPTIONS *` is about the server as a whole: it takes the `/` route.
@@ -144,7 +156,7 @@ pub async fn handle(
         head.uri.path()
     };
     let Some(route) = runtime.route(&host, route_path) else {
-        return refuse(ProxyError::NoRoute, &head);
+        return Ok(refuse(ProxyError::NoRoute, &head));
     };
 
     // Admission (bot rules, rate limits, waiting room, overload shedding)
@@ -166,7 +178,23 @@ pub async fn handle(
         },
     };
 
-    // Request filters: may rewrite the head, answer locally, or pause.
+    // A filter reset the stream: no answer at all (`abort_exchange`). The
+    // filters' streams end (on_done, on_log) when `filtering` drops on the
+    // way out.
+    let aborted = |head: &Parts| {
+        abort_exchange(
+            &runtime,
+            route,
+            head,
+            &request_id,
+            conn,
+            client_ip,
+            started,
+        )
+    };
+
+    // Request filters: may rewrite the head, answer locally, pause, or
+    // reset the stream.
     // (Built only for routes that have filters: most traffic has none.)
     let mut filtering = (!route.filters.is_empty()).then(|| {
         let info = StreamInfo {
@@ -174,12 +202,15 @@ pub async fn handle(
             route: route.name.clone(),
             priority: route.priority,
             load_level: 0,
-            request_id: request_id.to_str().unwrap_or("").into(),
+            request_id: request_id.clone(),
         };
         (route.filters.start(), info)
     });
     let mut local = match (&early, &mut filtering) {
-        (None, Some((chain, info))) => chain.on_request(&mut head, info).await,
+        (None, Some((chain, info))) => match chain.on_request(&mut head, info).await {
+            Ok(local) => local,
+            Err(StreamReset) => return aborted(&head),
+        },
         _ => None,
     };
     // The request body goes through the filters' body callbacks only when
@@ -189,10 +220,13 @@ pub async fn handle(
             if let Either::Left(incoming) = body {
                 match filter_request_body(chain, info, &mut head, incoming).await {
                     Ok(filtered) => body = filtered,
-                    Err(answer) => {
-                        local = Some(answer);
-                        body = Either::Right(Either::Left(Full::new(Bytes::new())));
-                    }
+                    Err(stop) => match stop.into_response(true) {
+                        Ok(answer) => {
+                            local = Some(answer);
+                            body = Either::Right(Either::Left(Full::new(Bytes::new())));
+                        }
+                        Err(StreamReset) => return aborted(&head),
+                    },
                 }
             }
         }
@@ -263,6 +297,14 @@ pub async fn handle(
             },
         },
     };
+    // A body callback can reset the stream while the request body streams
+    // upstream: whatever the upstream made of the cut body, the client
+    // gets no answer.
+    if let Some((chain, _)) = &filtering {
+        if chain.wants_bodies() && chain.is_reset() {
+            return aborted(&head);
+        }
+    }
     if let (Some(c), Some(_)) = (&route.checkout, &endpoint) {
         c.observe(sku.as_deref(), resp.status());
     }
@@ -270,21 +312,30 @@ pub async fn handle(
     // Response filters, in reverse order; then our own response headers.
     if let Some((mut chain, info)) = filtering {
         let (mut parts, mut body) = resp.into_parts();
-        if let Some(replaced) = chain.on_response(&mut parts, &info).await {
-            body = ProxyBody::full(replaced.body);
-        } else if chain.wants_bodies() && !body.is_end_stream() {
-            body = match body.filter(&chain, &info).await {
-                Ok((filtered, len)) => {
-                    set_length(&mut parts.headers, len);
-                    filtered
-                }
-                Err(stop) => {
-                    let answer = stop.into_response(false);
-                    parts.status = answer.status;
-                    parts.headers = answer.headers;
-                    ProxyBody::full(answer.body)
-                }
-            };
+        match chain.on_response(&mut parts, &info).await {
+            Err(StreamReset) => return aborted(&head),
+            Ok(Some(replaced)) => body = ProxyBody::full(replaced.body),
+            Ok(None) if chain.wants_bodies() && !body.is_end_stream() => {
+                body = match body.filter(&chain, &info).await {
+                    Ok((filtered, len)) => {
+                        set_length(&mut parts.headers, len);
+                        filtered
+                    }
+                    Err(stop) => match stop.into_response(false) {
+                        Ok(answer) => {
+                            parts.status = answer.status;
+                            parts.headers = answer.headers;
+                            ProxyBody::full(answer.body)
+                        }
+                        // While priming: nothing went out yet. (A reset
+                        // later, while the body streams, ends it with an
+                        // error: hyper resets the stream or closes the
+                        // connection mid-body.)
+                        Err(StreamReset) => return aborted(&head),
+                    },
+                };
+            }
+            Ok(None) => {}
         }
         body.attach(chain);
         resp = Response::from_parts(parts, body);
@@ -321,7 +372,40 @@ pub async fn handle(
         });
         resp.body_mut().span_on_end(span);
     }
-    resp
+    Ok(resp)
+}
+
+/// Counts and logs a stream a filter reset, as [`RESET_STATUS`], and
+/// returns the error that makes hyper abort the exchange. Out of line: it
+/// is rare, and the request path stays small.
+#[cold]
+#[inline(never)]
+fn abort_exchange(
+    runtime: &Runtime,
+    route: &crate::runtime::Route,
+    head: &Parts,
+    request_id: &HeaderValue,
+    conn: &ConnInfo,
+    client_ip: IpAddr,
+    started: Instant,
+) -> Result<Response<ProxyBody>, StreamReset> {
+    route.count(RESET_STATUS);
+    route.latency.observe(started.elapsed().as_secs_f64());
+    if runtime.config.log.access_log {
+        let record = access_record(
+            head,
+            request_id,
+            conn,
+            client_ip,
+            route.name.clone(),
+            None,
+            RESET_STATUS,
+            started,
+            UpstreamTiming::default(),
+        );
+        record.emit(0, false);
+    }
+    Err(StreamReset)
 }
 
 /// Rewrites the URI's path to its normalized form, keeping the query.
@@ -621,18 +705,16 @@ async fn prefetch(body: &mut UpstreamBody, within: Duration) -> Result<(), Proxy
 
 /// Routes the request body through the filters' body callbacks, primed so
 /// that a filter holding the body from its start can still answer (413
-/// past the bound, or its own response) before anything goes upstream.
+/// past the bound, or its own response) or reset the stream before
+/// anything goes upstream.
 async fn filter_request_body(
     chain: &ChainStream,
     info: &StreamInfo,
     head: &mut Parts,
     body: LimitedBody,
-) -> Result<UpstreamBody, LocalResponse> {
+) -> Result<UpstreamBody, BodyStop> {
     let mut filtered = chain.request_body(body, info);
-    filtered
-        .prime()
-        .await
-        .map_err(|stop| stop.into_response(true))?;
+    filtered.prime().await?;
     set_length(&mut head.headers, filtered.known_length());
     Ok(Either::Right(Either::Right(filtered)))
 }

@@ -26,7 +26,6 @@
 //! slots. The client's next bytes start a fresh hyper connection on the
 //! same socket (and TLS session). HTTP/2 connections are never parked.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -293,9 +292,9 @@ impl Listener {
             let request = ActiveRequest::start(&info);
             let shared = shared.clone();
             async move {
-                let mut resp = proxy::handle(&shared, request.conn(), req).await;
+                let mut resp = proxy::handle(&shared, request.conn(), req).await?;
                 resp.body_mut().hold(request);
-                Ok::<_, Infallible>(resp)
+                Ok::<_, filters::StreamReset>(resp)
             }
         });
 

@@ -667,3 +667,114 @@ async fn a_crash_looping_module_is_backed_off() {
     );
     assert!(metric(admin, "flashgate_wasm_backed_off_total{filter=\"f\"}").await >= 1.0);
 }
+
+/// The reset counters on /metrics: requests counted with status 444 and
+/// contexts the guest ended (`on_log`).
+async fn resets_and_logs(admin: std::net::SocketAddr) -> (f64, f64) {
+    let resets = metric(
+        admin,
+        "flashgate_requests_total{route=\"default\",status=\"444\"}",
+    )
+    .await;
+    let on_log = metric(
+        admin,
+        "flashgate_wasm_guest_counter{filter=\"f\",name=\"test_on_log_total\"}",
+    )
+    .await;
+    (resets, on_log)
+}
+
+/// `proxy_close_stream` over HTTP/1.1: the connection closes without a
+/// single byte of response, whether the guest resets in the request phase
+/// (nothing reaches the upstream), on the response head, or on the
+/// response body before the head went out. Counted as 444; every context
+/// still ends.
+#[tokio::test]
+async fn close_stream_over_http1_closes_the_connection_without_a_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = Upstream::echo().await;
+    let gw = gateway(&with_filter(echo.addr, "test_host", "", "")).await;
+    let addr = gw.addr("public").unwrap();
+    for (i, test) in ["close-request", "close-response", "close-resp-body"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET /p HTTP/1.1\r\nhost: gw\r\nx-test: {test}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{test}: the connection stays open"));
+        // Closed: an end of stream (or a reset), and no response at all.
+        assert!(
+            read.is_ok() || got.is_empty(),
+            "{test}: {read:?} after {got:?}"
+        );
+        assert!(got.is_empty(), "{test}: {}", String::from_utf8_lossy(&got));
+        assert_eq!(echo.hits(), i, "{test}: upstream requests");
+    }
+    let admin = gw.admin_addr();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            resets_and_logs(admin).await == (3.0, 3.0)
+        })
+        .await,
+        "three resets counted as 444, three contexts ended: {:?}",
+        resets_and_logs(admin).await
+    );
+    // The gateway still answers new connections.
+    let got = get(&format!("http://{addr}/p")).await;
+    assert_eq!(got.status, 200);
+}
+
+/// `proxy_close_stream` over HTTP/2: the stream is reset (`RST_STREAM`),
+/// and the same connection goes on serving the next request.
+#[tokio::test]
+async fn close_stream_over_http2_resets_the_stream_and_keeps_the_connection() {
+    let echo = Upstream::echo().await;
+    let gw = gateway(&with_filter(echo.addr, "test_host", "", "")).await;
+    let addr = gw.addr("public").unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(conn);
+    let req = |test: &str| {
+        Request::get(format!("http://{addr}/p"))
+            .header("x-test", test)
+            .body(empty())
+            .unwrap()
+    };
+    for test in ["close-request", "close-response", "close-resp-body"] {
+        h2.ready().await.expect("connection still usable");
+        let err = tokio::time::timeout(Duration::from_secs(10), h2.send_request(req(test)))
+            .await
+            .unwrap_or_else(|_| panic!("{test}: no answer and no reset"))
+            .expect_err("reset, not answered");
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("Reset") && text.contains("INTERNAL_ERROR"),
+            "{test}: a stream reset, not {text}"
+        );
+        // The next request on the same connection is served.
+        h2.ready().await.expect("connection still usable");
+        let resp = h2.send_request(req("")).await.expect("answered");
+        assert_eq!(resp.status(), 200, "after {test}");
+        resp.into_body().collect().await.unwrap();
+    }
+    assert!(!connection.is_finished(), "the connection stayed open");
+    let admin = gw.admin_addr();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            resets_and_logs(admin).await == (3.0, 6.0)
+        })
+        .await,
+        "three resets counted as 444, six contexts ended: {:?}",
+        resets_and_logs(admin).await
+    );
+}

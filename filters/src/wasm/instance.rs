@@ -21,6 +21,7 @@ use wasmtime::{Instance as WasmInstance, Store, Trap, TypedFunc};
 
 use super::plugin::Plugin;
 use super::state::{HostState, StreamData};
+use crate::callout::{CalloutError, CalloutResponse};
 
 /// Why a guest call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,35 +257,48 @@ impl Instance {
 
     /// Runs `call` with the stream's data in the store as the current and
     /// effective context, and takes the data back afterwards, whatever
-    /// happened.
+    /// happened. A stream the guest does not know yet gets its
+    /// `proxy_on_context_create(id, root)` first, in the same round trip
+    /// (each guest call under its own deadline).
     fn with_stream<R>(
         &mut self,
         data: &mut Option<Box<StreamData>>,
         call: impl FnOnce(&mut Store<HostState>, &Exports, u32) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        let Some(d) = data.take() else {
+        let Some(mut d) = data.take() else {
             return Err(Failure::new(FailKind::Unavailable, "stream data missing"));
         };
         let id = d.id;
-        {
+        let create = !d.created;
+        d.created = true;
+        let root = {
             let s = self.store.data_mut();
             s.cur = Some(d);
             s.effective = id;
-        }
-        let r = self.call(|s, f| call(s, f, id));
+            s.root_id
+        };
+        let ticks = self.store.data().plugin.call_ticks;
+        let r = self.call(|s, f| {
+            if create {
+                f.context_create.call(&mut *s, (id, root))?;
+                s.set_epoch_deadline(ticks);
+            }
+            call(s, f, id)
+        });
         let s = self.store.data_mut();
         *data = s.cur.take();
         s.effective = s.root_id;
         r
     }
 
-    /// `proxy_on_context_create(id, root)` for a new HTTP context.
-    pub(crate) fn create_context(
-        &mut self,
-        data: &mut Option<Box<StreamData>>,
-    ) -> Result<(), Failure> {
-        let root = self.store.data().root_id;
-        self.with_stream(data, |s, f, id| f.context_create.call(s, (id, root)))
+    /// Data for a new stream of this instance (see [`HostState::stream_data`]).
+    pub(crate) fn stream_data(&mut self, id: u32, info: &crate::StreamInfo) -> Box<StreamData> {
+        self.store.data_mut().stream_data(id, info)
+    }
+
+    /// Takes back an ended stream's data for reuse.
+    pub(crate) fn recycle(&mut self, data: Box<StreamData>) {
+        self.store.data_mut().recycle(data);
     }
 
     /// `proxy_on_request_headers`; returns the guest's action.
@@ -425,6 +439,44 @@ impl Instance {
         Ok(Some(period))
     }
 
+    /// Delivers a root context's callout answer through
+    /// `proxy_on_http_call_response` (`proxy_on_grpc_close` never: a root
+    /// context's gRPC call is refused when it is made).
+    pub(crate) fn root_call_response(
+        &mut self,
+        token: u32,
+        answer: Result<CalloutResponse, CalloutError>,
+    ) -> Result<(), Failure> {
+        let host = self.store.data_mut();
+        host.root_calls = host.root_calls.saturating_sub(1);
+        let sizes = call_response_sizes(&answer);
+        host.root_call_response = Some(answer);
+        let r = self.root_call(|s, f, root| match &f.http_call_response {
+            Some(cb) => cb.call(s, (root, token, sizes.0, sizes.1, sizes.2)),
+            None => Ok(()),
+        });
+        self.store.data_mut().root_call_response = None;
+        r
+    }
+
+    /// Ends the root context when its instance is retired (a reload
+    /// swapped the module, or the filter left the config):
+    /// `proxy_on_done`, then `proxy_on_delete`, each under the call
+    /// deadline. A root context answering "not yet" from `on_done` (to
+    /// finish its own callouts first, then `proxy_done`) is not waited
+    /// for: its instance is going away with everything it started.
+    pub(crate) fn end_root(&mut self) -> Result<(), Failure> {
+        self.root_call(|s, f, root| {
+            if let Some(cb) = &f.done {
+                cb.call(&mut *s, root)?;
+            }
+            if let Some(cb) = &f.delete {
+                cb.call(&mut *s, root)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Delivers `proxy_on_queue_ready` for `queue` to the root context.
     pub(crate) fn queue_ready(&mut self, queue: u32) -> Result<(), Failure> {
         self.root_call(|s, f, root| match &f.queue_ready {
@@ -442,7 +494,11 @@ impl Instance {
         // on_done's answer ("may I be deleted now?") matters for root
         // contexts only; an HTTP stream is over either way. The three run
         // in one host round trip (the stream data moves in once), each
-        // with its own deadline.
+        // with its own deadline. A context the guest never saw has
+        // nothing to end.
+        if data.as_ref().is_some_and(|d| !d.created) {
+            return Ok(());
+        }
         let ticks = self.store.data().plugin.call_ticks;
         self.with_stream(data, |s, f, id| {
             if let Some(cb) = &f.done {
@@ -566,7 +622,7 @@ impl Pool {
 
     /// Delivers queue-ready events and due ticks to every live instance;
     /// returns how long the ticker may sleep.
-    pub(crate) fn service(&self, ready: Vec<super::ticker::QueueReady>) -> Duration {
+    pub(crate) fn service(&self, mut events: super::ticker::Events) -> Duration {
         let mut next = super::ticker::IDLE;
         for i in 0..self.slots.len() {
             let mut slot = self.lock(i);
@@ -575,12 +631,24 @@ impl Pool {
                 continue;
             };
             let mut r = Ok(None);
-            for &(s, g, queue) in &ready {
+            for &(s, g, queue) in &events.queue_ready {
                 if s == i && g == generation {
                     if let Err(f) = inst.queue_ready(queue) {
                         r = Err(f);
                         break;
                     }
+                }
+            }
+            // Answers for an instance that is gone (poisoned, replaced)
+            // are dropped with it: its root context is gone too.
+            let mut k = 0;
+            while r.is_ok() && k < events.calls_done.len() {
+                let (s, g, _, _) = &events.calls_done[k];
+                if *s == i && *g == generation {
+                    let (_, _, token, answer) = events.calls_done.swap_remove(k);
+                    r = inst.root_call_response(token, answer).map(|()| None);
+                } else {
+                    k += 1;
                 }
             }
             if r.is_ok() {
@@ -692,5 +760,38 @@ impl Pool {
                 "wasm filter call failed; instance discarded"
             );
         }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The last stream of a replaced module ended (streams hold their
+        // pool): its root contexts end here, on that stream's thread, each
+        // call bounded by the deadline.
+        for i in 0..self.slots.len() {
+            let inst = self.lock(i).inst.take();
+            if let Some(mut inst) = inst {
+                if let Err(f) = inst.end_root() {
+                    tracing::debug!(filter = %self.plugin.name, kind = %f.kind, error = %f.message, "wasm root context failed to end");
+                }
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The sizes `proxy_on_http_call_response` announces: header count (with
+/// `:status`), body bytes, trailer count; zeros for a call without an
+/// answer.
+pub(crate) fn call_response_sizes(
+    answer: &Result<CalloutResponse, CalloutError>,
+) -> (u32, u32, u32) {
+    match answer {
+        Ok(r) => (
+            (r.headers.len() + 1) as u32,
+            r.body.len() as u32,
+            r.trailers.len() as u32,
+        ),
+        Err(_) => (0, 0, 0),
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
 
 use super::abi::status;
@@ -14,29 +14,212 @@ use super::plugin::Plugin;
 use crate::callout::{CalloutError, CalloutFuture, CalloutResponse};
 use crate::{LocalResponse, StreamInfo};
 
-/// The request head while a Wasm filter works on it (moved out of the
-/// request's `Parts` for the call and moved back after), and a copy of it
-/// afterwards so the response phase can still read request headers.
-#[derive(Clone)]
+/// One direction's header map as the host keeps it for a stream.
+///
+/// During its own phase it is the head's live map, moved in for the guest
+/// call and moved back out after it ([`Headers::take_back`]). From then on
+/// the host keeps a read-only copy (the response phase and `on_log` may
+/// still read request headers): the names and values copied back to back
+/// into one buffer, which costs a few short copies instead of a
+/// `HeaderMap` clone (allocations, a reference count per name and value)
+/// and is reused by the next stream of the instance. A later write, which
+/// no longer reaches the stream, first turns the copy back into a map.
+#[derive(Default)]
+pub(crate) struct Headers {
+    map: HeaderMap,
+    /// The copy: names and values back to back, in the map's order ...
+    bytes: Vec<u8>,
+    /// ... and where each entry's name and value end in `bytes`.
+    ends: Vec<(usize, usize)>,
+    /// The copy holds the content (else `map` does).
+    copied: bool,
+}
+
+/// A copy's buffers larger than these are not kept for the next stream.
+const KEEP_BYTES: usize = 16 << 10;
+const KEEP_ENTRIES: usize = 128;
+
+impl Headers {
+    /// Moves the head's map `src` in as the live content (leaving an empty
+    /// map behind: swapped, so no map is built or dropped).
+    pub(crate) fn set_live(&mut self, src: &mut HeaderMap) {
+        if !self.map.is_empty() {
+            self.map = HeaderMap::new();
+        }
+        std::mem::swap(&mut self.map, src);
+        self.copied = false;
+    }
+
+    /// Moves the live content back into the head's `dst` and keeps a copy.
+    /// A copy nobody wrote to since it was taken is what `dst` holds
+    /// already (nothing else touches the head while the filter has it), so
+    /// then there is nothing to do.
+    pub(crate) fn take_back(&mut self, dst: &mut HeaderMap) {
+        if self.copied {
+            return;
+        }
+        if !dst.is_empty() {
+            *dst = HeaderMap::new();
+        }
+        std::mem::swap(&mut self.map, dst);
+        self.bytes.clear();
+        self.ends.clear();
+        self.ends.reserve(dst.len());
+        for (k, v) in dst.iter() {
+            self.bytes.extend_from_slice(k.as_str().as_bytes());
+            let name_end = self.bytes.len();
+            self.bytes.extend_from_slice(v.as_bytes());
+            self.ends.push((name_end, self.bytes.len()));
+        }
+        self.copied = true;
+    }
+
+    pub(crate) fn view(&self) -> HeadersRef<'_> {
+        if self.copied {
+            HeadersRef::Copy(&self.bytes, &self.ends)
+        } else {
+            HeadersRef::Map(&self.map)
+        }
+    }
+
+    /// The content as a map, for a write.
+    pub(crate) fn map_mut(&mut self) -> &mut HeaderMap {
+        if self.copied {
+            let mut map = HeaderMap::with_capacity(self.ends.len());
+            for (k, v) in HeadersRef::Copy(&self.bytes, &self.ends).iter() {
+                // They came out of a map: they parse.
+                if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k), HeaderValue::from_bytes(v)) {
+                    map.append(k, v);
+                }
+            }
+            self.map = map;
+            self.copied = false;
+        }
+        &mut self.map
+    }
+
+    /// Empties it for another stream, keeping the copy's buffers.
+    fn clear(&mut self) {
+        if self.map.capacity() != 0 {
+            self.map = HeaderMap::new();
+        }
+        if self.bytes.capacity() > KEEP_BYTES || self.ends.capacity() > KEEP_ENTRIES {
+            self.bytes = Vec::new();
+            self.ends = Vec::new();
+        } else {
+            self.bytes.clear();
+            self.ends.clear();
+        }
+        self.copied = false;
+    }
+}
+
+/// Read access to [`Headers`], whichever form they are in: names and
+/// values as bytes.
+#[derive(Clone, Copy)]
+pub(crate) enum HeadersRef<'a> {
+    Map(&'a HeaderMap),
+    Copy(&'a [u8], &'a [(usize, usize)]),
+}
+
+impl<'a> HeadersRef<'a> {
+    /// Every (name, value) in the map's order.
+    pub(crate) fn iter(self) -> HeadersIter<'a> {
+        match self {
+            HeadersRef::Map(m) => HeadersIter::Map(m.iter()),
+            HeadersRef::Copy(bytes, ends) => HeadersIter::Copy {
+                bytes,
+                ends: ends.iter(),
+                start: 0,
+            },
+        }
+    }
+
+    /// The values of `name` (lower case), in order.
+    pub(crate) fn get_all(self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let (from_map, from_copy) = match self {
+            HeadersRef::Map(m) => (
+                Some(m.get_all(name).into_iter().map(|v| v.as_bytes())),
+                None,
+            ),
+            HeadersRef::Copy(..) => (
+                None,
+                Some(
+                    self.iter()
+                        .filter(move |(k, _)| *k == name.as_bytes())
+                        .map(|(_, v)| v),
+                ),
+            ),
+        };
+        from_map
+            .into_iter()
+            .flatten()
+            .chain(from_copy.into_iter().flatten())
+    }
+
+    /// The first value of `name` (lower case).
+    pub(crate) fn get(self, name: &'a str) -> Option<&'a [u8]> {
+        self.get_all(name).next()
+    }
+}
+
+pub(crate) enum HeadersIter<'a> {
+    Map(http::header::Iter<'a, HeaderValue>),
+    Copy {
+        bytes: &'a [u8],
+        ends: std::slice::Iter<'a, (usize, usize)>,
+        start: usize,
+    },
+}
+
+impl<'a> Iterator for HeadersIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            HeadersIter::Map(i) => i.next().map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+            HeadersIter::Copy { bytes, ends, start } => {
+                let &(name_end, value_end) = ends.next()?;
+                let name = bytes.get(*start..name_end)?;
+                let value = bytes.get(name_end..value_end)?;
+                *start = value_end;
+                Some((name, value))
+            }
+        }
+    }
+}
+
+/// The request head: live during the request phase, a copy after it.
+#[derive(Default)]
 pub(crate) struct ReqHead {
     pub method: Method,
     pub uri: Uri,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: Headers,
 }
 
-/// The response head during the response phase.
+/// The response head: live during the response phase, a copy after it.
+#[derive(Default)]
 pub(crate) struct RespHead {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub headers: Headers,
 }
 
-/// One HTTP context's host-side data. Lives in the stream between calls.
+/// One HTTP context's host-side data. Lives in the stream between calls;
+/// when the stream ends it goes back to its instance for the next stream
+/// ([`StreamData::reset`]), so a request allocates none of it.
 pub(crate) struct StreamData {
     pub id: u32,
+    /// `proxy_on_context_create` ran for `id` (it runs with the stream's
+    /// first callback, in the same host round trip).
+    pub created: bool,
     pub info: StreamInfo,
-    pub req: Option<ReqHead>,
-    pub resp: Option<RespHead>,
+    /// The request head, once the request phase began (`has_req`).
+    pub req: ReqHead,
+    pub has_req: bool,
+    /// The response head, once the response phase began (`has_resp`).
+    pub resp: RespHead,
+    pub has_resp: bool,
     /// Properties the guest set with `proxy_set_property`.
     pub props: HashMap<Vec<u8>, Vec<u8>>,
     /// A local response the guest asked for during the current phase.
@@ -63,9 +246,12 @@ impl StreamData {
     pub(crate) fn new(id: u32, info: StreamInfo) -> StreamData {
         StreamData {
             id,
+            created: false,
             info,
-            req: None,
-            resp: None,
+            req: ReqHead::default(),
+            has_req: false,
+            resp: RespHead::default(),
+            has_resp: false,
             props: HashMap::new(),
             local: None,
             reset: false,
@@ -76,6 +262,62 @@ impl StreamData {
             calls: Vec::new(),
             call_response: None,
         }
+    }
+
+    /// The request head, if the request phase began.
+    pub(crate) fn req(&self) -> Option<&ReqHead> {
+        self.has_req.then_some(&self.req)
+    }
+
+    pub(crate) fn resp(&self) -> Option<&RespHead> {
+        self.has_resp.then_some(&self.resp)
+    }
+
+    /// Empties ended data for a later stream: everything as
+    /// [`StreamData::new`] leaves it (but the id and info, which the next
+    /// stream sets), keeping allocations worth keeping. Drops every
+    /// reference into the ended stream's buffers.
+    pub(crate) fn clear(&mut self) {
+        self.created = false;
+        self.req.method = Method::GET;
+        self.req.uri = Uri::default();
+        self.req.version = Version::default();
+        self.req.headers.clear();
+        self.has_req = false;
+        self.resp.status = StatusCode::OK;
+        self.resp.headers.clear();
+        self.has_resp = false;
+        if self.props.capacity() > 16 {
+            self.props = HashMap::new();
+        } else {
+            self.props.clear();
+        }
+        self.local = None;
+        self.reset = false;
+        self.continued = false;
+        self.wake = None;
+        self.body = None;
+        self.trailers = None;
+        self.calls.clear();
+        self.call_response = None;
+    }
+}
+
+/// Brings `dst` up to date with `src` without touching what did not
+/// change: a stream's route and request id stay the same, so their
+/// reference counts are left alone.
+pub(crate) fn refresh_info(dst: &mut StreamInfo, src: &StreamInfo) {
+    dst.client_ip = src.client_ip;
+    dst.priority = src.priority;
+    dst.load_level = src.load_level;
+    if !Arc::ptr_eq(&dst.route, &src.route) {
+        dst.route = src.route.clone();
+    }
+    // The same value (a clone of the gateway's) unless a caller passes
+    // another: compare where the bytes live before the bytes themselves.
+    let (a, b) = (dst.request_id.as_bytes(), src.request_id.as_bytes());
+    if !std::ptr::eq(a, b) && a != b {
+        dst.request_id = src.request_id.clone();
     }
 }
 
@@ -152,7 +394,41 @@ pub(crate) struct HostState {
     pub generation: u64,
     /// `proxy_exit` / WASI `proc_exit` was called.
     pub exited: Option<i32>,
+    /// Callouts the root context started that have not answered yet.
+    pub root_calls: u32,
+    /// The answer being delivered to the root context by
+    /// `proxy_on_http_call_response`.
+    pub root_call_response: Option<Result<CalloutResponse, CalloutError>>,
+    /// Data of ended streams, kept for the next ones. Boxed: a stream
+    /// holds its data as a `Box` between calls, and taking one from here
+    /// or giving it back moves a pointer, not the data.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<StreamData>>,
+    /// Header names the guest set values of, parsed once, with the values
+    /// it set last (`proxy_{add,replace}_header_map_value`).
+    pub names: Vec<KnownName>,
 }
+
+/// A header name the guest used, and the value it set under it last.
+///
+/// A filter usually sets the same few headers to the same values on every
+/// request: a value seen twice in a row is kept as a `HeaderValue`, and
+/// from then on setting it again costs a reference count instead of an
+/// allocation and a copy. A value that changes every time costs a copy
+/// into `last`, which does not allocate once it is large enough.
+pub(crate) struct KnownName {
+    pub name: HeaderName,
+    pub last: Vec<u8>,
+    pub value: Option<HeaderValue>,
+}
+
+/// Values longer than this are not remembered.
+pub(crate) const KNOWN_VALUE_MAX: usize = 256;
+
+/// Ended streams' data an instance keeps for reuse.
+const SPARE_STREAMS: usize = 32;
+/// Distinct header names an instance remembers.
+pub(crate) const KNOWN_NAMES: usize = 32;
 
 impl HostState {
     pub(crate) fn new(plugin: Arc<Plugin>) -> HostState {
@@ -174,6 +450,30 @@ impl HostState {
             slot: 0,
             generation: 0,
             exited: None,
+            root_calls: 0,
+            root_call_response: None,
+            spare: Vec::new(),
+            names: Vec::new(),
+        }
+    }
+
+    /// Data for a new stream: an ended stream's, or fresh.
+    pub(crate) fn stream_data(&mut self, id: u32, info: &StreamInfo) -> Box<StreamData> {
+        match self.spare.pop() {
+            Some(mut d) => {
+                d.id = id;
+                refresh_info(&mut d.info, info);
+                d
+            }
+            None => Box::new(StreamData::new(id, info.clone())),
+        }
+    }
+
+    /// Keeps an ended stream's data for a later stream.
+    pub(crate) fn recycle(&mut self, mut data: Box<StreamData>) {
+        if self.spare.len() < SPARE_STREAMS {
+            data.clear();
+            self.spare.push(data);
         }
     }
 
@@ -184,6 +484,14 @@ impl HostState {
             return self.cur.as_deref_mut();
         }
         self.parked.get_mut(&eff).map(|s| &mut **s)
+    }
+
+    /// The callout answer being delivered to the effective context.
+    pub(crate) fn call_response(&mut self) -> Option<&mut Result<CalloutResponse, CalloutError>> {
+        if self.effective == self.root_id {
+            return self.root_call_response.as_mut();
+        }
+        self.stream()?.call_response.as_mut()
     }
 
     /// Is `id` a context the guest may make effective now?

@@ -23,9 +23,9 @@ use http::{HeaderMap, StatusCode};
 
 use super::abi::{action, buffer, map};
 use super::instance::{FailKind, Failure, Pool, Slot};
-use super::state::{ReqHead, RespHead, StreamData};
+use super::state::{refresh_info, StreamData};
 use crate::callout::{CalloutError, CalloutResponse};
-use crate::{BodyFlow, FailMode, Flow, LocalResponse, StreamFilter, StreamInfo};
+use crate::{BodyFlow, FailMode, Flow, LocalResponse, StreamFilter, StreamInfo, StreamReset};
 
 /// The guest's `Pause` action.
 const PAUSE: u32 = 1;
@@ -95,13 +95,10 @@ impl WasmStream {
                     return Err(f);
                 }
             };
+            // The guest learns of the context with the stream's first
+            // callback (`StreamData::created`).
             self.id = pool.plugin.next_context_id();
-            self.data = Some(Box::new(StreamData::new(self.id, info.clone())));
-            if let Err(f) = inst.create_context(&mut self.data) {
-                pool.poison(&mut slot, &f);
-                self.lost = true;
-                return Err(f);
-            }
+            self.data = Some(inst.stream_data(self.id, info));
             self.generation = slot.generation;
         } else if slot.generation != self.generation || slot.inst.is_none() {
             self.lost = true;
@@ -117,7 +114,7 @@ impl WasmStream {
             Some(d) => {
                 // Load level and the like may have changed since the last
                 // phase.
-                d.info = info.clone();
+                refresh_info(&mut d.info, info);
                 d.wake = None;
             }
             None => {
@@ -172,14 +169,13 @@ impl WasmStream {
         let Some(d) = self.data.as_mut() else {
             return Flow::Continue;
         };
+        // A reset wins over a local response asked for in the same call:
+        // the stream is gone.
+        if d.reset {
+            return Flow::Reset;
+        }
         if let Some(local) = d.local.take() {
             return Flow::Respond(local);
-        }
-        if d.reset {
-            return Flow::Respond(LocalResponse::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "stream reset by filter\n",
-            ));
         }
         if action_code == action::CONTINUE || d.continued {
             d.continued = false;
@@ -233,14 +229,7 @@ impl WasmStream {
             return self.settle(&pool, slot, Ok(PAUSE));
         };
         self.begin_phase();
-        let sizes = match &answer {
-            Ok(r) => (
-                (r.headers.len() + 1) as u32,
-                r.body.len() as u32,
-                r.trailers.len() as u32,
-            ),
-            Err(_) => (0, 0, 0),
-        };
+        let sizes = super::instance::call_response_sizes(&answer);
         let grpc = matches!(answer, Err(CalloutError::GrpcUnimplemented));
         if let Some(d) = self.data.as_mut() {
             d.call_response = Some(answer);
@@ -288,18 +277,18 @@ impl WasmStream {
 
     /// Puts the (possibly edited) request head back into `req`, keeping a
     /// copy for the response phase, properties and on_log.
-    fn restore_request(&self, req: &mut http::request::Parts) {
-        if let Some(h) = self.data.as_ref().and_then(|d| d.req.as_ref()) {
-            req.method = h.method.clone();
-            req.uri = h.uri.clone();
-            req.headers = h.headers.clone();
+    fn restore_request(&mut self, req: &mut http::request::Parts) {
+        if let Some(d) = self.data.as_mut().filter(|d| d.has_req) {
+            req.method = d.req.method.clone();
+            req.uri = d.req.uri.clone();
+            d.req.headers.take_back(&mut req.headers);
         }
     }
 
     fn restore_response(&mut self, resp: &mut http::response::Parts) {
-        if let Some(h) = self.data.as_mut().and_then(|d| d.resp.as_mut()) {
-            resp.status = h.status;
-            resp.headers = h.headers.clone();
+        if let Some(d) = self.data.as_mut().filter(|d| d.has_resp) {
+            resp.status = d.resp.status;
+            d.resp.headers.take_back(&mut resp.headers);
         }
     }
 
@@ -347,14 +336,11 @@ impl WasmStream {
         let Some(d) = self.data.as_mut() else {
             return BodyFlow::Continue;
         };
+        if d.reset {
+            return BodyFlow::Reset;
+        }
         if let Some(local) = d.local.take() {
             return BodyFlow::Respond(local);
-        }
-        if d.reset {
-            return BodyFlow::Respond(LocalResponse::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "stream reset by filter\n",
-            ));
         }
         if action_code == action::CONTINUE {
             BodyFlow::Continue
@@ -363,12 +349,18 @@ impl WasmStream {
         }
     }
 
-    /// One trailer callback; the guest may edit the map. A failure follows
-    /// the instance rules but cannot change the answer any more.
-    fn trailers(&mut self, request: bool, trailers: &mut HeaderMap, info: &StreamInfo) {
+    /// One trailer callback; the guest may edit the map, or reset the
+    /// stream. A failure follows the instance rules but cannot change the
+    /// answer any more.
+    fn trailers(
+        &mut self,
+        request: bool,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<(), StreamReset> {
         let pool = self.pool.clone();
         let Ok(mut slot) = self.enter(&pool, info) else {
-            return;
+            return Ok(());
         };
         self.begin_phase();
         let kind = if request {
@@ -390,6 +382,10 @@ impl WasmStream {
         match r {
             Ok(_) => pool.succeeded(),
             Err(f) => self.failed(&pool, &mut slot, &f),
+        }
+        match self.data.as_ref() {
+            Some(d) if d.reset => Err(StreamReset),
+            _ => Ok(()),
         }
     }
 
@@ -417,8 +413,13 @@ impl WasmStream {
         if let Some(d) = self.data.as_mut() {
             d.calls.clear();
         }
-        if let Err(f) = inst.end_context(&mut self.data) {
-            self.failed(&pool, &mut slot, &f);
+        match inst.end_context(&mut self.data) {
+            Ok(()) => {
+                if let Some(d) = self.data.take() {
+                    inst.recycle(d);
+                }
+            }
+            Err(f) => self.failed(&pool, &mut slot, &f),
         }
     }
 }
@@ -426,7 +427,8 @@ impl WasmStream {
 fn body_flow(flow: Flow) -> BodyFlow {
     match flow {
         Flow::Respond(local) => BodyFlow::Respond(local),
-        _ => BodyFlow::Continue,
+        Flow::Reset => BodyFlow::Reset,
+        Flow::Continue | Flow::Pause(_) => BodyFlow::Continue,
     }
 }
 
@@ -450,12 +452,11 @@ impl StreamFilter for WasmStream {
         let count = (req.headers.len() + 4) as u32;
         let eos = no_body(&req.headers);
         if let Some(d) = self.data.as_mut() {
-            d.req = Some(ReqHead {
-                method: req.method.clone(),
-                uri: std::mem::take(&mut req.uri),
-                version: req.version,
-                headers: std::mem::take(&mut req.headers),
-            });
+            d.req.method = req.method.clone();
+            d.req.uri = std::mem::take(&mut req.uri);
+            d.req.version = req.version;
+            d.req.headers.set_live(&mut req.headers);
+            d.has_req = true;
         }
         let r = match slot.inst.as_mut() {
             Some(inst) => inst.request_headers(&mut self.data, count, eos),
@@ -494,10 +495,9 @@ impl StreamFilter for WasmStream {
                 .get(CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes() == b"0");
         if let Some(d) = self.data.as_mut() {
-            d.resp = Some(RespHead {
-                status: resp.status,
-                headers: std::mem::take(&mut resp.headers),
-            });
+            d.resp.status = resp.status;
+            d.resp.headers.set_live(&mut resp.headers);
+            d.has_resp = true;
         }
         let r = match slot.inst.as_mut() {
             Some(inst) => inst.response_headers(&mut self.data, count, eos),
@@ -535,12 +535,20 @@ impl StreamFilter for WasmStream {
         self.body(false, body, end_of_stream, info)
     }
 
-    fn on_request_trailers(&mut self, trailers: &mut HeaderMap, info: &StreamInfo) {
-        self.trailers(true, trailers, info);
+    fn on_request_trailers(
+        &mut self,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<(), StreamReset> {
+        self.trailers(true, trailers, info)
     }
 
-    fn on_response_trailers(&mut self, trailers: &mut HeaderMap, info: &StreamInfo) {
-        self.trailers(false, trailers, info);
+    fn on_response_trailers(
+        &mut self,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<(), StreamReset> {
+        self.trailers(false, trailers, info)
     }
 
     fn on_done(&mut self) {

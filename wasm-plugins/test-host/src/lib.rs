@@ -24,15 +24,24 @@
 //! - `enqueue`: puts `x-value` on the shared queue `events`; the root
 //!   context's `on_queue_ready` moves it to the shared data key
 //!   `queue-last`. `queue-seen` reports that key in `x-queue-last`.
+//!   A value `call:<cluster>` instead makes the root context call that
+//!   cluster (`GET /root-call`); its answer (`<status> <body>`, or
+//!   `refused`) goes to the shared data key `root-call`, which
+//!   `root-call-seen` reports in `x-root-call`.
 //! - `grpc`: starts a gRPC call and pauses; the host answers it
 //!   UNIMPLEMENTED, which goes to `x-grpc-status` before resuming.
 //! - `ticks`: reports how many ticks the root contexts saw
 //!   (`x-ticks`, from shared data).
+//! - `close-request`, `close-response`, `close-resp-body`: reset the
+//!   stream (`proxy_close_stream`) from the request headers, response
+//!   headers or first response body callback (then return `Continue`: the
+//!   reset must win).
 //!
 //! Response trailers get `x-wasm-trailer: 1`.
 //!
 //! Every context's `on_log` bumps the counter `test_on_log_total`, so the
-//! tests can see that each stream ends exactly once.
+//! tests can see that each stream ends exactly once; a root context's
+//! `on_done` bumps `test_root_done_total`.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -51,6 +60,7 @@ struct Ids {
     gauge: u32,
     hist: u32,
     on_log: u32,
+    root_done: u32,
 }
 
 proxy_wasm::main! {{
@@ -66,7 +76,27 @@ struct Root {
     queue: u32,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_else(|| "none".to_string());
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let _ = self.set_shared_data(
+            "root-call",
+            Some(format!("{status} {body}").as_bytes()),
+            None,
+        );
+    }
+
+    fn on_done(&mut self) -> bool {
+        let _ = hostcalls::increment_metric(self.ids.root_done, 1);
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _: usize) -> bool {
@@ -85,6 +115,7 @@ impl RootContext for Root {
             gauge: d(MetricType::Gauge, "test_gauge"),
             hist: d(MetricType::Histogram, "test_hist"),
             on_log: d(MetricType::Counter, "test_on_log_total"),
+            root_done: d(MetricType::Counter, "test_root_done_total"),
         });
         self.set_tick_period(Duration::from_millis(5));
         self.queue = hostcalls::register_shared_queue("events").unwrap_or(0);
@@ -96,6 +127,24 @@ impl RootContext for Root {
             return;
         }
         while let Ok(Some(item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            if let Some(cluster) = item.strip_prefix(b"call:") {
+                let cluster = String::from_utf8_lossy(cluster).into_owned();
+                let started = self.dispatch_http_call(
+                    &cluster,
+                    vec![
+                        (":method", "GET"),
+                        (":path", "/root-call"),
+                        (":authority", "auth"),
+                    ],
+                    None,
+                    vec![],
+                    Duration::from_secs(2),
+                );
+                if started.is_err() {
+                    let _ = hostcalls::set_shared_data("root-call", Some(b"refused"), None);
+                }
+                continue;
+            }
             let _ = hostcalls::set_shared_data("queue-last", Some(&item), None);
         }
     }
@@ -373,10 +422,15 @@ impl HttpContext for Stream {
                 let (v, _) = self.get_shared_data("queue-last");
                 self.set_http_request_header("x-queue-last", Some(&text(v)));
             }
+            "root-call-seen" => {
+                let (v, _) = self.get_shared_data("root-call");
+                self.set_http_request_header("x-root-call", Some(&text(v)));
+            }
             "ticks" => {
                 let (v, _) = self.get_shared_data("ticks");
                 self.set_http_request_header("x-ticks", Some(&int(v)));
             }
+            "close-request" => self.reset_http_request(),
             "log" => {
                 log::trace!("test-host trace");
                 log::debug!("test-host debug");
@@ -413,6 +467,9 @@ impl HttpContext for Stream {
             let status = self.get_http_response_header(":status").unwrap_or_default();
             self.set_http_response_header("x-status-seen", Some(&status));
         }
+        if self.test == "close-response" {
+            self.reset_http_response();
+        }
         if self.test == "local-response-phase" {
             self.send_http_response(503, vec![("x-replaced", "1")], Some(b"replaced"));
             return Action::Pause;
@@ -438,6 +495,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.test == "close-resp-body" {
+            self.reset_http_response();
+        }
         if self.test == "resp-body" {
             if !end_of_stream {
                 return Action::Pause;

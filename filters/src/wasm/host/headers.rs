@@ -13,7 +13,10 @@ use wasmtime::{Caller, Linker};
 
 use crate::callout::CalloutResponse;
 use crate::wasm::abi::{self, map, status};
-use crate::wasm::state::{finish, give, read, HostResult, HostState, ReqHead, RespHead};
+use crate::wasm::state::{
+    finish, give, read, HostResult, HostState, KnownName, ReqHead, RespHead, KNOWN_NAMES,
+    KNOWN_VALUE_MAX,
+};
 
 type C<'a> = Caller<'a, HostState>;
 
@@ -94,22 +97,29 @@ enum Map<'a> {
 }
 
 fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
+    match kind {
+        map::CALL_RESPONSE_HEADERS => {
+            return match s.call_response() {
+                Some(Ok(r)) => Map::Call(r),
+                _ => Map::Absent,
+            }
+        }
+        map::CALL_RESPONSE_TRAILERS => {
+            return match s.call_response() {
+                Some(Ok(r)) => Map::Plain(&mut r.trailers),
+                _ => Map::Absent,
+            }
+        }
+        _ => {}
+    }
     let Some(stream) = s.stream() else {
         return Map::Absent;
     };
     match kind {
-        map::REQUEST_HEADERS => stream.req.as_mut().map_or(Map::Absent, Map::Req),
-        map::RESPONSE_HEADERS => stream.resp.as_mut().map_or(Map::Absent, Map::Resp),
+        map::REQUEST_HEADERS if stream.has_req => Map::Req(&mut stream.req),
+        map::RESPONSE_HEADERS if stream.has_resp => Map::Resp(&mut stream.resp),
         map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => match stream.trailers.as_mut() {
             Some((k, t)) if *k == kind => Map::Plain(t),
-            _ => Map::Absent,
-        },
-        map::CALL_RESPONSE_HEADERS => match stream.call_response.as_mut() {
-            Some(Ok(r)) => Map::Call(r),
-            _ => Map::Absent,
-        },
-        map::CALL_RESPONSE_TRAILERS => match stream.call_response.as_mut() {
-            Some(Ok(r)) => Map::Plain(&mut r.trailers),
             _ => Map::Absent,
         },
         _ => Map::Absent,
@@ -119,7 +129,7 @@ fn map_of(s: &mut HostState, kind: u32) -> Map<'_> {
 fn authority(h: &ReqHead) -> Option<&[u8]> {
     match h.uri.authority() {
         Some(a) => Some(a.as_str().as_bytes()),
-        None => h.headers.get(HOST).map(|v| v.as_bytes()),
+        None => h.headers.view().get("host"),
     }
 }
 
@@ -145,37 +155,48 @@ pub(crate) fn pairs(s: &mut HostState, kind: u32) -> Vec<u8> {
     match map_of(s, kind) {
         Map::Req(h) => {
             let pseudo = req_pseudo(h);
-            let all = pseudo.iter().map(|(k, v)| (k.as_bytes(), *v)).chain(
-                h.headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
-            );
+            let all = pseudo
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), *v))
+                .chain(h.headers.view().iter());
             abi::encode_pairs(&all.collect::<Vec<_>>())
         }
-        Map::Resp(h) => with_status(h.status, &h.headers),
-        Map::Call(r) => with_status(r.status, &r.headers),
-        Map::Plain(t) => encode_map(t),
+        Map::Resp(h) => with_status(&h.status, h.headers.view().iter()),
+        Map::Call(r) => with_status(&r.status, bytes_of(&r.headers)),
+        Map::Plain(t) => encode_map(bytes_of(t)),
         Map::Absent => Vec::new(),
     }
 }
 
-fn with_status(status: StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
-    let code = status.as_str();
-    let all = std::iter::once((&b":status"[..], code.as_bytes())).chain(
-        headers
-            .iter()
-            .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
-    );
+/// A map's names and values as bytes.
+fn bytes_of(map: &http::HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
+    map.iter()
+        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
+}
+
+fn with_status<'a>(
+    status: &'a StatusCode,
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> Vec<u8> {
+    let all = std::iter::once((&b":status"[..], status.as_str().as_bytes())).chain(headers);
     abi::encode_pairs(&all.collect::<Vec<_>>())
 }
 
-/// Request headers as the pairs encoding, for the `request.headers` property.
-pub(crate) fn encode_map(headers: &http::HeaderMap) -> Vec<u8> {
-    let pairs: Vec<_> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
-        .collect();
-    abi::encode_pairs(&pairs)
+/// Headers in the pairs encoding (trailers, the `request.headers` property).
+pub(crate) fn encode_map<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<u8> {
+    abi::encode_pairs(&headers.collect::<Vec<_>>())
+}
+
+/// Several values under one name read as one, comma-joined (Envoy returns
+/// the first; joining loses nothing). `None` when there is no value.
+fn joined<'a>(mut vals: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let first = vals.next()?;
+    let mut out = first.to_vec();
+    for v in vals {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v);
+    }
+    Some(out)
 }
 
 /// `key` in lower case, copied only if it is not already.
@@ -192,19 +213,6 @@ fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
     // Lookups by `&str` hash the name without building a `HeaderName`
     // (no allocation for names the `http` crate does not know).
     let name = std::str::from_utf8(&key).ok();
-    let joined = |vals: http::header::GetAll<'_, HeaderValue>| {
-        // Several values under one name read as one, comma-joined (Envoy
-        // returns the first; joining loses nothing).
-        vals.iter().next()?;
-        let mut out = Vec::new();
-        for (i, v) in vals.iter().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b", ");
-            }
-            out.extend_from_slice(v.as_bytes());
-        }
-        Some(out)
-    };
     match map_of(s, kind) {
         Map::Req(h) => {
             if key.first() == Some(&b':') {
@@ -213,21 +221,21 @@ fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
                     .find(|(k, _)| k.as_bytes() == &*key)
                     .map(|(_, v)| v.to_vec());
             }
-            joined(h.headers.get_all(name?))
+            joined(h.headers.view().get_all(name?))
         }
         Map::Resp(h) => {
             if &*key == b":status" {
                 return Some(h.status.as_str().as_bytes().to_vec());
             }
-            joined(h.headers.get_all(name?))
+            joined(h.headers.view().get_all(name?))
         }
         Map::Call(r) => {
             if &*key == b":status" {
                 return Some(r.status.as_str().as_bytes().to_vec());
             }
-            joined(r.headers.get_all(name?))
+            joined(r.headers.get_all(name?).iter().map(|v| v.as_bytes()))
         }
-        Map::Plain(t) => joined(t.get_all(name?)),
+        Map::Plain(t) => joined(t.get_all(name?).iter().map(|v| v.as_bytes())),
         Map::Absent => None,
     }
 }
@@ -254,27 +262,72 @@ fn edit(c: &mut C<'_>, kind: u32, key: (u32, u32), val: Option<(u32, u32)>, op: 
 }
 
 /// A regular (not pseudo) header name and its value, parsed in place;
-/// `None` for a pseudo-header.
+/// `None` for a pseudo-header. Names (and values) the instance saw before
+/// are not parsed again ([`KnownName`]).
 fn regular(
     c: &mut C<'_>,
     key: (u32, u32),
     val: Option<(u32, u32)>,
 ) -> HostResult<Option<(HeaderName, Option<HeaderValue>)>> {
     let mem = c.data().memory.ok_or(status::INTERNAL_FAILURE)?;
-    let data = mem.data(&*c);
+    let (data, state) = mem.data_and_store_mut(&mut *c);
+    let data: &[u8] = data;
     let key = guest_slice(data, key)?;
     if key.first() == Some(&b':') {
         return Ok(None);
     }
-    // `from_bytes` lower-cases the name.
-    let name = HeaderName::from_bytes(key).map_err(|_| status::BAD_ARGUMENT)?;
-    let value = match val {
-        Some(v) => {
-            Some(HeaderValue::from_bytes(guest_slice(data, v)?).map_err(|_| status::BAD_ARGUMENT)?)
+    let names = &mut state.names;
+    let at = match names.iter().position(|n| n.name.as_str().as_bytes() == key) {
+        Some(at) => Some(at),
+        None => {
+            // `from_bytes` lower-cases the name.
+            let name = HeaderName::from_bytes(key).map_err(|_| status::BAD_ARGUMENT)?;
+            if names.len() < KNOWN_NAMES && !names.iter().any(|n| n.name == name) {
+                names.push(KnownName {
+                    name,
+                    last: Vec::new(),
+                    value: None,
+                });
+                Some(names.len() - 1)
+            } else {
+                let value = match val {
+                    Some(v) => Some(
+                        HeaderValue::from_bytes(guest_slice(data, v)?)
+                            .map_err(|_| status::BAD_ARGUMENT)?,
+                    ),
+                    None => None,
+                };
+                return Ok(Some((name, value)));
+            }
         }
+    };
+    let Some(known) = at.and_then(|i| names.get_mut(i)) else {
+        return Err(status::INTERNAL_FAILURE.into());
+    };
+    let value = match val {
+        Some(v) => Some(known_value(known, guest_slice(data, v)?)?),
         None => None,
     };
-    Ok(Some((name, value)))
+    Ok(Some((known.name.clone(), value)))
+}
+
+/// `raw` as a header value, reusing the one `known` kept when it is the
+/// same (see [`KnownName`]).
+fn known_value(known: &mut KnownName, raw: &[u8]) -> HostResult<HeaderValue> {
+    if let Some(v) = known.value.as_ref().filter(|v| v.as_bytes() == raw) {
+        return Ok(v.clone());
+    }
+    let value = HeaderValue::from_bytes(raw).map_err(|_| status::BAD_ARGUMENT)?;
+    if raw.len() <= KNOWN_VALUE_MAX {
+        if known.last == raw {
+            known.value = Some(value.clone());
+        } else {
+            known.value = None;
+            known.last.clear();
+            known.last.extend_from_slice(raw);
+        }
+    }
+    Ok(value)
 }
 
 fn guest_slice(data: &[u8], (ptr, len): (u32, u32)) -> HostResult<&[u8]> {
@@ -293,8 +346,8 @@ fn apply_regular(
     op: Op,
 ) -> HostResult {
     let headers = match map_of(s, kind) {
-        Map::Req(h) => &mut h.headers,
-        Map::Resp(h) => &mut h.headers,
+        Map::Req(h) => h.headers.map_mut(),
+        Map::Resp(h) => h.headers.map_mut(),
         Map::Call(r) => &mut r.headers,
         Map::Plain(t) => t,
         Map::Absent => return Err(status::BAD_ARGUMENT.into()),
@@ -330,8 +383,8 @@ fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostRe
     }
     let name = HeaderName::from_bytes(&key).map_err(|_| status::BAD_ARGUMENT)?;
     let headers = match map {
-        Map::Req(h) => &mut h.headers,
-        Map::Resp(h) => &mut h.headers,
+        Map::Req(h) => h.headers.map_mut(),
+        Map::Resp(h) => h.headers.map_mut(),
         Map::Call(r) => &mut r.headers,
         Map::Plain(t) => t,
         Map::Absent => return Err(status::BAD_ARGUMENT.into()),
@@ -372,7 +425,7 @@ fn set_pseudo(map: Map<'_>, key: &[u8], val: &[u8]) -> HostResult {
                 parts.authority = Some(a);
                 h.uri = Uri::from_parts(parts).map_err(|_| bad())?;
             }
-            h.headers.insert(HOST, value);
+            h.headers.map_mut().insert(HOST, value);
         }
         // The scheme is the listener's business; accepted and ignored.
         (Map::Req(_), b":scheme") => {}
@@ -405,16 +458,11 @@ fn set_pairs(s: &mut HostState, kind: u32, raw: &[u8]) -> HostResult {
         }
     }
     match map_of(s, kind) {
-        Map::Req(h) => {
-            h.headers.clear();
+        Map::Req(ReqHead { headers, .. }) | Map::Resp(RespHead { headers, .. }) => {
+            let map = headers.map_mut();
+            map.clear();
             for (k, v) in regular {
-                h.headers.append(k, v);
-            }
-        }
-        Map::Resp(h) => {
-            h.headers.clear();
-            for (k, v) in regular {
-                h.headers.append(k, v);
+                map.append(k, v);
             }
         }
         Map::Call(r) => {

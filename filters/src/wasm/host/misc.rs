@@ -250,7 +250,7 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, code: u32, rptr: u32, rsize: u32| {
             // The status of the callout being delivered: its HTTP status,
             // or 0 with the reason when it got no answer.
-            let (status, msg) = match c.data_mut().stream().and_then(|s| s.call_response.as_ref()) {
+            let (status, msg) = match c.data_mut().call_response().map(|r| &*r) {
                 Some(Ok(r)) => (u32::from(r.status.as_u16()), String::new()),
                 Some(Err(crate::callout::CalloutError::GrpcUnimplemented)) => {
                     (GRPC_UNIMPLEMENTED, "unimplemented".to_string())
@@ -304,13 +304,10 @@ fn get_buffer(c: &mut C<'_>, kind: u32, start: u32, max: u32, rptr: u32, rsize: 
                 _ => return Err(status::NOT_FOUND.into()),
             }
         }
-        buffer::CALL_RESPONSE_BODY => {
-            let s = c.data_mut().stream().ok_or(status::NOT_FOUND)?;
-            match &s.call_response {
-                Some(Ok(r)) => slice(&r.body),
-                _ => return Err(status::NOT_FOUND.into()),
-            }
-        }
+        buffer::CALL_RESPONSE_BODY => match c.data_mut().call_response() {
+            Some(Ok(r)) => slice(&r.body),
+            _ => return Err(status::NOT_FOUND.into()),
+        },
         // gRPC buffers and stream (TCP) data do not exist here.
         _ => return Err(status::NOT_FOUND.into()),
     };
@@ -357,10 +354,15 @@ fn grpc_call(c: &mut C<'_>, ret: u32) -> HostResult {
     write_u32(c, ret, token)
 }
 
+/// Callouts a root context may have in flight at once.
+const ROOT_CALLS_MAX: u32 = 64;
+
 /// `proxy_http_call`: starts a callout to a configured upstream cluster
-/// for the effective HTTP context. Its answer is delivered through
-/// `proxy_on_http_call_response` when the stream pauses to wait for it.
-/// Root contexts cannot call out (the SDK gets `BadArgument`).
+/// for the effective context. A stream gets its answer through
+/// `proxy_on_http_call_response` when it pauses to wait for it; a root
+/// context (from a tick, a queue, its configuration) gets it on the
+/// ticker thread, like its ticks. A root context has at most
+/// [`ROOT_CALLS_MAX`] callouts in flight; past that the call is refused.
 fn http_call(
     c: &mut C<'_>,
     upstream: (u32, u32),
@@ -400,7 +402,11 @@ fn http_call(
         return Err(status::BAD_ARGUMENT.into());
     };
     let body = read(c, body.0, body.1)?;
-    if c.data_mut().stream().is_none() {
+    let root = c.data().effective == c.data().root_id;
+    if root && c.data().root_calls >= ROOT_CALLS_MAX {
+        return Err(status::BAD_ARGUMENT.into());
+    }
+    if !root && c.data_mut().stream().is_none() {
         return Err(status::BAD_ARGUMENT.into());
     }
     let req = crate::callout::CalloutRequest {
@@ -411,6 +417,20 @@ fn http_call(
         body: Bytes::from(body),
     };
     let timeout = std::time::Duration::from_millis(u64::from(timeout_ms.max(1)));
+    if root {
+        let token = c.data().plugin.next_token();
+        let (slot, generation) = (c.data().slot, c.data().generation);
+        let signals = c.data().plugin.signals.clone();
+        crate::callout::start_detached(req, timeout, move |answer| {
+            signals.call_done((slot, generation, token, answer));
+        })
+        .map_err(|e| {
+            tracing::debug!(filter = %c.data().plugin.name, error = %e, "wasm root callout refused");
+            status::BAD_ARGUMENT
+        })?;
+        c.data_mut().root_calls += 1;
+        return write_u32(c, ret, token);
+    }
     let fut = crate::callout::start(req, timeout).map_err(|e| {
         tracing::debug!(filter = %c.data().plugin.name, error = %e, "wasm callout refused");
         status::BAD_ARGUMENT

@@ -10,7 +10,7 @@ use wasmtime::{Caller, Linker};
 
 use super::headers::encode_map;
 use crate::wasm::abi::{self, status};
-use crate::wasm::state::{finish, give, read, HostState};
+use crate::wasm::state::{finish, give, read, HeadersRef, HostState};
 
 type C<'a> = Caller<'a, HostState>;
 
@@ -85,7 +85,8 @@ pub(crate) fn lookup(s: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
         }
         ["source", "address"] => Some(info.client_ip.to_string().into_bytes()),
         ["request", rest @ ..] => {
-            let h = st.req.as_ref()?;
+            let h = st.req()?;
+            let headers = h.headers.view();
             match rest {
                 ["path"] => Some(h.uri.path_and_query().map_or("/", |p| p.as_str()).into()),
                 ["url_path"] => Some(h.uri.path().as_bytes().to_vec()),
@@ -96,25 +97,22 @@ pub(crate) fn lookup(s: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
                     .uri
                     .authority()
                     .map(|a| a.as_str().as_bytes().to_vec())
-                    .or_else(|| {
-                        h.headers
-                            .get(http::header::HOST)
-                            .map(|v| v.as_bytes().to_vec())
-                    }),
+                    .or_else(|| headers.get("host").map(<[u8]>::to_vec)),
                 ["protocol"] => Some(format!("{:?}", h.version).into_bytes()),
-                ["useragent"] => header(&h.headers, "user-agent"),
-                ["referer"] => header(&h.headers, "referer"),
-                ["headers"] => Some(encode_map(&h.headers)),
-                ["headers", name] => header(&h.headers, name),
+                ["useragent"] => header(headers, "user-agent"),
+                ["referer"] => header(headers, "referer"),
+                ["headers"] => Some(encode_map(headers.iter())),
+                ["headers", name] => header(headers, name),
                 _ => None,
             }
         }
         ["response", rest @ ..] => {
-            let h = st.resp.as_ref()?;
+            let h = st.resp()?;
+            let headers = h.headers.view();
             match rest {
                 ["code"] => Some(int(u64::from(h.status.as_u16()))),
-                ["headers"] => Some(encode_map(&h.headers)),
-                ["headers", name] => header(&h.headers, name),
+                ["headers"] => Some(encode_map(headers.iter())),
+                ["headers", name] => header(headers, name),
                 _ => None,
             }
         }
@@ -122,7 +120,7 @@ pub(crate) fn lookup(s: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-fn header(h: &http::HeaderMap, name: &str) -> Option<Vec<u8>> {
-    h.get(name.to_ascii_lowercase().as_str())
-        .map(|v| v.as_bytes().to_vec())
+fn header(h: HeadersRef<'_>, name: &str) -> Option<Vec<u8>> {
+    let name = name.to_ascii_lowercase();
+    h.get(&name).map(<[u8]>::to_vec)
 }
