@@ -19,6 +19,11 @@
 //! - [`Clocks`], polled in the connection's own task right after the hyper
 //!   connection, turns that into one timer per connection.
 //!
+//! The same clock tells the connection's task when an HTTP/1.1 connection
+//! may be *parked* (`server`): hyper waits for the next head
+//! ([`ParkTimer`] sees it), nothing of a head has arrived, no request is in
+//! flight and every byte written has been flushed ([`HeadWatch`]).
+//!
 //! A request costs a few relaxed atomic operations and one clock read when
 //! it ends; no timer is touched per request. The timer is re-armed lazily:
 //! when it fires it computes the real deadline from the counters and
@@ -27,11 +32,12 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::rt::Timer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -60,6 +66,12 @@ pub struct ConnClock {
     head_mark: AtomicU64,
     /// Milliseconds from `epoch` to the end of the last request.
     idle_since: AtomicU64,
+    /// hyper's head timers alive: hyper is between two messages, waiting
+    /// for the next head (see [`ParkTimer`]).
+    head_waits: AtomicU32,
+    /// Bytes were written and not yet flushed: hyper (or TLS) may still
+    /// hold part of a response.
+    unflushed: AtomicBool,
 }
 
 impl ConnClock {
@@ -71,7 +83,27 @@ impl ConnClock {
             counts: AtomicU64::new(0),
             head_mark: AtomicU64::new(u64::from(head_first)),
             idle_since: AtomicU64::new(0),
+            head_waits: AtomicU32::new(0),
+            unflushed: AtomicBool::new(false),
         })
+    }
+
+    /// Whether hyper's HTTP/1.1 connection holds nothing of a message:
+    /// it waits for a head and has seen none of it, no request is in
+    /// flight, and everything it wrote went out. Its IO can then be taken
+    /// back without losing a byte (bytes read ahead are in
+    /// `Parts::read_buf`).
+    pub fn parkable(&self) -> bool {
+        self.head_waits.load(Ordering::Relaxed) > 0
+            && self.in_flight() == 0
+            && self.pending_head().is_none()
+            && !self.unflushed.load(Ordering::Relaxed)
+    }
+
+    fn set_unflushed(&self, unflushed: bool) {
+        if self.unflushed.load(Ordering::Relaxed) != unflushed {
+            self.unflushed.store(unflushed, Ordering::Relaxed);
+        }
     }
 
     fn begin(&self) {
@@ -108,7 +140,7 @@ impl ConnClock {
         in_flight(self.counts.load(Ordering::Relaxed))
     }
 
-    fn idle_since(&self) -> Instant {
+    pub fn idle_since(&self) -> Instant {
         self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Relaxed))
     }
 }
@@ -146,6 +178,16 @@ impl<I> HeadWatch<I> {
     pub fn new(inner: I, clock: Option<Arc<ConnClock>>) -> HeadWatch<I> {
         HeadWatch { inner, clock }
     }
+
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
+
+    fn wrote(&self) {
+        if let Some(clock) = &self.clock {
+            clock.set_unflushed(true);
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for HeadWatch<I> {
@@ -171,6 +213,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.wrote();
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -179,6 +222,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.wrote();
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -187,7 +231,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        // hyper flushes after every batch of writes (its write buffer is
+        // empty once the IO's flush is reached and ready), so a ready
+        // flush means nothing of a response is held anywhere.
+        if let (Poll::Ready(Ok(())), Some(clock)) = (&polled, &self.clock) {
+            clock.set_unflushed(false);
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -195,12 +246,61 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
     }
 }
 
+/// hyper's timer for an HTTP/1.1 connection, telling the connection's
+/// clock when hyper waits for a head. hyper arms its head timer
+/// (`header_read_timeout`, our backstop) exactly when it starts reading a
+/// head in its idle state, and drops it once the head is parsed; so while
+/// one of these timers lives, hyper is between two messages. Nothing else
+/// in hyper's public API says so, and parking a connection in any other
+/// state (a request body still coming, say) would lose bytes.
+pub struct ParkTimer(pub Arc<ConnClock>);
+
+impl Timer for ParkTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(Instant::now().into_std() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.0.head_waits.fetch_add(1, Ordering::Relaxed);
+        Box::pin(HeadWait {
+            sleep: tokio::time::sleep_until(deadline.into()),
+            clock: self.0.clone(),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// hyper's head timer: counted in `head_waits` while it lives.
+    struct HeadWait {
+        #[pin]
+        sleep: Sleep,
+        clock: Arc<ConnClock>,
+    }
+
+    impl PinnedDrop for HeadWait {
+        fn drop(this: Pin<&mut Self>) {
+            this.clock.head_waits.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Future for HeadWait {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().sleep.poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadWait {}
+
 /// Why [`Clocks::run`] returned.
-pub enum Exit<T> {
+pub enum Exit<T, S = ()> {
     /// The connection future ended by itself.
     Done(T),
-    /// The future given as `stop` completed (the drain).
-    Stopped,
+    /// The future given as `stop` completed (the drain, or the time to
+    /// park).
+    Stopped(S),
     /// A request head took longer than `header_read_timeout`: drop the
     /// connection.
     HeadTimeout,
@@ -259,25 +359,25 @@ impl<'a> Clocks<'a> {
     }
 
     /// Polls `conn` until it ends, `stop` completes, or a clock runs out.
-    pub async fn run<C: Future>(
+    pub async fn run<C: Future, S: Future>(
         &mut self,
         mut conn: Pin<&mut C>,
-        stop: impl Future,
-    ) -> Exit<C::Output> {
+        stop: S,
+    ) -> Exit<C::Output, S::Output> {
         let mut stop = pin!(stop);
         poll_fn(|cx| {
             if let Poll::Ready(out) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Exit::Done(out));
             }
-            if stop.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Exit::Stopped);
+            if let Poll::Ready(out) = stop.as_mut().poll(cx) {
+                return Poll::Ready(Exit::Stopped(out));
             }
             self.poll_timer(cx)
         })
         .await
     }
 
-    fn poll_timer<T>(&mut self, cx: &mut Context<'_>) -> Poll<Exit<T>> {
+    fn poll_timer<T, S>(&mut self, cx: &mut Context<'_>) -> Poll<Exit<T, S>> {
         // A head that did not arrive in the read that began it: its clock
         // starts now, and the timer moves earlier if it has to. (The
         // first head's clock started with the connection, in `new`.)
@@ -323,7 +423,7 @@ impl<'a> Clocks<'a> {
 
     /// The next moment the clocks must be looked at, or the timeout that
     /// has run out.
-    fn next_deadline<T>(&self, now: Instant) -> Result<Instant, Exit<T>> {
+    fn next_deadline<T, S>(&self, now: Instant) -> Result<Instant, Exit<T, S>> {
         if let Some((_, deadline)) = self.head {
             return if deadline <= now {
                 Err(Exit::HeadTimeout)
@@ -376,5 +476,47 @@ mod tests {
         assert_eq!(c.pending_head(), None);
         let h2 = ConnClock::new(false);
         assert_eq!(h2.pending_head(), None);
+    }
+
+    /// Parkable only while hyper's head timer lives, nothing is in flight,
+    /// no head byte has come and every write has been flushed.
+    #[tokio::test]
+    async fn parkable_needs_a_head_wait_and_a_flush() {
+        use tokio::io::AsyncWriteExt;
+
+        let c = ConnClock::new(true);
+        c.begin();
+        c.end();
+        assert!(!c.parkable(), "hyper is not waiting for a head");
+        let timer = ParkTimer(c.clone());
+        let wait = timer.sleep(Duration::from_secs(60));
+        assert!(c.parkable());
+        // hyper's reset: a new timer first, then the old one dropped.
+        let again = timer.sleep(Duration::from_secs(60));
+        drop(wait);
+        assert!(c.parkable());
+
+        // A write the peer has not taken yet: not parkable until flushed.
+        let (near, mut far) = tokio::io::duplex(4);
+        let mut io = HeadWatch::new(near, Some(c.clone()));
+        let wrote = poll_fn(|cx| Poll::Ready(Pin::new(&mut io).poll_write(cx, b"12345678"))).await;
+        assert!(matches!(wrote, Poll::Ready(Ok(4))));
+        assert!(!c.parkable(), "written, not flushed");
+        io.flush().await.unwrap();
+        assert!(c.parkable());
+
+        // Bytes from the client with nothing in flight: a head has begun.
+        far.write_all(b"G").await.unwrap();
+        let mut buf = [0u8; 8];
+        let _ = tokio::io::AsyncReadExt::read(&mut io, &mut buf)
+            .await
+            .unwrap();
+        assert!(!c.parkable(), "a head has begun");
+        c.begin();
+        assert!(!c.parkable(), "a request in flight");
+        c.end();
+        assert!(c.parkable());
+        drop(again);
+        assert!(!c.parkable(), "hyper parsed a head");
     }
 }

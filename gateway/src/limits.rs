@@ -1,7 +1,7 @@
 //! Client limits: what one client may cost the gateway.
 //!
 //! Some are enforced by hyper on the connection (head size, header count,
-//! header read time, HTTP/2 streams: see `server::http_builder`); the rest
+//! header read time, HTTP/2 streams: see `server::http_builders`); the rest
 //! live here: connections per listener and per client address (checked at
 //! accept, before any byte is read), the request target length (414) and
 //! the body size (413), counted as the body streams so a chunked body

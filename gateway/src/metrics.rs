@@ -20,6 +20,7 @@ pub struct Metrics {
     /// Time from request head to response head, by route.
     pub request_duration: HistogramVec,
     pub connections_active: IntGaugeVec,
+    pub connections_parked: IntGaugeVec,
     pub connections_total: IntCounterVec,
     /// Connections closed by a listener timeout, by listener and timeout
     /// (`header_read`, `idle`).
@@ -85,6 +86,11 @@ impl Metrics {
                 &["route"],
             ),
             connections_active: gauge("connections_active", "Open client connections.", &["listener"]),
+            connections_parked: gauge(
+                "connections_parked",
+                "Idle HTTP/1.1 keep-alive connections parked (only the socket and TLS session kept), included in connections_active.",
+                &["listener"],
+            ),
             connections_total: counter("connections_total", "Accepted client connections.", &["listener"]),
             connection_timeouts: counter(
                 "connection_timeouts_total",

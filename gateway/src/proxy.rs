@@ -540,6 +540,7 @@ async fn upgrade_request(
         up.path,
         up.headers,
         protocol,
+        conn.config.websocket_idle_timeout.0,
     )
     .await
 }

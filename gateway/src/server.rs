@@ -18,6 +18,13 @@
 //! request closes it gracefully, and the drain asks it to close. A
 //! connection that upgraded (WebSocket) runs its tunnel in the same task,
 //! so it keeps its connection slots and the drain waits for it.
+//!
+//! An HTTP/1.1 connection idle for `park_idle_after` is *parked*: hyper's
+//! connection (its read and write buffers, about 16 KiB) is taken apart
+//! and dropped, and the task waits for the socket to become readable,
+//! still under the same clocks and the drain, still holding the same
+//! slots. The client's next bytes start a fresh hyper connection on the
+//! same socket (and TLS session). HTTP/2 connections are never parked.
 
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
@@ -27,18 +34,21 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
+use std::future::{poll_fn, Future};
+
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use prometheus::IntCounterVec;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use prometheus::{IntCounterVec, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ListenerConfig};
-use crate::conn_clock::{ActiveRequest, Clocks, ConnClock, Exit, HeadWatch};
+use crate::conn_clock::{ActiveRequest, Clocks, ConnClock, Exit, HeadWatch, ParkTimer};
 use crate::limits::ConnLimits;
 use crate::proxy::{self, ConnInfo};
 use crate::tls::CertStore;
@@ -49,22 +59,24 @@ use crate::{proxy_protocol, Shared};
 /// connection, before any request reaches the pipeline. The header read
 /// and idle timeouts are our own (`conn_clock`): hyper's one HTTP/1.1
 /// clock runs from the moment it waits for a head, idle time included, so
-/// it stays only as a backstop that never fires before ours.
-fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
+/// it stays only as a backstop that never fires before ours. Its timer is
+/// set per connection ([`ParkTimer`]): arming it is how hyper tells us it
+/// waits for a head.
+///
+/// HTTP/1.1 uses hyper's own builder rather than hyper-util's auto one:
+/// only hyper's connection gives its IO back (`into_parts`) for parking.
+fn http_builders(cfg: &ListenerConfig) -> (http1::Builder, auto::Builder<TokioExecutor>) {
+    let mut h1 = http1::Builder::new();
+    h1.keep_alive(true)
         .header_read_timeout(cfg.idle_timeout.0 + cfg.header_read_timeout.0 * 2)
         .max_headers(cfg.max_headers)
         .max_buf_size(cfg.max_header_bytes.0 as usize);
-    builder
-        .http2()
+    let mut h2 = auto::Builder::new(TokioExecutor::new());
+    h2.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes.0 as u32)
         .max_concurrent_streams(cfg.max_concurrent_streams);
-    builder
+    (h1, h2.http2_only())
 }
 
 /// Whether a reload from `a` to `b` can be applied to a running listener:
@@ -85,18 +97,18 @@ struct Settings {
     cfg: Arc<ListenerConfig>,
     /// HTTP/1.1 only and HTTP/2 only: the protocol is chosen before hyper
     /// sees the connection (ALPN, or the h2c preface).
-    h1: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
     h2: auto::Builder<TokioExecutor>,
 }
 
 impl Settings {
     fn new(source: Arc<Config>, cfg: ListenerConfig) -> Settings {
-        let builder = http_builder(&cfg);
+        let (h1, h2) = http_builders(&cfg);
         Settings {
             source,
             cfg: Arc::new(cfg),
-            h1: builder.clone().http1_only(),
-            h2: builder.http2_only(),
+            h1,
+            h2,
         }
     }
 }
@@ -117,6 +129,8 @@ struct Listener {
     tls: Option<(TlsAcceptor, Duration)>,
     limits: Arc<ConnLimits>,
     refused: IntCounterVec,
+    /// `flashgate_connections_parked` of this listener.
+    parked: IntGauge,
     /// The drain's stage. Each connection serving HTTP holds a receiver,
     /// so the drain knows when the last one is gone (`Sender::closed`).
     drain: watch::Sender<u8>,
@@ -211,20 +225,31 @@ impl Listener {
                 prefix,
                 inner: stream,
             };
-            return self
-                .serve_http(&settings, io, h2, client, proxied_by, "http", http_from)
-                .await;
+            return Box::pin(
+                self.serve_http(&settings, io, h2, client, proxied_by, "http", http_from),
+            )
+            .await;
         };
         let io = Rewind {
             prefix,
             inner: stream,
         };
-        match tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await {
+        // Boxed: the handshake's state (a whole rustls connection) would
+        // otherwise stay part of the task's size for its whole life.
+        let handshake = Box::pin(tokio::time::timeout(
+            *handshake_timeout,
+            acceptor.accept(io),
+        ));
+        match handshake.await {
             Ok(Ok(tls)) => {
                 // ALPN decides; a client that offered none speaks HTTP/1.1.
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let http_from = Instant::now();
-                self.serve_http(&settings, tls, h2, client, proxied_by, "https", http_from)
+                let io = Rewind {
+                    prefix: Bytes::new(),
+                    inner: tls,
+                };
+                Box::pin(self.serve_http(&settings, io, h2, client, proxied_by, "https", http_from))
                     .await
             }
             Ok(Err(e)) => {
@@ -238,18 +263,16 @@ impl Listener {
     /// HTTP on a connection, from `http_from` (when its first bytes were
     /// awaited) to its end, and then its tunnel if it upgraded.
     #[allow(clippy::too_many_arguments)]
-    async fn serve_http<I>(
+    async fn serve_http<I: Parkable>(
         &self,
         settings: &Settings,
-        io: I,
+        mut io: Rewind<I>,
         h2: bool,
         client: SocketAddr,
         proxied_by: Option<SocketAddr>,
         scheme: &'static str,
         http_from: Instant,
-    ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    ) {
         // HTTP/1.1 owes its first head from the start; HTTP/2 starts idle.
         let clock = ConnClock::new(!h2);
         let conn = Arc::new(ConnInfo {
@@ -263,7 +286,7 @@ impl Listener {
         });
         let shared = self.shared.clone();
         let info = conn.clone();
-        let service = service_fn(move |req| {
+        let mut service = service_fn(move |req| {
             // Counted from the moment hyper has the head until the
             // response body is done (or the handler is dropped).
             let request = ActiveRequest::start(&info);
@@ -274,12 +297,6 @@ impl Listener {
                 Ok::<_, filters::StreamReset>(resp)
             }
         });
-        // With upgrades: a WebSocket route hands the raw connection over
-        // once its 101 has been sent (see `proxy::upgrade`).
-        let builder = if h2 { &settings.h2 } else { &settings.h1 };
-        let io = HeadWatch::new(io, (!h2).then(|| clock.clone()));
-        let mut connection =
-            pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
 
         let mut drain = self.drain.subscribe();
         let cfg = &settings.cfg;
@@ -291,29 +308,96 @@ impl Listener {
             http_from,
             timer,
         );
-        let mut closing = false;
-        let ended = loop {
-            let stop_at = if closing { CUT } else { DRAINING };
-            let stop = drain.wait_for(|stage| *stage >= stop_at);
-            match clocks.run(connection.as_mut(), stop).await {
-                Exit::Done(ended) => break ended,
-                Exit::HeadTimeout => {
-                    tracing::debug!(peer = %client, "request head too slow; closing");
-                    return self.timed_out("header_read");
+        // With upgrades: a WebSocket route hands the raw connection over
+        // once its 101 has been sent (see `proxy::upgrade`).
+        let ended = if h2 {
+            let io = HeadWatch::new(io, None);
+            // Boxed, so that the HTTP/1.1 connections' tasks, parked or
+            // not, are not sized for an HTTP/2 connection.
+            let mut connection = Box::pin(
+                settings
+                    .h2
+                    .serve_connection_with_upgrades(TokioIo::new(io), service),
+            );
+            let run = Box::pin(self.drive(
+                &mut clocks,
+                connection.as_mut(),
+                &mut drain,
+                client,
+                None,
+                |c| c.graceful_shutdown(),
+            ))
+            .await;
+            match run {
+                Run::Ended(ended) => ended,
+                Run::Dropped | Run::Park => return,
+            }
+        } else {
+            // The park timer lives as long as the connection: re-armed
+            // lazily, as the clocks' timer is.
+            let mut park_timer = pin!(tokio::time::sleep_until(http_from));
+            loop {
+                let io_watch = TokioIo::new(HeadWatch::new(io, Some(clock.clone())));
+                // Boxed: parking frees it with the buffers it owns.
+                let mut connection = Box::pin(
+                    settings
+                        .h1
+                        .clone()
+                        .timer(ParkTimer(clock.clone()))
+                        .serve_connection(io_watch, service)
+                        .with_upgrades(),
+                );
+                let park = Park {
+                    clock: &clock,
+                    after: cfg.park_idle_after.0,
+                    timer: park_timer.as_mut(),
+                };
+                // Boxed too: what serving takes is freed while parked, and
+                // the task itself stays small.
+                let run = Box::pin(self.drive(
+                    &mut clocks,
+                    connection.as_mut(),
+                    &mut drain,
+                    client,
+                    Some(park),
+                    |c| c.graceful_shutdown(),
+                ))
+                .await;
+                match run {
+                    Run::Ended(ended) => break ended.map_err(Into::into),
+                    Run::Dropped => return,
+                    Run::Park => {}
                 }
-                // Told to close and still there: the client did not go
-                // within the grace, or the drain's time is up.
-                Exit::IdleTimeout | Exit::Stopped if closing => return,
-                Exit::IdleTimeout => {
-                    self.timed_out("idle");
-                    connection.as_mut().graceful_shutdown();
-                    clocks.closing();
-                    closing = true;
+                // Idle, flushed, no head begun: nothing of HTTP is lost
+                // but the bytes hyper read ahead, which are put back.
+                let Some(parts) = Pin::into_inner(connection).into_parts() else {
+                    return;
+                };
+                io = parts.io.into_inner().into_inner();
+                service = parts.service;
+                if !parts.read_buf.is_empty() {
+                    io.put_back(parts.read_buf);
+                    continue;
                 }
-                Exit::Stopped => {
-                    connection.as_mut().graceful_shutdown();
-                    clocks.closing();
-                    closing = true;
+                drop(parts.read_buf);
+                let woke = {
+                    let _parked = Parked::new(&self.parked);
+                    let readable = pin!(poll_fn(|cx| io.poll_read_ready(cx)));
+                    let stop = async {
+                        let _ = drain.wait_for(|stage| *stage >= DRAINING).await;
+                    };
+                    clocks.run(readable, stop).await
+                };
+                match woke {
+                    // The client sent something (or closed): hyper reads it.
+                    Exit::Done(()) => {}
+                    Exit::IdleTimeout => {
+                        self.timed_out("idle");
+                        return close_parked(io, cfg.header_read_timeout.0).await;
+                    }
+                    Exit::Stopped(_) => return close_parked(io, cfg.header_read_timeout.0).await,
+                    // No head is pending while parked.
+                    Exit::HeadTimeout => return,
                 }
             }
         };
@@ -329,6 +413,160 @@ impl Listener {
                 _ = drain.wait_for(|stage| *stage >= CUT) => {}
             }
         }
+    }
+
+    /// Polls one hyper connection under the connection's clocks and the
+    /// drain until it ends, is dropped, or (with `park`) may be parked.
+    async fn drive<C: Future>(
+        &self,
+        clocks: &mut Clocks<'_>,
+        mut connection: Pin<&mut C>,
+        drain: &mut watch::Receiver<u8>,
+        client: SocketAddr,
+        mut park: Option<Park<'_>>,
+        graceful_shutdown: impl Fn(Pin<&mut C>),
+    ) -> Run<C::Output> {
+        let mut closing = false;
+        loop {
+            let stop_at = if closing { CUT } else { DRAINING };
+            let mut drained = pin!(drain.wait_for(|stage| *stage >= stop_at));
+            let mut park = park.as_mut().filter(|_| !closing);
+            let stop = poll_fn(|cx| {
+                if drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                match park {
+                    Some(ref mut park) => park.poll(cx).map(|()| true),
+                    None => Poll::Pending,
+                }
+            });
+            match clocks.run(connection.as_mut(), stop).await {
+                Exit::Done(ended) => return Run::Ended(ended),
+                Exit::Stopped(true) => return Run::Park,
+                Exit::HeadTimeout => {
+                    tracing::debug!(peer = %client, "request head too slow; closing");
+                    self.timed_out("header_read");
+                    return Run::Dropped;
+                }
+                // Told to close and still there: the client did not go
+                // within the grace, or the drain's time is up.
+                Exit::IdleTimeout | Exit::Stopped(false) if closing => return Run::Dropped,
+                Exit::IdleTimeout => {
+                    self.timed_out("idle");
+                    graceful_shutdown(connection.as_mut());
+                    clocks.closing();
+                    closing = true;
+                }
+                Exit::Stopped(false) => {
+                    graceful_shutdown(connection.as_mut());
+                    clocks.closing();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// How [`Listener::drive`] left a hyper connection.
+enum Run<T> {
+    /// It ended by itself (closed, failed, or upgraded).
+    Ended(T),
+    /// Timed out or cut by the drain: drop the socket.
+    Dropped,
+    /// Idle for `park_idle_after`: take the IO back.
+    Park,
+}
+
+/// When an HTTP/1.1 connection may be parked: once it has been
+/// [parkable](ConnClock::parkable) for `after` since its last request.
+struct Park<'a> {
+    clock: &'a ConnClock,
+    after: Duration,
+    /// Re-armed only when it is due earlier than it is set for (never
+    /// once per request: a busy connection moves its due time on with
+    /// every request, and the timer catches up when it fires).
+    timer: Pin<&'a mut Sleep>,
+}
+
+impl Park<'_> {
+    /// Checked every time the connection's task wakes: parkable changes
+    /// only inside hyper's poll, which runs just before.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if !self.clock.parkable() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let due = self.clock.idle_since() + self.after;
+            if due <= now {
+                return Poll::Ready(());
+            }
+            let set = self.timer.deadline();
+            if set <= now || set > due {
+                self.timer.as_mut().reset(due);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired for an earlier due time: look again.
+        }
+    }
+}
+
+/// Counts a parked connection in `flashgate_connections_parked` while it
+/// lives (also when the drain cuts the task).
+struct Parked(IntGauge);
+
+impl Parked {
+    fn new(gauge: &IntGauge) -> Parked {
+        gauge.inc();
+        Parked(gauge.clone())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Closes a parked connection as hyper closes an idle one: TLS
+/// `close_notify` and FIN, given `grace` to go out.
+async fn close_parked<I: Parkable>(mut io: Rewind<I>, grace: Duration) {
+    let _ = tokio::time::timeout(grace, io.shutdown()).await;
+}
+
+/// A client connection's transport that can be watched for the client's
+/// next bytes without reading them.
+pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready once there is something to read (bytes, EOF or an error).
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+impl Parkable for TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        TcpStream::poll_read_ready(self, cx).map(|_| ())
+    }
+}
+
+impl Parkable for tokio_rustls::server::TlsStream<Rewind<TcpStream>> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let (io, tls) = self.get_mut();
+        // Records rustls has already taken off the socket would never
+        // make it readable again.
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 => io.poll_read_ready(cx),
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+impl<T: Parkable> Parkable for Rewind<T> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(());
+        }
+        self.inner.poll_read_ready(cx)
     }
 }
 
@@ -361,6 +599,10 @@ pub async fn serve(
     }
     let this = Arc::new(Listener {
         limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+        parked: shared
+            .metrics
+            .connections_parked
+            .with_label_values(&[&name]),
         settings: ArcSwap::from_pointee(Settings::new(shared.runtime.load().config.clone(), cfg)),
         refused: shared.metrics.connections_refused.clone(),
         shared: shared.clone(),
@@ -437,11 +679,26 @@ async fn sniff_h2(stream: &mut TcpStream, prefix: Bytes) -> std::io::Result<(boo
     }
 }
 
-/// A stream with bytes already read from it (past a PROXY header) put back
-/// in front, so the next protocol sees the stream from its own first byte.
-struct Rewind<T> {
+/// A stream with bytes already read from it (past a PROXY header, or read
+/// ahead by a hyper connection that was parked) put back in front, so the
+/// next reader sees the stream from its own first byte.
+pub struct Rewind<T> {
     prefix: Bytes,
     inner: T,
+}
+
+impl<T> Rewind<T> {
+    /// `bytes` were read before whatever is still in front.
+    fn put_back(&mut self, bytes: Bytes) {
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            let mut all = bytes::BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            all.extend_from_slice(&bytes);
+            all.extend_from_slice(&self.prefix);
+            all.freeze()
+        };
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
@@ -454,6 +711,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // An empty view still holds the whole buffer it came from.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

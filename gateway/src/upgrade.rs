@@ -17,10 +17,15 @@
 //! the endpoint's in-flight count, until it ends. It runs in the client
 //! connection's own task (see [`TunnelSlot`]), so it keeps the listener's
 //! connection slots and the drain waits for it (up to `drain_timeout`).
+//! A tunnel through which nothing passed for the listener's
+//! `websocket_idle_timeout` is closed.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -29,7 +34,9 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -82,6 +89,7 @@ pub fn upgrade_headers(head: &Parts) -> Option<HeaderValue> {
 /// upstream's connections in `tunnel`. `headers` are the upstream request's
 /// headers (hop-by-hop already removed); `upgrade` is the client's
 /// `Upgrade` value.
+#[allow(clippy::too_many_arguments)]
 pub async fn pass_through(
     cluster: &Arc<Cluster>,
     client: OnUpgrade,
@@ -90,6 +98,7 @@ pub async fn pass_through(
     path: http::uri::PathAndQuery,
     mut headers: HeaderMap,
     upgrade: HeaderValue,
+    idle_timeout: Duration,
 ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
     // A cluster slot, as for any request; the tunnel keeps it.
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
@@ -154,20 +163,23 @@ pub async fn pass_through(
         client,
         upstream,
         in_flight,
+        idle_timeout,
     )));
     // The 101 goes to the client with the upstream's headers, Upgrade and
     // Connection included: hyper hands over the raw connection after it.
     Ok((Response::from_parts(parts, ProxyBody::empty()), endpoint))
 }
 
-/// Copies bytes both ways until either side closes. `in_flight` (the
-/// cluster slot and the endpoint's count) is released when this ends or
-/// is dropped (the drain's `drain_timeout` cutting it).
+/// Copies bytes both ways until either side closes or nothing has passed
+/// for `idle_timeout`. `in_flight` (the cluster slot and the endpoint's
+/// count) is released when this ends or is dropped (the drain's
+/// `drain_timeout` cutting it).
 async fn splice(
     cluster: Arc<Cluster>,
     client: OnUpgrade,
     upstream: OnUpgrade,
     in_flight: InFlight,
+    idle_timeout: Duration,
 ) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
@@ -177,12 +189,107 @@ async fn splice(
         }
     };
     let _open = OpenTunnel::new(&cluster.tunnels);
-    let mut client = TokioIo::new(client);
+    // Every byte passes through the client side, both ways.
+    let activity = Arc::new(Activity::new());
+    let mut client = Watched {
+        inner: TokioIo::new(client),
+        activity: activity.clone(),
+    };
     let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(cluster = %cluster.name, error = %e, "upgraded connection ended with an error");
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(cluster = %cluster.name, error = %e, "upgraded connection ended with an error");
+            }
+        }
+        () = activity.idle_for(idle_timeout) => {
+            tracing::debug!(cluster = %cluster.name, ?idle_timeout, "WebSocket tunnel idle; closing");
+        }
     }
     drop(in_flight);
+}
+
+/// When bytes last passed through a tunnel: milliseconds since it opened.
+struct Activity {
+    opened: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Completes once nothing has passed for `timeout`. Wakes once per
+    /// `timeout` at most, not per byte: it sleeps to the deadline the last
+    /// activity it saw allows, and looks again.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let deadline = self.last() + timeout;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// The client side of a tunnel, stamping [`Activity`] on every byte read
+/// or written.
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            if n > 0 {
+                self.activity.touch();
+            }
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Counts in `flashgate_websocket_tunnels_active` while it lives.

@@ -219,3 +219,43 @@ async fn a_tunnel_holds_a_cluster_slot() {
     let mut third = third.expect("an upgrade succeeds once the first tunnel closed");
     echo(&mut third, b"next").await;
 }
+
+/// `websocket_idle_timeout`: a tunnel through which nothing passes in
+/// either direction for that long is closed and its slots released; one
+/// that keeps talking, even for longer in total, is not.
+#[tokio::test]
+async fn a_silent_tunnel_is_closed_after_websocket_idle_timeout() {
+    let (upstream, _task) = ws::echo_server().await;
+    let gw = gateway(&edge::config(
+        upstream,
+        "websocket_idle_timeout = \"1s\"",
+        "websocket = true",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    let admin = gw.admin_addr();
+
+    let mut talking = open_tunnel(addr).await;
+    for i in 0..6u8 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        echo(&mut talking, &[b'a' + i]).await;
+    }
+
+    let silent_from = std::time::Instant::now();
+    assert!(
+        raw::closed_within(&mut talking, Duration::from_secs(10)).await,
+        "the silent tunnel was closed"
+    );
+    let waited = silent_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(3000),
+        "closed after {waited:?} of silence, websocket_idle_timeout is 1s"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(admin, TUNNELS).await == 0.0
+        })
+        .await,
+        "the tunnel is gone"
+    );
+}

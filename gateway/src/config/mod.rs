@@ -191,6 +191,21 @@ pub struct ListenerConfig {
     /// connection we are closing and answer 502.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
+    /// An HTTP/1.1 keep-alive connection idle this long is parked: its
+    /// HTTP state and buffers (about 16 KiB) are freed and only the socket
+    /// (and TLS session) is kept until the client sends again. Parking and
+    /// waking cost a little CPU, so connections busy with back-to-back
+    /// requests are left alone. `0s`: park as soon as a connection is idle.
+    #[serde(default = "default_park_idle_after")]
+    pub park_idle_after: Dur,
+    /// A WebSocket (upgraded) tunnel through which no byte has passed in
+    /// either direction for this long is closed (both sides), releasing
+    /// its cluster slot. The default, 5 minutes, is Envoy's idle timeout
+    /// for upgraded streams; applications that ping (every 30-60s, as
+    /// most do) never meet it, while tunnels to clients that vanished
+    /// without a FIN do not hold slots forever.
+    #[serde(default = "default_websocket_idle_timeout")]
+    pub websocket_idle_timeout: Dur,
     /// Largest request head (request line + headers) accepted, HTTP/1.1 and
     /// HTTP/2 alike. Larger heads get 431.
     #[serde(default = "default_max_header_bytes")]
@@ -281,6 +296,14 @@ fn default_header_read_timeout() -> Dur {
 
 fn default_idle_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(75))
+}
+
+fn default_websocket_idle_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(300))
+}
+
+fn default_park_idle_after() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
 }
 
 fn default_max_header_bytes() -> Size {
@@ -686,6 +709,12 @@ impl Config {
             if l.idle_timeout.0.is_zero() {
                 return Err(ConfigError::at(
                     format!("{p}.idle_timeout"),
+                    "must be above zero",
+                ));
+            }
+            if l.websocket_idle_timeout.0.is_zero() {
+                return Err(ConfigError::at(
+                    format!("{p}.websocket_idle_timeout"),
                     "must be above zero",
                 ));
             }
