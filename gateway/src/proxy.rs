@@ -181,17 +181,8 @@ pub async fn handle(
     // A filter reset the stream: no answer at all (`abort_exchange`). The
     // filters' streams end (on_done, on_log) when `filtering` drops on the
     // way out.
-    let aborted = |head: &Parts| {
-        abort_exchange(
-            &runtime,
-            route,
-            head,
-            &request_id,
-            conn,
-            client_ip,
-            started,
-        )
-    };
+    let aborted =
+        |head: &Parts| abort_exchange(&runtime, route, head, &request_id, conn, client_ip, started);
 
     // Request filters: may rewrite the head, answer locally, pause, or
     // reset the stream.
