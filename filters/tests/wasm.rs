@@ -870,6 +870,22 @@ async fn client_abort_while_paused_ends_the_context() {
     assert_eq!(counter(&f, "test_on_log_total"), 1);
 }
 
+/// What the test-host guest's root context stored of its callout's
+/// answer, once it is there.
+async fn root_call_seen(f: &Arc<WasmFilter>) -> String {
+    eventually(|| async {
+        let mut req = request(&[("x-test", "root-call-seen")]);
+        chain(f)
+            .start()
+            .on_request(&mut req, &info(0))
+            .await
+            .unwrap();
+        let v = h(&req.headers, "x-root-call").to_string();
+        (v != "<none>").then_some(v)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_root_context_calls_out_and_gets_the_answer() {
     callouts();
@@ -882,17 +898,7 @@ async fn a_root_context_calls_out_and_gets_the_answer() {
         .await
         .unwrap();
     assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
-    let seen = eventually(|| async {
-        let mut req = request(&[("x-test", "root-call-seen")]);
-        chain(&f)
-            .start()
-            .on_request(&mut req, &info(0))
-            .await
-            .unwrap();
-        let v = h(&req.headers, "x-root-call").to_string();
-        (v != "<none>").then_some(v)
-    })
-    .await;
+    let seen = root_call_seen(&f).await;
     // Status and body of the answer, read through the call-response
     // header map and buffer from the root context.
     assert_eq!(seen, "200 GET /root-call host=auth from=<absent>");
@@ -905,17 +911,7 @@ async fn a_root_context_calls_out_and_gets_the_answer() {
         .on_request(&mut req, &info(0))
         .await
         .unwrap();
-    let seen = eventually(|| async {
-        let mut req = request(&[("x-test", "root-call-seen")]);
-        chain(&f)
-            .start()
-            .on_request(&mut req, &info(0))
-            .await
-            .unwrap();
-        let v = h(&req.headers, "x-root-call").to_string();
-        (v != "<none>").then_some(v)
-    })
-    .await;
+    let seen = root_call_seen(&f).await;
     assert_eq!(seen, "refused");
 }
 

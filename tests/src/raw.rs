@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Sends `bytes` and reads until the server closes (or 30 s pass).
@@ -77,9 +77,10 @@ pub fn proxy_v2_ipv4(src: SocketAddr, dst: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one HTTP/1.1 response with a `content-length` body from a
-/// keep-alive connection, leaving the connection open. `None` when the
-/// server closed first or nothing complete came within `within`.
-pub async fn read_response(s: &mut TcpStream, within: Duration) -> Option<String> {
+/// keep-alive connection (plain or TLS), head byte by byte so that
+/// nothing after it is consumed, leaving the connection open. `None` when
+/// the server closed first or nothing complete came within `within`.
+pub async fn read_response<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> Option<String> {
     tokio::time::timeout(within, async {
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {

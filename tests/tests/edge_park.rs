@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flashgate_tests::tls::{self, ClientOpts};
 use flashgate_tests::{edge, eventually, gateway, metric, raw, reply, ws, Upstream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: shop.test\r\n\r\n";
@@ -23,34 +23,9 @@ async fn echo_path() -> Upstream {
     .await
 }
 
-/// Reads one response (head byte by byte, then a `content-length` body)
-/// without consuming anything after it.
-async fn read_one<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> Option<String> {
-    tokio::time::timeout(within, async {
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(s.read_u8().await.ok()?);
-        }
-        let text = String::from_utf8_lossy(&head).into_owned();
-        let len = text
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            })
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).await.ok()?;
-        Some(text + &String::from_utf8_lossy(&body))
-    })
-    .await
-    .ok()?
-}
-
 async fn request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8]) -> Option<String> {
     s.write_all(req).await.ok()?;
-    read_one(s, Duration::from_secs(10)).await
+    raw::read_response(s, Duration::from_secs(10)).await
 }
 
 async fn parked(admin: SocketAddr) -> f64 {
@@ -129,7 +104,7 @@ async fn parked_tls_connection_serves_the_next_request() {
     let two = [GET, GET].concat();
     s.write_all(&two).await.unwrap();
     for _ in 0..2 {
-        let got = read_one(&mut s, Duration::from_secs(10))
+        let got = raw::read_response(&mut s, Duration::from_secs(10))
             .await
             .expect("an answer");
         assert_eq!(raw::status(&got), Some(200), "{got}");
@@ -155,7 +130,7 @@ async fn requests_racing_the_park_are_not_lost() {
                 // Pipelined: the second head is read ahead by hyper.
                 s.write_all(&[GET, GET].concat()).await.unwrap();
                 for _ in 0..2 {
-                    let got = read_one(&mut s, Duration::from_secs(10)).await;
+                    let got = raw::read_response(&mut s, Duration::from_secs(10)).await;
                     assert_eq!(
                         got.as_deref().and_then(raw::status),
                         Some(200),
@@ -188,7 +163,7 @@ async fn requests_racing_the_park_are_not_lost() {
         s.write_all(&[GET, b"GET /y HTTP/1.1\r\n"].concat())
             .await
             .unwrap();
-        let got = read_one(&mut s, Duration::from_secs(10)).await;
+        let got = raw::read_response(&mut s, Duration::from_secs(10)).await;
         assert_eq!(got.as_deref().and_then(raw::status), Some(200));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let got = request(&mut s, b"Host: shop.test\r\n\r\n")
@@ -311,7 +286,7 @@ async fn websocket_upgrade_after_parking() {
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(handshake.as_bytes()).await.unwrap();
-    let head = read_one(&mut s, Duration::from_secs(10))
+    let head = raw::read_response(&mut s, Duration::from_secs(10))
         .await
         .expect("a 101");
     assert_eq!(raw::status(&head), Some(101), "{head}");
@@ -350,7 +325,7 @@ async fn a_response_still_being_written_is_not_cut_by_parking() {
         s.write_all(req.as_bytes()).await.unwrap();
         // The socket buffers fill up; the gateway waits to write the rest.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let got = read_one(&mut s, Duration::from_secs(10)).await;
+        let got = raw::read_response(&mut s, Duration::from_secs(10)).await;
         let got = got.unwrap_or_else(|| panic!("the whole {n}-byte response"));
         assert_eq!(raw::status(&got), Some(200));
         assert!(got.len() > n, "{} bytes for {n}", got.len());

@@ -45,7 +45,7 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -78,13 +78,7 @@ struct Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
-        let status = self
-            .get_http_call_response_header(":status")
-            .unwrap_or_else(|| "none".to_string());
-        let body = self
-            .get_http_call_response_body(0, body_size)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
+        let (status, body) = call_answer(body_size);
         let _ = self.set_shared_data(
             "root-call",
             Some(format!("{status} {body}").as_bytes()),
@@ -196,13 +190,7 @@ impl Context for Stream {
     }
 
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
-        let status = self
-            .get_http_call_response_header(":status")
-            .unwrap_or_else(|| "none".to_string());
-        let body = self
-            .get_http_call_response_body(0, body_size)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
+        let (status, body) = call_answer(body_size);
         let header = self
             .get_http_call_response_header("x-auth")
             .unwrap_or_default();
@@ -211,6 +199,21 @@ impl Context for Stream {
         self.set_http_request_header("x-callout-header", Some(&header));
         self.resume_http_request();
     }
+}
+
+/// The callout answer being delivered: its `:status` (`none` without an
+/// answer) and its body.
+fn call_answer(body_size: usize) -> (String, String) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "none".to_string());
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 fn text(b: Option<Vec<u8>>) -> String {
