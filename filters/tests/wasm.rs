@@ -527,16 +527,22 @@ async fn ticks_reach_the_root_context() {
     assert!(ticks >= 3);
 }
 
-#[tokio::test]
-async fn shared_queue_wakes_the_registering_root_context() {
-    let f = load("queue", "test_host", "");
-    let mut req = request(&[("x-test", "enqueue"), ("x-value", "hello-queue")]);
-    chain(&f)
+/// Puts `value` on the test-host guest's shared queue `events` from a
+/// request, which must succeed.
+async fn enqueue(f: &Arc<WasmFilter>, value: &str) {
+    let mut req = request(&[("x-test", "enqueue"), ("x-value", value)]);
+    chain(f)
         .start()
         .on_request(&mut req, &info(0))
         .await
         .unwrap();
     assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
+}
+
+#[tokio::test]
+async fn shared_queue_wakes_the_registering_root_context() {
+    let f = load("queue", "test_host", "");
+    enqueue(&f, "hello-queue").await;
     // proxy_on_queue_ready runs on the ticker thread: the root context
     // dequeues the item into shared data.
     eventually(|| async {
@@ -891,13 +897,7 @@ async fn a_root_context_calls_out_and_gets_the_answer() {
     callouts();
     let f = load("rootcall", "test_host", "");
     // The root context calls from `on_queue_ready`: no request waits.
-    let mut req = request(&[("x-test", "enqueue"), ("x-value", "call:auth")]);
-    chain(&f)
-        .start()
-        .on_request(&mut req, &info(0))
-        .await
-        .unwrap();
-    assert_eq!(h(&req.headers, "x-enqueued"), "Ok(())");
+    enqueue(&f, "call:auth").await;
     let seen = root_call_seen(&f).await;
     // Status and body of the answer, read through the call-response
     // header map and buffer from the root context.
@@ -905,12 +905,7 @@ async fn a_root_context_calls_out_and_gets_the_answer() {
 
     // A cluster that does not exist: the call is refused at once.
     let f = load("rootcall-unknown", "test_host", "");
-    let mut req = request(&[("x-test", "enqueue"), ("x-value", "call:nope")]);
-    chain(&f)
-        .start()
-        .on_request(&mut req, &info(0))
-        .await
-        .unwrap();
+    enqueue(&f, "call:nope").await;
     let seen = root_call_seen(&f).await;
     assert_eq!(seen, "refused");
 }
