@@ -235,11 +235,15 @@ impl Listener {
             inner: stream,
         };
         // Boxed: the handshake's state (a whole rustls connection) would
-        // otherwise stay part of the task's size for its whole life.
-        let handshake = Box::pin(tokio::time::timeout(
-            *handshake_timeout,
-            acceptor.accept(io),
-        ));
+        // otherwise stay part of the task's size for its whole life. The
+        // TLS stream it yields is boxed as well (1.2 KiB, most of it the
+        // rustls connection): every future that holds the connection's IO
+        // (the task, serving, parking, closing) then holds a pointer, not
+        // a copy of the rustls state each.
+        let handshake = Box::pin(async move {
+            let accepted = tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await;
+            accepted.map(|r| r.map(Box::new))
+        });
         match handshake.await {
             Ok(Ok(tls)) => {
                 // ALPN decides; a client that offered none speaks HTTP/1.1.
@@ -546,6 +550,12 @@ pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl Parkable for TcpStream {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         TcpStream::poll_read_ready(self, cx).map(|_| ())
+    }
+}
+
+impl<T: Parkable> Parkable for Box<T> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        (**self).poll_read_ready(cx)
     }
 }
 
