@@ -41,6 +41,7 @@ use hyper::rt::Timer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::framing::HeadScan;
 use crate::proxy::ConnInfo;
 
 /// Requests started (high 32 bits, wrapping) and in flight (low 32 bits)
@@ -72,6 +73,9 @@ pub struct ConnClock {
     /// Bytes were written and not yet flushed: hyper (or TLS) may still
     /// hold part of a response.
     unflushed: AtomicBool,
+    /// The mark of the last head that had a `Content-Length` field line
+    /// ([`HeadScan`]), 0 = none.
+    length_head: AtomicU64,
 }
 
 impl ConnClock {
@@ -85,6 +89,7 @@ impl ConnClock {
             idle_since: AtomicU64::new(0),
             head_waits: AtomicU32::new(0),
             unflushed: AtomicBool::new(false),
+            length_head: AtomicU64::new(0),
         })
     }
 
@@ -136,6 +141,13 @@ impl ConnClock {
         (mark != 0 && mark == started(counts) + 1).then_some(mark)
     }
 
+    /// Whether the head of the request that started last had a
+    /// `Content-Length` field line (see [`crate::framing`]).
+    pub fn head_had_length(&self) -> bool {
+        let mark = self.length_head.load(Ordering::Relaxed);
+        mark != 0 && mark == started(self.counts.load(Ordering::Relaxed))
+    }
+
     fn in_flight(&self) -> u64 {
         in_flight(self.counts.load(Ordering::Relaxed))
     }
@@ -169,14 +181,21 @@ impl Drop for ActiveRequest {
 
 /// A connection's IO, noting for the header read clock when bytes arrive
 /// between requests. `None` (HTTP/2) passes reads through untouched.
+/// It also scans each head for a `Content-Length` field ([`HeadScan`]).
 pub struct HeadWatch<I> {
     inner: I,
     clock: Option<Arc<ConnClock>>,
+    /// The head being scanned: its mark and the scan.
+    scan: (u64, HeadScan),
 }
 
 impl<I> HeadWatch<I> {
     pub fn new(inner: I, clock: Option<Arc<ConnClock>>) -> HeadWatch<I> {
-        HeadWatch { inner, clock }
+        HeadWatch {
+            inner,
+            clock,
+            scan: (0, HeadScan::new()),
+        }
     }
 
     pub fn into_inner(self) -> I {
@@ -197,10 +216,25 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadWatch<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(clock)) = (&polled, &self.clock) {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(clock)) = (&polled, &this.clock) {
             if buf.filled().len() > before {
                 clock.saw_bytes();
+                // Bytes of a head that has not become a request yet.
+                if let Some(mark) = clock.pending_head() {
+                    let (scanning, scan) = &mut this.scan;
+                    if *scanning != mark {
+                        *scanning = mark;
+                        *scan = HeadScan::new();
+                    }
+                    if !scan.done() {
+                        scan.feed(&buf.filled()[before..]);
+                        if scan.found_length() {
+                            clock.length_head.store(mark, Ordering::Relaxed);
+                        }
+                    }
+                }
             }
         }
         polled

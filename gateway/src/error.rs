@@ -21,6 +21,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("the request body is malformed (bad chunk framing) or was cut short")]
     BadBody,
+    #[error("the request has both Content-Length and Transfer-Encoding")]
+    AmbiguousLength,
     #[error("the request body did not start arriving in time")]
     BodyTimeout,
     #[error("the upstream cluster is at its concurrency limit")]
@@ -46,7 +48,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadBody => StatusCode::BAD_REQUEST,
+            ProxyError::BadBody | ProxyError::AmbiguousLength => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectRefused
@@ -64,6 +66,7 @@ impl ProxyError {
             ProxyError::UriTooLong => "uri_too_long",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BadBody => "bad_body",
+            ProxyError::AmbiguousLength => "ambiguous_length",
             ProxyError::BodyTimeout => "body_timeout",
             ProxyError::Overflow => "upstream_overflow",
             ProxyError::ConnectRefused => "connect_refused",

@@ -23,6 +23,7 @@ pub mod conn_clock;
 pub mod demo;
 pub mod demo_checkout;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod jwt;
 pub mod limits;

@@ -134,6 +134,12 @@ pub async fn handle(
         )
     };
 
+    // Content-Length next to Transfer-Encoding: hyper kept only the
+    // latter; refused as Envoy and nginx do (see `framing`).
+    if conn.clock.head_had_length() && head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return Ok(refuse(ProxyError::AmbiguousLength, &head));
+    }
+
     // Request limits the connection layer cannot check: target length
     // (414) and a declared body length (413), before any routing work.
     let (body, verdict) = match limits::check_uri(&head.uri, listener.max_uri_bytes.0)
