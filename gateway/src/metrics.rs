@@ -304,7 +304,7 @@ pub fn render_wasm(filters: &[(String, std::sync::Arc<filters::wasm::WasmFilter>
             );
         }
     }
-    let _ = writeln!(out, "# HELP flashgate_wasm_call_seconds_total Time spent in guest calls.\n# TYPE flashgate_wasm_call_seconds_total counter");
+    let _ = writeln!(out, "# HELP flashgate_wasm_call_seconds_total Time spent in guest calls (one call in 8 timed, scaled).\n# TYPE flashgate_wasm_call_seconds_total counter");
     for (filter, h) in &host {
         let _ = writeln!(
             out,
