@@ -249,7 +249,7 @@ impl Instance {
             .host
             .calls
             .fetch_add(1, Ordering::Relaxed);
-        let started = (n % CALL_TIME_SAMPLE == 0).then(Instant::now);
+        let started = n.is_multiple_of(CALL_TIME_SAMPLE).then(Instant::now);
         let r = call(&mut self.store, &self.f);
         if let Some(started) = started {
             let nanos = started.elapsed().as_nanos() as u64 * CALL_TIME_SAMPLE;
