@@ -6,9 +6,9 @@
 //! gateway polls it (the upstream connection's task for a request body),
 //! so from then on the state sits behind one mutex, held for one filter
 //! call at a time, never across a pause. The owned state spares the
-//! common case an allocation and the atomic operations of a lock per
-//! phase, which cost more than their instructions on a path this full of
-//! stores.
+//! common case the atomic operations of a lock per phase, which cost more
+//! than their instructions on a path this full of stores (each waits for
+//! the stores before it to drain).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -102,14 +102,14 @@ impl FilterChain {
         ChainStream {
             len: self.factories.len(),
             wants_bodies: bodies.any,
-            inner: Inner::Own(ChainInner {
+            inner: Inner::Own(Box::new(ChainInner {
                 filters,
                 entered: 0,
                 bodies,
                 req_held: Vec::new(),
                 resp_held: Vec::new(),
                 reset: false,
-            }),
+            })),
         }
     }
 }
@@ -166,7 +166,8 @@ pub(crate) struct ChainInner {
 
 /// Where a stream's filter state lives (see the module doc).
 enum Inner {
-    Own(ChainInner),
+    /// Boxed: the response body carries the stream to its end.
+    Own(Box<ChainInner>),
     Shared(Arc<Mutex<ChainInner>>),
 }
 
@@ -225,7 +226,7 @@ impl ChainStream {
                     resp_held: Vec::new(),
                     reset: false,
                 };
-                Arc::new(Mutex::new(std::mem::replace(c, empty)))
+                Arc::new(Mutex::new(std::mem::replace(&mut **c, empty)))
             }
         };
         self.inner = Inner::Shared(shared.clone());
