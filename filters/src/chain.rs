@@ -1,10 +1,14 @@
 //! Runs a route's filters in order for one stream.
 //!
-//! A stream's filter state sits behind one mutex so that the body
-//! callbacks, which run wherever the gateway polls a body (the upstream
-//! connection's task for a request body), reach the same per-request
-//! filters as the header phases. The lock is held for one filter call at
-//! a time, never across a pause.
+//! A stream's filter state is the request future's own while only that
+//! future reaches it: every stream of a header-only chain, and every
+//! stream until a body is filtered. A filtered body is polled wherever the
+//! gateway polls it (the upstream connection's task for a request body),
+//! so from then on the state sits behind one mutex, held for one filter
+//! call at a time, never across a pause. The owned state spares the
+//! common case the atomic operations of a lock per phase, which cost more
+//! than their instructions on a path this full of stores (each waits for
+//! the stores before it to drain).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -98,7 +102,7 @@ impl FilterChain {
         ChainStream {
             len: self.factories.len(),
             wants_bodies: bodies.any,
-            inner: Arc::new(Mutex::new(ChainInner {
+            inner: Inner::Own(Box::new(ChainInner {
                 filters,
                 entered: 0,
                 bodies,
@@ -141,7 +145,7 @@ impl std::ops::DerefMut for Filters {
 /// client abort reaches filters: the request future is dropped and this
 /// with it.
 pub struct ChainStream {
-    inner: Arc<Mutex<ChainInner>>,
+    inner: Inner,
     /// How many filters.
     len: usize,
     wants_bodies: bool,
@@ -160,6 +164,39 @@ pub(crate) struct ChainInner {
     reset: bool,
 }
 
+/// Where a stream's filter state lives (see the module doc).
+enum Inner {
+    /// Boxed: the response body carries the stream to its end.
+    Own(Box<ChainInner>),
+    Shared(Arc<Mutex<ChainInner>>),
+}
+
+/// The state for one step: borrowed, or locked.
+enum Guard<'a> {
+    Own(&'a mut ChainInner),
+    Shared(MutexGuard<'a, ChainInner>),
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = ChainInner;
+
+    fn deref(&self) -> &ChainInner {
+        match self {
+            Guard::Own(c) => c,
+            Guard::Shared(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut ChainInner {
+        match self {
+            Guard::Own(c) => c,
+            Guard::Shared(g) => g,
+        }
+    }
+}
+
 pub(crate) fn lock(inner: &Mutex<ChainInner>) -> MutexGuard<'_, ChainInner> {
     // A filter that panicked cannot leave the chain inconsistent in a way
     // that matters more than failing its own stream.
@@ -167,8 +204,33 @@ pub(crate) fn lock(inner: &Mutex<ChainInner>) -> MutexGuard<'_, ChainInner> {
 }
 
 impl ChainStream {
-    fn lock(&self) -> MutexGuard<'_, ChainInner> {
-        lock(&self.inner)
+    fn lock(&mut self) -> Guard<'_> {
+        match &mut self.inner {
+            Inner::Own(c) => Guard::Own(c),
+            Inner::Shared(m) => Guard::Shared(lock(m)),
+        }
+    }
+
+    /// The state, shared from now on: a filtered body needs it too.
+    fn share(&mut self) -> Arc<Mutex<ChainInner>> {
+        let shared = match &mut self.inner {
+            Inner::Shared(m) => return m.clone(),
+            Inner::Own(c) => {
+                // What stays behind for the moment of the swap is empty:
+                // its drop ends no filter.
+                let empty = ChainInner {
+                    filters: Filters::Many(Vec::new()),
+                    entered: 0,
+                    bodies: c.bodies.clone(),
+                    req_held: Vec::new(),
+                    resp_held: Vec::new(),
+                    reset: false,
+                };
+                Arc::new(Mutex::new(std::mem::replace(&mut **c, empty)))
+            }
+        };
+        self.inner = Inner::Shared(shared.clone());
+        shared
     }
 
     /// Runs the request phase in configuration order. `Some` means a filter
@@ -204,7 +266,7 @@ impl ChainStream {
     /// One request-header call (or its resumption) of filter `i`, under
     /// one lock; a filter that lets the request go on has seen it.
     fn request_step(
-        &self,
+        &mut self,
         i: usize,
         req: &mut http::request::Parts,
         info: &StreamInfo,
@@ -258,7 +320,10 @@ impl ChainStream {
     /// Did a filter reset the stream? (A body or trailer callback can, in
     /// a body the gateway was streaming at the time.)
     pub fn is_reset(&self) -> bool {
-        self.lock().reset
+        match &self.inner {
+            Inner::Own(c) => c.reset,
+            Inner::Shared(m) => lock(m).reset,
+        }
     }
 
     /// Does any filter of this stream look at bodies?
@@ -269,14 +334,14 @@ impl ChainStream {
     /// Routes the request body through the filters' body callbacks. Call
     /// after [`ChainStream::on_request`], then [`FilteredBody::prime`]
     /// before sending the head on.
-    pub fn request_body<B>(&self, body: B, info: &StreamInfo) -> FilteredBody<B> {
-        FilteredBody::new(body, self.inner.clone(), Dir::Request, info.clone())
+    pub fn request_body<B>(&mut self, body: B, info: &StreamInfo) -> FilteredBody<B> {
+        FilteredBody::new(body, self.share(), Dir::Request, info.clone())
     }
 
     /// Routes the response body through the filters' body callbacks (in
     /// reverse order). Call after [`ChainStream::on_response`].
-    pub fn response_body<B>(&self, body: B, info: &StreamInfo) -> FilteredBody<B> {
-        FilteredBody::new(body, self.inner.clone(), Dir::Response, info.clone())
+    pub fn response_body<B>(&mut self, body: B, info: &StreamInfo) -> FilteredBody<B> {
+        FilteredBody::new(body, self.share(), Dir::Response, info.clone())
     }
 }
 
@@ -580,7 +645,7 @@ mod tests {
         assert!(!before.wants_bodies());
 
         bodies.store(true, Ordering::SeqCst);
-        let after = c.start();
+        let mut after = c.start();
         assert!(after.wants_bodies());
         {
             let inner = after.lock();

@@ -109,7 +109,7 @@ impl ProxyBody {
     /// known whole. A local body is left as it is.
     pub async fn filter(
         mut self,
-        chain: &ChainStream,
+        chain: &mut ChainStream,
         info: &StreamInfo,
     ) -> Result<(ProxyBody, Option<u64>), BodyStop> {
         let placeholder = Inner::Full(Full::new(Bytes::new()));

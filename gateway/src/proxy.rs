@@ -212,7 +212,7 @@ pub async fn handle(
     };
     // The request body goes through the filters' body callbacks only when
     // a filter of the route looks at bodies; otherwise it streams as is.
-    if let (None, None, Some((chain, info))) = (&early, &local, &filtering) {
+    if let (None, None, Some((chain, info))) = (&early, &local, &mut filtering) {
         if chain.wants_bodies() && !body.is_end_stream() {
             if let Either::Left(incoming) = body {
                 match filter_request_body(chain, info, &mut head, incoming).await {
@@ -313,7 +313,7 @@ pub async fn handle(
             Err(StreamReset) => return aborted(&head),
             Ok(Some(replaced)) => body = ProxyBody::full(replaced.body),
             Ok(None) if chain.wants_bodies() && !body.is_end_stream() => {
-                body = match body.filter(&chain, &info).await {
+                body = match body.filter(&mut chain, &info).await {
                     Ok((filtered, len)) => {
                         set_length(&mut parts.headers, len);
                         filtered
@@ -705,7 +705,7 @@ async fn prefetch(body: &mut UpstreamBody, within: Duration) -> Result<(), Proxy
 /// past the bound, or its own response) or reset the stream before
 /// anything goes upstream.
 async fn filter_request_body(
-    chain: &ChainStream,
+    chain: &mut ChainStream,
     info: &StreamInfo,
     head: &mut Parts,
     body: LimitedBody,

@@ -680,6 +680,11 @@ impl Pool {
 
     /// The slot a new stream will use: round robin.
     pub(crate) fn pick(&self) -> usize {
+        // One instance (the default) needs no round robin: no atomic
+        // add per stream.
+        if self.slots.len() == 1 {
+            return 0;
+        }
         self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
     }
 
