@@ -529,6 +529,7 @@ mod tests {
             priority: Priority::Normal,
             load_level: 0,
             request_id: http::HeaderValue::from_static("id"),
+            end_of_stream: true,
         }
     }
 

@@ -143,6 +143,11 @@ pub struct StreamInfo {
     pub load_level: u8,
     /// The request id (the `x-request-id` header's value).
     pub request_id: http::HeaderValue,
+    /// No body follows the head being filtered (the gateway sets it before
+    /// each header phase from the body itself: HTTP/2's END_STREAM, an
+    /// HTTP/1.1 head without a body, a 204). proxy-wasm passes it to
+    /// the header callbacks as `end_of_stream`.
+    pub end_of_stream: bool,
 }
 
 /// Per-request filter state. Every phase has a default that lets the stream

@@ -167,6 +167,7 @@ mod tests {
             priority: crate::Priority::Normal,
             load_level: 0,
             request_id: http::HeaderValue::from_static("id"),
+            end_of_stream: true,
         };
         let mut s = f.new_stream();
         let (mut req, ()) = http::Request::builder()

@@ -200,6 +200,7 @@ pub async fn handle(
             priority: route.priority,
             load_level: 0,
             request_id: request_id.clone(),
+            end_of_stream: body.is_end_stream(),
         };
         (route.filters.start(), info)
     });
@@ -307,8 +308,9 @@ pub async fn handle(
     }
 
     // Response filters, in reverse order; then our own response headers.
-    if let Some((mut chain, info)) = filtering {
+    if let Some((mut chain, mut info)) = filtering {
         let (mut parts, mut body) = resp.into_parts();
+        info.end_of_stream = body.is_end_stream();
         match chain.on_response(&mut parts, &info).await {
             Err(StreamReset) => return aborted(&head),
             Ok(Some(replaced)) => body = ProxyBody::full(replaced.body),

@@ -68,12 +68,27 @@ pub(crate) fn compile(bytes: &[u8]) -> Result<Module, String> {
         return Ok(m.clone());
     }
     // Compile without holding the lock: other filters may load meanwhile.
-    let module = Module::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+    let module = compile_with_shims(engine, bytes)?;
     cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, module.clone());
     Ok(module)
+}
+
+/// Compiles `bytes` with the fused entry points added ([`super::shim`]);
+/// a module that cannot have them, or does not compile with them, is
+/// compiled as it is (and its own errors are the ones reported).
+fn compile_with_shims(engine: &Engine, bytes: &[u8]) -> Result<Module, String> {
+    if let Some(shimmed) = super::shim::add(bytes) {
+        match Module::new(engine, &shimmed) {
+            Ok(module) => return Ok(module),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "wasm module does not compile with fused entry points; compiling it as it is")
+            }
+        }
+    }
+    Module::new(engine, bytes).map_err(|e| format!("{e:#}"))
 }
 
 /// Number of distinct modules compiled so far (for tests and diagnostics).

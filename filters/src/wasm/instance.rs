@@ -90,6 +90,10 @@ struct Exports {
     done: Option<TypedFunc<u32, u32>>,
     log: Option<TypedFunc<u32, ()>>,
     delete: Option<TypedFunc<u32, ()>>,
+    /// The fused entry points the loader added ([`super::shim`]): create
+    /// plus request headers, and done + log + delete.
+    first_request: Option<TypedFunc<(u32, u32, u32, u32), u32>>,
+    end: Option<TypedFunc<u32, ()>>,
 }
 
 fn typed<P, R>(
@@ -185,6 +189,8 @@ impl Instance {
             done: typed(&inst, &mut store, "proxy_on_done")?,
             log: typed(&inst, &mut store, "proxy_on_log")?,
             delete: typed(&inst, &mut store, "proxy_on_delete")?,
+            first_request: typed(&inst, &mut store, super::shim::FIRST_REQUEST)?,
+            end: typed(&inst, &mut store, super::shim::END)?,
         };
         let init = typed::<(), ()>(&inst, &mut store, "_initialize")?;
         let root = plugin.next_context_id();
@@ -202,11 +208,11 @@ impl Instance {
         };
         let ticks = plugin.start_ticks;
         if let Some(init) = init {
-            me.call_with(ticks, |s, _| init.call(s, ()))?;
+            me.call_with(ticks, 1, |s, _| init.call(s, ()))?;
         }
-        me.call_with(ticks, |s, f| f.context_create.call(s, (root, 0)))?;
+        me.call_with(ticks, 1, |s, f| f.context_create.call(s, (root, 0)))?;
         let vm_config_len = 0;
-        let started = me.call_with(ticks, |s, f| match &f.vm_start {
+        let started = me.call_with(ticks, 1, |s, f| match &f.vm_start {
             Some(vm_start) => vm_start.call(s, (root, vm_config_len)),
             None => Ok(1),
         })?;
@@ -217,7 +223,7 @@ impl Instance {
             ));
         }
         let config_len = plugin.config.len() as u32;
-        let configured = me.call_with(ticks, |s, f| match &f.configure {
+        let configured = me.call_with(ticks, 1, |s, f| match &f.configure {
             Some(configure) => configure.call(s, (root, config_len)),
             None => Ok(1),
         })?;
@@ -230,29 +236,32 @@ impl Instance {
         Ok(me)
     }
 
-    /// Runs one guest call under the epoch deadline `ticks`, counting it.
+    /// Runs one entry into the guest that makes `callbacks` callbacks (more
+    /// than one through a fused entry, [`super::shim`]) under one epoch
+    /// deadline of `ticks` per callback, counting them.
     fn call_with<R>(
         &mut self,
         ticks: u64,
+        callbacks: u64,
         call: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        self.store.set_epoch_deadline(ticks);
+        self.store
+            .set_epoch_deadline(ticks.saturating_mul(callbacks));
         self.store.data_mut().limiter.refused = false;
         // Two clock reads per call were a measurable part of a header-only
-        // filter's cost: one call in CALL_TIME_SAMPLE is timed, and counts
-        // for all of them.
-        let n = self
-            .store
-            .data()
-            .plugin
-            .metrics
-            .host
-            .calls
-            .fetch_add(1, Ordering::Relaxed);
-        let started = n.is_multiple_of(CALL_TIME_SAMPLE).then(Instant::now);
+        // filter's cost: about one callback in CALL_TIME_SAMPLE is timed.
+        // An entry is timed when its callbacks cross a multiple of the
+        // sample, so one making n callbacks is timed n times as often, and
+        // its time is scaled by CALL_TIME_SAMPLE / n: the total stays an
+        // unbiased estimate.
+        let host = &self.store.data().plugin.metrics.host;
+        let before = host.calls.fetch_add(callbacks, Ordering::Relaxed);
+        let timed = before % CALL_TIME_SAMPLE + callbacks > CALL_TIME_SAMPLE
+            || before.is_multiple_of(CALL_TIME_SAMPLE);
+        let started = timed.then(Instant::now);
         let r = call(&mut self.store, &self.f);
         if let Some(started) = started {
-            let nanos = started.elapsed().as_nanos() as u64 * CALL_TIME_SAMPLE;
+            let nanos = started.elapsed().as_nanos() as u64 * CALL_TIME_SAMPLE / callbacks.max(1);
             let host = &self.store.data().plugin.metrics.host;
             host.call_nanos.fetch_add(nanos, Ordering::Relaxed);
         }
@@ -264,7 +273,7 @@ impl Instance {
         call: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
         let ticks = self.store.data().plugin.call_ticks;
-        self.call_with(ticks, call)
+        self.call_with(ticks, 1, call)
     }
 
     /// Runs `call` with the stream's data in the store as the current and
@@ -272,10 +281,16 @@ impl Instance {
     /// happened. A stream the guest does not know yet gets its
     /// `proxy_on_context_create(id, root)` first, in the same round trip
     /// (each guest call under its own deadline).
+    ///
+    /// `callbacks` is how many guest callbacks `call` makes; the deadline
+    /// covers them and the creation, if any. `call` gets the root context's
+    /// id when the context is still to be created, and then creates it
+    /// first: through [`create_context`], or a fused entry that does.
     fn with_stream<R>(
         &mut self,
         data: &mut Option<Box<StreamData>>,
-        call: impl FnOnce(&mut Store<HostState>, &Exports, u32) -> wasmtime::Result<R>,
+        callbacks: u64,
+        call: impl FnOnce(&mut Store<HostState>, &Exports, u32, Option<u32>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
         let Some(mut d) = data.take() else {
             return Err(Failure::new(FailKind::Unavailable, "stream data missing"));
@@ -290,12 +305,8 @@ impl Instance {
             s.root_id
         };
         let ticks = self.store.data().plugin.call_ticks;
-        let r = self.call(|s, f| {
-            if create {
-                f.context_create.call(&mut *s, (id, root))?;
-                s.set_epoch_deadline(ticks);
-            }
-            call(s, f, id)
+        let r = self.call_with(ticks, callbacks + u64::from(create), |s, f| {
+            call(s, f, id, create.then_some(root))
         });
         let s = self.store.data_mut();
         *data = s.cur.take();
@@ -320,9 +331,17 @@ impl Instance {
         count: u32,
         end_of_stream: bool,
     ) -> Result<u32, Failure> {
-        self.with_stream(data, |s, f, id| match &f.request_headers {
-            Some(cb) => cb.call(s, (id, count, u32::from(end_of_stream))),
-            None => Ok(super::abi::action::CONTINUE),
+        let eos = u32::from(end_of_stream);
+        self.with_stream(data, 1, |s, f, id, create| {
+            // A stream's first callback: one entry for both calls.
+            if let (Some(root), Some(fused)) = (create, &f.first_request) {
+                return fused.call(s, (id, root, count, eos));
+            }
+            create_context(s, f, id, create)?;
+            match &f.request_headers {
+                Some(cb) => cb.call(s, (id, count, eos)),
+                None => Ok(super::abi::action::CONTINUE),
+            }
         })
     }
 
@@ -333,9 +352,12 @@ impl Instance {
         count: u32,
         end_of_stream: bool,
     ) -> Result<u32, Failure> {
-        self.with_stream(data, |s, f, id| match &f.response_headers {
-            Some(cb) => cb.call(s, (id, count, u32::from(end_of_stream))),
-            None => Ok(super::abi::action::CONTINUE),
+        self.with_stream(data, 1, |s, f, id, create| {
+            create_context(s, f, id, create)?;
+            match &f.response_headers {
+                Some(cb) => cb.call(s, (id, count, u32::from(end_of_stream))),
+                None => Ok(super::abi::action::CONTINUE),
+            }
         })
     }
 
@@ -348,7 +370,8 @@ impl Instance {
         len: u32,
         end_of_stream: bool,
     ) -> Result<u32, Failure> {
-        self.with_stream(data, |s, f, id| {
+        self.with_stream(data, 1, |s, f, id, create| {
+            create_context(s, f, id, create)?;
             let cb = if request {
                 &f.request_body
             } else {
@@ -368,7 +391,8 @@ impl Instance {
         request: bool,
         count: u32,
     ) -> Result<u32, Failure> {
-        self.with_stream(data, |s, f, id| {
+        self.with_stream(data, 1, |s, f, id, create| {
+            create_context(s, f, id, create)?;
             let cb = if request {
                 &f.request_trailers
             } else {
@@ -388,9 +412,12 @@ impl Instance {
         token: u32,
         sizes: (u32, u32, u32),
     ) -> Result<(), Failure> {
-        self.with_stream(data, |s, f, id| match &f.http_call_response {
-            Some(cb) => cb.call(s, (id, token, sizes.0, sizes.1, sizes.2)),
-            None => Ok(()),
+        self.with_stream(data, 1, |s, f, id, create| {
+            create_context(s, f, id, create)?;
+            match &f.http_call_response {
+                Some(cb) => cb.call(s, (id, token, sizes.0, sizes.1, sizes.2)),
+                None => Ok(()),
+            }
         })
     }
 
@@ -401,9 +428,12 @@ impl Instance {
         token: u32,
         grpc_status: u32,
     ) -> Result<(), Failure> {
-        self.with_stream(data, |s, f, id| match &f.grpc_close {
-            Some(cb) => cb.call(s, (id, token, grpc_status)),
-            None => Ok(()),
+        self.with_stream(data, 1, |s, f, id, create| {
+            create_context(s, f, id, create)?;
+            match &f.grpc_close {
+                Some(cb) => cb.call(s, (id, token, grpc_status)),
+                None => Ok(()),
+            }
         })
     }
 
@@ -505,27 +535,42 @@ impl Instance {
     ) -> Result<(), Failure> {
         // on_done's answer ("may I be deleted now?") matters for root
         // contexts only; an HTTP stream is over either way. The three run
-        // in one host round trip (the stream data moves in once), each
-        // with its own deadline. A context the guest never saw has
+        // in one host round trip (the stream data moves in once), under
+        // one deadline for the three, and in one guest entry when the
+        // module has the fused one. A context the guest never saw has
         // nothing to end.
         if data.as_ref().is_some_and(|d| !d.created) {
             return Ok(());
         }
-        let ticks = self.store.data().plugin.call_ticks;
-        self.with_stream(data, |s, f, id| {
+        self.with_stream(data, 3, |s, f, id, _| {
+            if let Some(end) = &f.end {
+                return end.call(s, id);
+            }
             if let Some(cb) = &f.done {
                 cb.call(&mut *s, id)?;
             }
             if let Some(cb) = &f.log {
-                s.set_epoch_deadline(ticks);
                 cb.call(&mut *s, id)?;
             }
             if let Some(cb) = &f.delete {
-                s.set_epoch_deadline(ticks);
                 cb.call(&mut *s, id)?;
             }
             Ok(())
         })
+    }
+}
+
+/// `proxy_on_context_create(id, root)` when `create` says the guest does
+/// not know the context yet.
+fn create_context(
+    s: &mut Store<HostState>,
+    f: &Exports,
+    id: u32,
+    create: Option<u32>,
+) -> wasmtime::Result<()> {
+    match create {
+        Some(root) => f.context_create.call(s, (id, root)),
+        None => Ok(()),
     }
 }
 

@@ -39,6 +39,7 @@ mod metrics;
 mod plugin;
 mod reload;
 mod shared;
+mod shim;
 mod state;
 mod stream;
 mod ticker;
@@ -209,6 +210,14 @@ impl WasmFilter {
     /// Instances alive now (at most `WasmLimits::instances`).
     pub fn live_instances(&self) -> u64 {
         self.pool.load().live.load(Ordering::Relaxed)
+    }
+
+    /// Does the module run with the fused entry points the loader adds
+    /// (one guest entry for a stream's first two callbacks, one for its
+    /// last three)? For tests and diagnostics.
+    pub fn fused_entries(&self) -> bool {
+        let module = self.pool.load().plugin.pre.module().clone();
+        module.get_export(shim::FIRST_REQUEST).is_some() && module.get_export(shim::END).is_some()
     }
 
     /// The proxy-wasm ABI version the module declares (`"0.2.1"`/`"0.2.0"`).

@@ -310,6 +310,7 @@ pub(crate) fn refresh_info(dst: &mut StreamInfo, src: &StreamInfo) {
     dst.client_ip = src.client_ip;
     dst.priority = src.priority;
     dst.load_level = src.load_level;
+    dst.end_of_stream = src.end_of_stream;
     if !Arc::ptr_eq(&dst.route, &src.route) {
         dst.route = src.route.clone();
     }

@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode};
 
 use super::abi::{action, buffer, map};
@@ -111,6 +110,8 @@ impl State {
             self.id = pool.plugin.next_context_id();
             self.data = Some(inst.stream_data(self.id, info));
             self.generation = slot.generation;
+            // Fresh data: its info is current and nothing waits on it.
+            return Ok(slot);
         } else if slot.generation != self.generation || slot.inst.is_none() {
             self.lost = true;
             return Err(Failure::new(
@@ -441,15 +442,6 @@ fn body_flow(flow: Flow) -> BodyFlow {
     }
 }
 
-/// Does this head announce no body? (proxy-wasm's `end_of_stream`.) Exact
-/// for HTTP/1.1; for HTTP/2 a body without content-length counts as none.
-fn no_body(headers: &HeaderMap) -> bool {
-    match headers.get(CONTENT_LENGTH) {
-        Some(v) => v.as_bytes() == b"0",
-        None => !headers.contains_key(TRANSFER_ENCODING),
-    }
-}
-
 impl StreamFilter for WasmStream {
     fn on_request_headers(&mut self, req: &mut http::request::Parts, info: &StreamInfo) -> Flow {
         let (pool, st) = (&*self.pool, &mut self.st);
@@ -459,7 +451,7 @@ impl StreamFilter for WasmStream {
         };
         st.begin_phase();
         let count = (req.headers.len() + 4) as u32;
-        let eos = no_body(&req.headers);
+        let eos = info.end_of_stream;
         if let Some(d) = st.data.as_mut() {
             d.req.method = req.method.clone();
             d.req.uri = std::mem::take(&mut req.uri);
@@ -496,13 +488,7 @@ impl StreamFilter for WasmStream {
         };
         st.begin_phase();
         let count = (resp.headers.len() + 1) as u32;
-        let eos = resp.status.is_informational()
-            || resp.status == StatusCode::NO_CONTENT
-            || resp.status == StatusCode::NOT_MODIFIED
-            || resp
-                .headers
-                .get(CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() == b"0");
+        let eos = info.end_of_stream;
         if let Some(d) = st.data.as_mut() {
             d.resp.status = resp.status;
             d.resp.headers.set_live(&mut resp.headers);

@@ -19,6 +19,7 @@
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde::Deserialize;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 #[derive(Deserialize, Default, Debug)]
@@ -34,14 +35,21 @@ struct Config {
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { config: Rc::new(Config::default()) })
-    });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
 }}
 
-struct Root {
-    config: Rc<Config>,
+thread_local! {
+    /// The instance's configuration. A Wasm instance runs one thread, so
+    /// this is per instance (per VM), like the root context; streams read
+    /// it in place instead of each holding a reference.
+    static CONFIG: RefCell<Rc<Config>> = RefCell::new(Rc::new(Config::default()));
 }
+
+fn config() -> Rc<Config> {
+    CONFIG.with_borrow(Rc::clone)
+}
+
+struct Root;
 
 impl Context for Root {}
 
@@ -52,7 +60,7 @@ impl RootContext for Root {
         };
         match serde_json::from_slice::<Config>(&bytes) {
             Ok(config) => {
-                self.config = Rc::new(config);
+                CONFIG.set(Rc::new(config));
                 true
             }
             Err(e) => {
@@ -63,9 +71,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream {
-            config: self.config.clone(),
-        }))
+        // Zero-sized: the SDK boxes one per request, and boxing a
+        // zero-sized value allocates nothing.
+        Some(Box::new(Stream))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -73,15 +81,15 @@ impl RootContext for Root {
     }
 }
 
-struct Stream {
-    config: Rc<Config>,
-}
+/// One request. It keeps no state of its own: what it does comes from the
+/// instance's configuration.
+struct Stream;
 
 impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let c = &self.config;
+        let c = config();
         for name in &c.request_remove {
             self.remove_http_request_header(name);
         }
@@ -95,7 +103,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        let c = &self.config;
+        let c = config();
         for name in &c.response_remove {
             self.remove_http_response_header(name);
         }
