@@ -22,7 +22,7 @@
 //!
 //! Safety: every guest call runs under an epoch deadline
 //! (`WasmLimits::timeout`; one background thread ticks the engine's epoch
-//! every millisecond) and within a memory cap (`WasmLimits::memory`). A
+//! every 5 ms) and within a memory cap (`WasmLimits::memory`). A
 //! trap, timeout or out-of-memory poisons the instance (it is dropped and
 //! replaced for later streams), counts in [`WasmMetrics`], logs once with
 //! the filter's name, and the stream follows the filter's [`FailMode`].
