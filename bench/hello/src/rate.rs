@@ -16,7 +16,9 @@
 //! (tokio's timer has millisecond ticks), then a busy wait that yields to the
 //! runtime (and so keeps polling the sockets) until the due time: sends are
 //! microsecond-exact at the price of a busy CPU. The send lag (due time to
-//! actual send) is reported so that a late generator is visible.
+//! actual send) is reported so that a late generator is visible, and the
+//! service time (actual send to the end of the answer, what a closed-loop
+//! tool would measure) to tell a slow answer from a late send.
 //!
 //! One current-thread tokio runtime; the caller pins it (`taskset`).
 
@@ -250,6 +252,8 @@ struct Tally {
     latency_us: Vec<u32>,
     /// Due time to the send, per attempted request.
     lag_us: Vec<u32>,
+    /// Send to end of the answer, per completed request.
+    service_us: Vec<u32>,
     /// Attempted (including those whose connection could not be opened).
     sent: u64,
     /// Answered in full, whatever the status.
@@ -274,6 +278,7 @@ impl Tally {
     fn merge(&mut self, o: Tally) {
         self.latency_us.extend(o.latency_us);
         self.lag_us.extend(o.lag_us);
+        self.service_us.extend(o.service_us);
         self.sent += o.sent;
         self.completed += o.completed;
         self.non_2xx += o.non_2xx;
@@ -300,6 +305,8 @@ struct Report {
     latency_us: [Option<u32>; 5],
     /// p50, p99, max of the send lag.
     lag_us: [Option<u32>; 3],
+    /// p50, p90, p99, p99.9, max of the service time.
+    service_us: [Option<u32>; 5],
     first_error: Option<String>,
 }
 
@@ -310,6 +317,7 @@ impl Report {
     fn new(mut t: Tally, plan: &Plan, start: Instant) -> Report {
         t.latency_us.sort_unstable();
         t.lag_us.sort_unstable();
+        t.service_us.sort_unstable();
         let window_start = start + plan.warmup;
         let elapsed = t
             .last_done
@@ -326,6 +334,7 @@ impl Report {
             achieved_rate: t.completed as f64 / elapsed.as_secs_f64(),
             latency_us: LATENCY_PPM.map(|p| percentile(&t.latency_us, p)),
             lag_us: LAG_PPM.map(|p| percentile(&t.lag_us, p)),
+            service_us: LATENCY_PPM.map(|p| percentile(&t.service_us, p)),
             first_error: t.first_error,
         }
     }
@@ -338,12 +347,14 @@ impl Report {
         let n = |v: Option<u32>| v.map_or("null".to_string(), |v| v.to_string());
         let [p50, p90, p99, p999, max] = self.latency_us;
         let [l50, l99, lmax] = self.lag_us;
+        let [s50, _, s99, s999, smax] = self.service_us;
         format!(
             concat!(
                 "{{\"rate\":{},\"connections\":{},\"duration_s\":{},\"warmup_s\":{},",
                 "\"scheduled\":{},\"sent\":{},\"completed\":{},\"errors\":{},\"non_2xx\":{},\"failed\":{},\"unsent\":{},",
                 "\"achieved_rate\":{:.1},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},",
-                "\"lag_p50_us\":{},\"lag_p99_us\":{},\"lag_max_us\":{}}}"
+                "\"lag_p50_us\":{},\"lag_p99_us\":{},\"lag_max_us\":{},",
+                "\"service_p50_us\":{},\"service_p99_us\":{},\"service_p999_us\":{},\"service_max_us\":{}}}"
             ),
             plan.rate,
             plan.connections,
@@ -365,6 +376,10 @@ impl Report {
             n(l50),
             n(l99),
             n(lmax),
+            n(s50),
+            n(s99),
+            n(s999),
+            n(smax),
         )
     }
 
@@ -372,6 +387,7 @@ impl Report {
         let n = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
         let [p50, p90, p99, p999, max] = self.latency_us;
         let [l50, l99, lmax] = self.lag_us;
+        let [s50, s90, s99, s999, smax] = self.service_us;
         format!(
             "bench-rate: http://{}{} at {} req/s over {} connections, {} s measured after {} s warm-up\n\
              \n\
@@ -382,7 +398,8 @@ impl Report {
              | us | p50 | p90 | p99 | p99.9 | max |\n\
              |---|---:|---:|---:|---:|---:|\n\
              | latency (from the due time) | {} | {} | {} | {} | {} |\n\
-             | send lag (due time to send) | {} | | {} | | {} |\n",
+             | send lag (due time to send) | {} | | {} | | {} |\n\
+             | service time (send to answer, uncorrected) | {} | {} | {} | {} | {} |\n",
             target.authority,
             target.path,
             plan.rate,
@@ -405,6 +422,11 @@ impl Report {
             n(l50),
             n(l99),
             n(lmax),
+            n(s50),
+            n(s90),
+            n(s99),
+            n(s999),
+            n(smax),
         )
     }
 }
@@ -560,6 +582,7 @@ async fn connection(
                 if measured {
                     t.completed += 1;
                     t.latency_us.push(micros(done - due));
+                    t.service_us.push(micros(done - sent_at));
                     t.last_done = Some(done);
                     if !(200..300).contains(&status) {
                         t.non_2xx += 1;
