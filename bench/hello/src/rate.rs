@@ -478,9 +478,27 @@ impl Template {
     }
 }
 
+/// A connection ready for the next request: `conn` if it still is, else
+/// a new one (a server may close a keep-alive connection between two
+/// requests; that is not the next request's failure).
+async fn ready(conn: Option<Conn>, addr: SocketAddr, timeout: Duration) -> anyhow::Result<Conn> {
+    if let Some(mut c) = conn {
+        if !c.sender.is_closed()
+            && matches!(
+                tokio::time::timeout(timeout, c.sender.ready()).await,
+                Ok(Ok(()))
+            )
+        {
+            return Ok(c);
+        }
+    }
+    tokio::time::timeout(timeout, connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr}: timed out"))?
+}
+
 /// Sends one request on `conn` and reads the whole answer; its status.
 async fn exchange(conn: &mut Conn, req: Request<Empty<Bytes>>) -> anyhow::Result<u16> {
-    conn.sender.ready().await.context("connection not ready")?;
     let resp = conn
         .sender
         .send_request(req)
@@ -559,15 +577,12 @@ async fn connection(
         if measured {
             t.sent += 1;
         }
-        let mut c = match conn.take().filter(|c| !c.sender.is_closed()) {
-            Some(c) => c,
-            None => match connect(addr).await {
-                Ok(c) => c,
-                Err(e) => {
-                    t.fail(measured, format!("{e:#}"));
-                    continue;
-                }
-            },
+        let mut c = match ready(conn.take(), addr, plan.timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                t.fail(measured, format!("{e:#}"));
+                continue;
+            }
         };
         let sent_at = Instant::now();
         if measured {
