@@ -15,10 +15,13 @@
 //! The wait for a due time is a tokio sleep until `--spin-us` before it
 //! (tokio's timer has millisecond ticks), then a busy wait that yields to the
 //! runtime (and so keeps polling the sockets) until the due time: sends are
-//! microsecond-exact at the price of a busy CPU. The send lag (due time to
-//! actual send) is reported so that a late generator is visible, and the
-//! service time (actual send to the end of the answer, what a closed-loop
-//! tool would measure) to tell a slow answer from a late send.
+//! microsecond-exact at the price of a busy CPU. The send lag (from the due
+//! time, or from the end of the connection's previous answer if that came
+//! later, to the actual send) is reported so that a late generator is
+//! visible; a connection busy with its previous answer is not the
+//! generator's lateness and is already in the latency. So is the service
+//! time (actual send to the end of the answer, what a closed-loop tool
+//! would measure).
 //!
 //! One current-thread tokio runtime; the caller pins it (`taskset`).
 
@@ -215,6 +218,14 @@ fn global_index(conn: u64, k: u64, connections: u64) -> u64 {
     k * connections + conn
 }
 
+/// How late the generator sent a request: from its due time, or from the
+/// moment its connection became free (the previous answer's end) if that
+/// is later, to the send. Waiting for a busy connection is not counted here
+/// (it is in the latency, which runs from the due time).
+fn send_lag(due: Instant, free_at: Instant, sent_at: Instant) -> Duration {
+    sent_at.saturating_duration_since(due.max(free_at))
+}
+
 /// Waits until `due`: a tokio sleep until `spin` before it, then yields to
 /// the runtime until the clock says so.
 async fn wait_until(due: Instant, spin: Duration) {
@@ -250,7 +261,7 @@ fn micros(d: Duration) -> u32 {
 struct Tally {
     /// Due time to end of the answer, per completed request.
     latency_us: Vec<u32>,
-    /// Due time to the send, per attempted request.
+    /// The generator's lateness per attempted request ([`send_lag`]).
     lag_us: Vec<u32>,
     /// Send to end of the answer, per completed request.
     service_us: Vec<u32>,
@@ -398,7 +409,7 @@ impl Report {
              | us | p50 | p90 | p99 | p99.9 | max |\n\
              |---|---:|---:|---:|---:|---:|\n\
              | latency (from the due time) | {} | {} | {} | {} | {} |\n\
-             | send lag (due time to send) | {} | | {} | | {} |\n\
+             | send lag (due time or previous answer to send) | {} | | {} | | {} |\n\
              | service time (send to answer, uncorrected) | {} | {} | {} | {} | {} |\n",
             target.authority,
             target.path,
@@ -560,6 +571,8 @@ async fn connection(
     let mut conn = Some(conn);
     // Backlog left at the end of the schedule is sent until this point.
     let stop = start + plan.end() + plan.timeout;
+    // When the previous request on this connection ended.
+    let mut free_at = start;
     for k in 0.. {
         let offset = due_offset(global_index(id, k, plan.connections), plan.rate);
         if offset >= plan.end() {
@@ -581,16 +594,17 @@ async fn connection(
             Ok(c) => c,
             Err(e) => {
                 t.fail(measured, format!("{e:#}"));
+                free_at = Instant::now();
                 continue;
             }
         };
         let sent_at = Instant::now();
         if measured {
-            t.lag_us
-                .push(micros(sent_at.saturating_duration_since(due)));
+            t.lag_us.push(micros(send_lag(due, free_at, sent_at)));
         }
         let result = tokio::time::timeout(plan.timeout, exchange(&mut c, template.request())).await;
         let done = Instant::now();
+        free_at = done;
         match result {
             Ok(Ok(status)) => {
                 conn = Some(c);
@@ -727,6 +741,18 @@ mod tests {
         assert!(Target::parse("https://localhost:443/", None).is_err());
         assert!(Target::parse("localhost:9000", Some("x")).is_err());
         assert!(Target::parse("not a url", None).is_err());
+    }
+
+    #[test]
+    fn lag_is_the_generator_s_own() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        // Connection free before the due time: lag from the due time.
+        assert_eq!(send_lag(t0 + us(100), t0, t0 + us(103)), us(3));
+        // Connection busy until after the due time: lag from its release.
+        assert_eq!(send_lag(t0 + us(100), t0 + us(900), t0 + us(902)), us(2));
+        // Never negative.
+        assert_eq!(send_lag(t0 + us(100), t0, t0 + us(50)), Duration::ZERO);
     }
 
     #[test]
