@@ -17,8 +17,8 @@ use wasmtime::{Config, Engine, Module, OptLevel};
 
 /// How often the background thread advances the engine's epoch. Deadlines
 /// are counted in these ticks, so a call is interrupted after its timeout
-/// and less than two ticks more. Each tick wakes a thread, and a wake-up is not free
-/// on a busy core (a timer interrupt, two context switches, a colder
+/// and less than two ticks more. Each tick wakes a thread, and a wake-up
+/// is not free on a busy core (a timer interrupt, two context switches, a colder
 /// cache; more in a VM): at 1 ms that thread alone took 0.7% of a core on
 /// the bench box, before what it cost the worker it preempted. The ticks
 /// are a safety net for runaway guests, not a latency bound, so they are
@@ -110,8 +110,9 @@ mod tests {
 
     #[test]
     fn ticks_cover_the_timeout() {
-        // At least the timeout, at most one tick more (the tick in
-        // progress when the call starts counts as one).
+        // The timeout in whole ticks, plus one for the tick in progress
+        // when the call starts: a call gets at least its timeout and less
+        // than two ticks more.
         assert_eq!(deadline_ticks(Duration::from_millis(5)), 2);
         assert_eq!(deadline_ticks(Duration::from_millis(12)), 4);
         assert_eq!(deadline_ticks(Duration::from_micros(1500)), 2);

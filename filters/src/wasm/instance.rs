@@ -279,8 +279,7 @@ impl Instance {
     /// Runs `call` with the stream's data in the store as the current and
     /// effective context, and takes the data back afterwards, whatever
     /// happened. A stream the guest does not know yet gets its
-    /// `proxy_on_context_create(id, root)` first, in the same round trip
-    /// (each guest call under its own deadline).
+    /// `proxy_on_context_create(id, root)` first, in the same round trip.
     ///
     /// `callbacks` is how many guest callbacks `call` makes; the deadline
     /// covers them and the creation, if any. `call` gets the root context's
