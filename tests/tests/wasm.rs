@@ -279,6 +279,28 @@ async fn large_request_body_held_then_rewritten_and_bounded() {
     assert_eq!(up.hits(), hits);
 }
 
+/// Header callbacks learn from the body whether one follows
+/// (`end_of_stream`): a GET without a body and its empty answer say so, a
+/// POST with a body and its echoed answer do not.
+#[tokio::test]
+async fn header_callbacks_get_end_of_stream_from_the_body() {
+    let up = body_echo().await;
+    let gw = gateway(&with_filter(up.addr, "test_host", "", "bodies = false")).await;
+    let get = Request::get(format!("http://{}/upload", gw.addr("public").unwrap()))
+        .header("x-test", "eos")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let got = send(get).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("x-req-eos"), Some("true"));
+    assert_eq!(got.header("x-resp-eos"), Some("true"));
+    let got = send(post(&gw, "eos", "abc")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "abc");
+    assert_eq!(got.header("x-req-eos"), Some("false"));
+    assert_eq!(got.header("x-resp-eos"), Some("false"));
+}
+
 /// `bodies = false`: a header-only filter gets no body callbacks, so the
 /// body goes through as the client sent it.
 #[tokio::test]

@@ -216,7 +216,8 @@ impl WasmFilter {
     /// (one guest entry for a stream's first two callbacks, one for its
     /// last three)? For tests and diagnostics.
     pub fn fused_entries(&self) -> bool {
-        let module = self.pool.load().plugin.pre.module().clone();
+        let pool = self.pool.load();
+        let module = pool.plugin.pre.module();
         module.get_export(shim::FIRST_REQUEST).is_some() && module.get_export(shim::END).is_some()
     }
 

@@ -167,6 +167,7 @@ impl RootContext for Root {
             ids: self.ids.clone(),
             test: String::new(),
             body_calls: 0,
+            req_eos: false,
         }))
     }
 
@@ -181,6 +182,8 @@ struct Stream {
     ids: Rc<Ids>,
     test: String,
     body_calls: u32,
+    /// `end_of_stream` of the request-header callback.
+    req_eos: bool,
 }
 
 impl Context for Stream {
@@ -338,8 +341,9 @@ impl Stream {
 }
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         self.test = self.get_http_request_header("x-test").unwrap_or_default();
+        self.req_eos = end_of_stream;
         match self.test.as_str() {
             "props" => self.props(),
             "shared" => self.shared(),
@@ -451,7 +455,13 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if self.test == "eos" {
+            // What the header callbacks were told: does a body follow?
+            let req = self.req_eos.to_string();
+            self.set_http_response_header("x-req-eos", Some(&req));
+            self.set_http_response_header("x-resp-eos", Some(&end_of_stream.to_string()));
+        }
         if self.test == "body-chunks" {
             let n = self.body_calls.to_string();
             self.set_http_response_header("x-body-calls", Some(&n));
