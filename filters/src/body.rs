@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::chain::{lock, ChainInner};
-use crate::{LocalResponse, StreamInfo, StreamReset};
+use crate::{LocalResponse, Refusal, StreamInfo, StreamReset};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dir {
@@ -59,19 +59,10 @@ impl BodyStop {
         Ok(match (self, request) {
             (BodyStop::Reset, _) => return Err(StreamReset),
             (BodyStop::Local(local), _) => *local,
-            (BodyStop::TooLarge(_), true) => {
-                LocalResponse::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
-            }
-            (BodyStop::TooLarge(_), false) => LocalResponse::new(
-                StatusCode::BAD_GATEWAY,
-                "response body too large for the filter\n",
-            ),
-            (BodyStop::Read(_), true) => {
-                LocalResponse::new(StatusCode::BAD_REQUEST, "request body incomplete\n")
-            }
-            (BodyStop::Read(_), false) => {
-                LocalResponse::new(StatusCode::BAD_GATEWAY, "upstream body incomplete\n")
-            }
+            (BodyStop::TooLarge(_), true) => LocalResponse::refused(Refusal::RequestBodyTooLarge),
+            (BodyStop::TooLarge(_), false) => LocalResponse::refused(Refusal::ResponseBodyTooLarge),
+            (BodyStop::Read(_), true) => LocalResponse::refused(Refusal::RequestBodyBroken),
+            (BodyStop::Read(_), false) => LocalResponse::refused(Refusal::UpstreamBodyBroken),
         })
     }
 }

@@ -97,6 +97,11 @@ pub struct LocalResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Set when the answer is not the filter's own but a refusal on the
+    /// filter's account (a trap in a fail-closed filter, a body past the
+    /// hold limit): the gateway then builds it in the shape of all its
+    /// own answers, with an error code and the request id.
+    pub refusal: Option<Refusal>,
 }
 
 impl LocalResponse {
@@ -105,6 +110,41 @@ impl LocalResponse {
             status,
             headers: HeaderMap::new(),
             body: body.into(),
+            refusal: None,
+        }
+    }
+
+    /// A refusal for the gateway to build (see [`LocalResponse::refusal`]).
+    pub fn refused(refusal: Refusal) -> Self {
+        LocalResponse {
+            refusal: Some(refusal),
+            ..LocalResponse::new(refusal.status(), Bytes::new())
+        }
+    }
+}
+
+/// Why the filter chain refused a stream on its own account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A filter held more of the request body than the chain's limit.
+    RequestBodyTooLarge,
+    /// The request body broke off while a filter read it.
+    RequestBodyBroken,
+    /// A filter held more of the response body than the chain's limit.
+    ResponseBodyTooLarge,
+    /// The upstream's body broke off while a filter held it.
+    UpstreamBodyBroken,
+    /// A filter failed (trap, timeout, out of memory) with `fail = "closed"`.
+    FilterFailed,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::RequestBodyBroken => StatusCode::BAD_REQUEST,
+            Refusal::ResponseBodyTooLarge | Refusal::UpstreamBodyBroken => StatusCode::BAD_GATEWAY,
+            Refusal::FilterFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -13,9 +13,9 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::access_log::AccessRecord;
-use crate::conn_clock::ActiveRequest;
-use crate::otel::RequestSpan;
+use crate::edge::conn_clock::ActiveRequest;
+use crate::observe::access_log::AccessRecord;
+use crate::observe::otel::RequestSpan;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {

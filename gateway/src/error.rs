@@ -1,14 +1,14 @@
-//! Why the gateway answered instead of the upstream, decided in one place:
-//! every synthetic 4xx/5xx is built here, with the same JSON shape, the
-//! request id, and `retry-after` on 503.
+//! Why the gateway answered instead of the upstream: every cause of a
+//! synthetic answer, with its status, its short code and its message.
+//! The answer itself is built in one place, [`crate::respond`]; this module
+//! only names causes, so any layer (edge, upstream, cache, pipeline) can
+//! return one without knowing how answers look.
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::StatusCode;
 
-use crate::body::ProxyBody;
-
-/// The causes a proxied request can fail with. The short code goes into the
-/// JSON body and the `x-flashgate-error` header so an operator can tell a
-/// 502 from a refused connect from one from a reset.
+/// The causes a request can be answered by the gateway for. The short
+/// code goes into the JSON body and the `x-flashgate-error` header so an
+/// operator can tell a 502 from a refused connect from one from a reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("the request path is not acceptable (dot segments above the root or percent-encoded)")]
@@ -17,14 +17,24 @@ pub enum ProxyError {
     NoRoute,
     #[error("the request target is longer than the listener's max_uri_bytes")]
     UriTooLong,
-    #[error("the request body is larger than the listener's max_body")]
+    #[error("the request body is larger than the route or listener allows")]
     BodyTooLarge,
     #[error("the request body is malformed (bad chunk framing) or was cut short")]
     BadBody,
     #[error("the request has both Content-Length and Transfer-Encoding")]
     AmbiguousLength,
-    #[error("the request body did not start arriving in time")]
+    #[error("the request body did not arrive in time")]
     BodyTimeout,
+    #[error("this route needs a valid bearer token")]
+    Unauthenticated,
+    #[error("sold out")]
+    SoldOut,
+    #[error("a filter failed and is configured to fail closed")]
+    FilterFailed,
+    #[error("the response body is larger than a filter may hold")]
+    ResponseTooLarge,
+    #[error("the upstream's response body broke off")]
+    UpstreamBodyFailed,
     #[error("the upstream cluster is at its concurrency limit")]
     Overflow,
     #[error("the upstream refused the connection")]
@@ -44,17 +54,23 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
-            ProxyError::BadPath => StatusCode::BAD_REQUEST,
+            ProxyError::BadPath | ProxyError::BadBody | ProxyError::AmbiguousLength => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadBody | ProxyError::AmbiguousLength => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ProxyError::SoldOut => StatusCode::CONFLICT,
+            ProxyError::FilterFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectRefused
             | ProxyError::ConnectFailed
             | ProxyError::UpstreamReset
-            | ProxyError::UpgradeFailed => StatusCode::BAD_GATEWAY,
+            | ProxyError::UpgradeFailed
+            | ProxyError::ResponseTooLarge
+            | ProxyError::UpstreamBodyFailed => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -68,6 +84,11 @@ impl ProxyError {
             ProxyError::BadBody => "bad_body",
             ProxyError::AmbiguousLength => "ambiguous_length",
             ProxyError::BodyTimeout => "body_timeout",
+            ProxyError::Unauthenticated => "unauthenticated",
+            ProxyError::SoldOut => "sold_out",
+            ProxyError::FilterFailed => "filter_failed",
+            ProxyError::ResponseTooLarge => "response_too_large",
+            ProxyError::UpstreamBodyFailed => "upstream_body_failed",
             ProxyError::Overflow => "upstream_overflow",
             ProxyError::ConnectRefused => "connect_refused",
             ProxyError::ConnectFailed => "connect_failed",
@@ -78,31 +99,79 @@ impl ProxyError {
         }
     }
 
-    pub fn response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
-        let body = serde_json::json!({
-            "error": self.code(),
-            "message": self.to_string(),
-            "request_id": request_id.to_str().unwrap_or(""),
-        });
-        let mut resp = Response::new(ProxyBody::full(body.to_string()));
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert("x-flashgate-error", HeaderValue::from_static(self.code()));
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        // The client's request was not read to its end (or was broken): the
-        // connection cannot carry another request.
-        if matches!(
+    /// The client's fault (4xx): logged quietly, never counted against an
+    /// upstream.
+    pub fn is_client(self) -> bool {
+        self.status().is_client_error()
+    }
+
+    /// Nothing of the request reached the upstream, so another attempt is
+    /// safe for any request, body or not.
+    pub fn nothing_sent(self) -> bool {
+        matches!(
+            self,
+            ProxyError::ConnectRefused | ProxyError::ConnectFailed | ProxyError::ConnectTimeout
+        )
+    }
+
+    /// Another endpoint might answer where this one failed: a failed
+    /// connect, or a connection closed before any answer. Whether the
+    /// request may be sent again is the caller's call (see
+    /// [`nothing_sent`](Self::nothing_sent)); a timeout never qualifies,
+    /// since the request may still be running upstream.
+    pub fn is_retryable(self) -> bool {
+        self.nothing_sent() || self == ProxyError::UpstreamReset
+    }
+
+    /// The client's request was not read to its end (or was broken): its
+    /// connection cannot carry another request.
+    pub fn closes_connection(self) -> bool {
+        matches!(
             self,
             ProxyError::BodyTooLarge | ProxyError::BadBody | ProxyError::BodyTimeout
-        ) {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        )
+    }
+}
+
+/// A filter's own refusals, in the gateway's terms.
+impl From<filters::Refusal> for ProxyError {
+    fn from(r: filters::Refusal) -> ProxyError {
+        match r {
+            filters::Refusal::RequestBodyTooLarge => ProxyError::BodyTooLarge,
+            filters::Refusal::RequestBodyBroken => ProxyError::BadBody,
+            filters::Refusal::ResponseBodyTooLarge => ProxyError::ResponseTooLarge,
+            filters::Refusal::UpstreamBodyBroken => ProxyError::UpstreamBodyFailed,
+            filters::Refusal::FilterFailed => ProxyError::FilterFailed,
         }
-        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert!(ProxyError::BadPath.is_client());
+        assert!(!ProxyError::Overflow.is_client());
+        assert!(ProxyError::ConnectRefused.is_retryable());
+        assert!(ProxyError::UpstreamReset.is_retryable());
+        assert!(!ProxyError::UpstreamReset.nothing_sent());
+        assert!(!ProxyError::Timeout.is_retryable());
+        assert!(ProxyError::BadBody.closes_connection());
+        assert!(!ProxyError::NoRoute.closes_connection());
+    }
+
+    #[test]
+    fn filter_refusals_keep_their_status() {
+        for r in [
+            filters::Refusal::RequestBodyTooLarge,
+            filters::Refusal::RequestBodyBroken,
+            filters::Refusal::ResponseBodyTooLarge,
+            filters::Refusal::UpstreamBodyBroken,
+            filters::Refusal::FilterFailed,
+        ] {
+            assert_eq!(ProxyError::from(r).status(), r.status(), "{r:?}");
+        }
     }
 }

@@ -1,41 +1,43 @@
 //! flashgate's gateway: the ingress tier of a shop during a flash sale.
 //!
-//! It sits behind the cloud load balancer, accepts client connections
-//! ([`server`]), runs each request through the pipeline in [`proxy`]
-//! (identity, route, admission, filters, cache, upstream) and forwards it to
-//! an upstream cluster ([`upstream`]). The [`admin`] listener serves health,
-//! readiness, metrics and reloads. [`demo`] is the embedded default that
-//! `flashgate demo` runs.
+//! It sits behind the cloud load balancer. The folders are its layers,
+//! each importing only from the ones listed before it:
+//!
+//! - [`config`]: the TOML file as typed, validated structs (a leaf), with
+//!   [`error`] (why the gateway answered itself) and [`headers`];
+//! - [`observe`]: metrics, spans and the access log;
+//! - [`edge`]: client connections (listeners, TLS, PROXY protocol,
+//!   timeouts, connection and body limits); it knows no routes;
+//! - [`upstream`]: clusters, connection pools, health, load balancing;
+//! - [`body`] and [`respond`]: the response body and the one builder of
+//!   the gateway's own answers;
+//! - [`cache`]: the shared response cache;
+//! - [`overload`]: load level and shedding (to come);
+//! - [`pipeline`]: one request's way through the phases, and the
+//!   [`pipeline::runtime::Runtime`] that one config builds;
+//! - [`admin`] and [`demo`]: the admin listener and the embedded default.
+//!
+//! Two small pairs point both ways, each for a reason given where it is:
+//! [`body`] holds the upstream's in-flight slot ([`upstream::InFlight`])
+//! while the upstream client sends bodies the edge limits; and this root
+//! ([`Shared`]) is what the pipeline and admin read.
 //!
 //! The library is what the `flashgate` binary and the end-to-end tests use:
 //! [`Gateway::start`] binds every listener of a validated [`Config`] and
 //! returns the bound addresses.
 
-pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cache;
-pub mod callout;
-pub mod checkout;
-pub mod client_ip;
 pub mod config;
-pub mod conn_clock;
 pub mod demo;
-pub mod demo_checkout;
+pub mod edge;
 pub mod error;
-pub mod framing;
 pub mod headers;
-pub mod jwt;
-pub mod limits;
-pub mod metrics;
-pub mod otel;
-pub mod proxy;
-pub mod proxy_protocol;
-pub mod router;
-pub mod runtime;
-pub mod server;
-pub mod tls;
-pub mod upgrade;
+pub mod observe;
+pub mod overload;
+pub mod pipeline;
+pub mod respond;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -48,8 +50,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::{Config, ConfigError};
-use metrics::Metrics;
-use runtime::Runtime;
+use observe::metrics::Metrics;
+use pipeline::runtime::Runtime;
 
 /// State shared by every connection and the admin listener.
 pub struct Shared {
@@ -64,17 +66,21 @@ pub struct Shared {
     /// The listener and admin settings in effect: bound at start, so a
     /// reload that changes them reports a restart as needed, also after
     /// earlier reloads.
-    bound: (
-        Vec<config::ListenerConfig>,
-        SocketAddr,
-        config::LogConfig,
-        Option<config::TracingConfig>,
-    ),
+    bound: Bound,
     reload_lock: tokio::sync::Mutex<()>,
     /// The TLS listeners' certificates: a reload re-reads them from disk.
-    pub certs: Vec<Arc<tls::CertStore>>,
+    pub certs: Vec<Arc<edge::tls::CertStore>>,
     /// The span exporter (`[tracing]`), built at start; `None` without one.
-    pub otel: Option<otel::Otel>,
+    pub otel: Option<observe::otel::Otel>,
+}
+
+/// The settings fixed when the gateway started: a reload that changes
+/// them reports that a restart is needed.
+struct Bound {
+    listeners: Vec<config::ListenerConfig>,
+    admin: SocketAddr,
+    log: config::LogConfig,
+    tracing: Option<config::TracingConfig>,
 }
 
 /// What a successful reload could not apply without a restart.
@@ -139,24 +145,24 @@ impl Shared {
         let mut outcome = ReloadOutcome::default();
         // Limits and trusted proxies apply live (new connections and
         // requests); sockets, certificate paths and PROXY protocol do not.
-        let live = self.bound.0.len() == new.listeners.len()
-            && self
-                .bound
-                .0
+        let bound = &self.bound;
+        let live = bound.listeners.len() == new.listeners.len()
+            && bound
+                .listeners
                 .iter()
                 .zip(&new.listeners)
-                .all(|(a, b)| server::applies_live(a, b));
+                .all(|(a, b)| edge::server::applies_live(a, b));
         if !live {
             outcome.restart_required.push("listeners".into());
         }
-        if self.bound.1 != new.admin.listen {
+        if bound.admin != new.admin.listen {
             outcome.restart_required.push("admin.listen".into());
         }
-        let log = &self.bound.2;
+        let log = &bound.log;
         if log.level != new.log.level || log.format != new.log.format {
             outcome.restart_required.push("log.level/log.format".into());
         }
-        if self.bound.3 != new.tracing {
+        if bound.tracing != new.tracing {
             outcome.restart_required.push("tracing".into());
         }
         let runtime = Runtime::build(new, &self.metrics, Some(&old)).map_err(|e| e.to_string())?;
@@ -179,7 +185,7 @@ pub enum StartError {
     Tls {
         listener: String,
         #[source]
-        source: tls::TlsError,
+        source: edge::tls::TlsError,
     },
     #[error("tracing: {0}")]
     Tracing(String),
@@ -237,22 +243,23 @@ impl Gateway {
                 addr: config.admin.listen,
                 source,
             })?;
-        let bound_config = (
-            config.listeners.clone(),
-            config.admin.listen,
-            config.log.clone(),
-            config.tracing.clone(),
-        );
+        let bound_config = Bound {
+            listeners: config.listeners.clone(),
+            admin: config.admin.listen,
+            log: config.log.clone(),
+            tracing: config.tracing.clone(),
+        };
         let mut certs = Vec::new();
         let mut listener_certs = Vec::new();
         for l in &config.listeners {
             let store = match &l.tls {
                 Some(t) => {
-                    let store = tls::CertStore::load(&l.name, t, metrics.tls_cert_reloads.clone())
-                        .map_err(|source| StartError::Tls {
-                            listener: l.name.clone(),
-                            source,
-                        })?;
+                    let store =
+                        edge::tls::CertStore::load(&l.name, t, metrics.tls_cert_reloads.clone())
+                            .map_err(|source| StartError::Tls {
+                                listener: l.name.clone(),
+                                source,
+                            })?;
                     store.watch(t.reload_interval.0);
                     certs.push(store.clone());
                     Some(store)
@@ -262,7 +269,7 @@ impl Gateway {
             listener_certs.push(store);
         }
         let otel = match &config.tracing {
-            Some(t) => Some(otel::Otel::start(t, &metrics).map_err(StartError::Tracing)?),
+            Some(t) => Some(observe::otel::Otel::start(t, &metrics).map_err(StartError::Tracing)?),
             None => None,
         };
         let runtime = Runtime::build(config, &metrics, None)?;
@@ -277,7 +284,7 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
         });
         // Filters' HTTP callouts go to this gateway's clusters.
-        filters::callout::set_http_callout(Arc::new(callout::GatewayCallout {
+        filters::callout::set_http_callout(Arc::new(pipeline::callout::GatewayCallout {
             shared: Arc::downgrade(&shared),
             runtime: tokio::runtime::Handle::current(),
         }));
@@ -291,7 +298,7 @@ impl Gateway {
                 source,
             })?;
             listeners.push((cfg.name.clone(), addr));
-            tasks.push(tokio::spawn(server::serve(
+            tasks.push(tokio::spawn(edge::server::serve(
                 shared.clone(),
                 listener,
                 cfg,

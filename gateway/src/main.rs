@@ -166,11 +166,11 @@ async fn run_demo(
         .with_context(|| format!("cannot listen on {origin} for the demo origin (try --origin)"))?;
     let origin = origin_listener.local_addr()?;
     tokio::spawn(demo::serve_origin(origin_listener));
-    let order_core = gateway::demo_checkout::start_core(core)
+    let order_core = gateway::demo::checkout::start_core(core)
         .await
         .with_context(|| format!("cannot start the demo order core on {core} (try --core)"))?;
     let mut config = demo::config(origin);
-    gateway::demo_checkout::point_at(&mut config, order_core.addr);
+    gateway::demo::checkout::point_at(&mut config, order_core.addr);
     config.listeners[0].listen = listen;
     config.admin.listen = admin;
     if let Some(addr) = tls {
@@ -205,7 +205,7 @@ async fn run_demo(
          \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
          \n{checkout}\
          \nCtrl-C stops it.",
-        checkout = gateway::demo_checkout::instructions(public, order_core.addr),
+        checkout = gateway::demo::checkout::instructions(public, order_core.addr),
     );
     let result = serve_until_signal(gw).await;
     if tls.is_some() {
@@ -229,7 +229,7 @@ fn demo_tls_listener(
     use gateway::config::{CertPair, Dur, TlsConfig};
     let dir = demo_tls_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (cert, key) = gateway::tls::self_signed(&["localhost", "127.0.0.1"])
+    let (cert, key) = gateway::edge::tls::self_signed(&["localhost", "127.0.0.1"])
         .context("generating the demo's self-signed certificate")?;
     let pair = CertPair {
         cert: dir.join("demo-cert.pem"),

@@ -18,13 +18,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 
 use super::abi::{action, buffer, map};
 use super::instance::{FailKind, Failure, Pool, Slot};
 use super::state::{refresh_info, StreamData};
 use crate::callout::{CalloutError, CalloutResponse};
-use crate::{BodyFlow, FailMode, Flow, LocalResponse, StreamFilter, StreamInfo, StreamReset};
+use crate::{
+    BodyFlow, FailMode, Flow, LocalResponse, Refusal, StreamFilter, StreamInfo, StreamReset,
+};
 
 /// The guest's `Pause` action.
 const PAUSE: u32 = 1;
@@ -278,10 +280,7 @@ impl State {
                     .host
                     .failed_closed
                     .fetch_add(1, Ordering::Relaxed);
-                Flow::Respond(LocalResponse::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "filter failed\n",
-                ))
+                Flow::Respond(LocalResponse::refused(Refusal::FilterFailed))
             }
         }
     }

@@ -37,7 +37,6 @@ mod l1;
 mod l2;
 mod lock;
 mod policy;
-mod stats;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,10 +52,10 @@ use crate::body::ProxyBody;
 use crate::config::{CacheConfig, RedisConfig, RouteCacheConfig};
 use crate::error::ProxyError;
 
+pub use crate::observe::cache_metrics::CacheMetrics;
 pub use entry::Entry;
 pub use l2::Purge;
 pub use policy::RoutePolicy;
-pub use stats::CacheMetrics;
 
 use entry::{now_ms, Freshness, Record, VaryRecord};
 use flight::{Flights, Joined, Leader, Waiters};
@@ -382,13 +381,17 @@ impl Pending {
         match kind {
             Kind::Bypass => {
                 rc.bypass.inc();
-                let mut resp = fetch().await.unwrap_or_else(|e| e.response(request_id));
+                let mut resp = fetch()
+                    .await
+                    .unwrap_or_else(|e| crate::respond::error(e, request_id));
                 mark(&mut resp, "BYPASS");
                 resp
             }
             Kind::Head => {
                 rc.miss.inc();
-                let mut resp = fetch().await.unwrap_or_else(|e| e.response(request_id));
+                let mut resp = fetch()
+                    .await
+                    .unwrap_or_else(|e| crate::respond::error(e, request_id));
                 mark(&mut resp, "MISS");
                 resp
             }
@@ -468,7 +471,7 @@ async fn miss<F: Fetch>(
                                 resp
                             }
                             // The task died without an answer.
-                            Err(_) => ProxyError::UpstreamReset.response(request_id),
+                            Err(_) => crate::respond::error(ProxyError::UpstreamReset, request_id),
                         }
                     }
                     Some(o) => answer(&rc, o, true, request_id),
@@ -515,7 +518,9 @@ async fn miss<F: Fetch>(
     }
     // Nothing to share: this request asks the origin itself.
     rc.miss.inc();
-    let mut resp = fetch().await.unwrap_or_else(|e| e.response(request_id));
+    let mut resp = fetch()
+        .await
+        .unwrap_or_else(|e| crate::respond::error(e, request_id));
     mark(&mut resp, "MISS");
     resp
 }
@@ -545,10 +550,10 @@ fn answer(
         }
         Outcome::Error(e) => {
             if leader { &rc.miss } else { &rc.coalesced }.inc();
-            e.response(request_id)
+            crate::respond::error(e, request_id)
         }
         // Handled by the callers.
-        Outcome::Pass => ProxyError::UpstreamReset.response(request_id),
+        Outcome::Pass => crate::respond::error(ProxyError::UpstreamReset, request_id),
     }
 }
 

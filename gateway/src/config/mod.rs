@@ -59,9 +59,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
-    /// Client identity from JWTs (see `crate::jwt`).
+    /// Client identity from JWTs (see `crate::pipeline::identity::jwt`).
     #[serde(default)]
-    pub jwt: Option<crate::jwt::JwtConfig>,
+    pub jwt: Option<crate::pipeline::identity::jwt::JwtConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     /// The response cache (used by routes with `cache = {...}`).
@@ -467,9 +467,9 @@ pub struct RouteConfig {
     /// Filter names, run in this order.
     #[serde(default)]
     pub filters: Vec<String>,
-    /// Marks the checkout route (see `crate::checkout`).
+    /// Marks the checkout route (see `crate::pipeline::admission::checkout`).
     #[serde(default)]
-    pub checkout: Option<crate::checkout::CheckoutRouteConfig>,
+    pub checkout: Option<crate::pipeline::admission::checkout::CheckoutRouteConfig>,
     /// Pass HTTP/1.1 `Upgrade` requests (WebSocket) through to the upstream.
     #[serde(default)]
     pub websocket: bool,
@@ -718,9 +718,9 @@ impl Config {
                     "must be above zero",
                 ));
             }
-            crate::limits::validate_listener(l, &p)?;
+            crate::edge::limits::validate_listener(l, &p)?;
             if let Some(tls) = &l.tls {
-                crate::tls::validate(tls, &format!("{p}.tls"))?;
+                crate::edge::tls::validate(tls, &format!("{p}.tls"))?;
             }
             if overlaps(l.listen, admin.listen) {
                 return Err(ConfigError::at(
@@ -932,14 +932,14 @@ impl Config {
                 }
             }
             if r.checkout.is_some() {
-                crate::checkout::validate_route(r, &p, self.jwt.is_some())?;
+                crate::pipeline::admission::checkout::validate_route(r, &p, self.jwt.is_some())?;
             }
             if let Some(c) = &r.cache {
                 c.validate(&p)?;
             }
         }
         if let Some(jwt) = &self.jwt {
-            crate::jwt::JwtVerifier::new(jwt)?;
+            crate::pipeline::identity::jwt::JwtVerifier::new(jwt)?;
         }
         self.cache.validate()?;
         if let Some(r) = &self.redis {

@@ -5,6 +5,7 @@
 //! the state that load balancing reads. Choosing
 //! an endpoint only reads atomics, so it never blocks under load.
 
+pub mod connect;
 mod health;
 pub mod pool;
 
@@ -19,7 +20,7 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{LbPolicy, OutlierConfig, UpstreamConfig};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// The body sent upstream: the client's streaming body, or a complete one
 /// (empty on retries, or produced by a filter).
@@ -27,8 +28,8 @@ use crate::metrics::Metrics;
 /// enforced), a complete body (retries, callouts), or the client's body
 /// through the route's body filters.
 pub type UpstreamBody = Either<
-    crate::limits::LimitedBody,
-    Either<Full<Bytes>, filters::FilteredBody<crate::limits::LimitedBody>>,
+    crate::edge::request_body::LimitedBody,
+    Either<Full<Bytes>, filters::FilteredBody<crate::edge::request_body::LimitedBody>>,
 >;
 
 /// One `host:port` of a cluster and what load balancing knows about it.
@@ -281,7 +282,7 @@ impl Cluster {
         if let Some(conn) = ep.idle.take().await {
             return Ok(conn);
         }
-        let conn = pool::connect(&ep.addr, self.connect_timeout).await?;
+        let conn = connect::connect(&ep.addr, self.connect_timeout, connect::Use::Pooled).await?;
         self.opened.inc();
         Ok(conn)
     }

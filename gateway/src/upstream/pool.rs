@@ -15,11 +15,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::UpstreamBody;
-use crate::error::ProxyError;
 
 pub type Sender = http1::SendRequest<UpstreamBody>;
 
@@ -75,28 +72,4 @@ impl Idle {
             stack.push((sender, Instant::now()));
         }
     }
-}
-
-/// Opens a new connection to `addr` (`host:port`; host names are resolved
-/// per connection) and starts its connection task.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<Sender, ProxyError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ProxyError::ConnectTimeout),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Err(ProxyError::ConnectRefused)
-        }
-        Ok(Err(_)) => return Err(ProxyError::ConnectFailed),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|_| ProxyError::ConnectFailed)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
 }

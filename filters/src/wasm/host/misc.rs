@@ -460,6 +460,7 @@ fn local_response(c: &mut C<'_>, code: u32, body: (u32, u32), headers: (u32, u32
         status,
         headers: map,
         body: Bytes::from(body),
+        refusal: None,
     });
     Ok(())
 }

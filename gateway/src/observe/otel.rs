@@ -47,7 +47,7 @@ use opentelemetry_sdk::Resource;
 
 use crate::config::TracingConfig;
 use crate::headers::{RemoteParent, TraceContext};
-use crate::metrics::{Metrics, OtlpMetrics};
+use crate::observe::metrics::{Metrics, OtlpMetrics};
 
 /// The exporter of a running gateway: built at start from `[tracing]`,
 /// kept until the process stops (a reload does not change it).

@@ -120,7 +120,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
                 c.refresh_gauges();
             }
             let mut text = shared.metrics.render();
-            text.extend_from_slice(crate::metrics::render_wasm(&runtime.wasm).as_bytes());
+            text.extend_from_slice(crate::observe::metrics::render_wasm(&runtime.wasm).as_bytes());
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared)),

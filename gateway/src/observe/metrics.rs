@@ -48,7 +48,7 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Certificate reloads from disk, by listener and result.
     pub tls_cert_reloads: IntCounterVec,
-    pub cache: crate::cache::CacheMetrics,
+    pub cache: crate::observe::cache_metrics::CacheMetrics,
 }
 
 impl Metrics {
@@ -159,7 +159,7 @@ impl Metrics {
                 "TLS certificate reloads from disk, by result (error: the old certificates keep serving).",
                 &["listener", "result"],
             ),
-            cache: crate::cache::CacheMetrics::register(&registry),
+            cache: crate::observe::cache_metrics::CacheMetrics::register(&registry),
             registry,
         }
     }
@@ -198,7 +198,7 @@ impl Metrics {
     }
 }
 
-/// The span exporter's counters (see `crate::otel`).
+/// The span exporter's counters (see `crate::observe::otel`).
 #[derive(Clone, Debug)]
 pub struct OtlpMetrics {
     /// Sampled spans that entered the export queue.

@@ -20,10 +20,9 @@
 //! A tunnel through which nothing passed for the listener's
 //! `websocket_idle_timeout` is closed.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,33 +34,13 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::edge::tunnel::TunnelSlot;
 use crate::error::ProxyError;
-use crate::upstream::{Cluster, Endpoint, InFlight, UpstreamBody};
-
-type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Where a request that upgraded its connection leaves the tunnel for the
-/// connection's task, which runs it once hyper has handed the connection
-/// over (after the 101 went out). Running it there, rather than in a task
-/// of its own, keeps everything the connection holds (its `max_connections`
-/// slots, the drain's count) held for as long as the tunnel is open.
-#[derive(Default)]
-pub struct TunnelSlot(Mutex<Option<Tunnel>>);
-
-impl TunnelSlot {
-    fn put(&self, tunnel: Tunnel) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
-    }
-
-    /// The tunnel left by the connection's last request, if it upgraded.
-    pub fn take(&self) -> Option<Tunnel> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
+use crate::upstream::connect::{connect, Use};
+use crate::upstream::{Cluster, Endpoint, InFlight};
 
 /// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection:
 /// upgrade` with an `Upgrade` header). HTTP/2 extended CONNECT is not
@@ -106,25 +85,7 @@ pub async fn pass_through(
     let endpoint = cluster.endpoints[i].clone();
     let in_flight = cluster.start(i, Some(permit));
     let connect_timeout = cluster.config.connect_timeout.0;
-    let stream =
-        match tokio::time::timeout(connect_timeout, TcpStream::connect(&endpoint.addr)).await {
-            Err(_) => return Err(ProxyError::ConnectTimeout),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Err(ProxyError::ConnectRefused)
-            }
-            Ok(Err(_)) => return Err(ProxyError::ConnectFailed),
-            Ok(Ok(s)) => s,
-        };
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, UpstreamBody>(TokioIo::new(stream))
-            .await
-            .map_err(|_| ProxyError::ConnectFailed)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgraded upstream connection ended with an error");
-        }
-    });
+    let mut sender = connect(&endpoint.addr, connect_timeout, Use::Upgrade).await?;
 
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, upgrade);

@@ -8,7 +8,7 @@
 //! same bytes by their `Content-Length` disagrees with us about where the
 //! request ends, and Envoy and nginx refuse such a request with 400. To do
 //! the same, [`HeadScan`] reads the head's bytes as they arrive (in
-//! [`HeadWatch`](crate::conn_clock::HeadWatch)) and notes a `Content-Length`
+//! [`HeadWatch`](crate::edge::conn_clock::HeadWatch)) and notes a `Content-Length`
 //! field line; the pipeline refuses a request that has one *and* still
 //! carries `Transfer-Encoding` ([`ProxyError::AmbiguousLength`](crate::error::ProxyError)).
 //!

@@ -22,10 +22,12 @@ use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+pub mod checkout;
+
 use crate::config::Config;
 
 /// The demo config, also shipped as `config/demo.toml`.
-pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../../config/demo.toml");
 
 /// How many products the demo catalog has.
 pub const PRODUCTS: u32 = 300;

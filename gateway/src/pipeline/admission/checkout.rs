@@ -1,7 +1,7 @@
 //! The checkout route (`checkout = { ... }` on a route): what the gateway
 //! does for the one path that must never be wrong.
 //!
-//! - Identity is required: the verified JWT subject (see [`crate::jwt`]);
+//! - Identity is required: the verified JWT subject (see [`crate::pipeline::identity::jwt`]);
 //!   without one the gateway answers 401 and the core never sees the call.
 //! - The sold-out flag at the edge: when the core answers 409 for a SKU,
 //!   the gateway answers 409 itself for that SKU for `sold_out_ttl`
@@ -21,12 +21,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use serde::Deserialize;
 
-use crate::body::ProxyBody;
 use crate::config::{ConfigError, Dur, RouteConfig};
+use crate::edge::request_body::LimitedBody;
+use crate::error::ProxyError;
+use crate::respond::Refusal;
 use crate::upstream::UpstreamBody;
 use filters::Priority;
 
@@ -126,55 +128,25 @@ impl Checkout {
     pub async fn prepare(
         &self,
         head: &Parts,
-        body: crate::limits::LimitedBody,
+        body: LimitedBody,
         identified: bool,
-        request_id: &HeaderValue,
-    ) -> Result<Prepared, Response<ProxyBody>> {
+    ) -> Result<Prepared, Refusal> {
         if !identified {
-            let mut r = answer(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "checkout needs a valid bearer token",
-                request_id,
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return Err(r);
+            return Err(Refusal::new(ProxyError::Unauthenticated)
+                .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }
         let read = tokio::time::timeout(
             self.config.body_timeout.0,
             Limited::new(body, self.config.max_body_bytes).collect(),
         )
         .await
-        .map_err(|_| {
-            let mut r = answer(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                "the checkout body did not arrive in time",
-                request_id,
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            r
-        })?;
+        .map_err(|_| Refusal::new(ProxyError::BodyTimeout))?;
         let bytes = match read {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(answer(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the checkout body is too large",
-                    request_id,
-                ))
+                return Err(Refusal::new(ProxyError::BodyTooLarge))
             }
-            Err(_) => {
-                return Err(answer(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    "the request body could not be read",
-                    request_id,
-                ))
-            }
+            Err(_) => return Err(Refusal::new(ProxyError::BadBody)),
         };
         // Not JSON or no SKU: the core answers 422; the edge only reads.
         let sku = serde_json::from_slice::<SkuOnly>(&bytes)
@@ -182,10 +154,10 @@ impl Checkout {
             .map(|b| b.sku);
         if let Some(sku) = &sku {
             if self.is_sold_out(sku) {
-                let mut r = answer(StatusCode::CONFLICT, "sold_out", "sold out", request_id);
-                r.headers_mut()
-                    .insert("x-flashgate-sold-out", HeaderValue::from_static("edge"));
-                return Err(r);
+                return Err(Refusal::new(ProxyError::SoldOut).header(
+                    HeaderName::from_static("x-flashgate-sold-out"),
+                    HeaderValue::from_static("edge"),
+                ));
             }
         }
         let replay = head
@@ -225,31 +197,6 @@ impl Checkout {
         let flags = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
         flags.get(sku).is_some_and(|until| *until > Instant::now())
     }
-}
-
-/// The gateway's own answer, in the same JSON shape as
-/// [`crate::error::ProxyError::response`].
-fn answer(
-    status: StatusCode,
-    code: &'static str,
-    message: &str,
-    request_id: &HeaderValue,
-) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "error": code,
-        "message": message,
-        "request_id": request_id.to_str().unwrap_or(""),
-    });
-    let mut resp = Response::new(ProxyBody::full(body.to_string()));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-flashgate-error", HeaderValue::from_static(code));
-    resp
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
-use crate::metrics::Metrics;
-use crate::router::{HostMatch, Router};
+use crate::observe::metrics::Metrics;
+use crate::pipeline::route::router::{HostMatch, Router};
 use crate::upstream::Cluster;
 
 pub struct Route {
@@ -24,8 +24,8 @@ pub struct Route {
     pub websocket: bool,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
-    /// Set on the checkout route (see `crate::checkout`).
-    pub checkout: Option<crate::checkout::Checkout>,
+    /// Set on the checkout route (see `crate::pipeline::admission::checkout`).
+    pub checkout: Option<crate::pipeline::admission::checkout::Checkout>,
     /// Set on routes with `cache = {...}`.
     pub cache: Option<Arc<RouteCache>>,
     pub latency: Histogram,
@@ -63,7 +63,7 @@ pub struct Runtime {
     /// The Wasm filters by name, for their metrics on `/metrics`.
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
     /// The JWT verifier when `[jwt]` is set.
-    pub jwt: Option<crate::jwt::JwtVerifier>,
+    pub jwt: Option<crate::pipeline::identity::jwt::JwtVerifier>,
     /// The response cache: carried over by reloads that keep `[cache]` and
     /// `[redis]` as they were, so its entries survive the reload.
     pub cache: Arc<Cache>,
@@ -144,7 +144,10 @@ impl Runtime {
                 websocket: r.websocket,
                 cluster,
                 filters: FilterChain::new(chain),
-                checkout: r.checkout.as_ref().map(crate::checkout::Checkout::new),
+                checkout: r
+                    .checkout
+                    .as_ref()
+                    .map(crate::pipeline::admission::checkout::Checkout::new),
             });
         }
         let router = Router::new(routes.iter().enumerate().map(|(i, r)| {
@@ -157,7 +160,7 @@ impl Runtime {
         let jwt = config
             .jwt
             .as_ref()
-            .map(crate::jwt::JwtVerifier::new)
+            .map(crate::pipeline::identity::jwt::JwtVerifier::new)
             .transpose()?;
         Ok(Runtime {
             jwt,

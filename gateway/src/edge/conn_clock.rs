@@ -41,8 +41,8 @@ use hyper::rt::Timer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::framing::HeadScan;
-use crate::proxy::ConnInfo;
+use crate::edge::framing::HeadScan;
+use crate::edge::ConnInfo;
 
 /// Requests started (high 32 bits, wrapping) and in flight (low 32 bits)
 /// in one word, so starting a request is one atomic add.
@@ -142,7 +142,7 @@ impl ConnClock {
     }
 
     /// Whether the head of the request that started last had a
-    /// `Content-Length` field line (see [`crate::framing`]).
+    /// `Content-Length` field line (see [`crate::edge::framing`]).
     pub fn head_had_length(&self) -> bool {
         let mark = self.length_head.load(Ordering::Relaxed);
         mark != 0 && mark == started(self.counts.load(Ordering::Relaxed))

@@ -48,11 +48,11 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ListenerConfig};
-use crate::conn_clock::{ActiveRequest, Clocks, ConnClock, Exit, HeadWatch, ParkTimer};
-use crate::limits::ConnLimits;
-use crate::proxy::{self, ConnInfo};
-use crate::tls::CertStore;
-use crate::{proxy_protocol, Shared};
+use crate::edge::conn_clock::{ActiveRequest, Clocks, ConnClock, Exit, HeadWatch, ParkTimer};
+use crate::edge::limits::ConnLimits;
+use crate::edge::proxy_protocol;
+use crate::edge::tls::CertStore;
+use crate::edge::{App, ConnInfo};
 
 /// Builds the connection settings of a listener: the limits a client
 /// controls (head size, header count, HTTP/2 streams) are set here, on the
@@ -122,8 +122,8 @@ const DRAINING: u8 = 1;
 const CUT: u8 = 2;
 
 /// What every connection of one listener shares.
-struct Listener {
-    shared: Arc<Shared>,
+struct Listener<A> {
+    app: Arc<A>,
     name: Arc<str>,
     settings: ArcSwap<Settings>,
     tls: Option<(TlsAcceptor, Duration)>,
@@ -136,14 +136,14 @@ struct Listener {
     drain: watch::Sender<u8>,
 }
 
-impl Listener {
+impl<A: App> Listener<A> {
     fn refuse(&self, reason: &str) {
         self.refused.with_label_values(&[&self.name, reason]).inc();
     }
 
     fn timed_out(&self, timeout: &str) {
-        self.shared
-            .metrics
+        self.app
+            .metrics()
             .connection_timeouts
             .with_label_values(&[&self.name, timeout])
             .inc();
@@ -154,12 +154,11 @@ impl Listener {
     /// connection limits); later ones reuse them.
     fn settings(&self) -> Arc<Settings> {
         let current = self.settings.load_full();
-        let runtime = self.shared.runtime.load();
-        if Arc::ptr_eq(&current.source, &runtime.config) {
+        let config = self.app.config();
+        if Arc::ptr_eq(&current.source, &config) {
             return current;
         }
-        let found = runtime
-            .config
+        let found = config
             .listeners
             .iter()
             .find(|l| *l.name == *self.name && applies_live(&current.cfg, l));
@@ -168,7 +167,7 @@ impl Listener {
         let cfg = found.cloned().unwrap_or_else(|| (*current.cfg).clone());
         self.limits
             .set(cfg.max_connections, cfg.max_connections_per_ip);
-        let next = Arc::new(Settings::new(runtime.config.clone(), cfg));
+        let next = Arc::new(Settings::new(config.clone(), cfg));
         self.settings.store(next.clone());
         next
     }
@@ -288,18 +287,14 @@ impl Listener {
             clock: clock.clone(),
             tunnel: Default::default(),
         });
-        let shared = self.shared.clone();
+        let app = self.app.clone();
         let info = conn.clone();
         let mut service = service_fn(move |req| {
             // Counted from the moment hyper has the head until the
             // response body is done (or the handler is dropped).
             let request = ActiveRequest::start(&info);
-            let shared = shared.clone();
-            async move {
-                let mut resp = proxy::handle(&shared, request.conn(), req).await?;
-                resp.body_mut().hold(request);
-                Ok::<_, filters::StreamReset>(resp)
-            }
+            let app = app.clone();
+            async move { app.handle(request, req).await }
         });
 
         let mut drain = self.drain.subscribe();
@@ -313,7 +308,7 @@ impl Listener {
             timer,
         );
         // With upgrades: a WebSocket route hands the raw connection over
-        // once its 101 has been sent (see `proxy::upgrade`).
+        // once its 101 has been sent (see `pipeline::upgrade`).
         let ended = if h2 {
             let io = HeadWatch::new(io, None);
             // Boxed, so that the HTTP/1.1 connections' tasks, parked or
@@ -584,8 +579,8 @@ impl<T: Parkable> Parkable for Rewind<T> {
 /// open connections finish (HTTP/1 gets `connection: close`, HTTP/2 a
 /// GOAWAY; WebSocket tunnels run on) for at most `shutdown.drain_timeout`,
 /// cuts what is left, and returns.
-pub async fn serve(
-    shared: Arc<Shared>,
+pub async fn serve<A: App>(
+    app: Arc<A>,
     listener: TcpListener,
     cfg: ListenerConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -609,22 +604,16 @@ pub async fn serve(
     }
     let this = Arc::new(Listener {
         limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
-        parked: shared
-            .metrics
-            .connections_parked
-            .with_label_values(&[&name]),
-        settings: ArcSwap::from_pointee(Settings::new(shared.runtime.load().config.clone(), cfg)),
-        refused: shared.metrics.connections_refused.clone(),
-        shared: shared.clone(),
+        parked: app.metrics().connections_parked.with_label_values(&[&name]),
+        settings: ArcSwap::from_pointee(Settings::new(app.config(), cfg)),
+        refused: app.metrics().connections_refused.clone(),
+        app: app.clone(),
         name: name.clone(),
         tls,
         drain: watch::Sender::new(SERVING),
     });
-    let active = shared
-        .metrics
-        .connections_active
-        .with_label_values(&[&name]);
-    let total = shared.metrics.connections_total.with_label_values(&[&name]);
+    let active = app.metrics().connections_active.with_label_values(&[&name]);
+    let total = app.metrics().connections_total.with_label_values(&[&name]);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -655,7 +644,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let drain_timeout = shared.runtime.load().config.shutdown.drain_timeout.0;
+    let drain_timeout = app.config().shutdown.drain_timeout.0;
     this.drain.send_replace(DRAINING);
     if tokio::time::timeout(drain_timeout, this.drain.closed())
         .await

@@ -1,0 +1,53 @@
+//! The admission phase: whether a routed request may use the gateway's
+//! and the upstream's capacity at all. After routing, because limits and
+//! priorities are per route; before filters, the cache and the upstream,
+//! so that refused traffic costs no filter time and no upstream slot.
+//!
+//! Today admission is the checkout gate ([`checkout`]): identity required,
+//! the edge's sold-out flag, and the body read whole so that an
+//! `Idempotency-Key` makes a retry safe. Bot rules, rate limits, the
+//! waiting room and overload shedding take their places here, in that
+//! order: the cheapest and most certain refusals first.
+
+pub mod checkout;
+
+use std::ops::ControlFlow::{self, Break, Continue};
+
+use http::request::Parts;
+use http::Response;
+use http_body_util::Either;
+
+use super::runtime::Route;
+use super::{RequestCtx, Stop};
+use crate::body::ProxyBody;
+use crate::edge::request_body::LimitedBody;
+use crate::upstream::UpstreamBody;
+
+/// Admits the request or refuses it; what it lets through is the body
+/// that goes on (a checkout's, read whole).
+pub async fn admit(
+    ctx: &mut RequestCtx<'_>,
+    route: &Route,
+    head: &Parts,
+    body: LimitedBody,
+) -> ControlFlow<Stop, UpstreamBody> {
+    let Some(checkout) = &route.checkout else {
+        return Continue(Either::Left(body));
+    };
+    match checkout.prepare(head, body, ctx.identified).await {
+        Ok(p) => {
+            ctx.sku = p.sku;
+            ctx.replay = p.replay;
+            Continue(p.body)
+        }
+        Err(refusal) => Break(Stop::Refuse(refusal)),
+    }
+}
+
+/// Learns from the upstream's answer to an admitted request: a checkout
+/// answered 409 flags its SKU sold out at the edge, a 201 clears it.
+pub fn learn(ctx: &RequestCtx<'_>, route: &Route, resp: &Response<ProxyBody>) {
+    if let (Some(c), Some(_)) = (&route.checkout, &ctx.endpoint) {
+        c.observe(ctx.sku.as_deref(), resp.status());
+    }
+}

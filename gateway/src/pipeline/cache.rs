@@ -1,0 +1,59 @@
+//! The cache phase, on routes with `cache = {...}`: after the filters
+//! (they may rewrite the head or answer locally), before the upstream. A
+//! fresh L1 hit is answered here without building an upstream request;
+//! misses, stale answers and bypasses go to [`crate::cache`], which decides
+//! whether and when this request goes upstream (at most once per key for
+//! the whole fleet). Upgrades are never cached.
+
+use http::request::Parts;
+use http::Response;
+use hyper::body::Body;
+
+use super::forward::{self, forward, head_for_upstream, prefetch};
+use super::runtime::Route;
+use super::{upgrade, RequestCtx};
+use crate::body::ProxyBody;
+use crate::cache::Lookup;
+use crate::observe::access_log::UpstreamTiming;
+use crate::respond;
+use crate::upstream::UpstreamBody;
+
+pub async fn serve(
+    ctx: &mut RequestCtx<'_>,
+    route: &Route,
+    head: &mut Parts,
+    mut body: UpstreamBody,
+) -> Response<ProxyBody> {
+    if route.websocket && upgrade::is_upgrade(head) {
+        return forward::upgrade(ctx, route, head).await;
+    }
+    let Some(rc) = &route.cache else {
+        return forward::send(ctx, route, head, body).await;
+    };
+    let pending = match ctx
+        .runtime
+        .cache
+        .lookup(rc, head, &ctx.host, !body.is_end_stream())
+    {
+        Lookup::Hit(hit) => return hit,
+        Lookup::Pending(pending) => pending,
+    };
+    // As in `forward::send`: bad framing is refused before anything goes
+    // upstream.
+    if let Err(e) = prefetch(&mut body, ctx.listener.header_read_timeout.0).await {
+        return respond::error(e, &ctx.request_id);
+    }
+    let mut up = head_for_upstream(ctx, head);
+    pending.prepare_upstream(&mut up.headers);
+    // Owned: a fill runs in a task of its own and may outlive this request.
+    let cluster = route.cluster.clone();
+    let verdict = ctx.verdict.clone();
+    let replay = ctx.replay.take();
+    let fetch = move || async move {
+        let mut timing = UpstreamTiming::default();
+        forward(&cluster, up, body, replay, verdict.as_ref(), &mut timing)
+            .await
+            .map(|(r, _)| r)
+    };
+    pending.resolve(&ctx.request_id, fetch).await
+}

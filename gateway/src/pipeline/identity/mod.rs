@@ -1,0 +1,44 @@
+//! The client-identity phase: who is asking. The client IP (through
+//! trusted proxies only, see [`client_ip`]), the request id (kept or
+//! generated), the trace span, and the verified JWT subject (see [`jwt`]).
+//! First in the pipeline: every later phase and every answer use them.
+
+pub mod client_ip;
+pub mod jwt;
+
+use http::request::Parts;
+
+use super::RequestCtx;
+use crate::headers;
+use crate::observe::otel;
+
+pub fn identify(ctx: &mut RequestCtx<'_>, head: &mut Parts) {
+    let conn = ctx.conn;
+    ctx.client_ip =
+        client_ip::resolve(conn.peer.ip(), &head.headers, &ctx.listener.trusted_proxies);
+    ctx.request_id = headers::ensure_request_id(&mut head.headers);
+    // With an exporter the request's server span starts here, as a child
+    // of the client's traceparent; its context is what the upstream gets.
+    // Without one the traceparent is continued on the way out.
+    ctx.span = ctx.shared.otel.as_ref().map(|o| {
+        let mut s = o.start_span(head);
+        s.arrived(otel::Arrival {
+            head,
+            scheme: conn.scheme,
+            listener: &conn.listener,
+            peer: conn.peer,
+            client: ctx.client_ip,
+            request_id: &ctx.request_id,
+        });
+        s
+    });
+    // The JWT subject becomes the user header; a user header the client
+    // sent never passes, verified token or not (see `jwt`).
+    ctx.identified = match &ctx.runtime.jwt {
+        Some(v) => matches!(v.identify(&mut head.headers), Ok(Some(_))),
+        None => {
+            jwt::strip_user_header(&mut head.headers);
+            false
+        }
+    };
+}

@@ -1,0 +1,195 @@
+//! The request pipeline: one request's way through the gateway, phase by
+//! phase, in the order of `docs/pipeline.md`:
+//!
+//! ```text
+//! identity -> request limits -> route -> admission -> request filters
+//!          -> cache -> upstream -> response filters -> finish
+//! ```
+//!
+//! Each phase is a plain function in its own module. It takes the
+//! request's [`RequestCtx`] (what the request has accumulated so far) and
+//! returns [`ControlFlow`]: `Continue` with what the next phase needs, or
+//! `Break` with a [`Stop`], which ends the request early (`?` does that).
+//! Every way a request ends goes through one exit, [`finish`], and every
+//! answer the gateway makes itself through one builder, [`crate::respond`].
+//! [`handle`] is the whole order on one screen.
+
+pub mod admission;
+pub mod cache;
+pub mod callout;
+pub mod filters;
+pub mod finish;
+pub mod forward;
+pub mod identity;
+pub mod request_limits;
+pub mod route;
+pub mod runtime;
+pub mod upgrade;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::ProxyBody;
+use crate::config::{Config, ListenerConfig};
+use crate::edge::conn_clock::ActiveRequest;
+use crate::edge::request_body::BodyVerdict;
+use crate::edge::{App, ConnInfo};
+use crate::observe::access_log::UpstreamTiming;
+use crate::observe::metrics::Metrics;
+use crate::observe::otel::RequestSpan;
+use crate::upstream::Endpoint;
+use crate::Shared;
+use runtime::{Route, Runtime};
+
+pub use finish::RESET_STATUS;
+
+/// Why a request ends before the next phase.
+pub enum Stop {
+    /// The gateway answers it itself (see [`crate::respond`]).
+    Refuse(crate::respond::Refusal),
+    /// A filter reset the stream: no answer at all (an HTTP/2
+    /// `RST_STREAM`, or an HTTP/1.1 connection closed without a response).
+    Reset,
+}
+
+/// What one request accumulates on its way through the phases. Borrowed
+/// parts (the runtime, the connection, the route) live as long as the
+/// request: a reload that lands meanwhile does not change them.
+pub struct RequestCtx<'a> {
+    pub shared: &'a Shared,
+    /// One runtime for the whole request, even if a reload lands meanwhile.
+    pub runtime: &'a Runtime,
+    pub conn: &'a ConnInfo,
+    /// The listener's settings from the config in effect, not from when
+    /// the connection opened: an ALB keeps its connections for hours, and
+    /// a reloaded limit must reach them.
+    pub listener: &'a ListenerConfig,
+    pub started: Instant,
+    /// The resolved client (see `identity::client_ip`).
+    pub client_ip: IpAddr,
+    pub request_id: HeaderValue,
+    /// The request carried a verified JWT.
+    pub identified: bool,
+    /// The request's server span when an exporter is on.
+    pub span: Option<RequestSpan>,
+    /// The routing host (empty before routing).
+    pub host: String,
+    /// Set by the route phase.
+    pub route: Option<&'a Route>,
+    /// Whether the client's body overran or broke, readable after an
+    /// upstream attempt failed.
+    pub verdict: Option<BodyVerdict>,
+    /// A checkout's SKU, for the sold-out flag.
+    pub sku: Option<String>,
+    /// A checkout body kept for a retry its `Idempotency-Key` makes safe.
+    pub replay: Option<Bytes>,
+    /// The filter chain's stream, from the request filters to the
+    /// response filters.
+    pub filters: Option<filters::Filtering>,
+    /// The endpoint that answered.
+    pub endpoint: Option<Arc<Endpoint>>,
+    pub timing: UpstreamTiming,
+}
+
+impl<'a> RequestCtx<'a> {
+    fn new(shared: &'a Shared, runtime: &'a Runtime, conn: &'a ConnInfo) -> RequestCtx<'a> {
+        let started = Instant::now();
+        let listener = runtime
+            .config
+            .listeners
+            .iter()
+            .find(|l| *l.name == *conn.listener)
+            .unwrap_or(&conn.config);
+        RequestCtx {
+            shared,
+            runtime,
+            conn,
+            listener,
+            started,
+            client_ip: conn.peer.ip(),
+            request_id: HeaderValue::from_static(""),
+            identified: false,
+            span: None,
+            host: String::new(),
+            route: None,
+            verdict: None,
+            sku: None,
+            replay: None,
+            filters: None,
+            endpoint: None,
+            timing: UpstreamTiming::default(),
+        }
+    }
+}
+
+/// Handles one request: the phases, then the exit.
+pub async fn handle(
+    shared: &Shared,
+    request: ActiveRequest,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ::filters::StreamReset> {
+    let runtime = shared.runtime.load_full();
+    let (mut head, body) = req.into_parts();
+    let mut ctx = RequestCtx::new(shared, &runtime, request.conn());
+    let outcome = phases(&mut ctx, &mut head, body).await;
+    let mut resp = finish::finish(ctx, &head, outcome)?;
+    // The connection counts the request as in flight until its response
+    // body is done.
+    resp.body_mut().hold(request);
+    Ok(resp)
+}
+
+/// The phases in their order; each line says why it stands where it does.
+async fn phases(
+    ctx: &mut RequestCtx<'_>,
+    head: &mut Parts,
+    body: Incoming,
+) -> ControlFlow<Stop, Response<ProxyBody>> {
+    // Who is asking, first: every later phase and every answer use it.
+    identity::identify(ctx, head);
+    // What the connection layer could not refuse, before any routing work.
+    let body = request_limits::check(ctx, head, body)?;
+    // The route decides the cluster, priority, filters and cache.
+    let route = route::select(ctx, head)?;
+    // Limits and priorities are per route; refused traffic costs no filter
+    // time and no upstream slot.
+    let body = admission::admit(ctx, route, head, body).await?;
+    // Filters may rewrite the head, answer locally, pause or reset.
+    let resp = match filters::on_request(ctx, route, head, body).await? {
+        filters::Next::Answered(resp) => resp,
+        // The cache, then the upstream: at most one fill per key.
+        filters::Next::Upstream(body) => cache::serve(ctx, route, head, body).await,
+    };
+    admission::learn(ctx, route, &resp);
+    // The response filters see every answer that passed the request filters.
+    filters::on_response(ctx, resp).await
+}
+
+/// The pipeline serves the edge's connections.
+impl App for Shared {
+    type Body = ProxyBody;
+
+    fn config(&self) -> Arc<Config> {
+        self.runtime.load().config.clone()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn handle(
+        &self,
+        request: ActiveRequest,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ::filters::StreamReset>> + Send {
+        handle(self, request, req)
+    }
+}
