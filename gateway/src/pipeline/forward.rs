@@ -234,7 +234,10 @@ pub async fn forward(
                             drop(in_flight);
                             continue;
                         }
-                        _ => ProxyError::UpstreamReset,
+                        _ => {
+                            tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream request failed");
+                            ProxyError::UpstreamReset
+                        }
                     },
                     Err(_elapsed) => ProxyError::Timeout,
                 }
@@ -244,7 +247,7 @@ pub async fn forward(
         // The client's body overran max_body or broke: its fault, not the
         // endpoint's, and nothing to retry.
         let err = verdict.map_or(err, |v| v.explain(err));
-        if matches!(err, ProxyError::BodyTooLarge | ProxyError::BadBody) {
+        if err.is_client() {
             return Err(err);
         }
         cluster.observe(i, true);
@@ -252,6 +255,9 @@ pub async fn forward(
         tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempt, "upstream attempt failed");
         let may_retry = err.is_retryable() && (err.nothing_sent() || replayable);
         if last || !may_retry {
+            // Once per failed request, like nginx's "while connecting to
+            // upstream" lines: an operator sees which cluster fails how.
+            tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, error = err.code(), attempts = attempt, "upstream failed; answering {}", err.status().as_u16());
             return Err(err);
         }
         cluster
