@@ -173,6 +173,15 @@ async fn a_looping_filter_fails_closed_or_open_as_configured() {
     let got = send(trap(&closed)).await;
     assert_eq!(got.status, 500);
     assert_eq!(up.hits(), 0);
+    // Refused on the filter's account: the gateway's own answer shape.
+    assert_eq!(got.header("x-flashgate-error"), Some("filter_failed"));
+    let body = got.json();
+    assert_eq!(body["error"], "filter_failed");
+    assert_eq!(
+        body["request_id"].as_str(),
+        got.header("x-request-id"),
+        "the body names the request"
+    );
 
     let open = gateway(&with_filter(
         up.addr,
@@ -276,6 +285,7 @@ async fn large_request_body_held_then_rewritten_and_bounded() {
     let hits = up.hits();
     let got = send(post(&gw, "body", vec![b'x'; 9 << 20])).await;
     assert_eq!(got.status, 413);
+    assert_eq!(got.header("x-flashgate-error"), Some("body_too_large"));
     assert_eq!(up.hits(), hits);
 }
 
@@ -349,6 +359,7 @@ async fn response_body_held_then_rewritten_and_bounded() {
     );
     let got = send(ask(3 << 20)).await;
     assert_eq!(got.status, 502);
+    assert_eq!(got.header("x-flashgate-error"), Some("response_too_large"));
 }
 
 /// A filter that does not hold the body lets it stream: the upstream sees

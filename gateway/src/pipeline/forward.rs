@@ -235,7 +235,7 @@ pub async fn forward(
                             continue;
                         }
                         _ => {
-                            tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream request failed");
+                            tracing::debug!(endpoint = %endpoint.addr, error = %e.error(), "upstream request failed");
                             ProxyError::UpstreamReset
                         }
                     },
