@@ -3,33 +3,31 @@
 //! fresh L1 hit is answered here without building an upstream request;
 //! misses, stale answers and bypasses go to [`crate::cache`], which decides
 //! whether and when this request goes upstream (at most once per key for
-//! the whole fleet). Upgrades are never cached.
+//! the whole fleet).
 
 use http::request::Parts;
 use http::Response;
 use hyper::body::Body;
 
-use super::forward::{self, forward, head_for_upstream, prefetch};
+use std::sync::Arc;
+
+use super::forward::{forward, head_for_upstream, prefetch};
 use super::runtime::Route;
-use super::{upgrade, RequestCtx};
+use super::RequestCtx;
 use crate::body::ProxyBody;
-use crate::cache::Lookup;
+use crate::cache::{Lookup, RouteCache};
 use crate::observe::access_log::UpstreamTiming;
 use crate::respond;
 use crate::upstream::UpstreamBody;
 
+/// Answers from the cache, or lets it decide when to go upstream.
 pub async fn serve(
     ctx: &mut RequestCtx<'_>,
+    rc: &Arc<RouteCache>,
     route: &Route,
     head: &mut Parts,
     mut body: UpstreamBody,
 ) -> Response<ProxyBody> {
-    if route.websocket && upgrade::is_upgrade(head) {
-        return forward::upgrade(ctx, route, head).await;
-    }
-    let Some(rc) = &route.cache else {
-        return forward::send(ctx, route, head, body).await;
-    };
     let pending = match ctx
         .runtime
         .cache
@@ -55,5 +53,8 @@ pub async fn serve(
             .await
             .map(|(r, _)| r)
     };
-    pending.resolve(&ctx.request_id, fetch).await
+    // Boxed: a miss waits for L2 or the origin anyway, and the fill's
+    // state machine is large; unboxed, every request of the route would
+    // carry (and copy) its size.
+    Box::pin(pending.resolve(&ctx.request_id, fetch)).await
 }

@@ -59,12 +59,16 @@ pub async fn on_request(
         end_of_stream: body.is_end_stream(),
     };
     let mut chain = route.filters.start();
-    let next = match chain.on_request(head, &info).await {
+    // The chain's futures are boxed here and below: only routes with
+    // filters wait on them, and unboxed their state would make every
+    // request's larger and its copy dearer (measured: a copy costs more
+    // than the allocation, also on routes with filters).
+    let next = match Box::pin(chain.on_request(head, &info)).await {
         Err(StreamReset) => Err(StreamReset),
         Ok(Some(local)) => Ok(Next::Answered(respond::local(local, &ctx.request_id))),
         Ok(None) => match body {
             Either::Left(incoming) if chain.wants_bodies() && !incoming.is_end_stream() => {
-                match filter_request_body(&mut chain, &info, head, incoming).await {
+                match Box::pin(filter_request_body(&mut chain, &info, head, incoming)).await {
                     Ok(filtered) => Ok(Next::Upstream(filtered)),
                     Err(stop) => stop
                         .into_response(true)
@@ -101,11 +105,11 @@ pub async fn on_response(
     }
     let (mut parts, mut body) = resp.into_parts();
     info.end_of_stream = body.is_end_stream();
-    match chain.on_response(&mut parts, &info).await {
+    match Box::pin(chain.on_response(&mut parts, &info)).await {
         Err(StreamReset) => return Break(Stop::Reset),
         Ok(Some(replaced)) => body = replace(&mut parts, replaced, &ctx.request_id),
         Ok(None) if chain.wants_bodies() && !body.is_end_stream() => {
-            body = match body.filter(&mut chain, &info).await {
+            body = match Box::pin(body.filter(&mut chain, &info)).await {
                 Ok((filtered, len)) => {
                     set_length(&mut parts.headers, len);
                     filtered

@@ -24,7 +24,7 @@ use crate::observe::access_log::UpstreamTiming;
 use crate::respond;
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 
-/// Sends the request to the route's cluster; an error becomes the
+/// Sends the request to the route's cluster; a failure becomes the
 /// gateway's answer.
 pub async fn send(
     ctx: &mut RequestCtx<'_>,
@@ -48,6 +48,16 @@ pub async fn send(
         &mut ctx.timing,
     )
     .await;
+    answered(ctx, sent)
+}
+
+/// What [`forward`] comes back with: the response and the endpoint that
+/// gave it, or why there is none.
+pub type Sent = Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError>;
+
+/// The response for a sent request; a failure becomes the gateway's
+/// answer.
+pub fn answered(ctx: &mut RequestCtx<'_>, sent: Sent) -> Response<ProxyBody> {
     match sent {
         Ok((resp, endpoint)) => {
             ctx.endpoint = Some(endpoint);
@@ -64,13 +74,10 @@ pub async fn upgrade(
     route: &Route,
     head: &mut Parts,
 ) -> Response<ProxyBody> {
-    match upgrade_request(ctx, &route.cluster, head).await {
-        Ok((resp, endpoint)) => {
-            ctx.endpoint = Some(endpoint);
-            resp
-        }
-        Err(e) => respond::error(e, &ctx.request_id),
-    }
+    // Boxed: upgrades are rare, and their state would otherwise be part
+    // of every request's.
+    let sent = Box::pin(upgrade_request(ctx, &route.cluster, head)).await;
+    answered(ctx, sent)
 }
 
 /// The request head as the upstream sees it.
@@ -165,7 +172,7 @@ pub async fn forward(
     replay: Option<Bytes>,
     verdict: Option<&BodyVerdict>,
     timing: &mut UpstreamTiming,
-) -> Result<(Response<ProxyBody>, Arc<Endpoint>), ProxyError> {
+) -> Sent {
     let permit = cluster.try_admit().ok_or(ProxyError::Overflow)?;
     let replayable = (head.method.is_idempotent() && body.is_end_stream()) || replay.is_some();
     let attempts = cluster.retries + 1;

@@ -9,7 +9,7 @@
 //! Each phase is a plain function in its own module. It takes the
 //! request's [`RequestCtx`] (what the request has accumulated so far) and
 //! returns [`ControlFlow`]: `Continue` with what the next phase needs, or
-//! `Break` with a [`Stop`], which ends the request early (`?` does that).
+//! `Break` with a [`Stop`], which ends the request early.
 //! Every way a request ends goes through one exit, [`finish`], and every
 //! answer the gateway makes itself through one builder, [`crate::respond`].
 //! [`handle`] is the whole order on one screen.
@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
@@ -130,7 +129,9 @@ impl<'a> RequestCtx<'a> {
     }
 }
 
-/// Handles one request: the phases, then the exit.
+/// Handles one request: the phases in their order, then the exit. Each
+/// line says why its phase stands where it does; `phase!` ends the request
+/// early (to the exit) when a phase stops it.
 pub async fn handle(
     shared: &Shared,
     request: ActiveRequest,
@@ -139,38 +140,52 @@ pub async fn handle(
     let runtime = shared.runtime.load_full();
     let (mut head, body) = req.into_parts();
     let mut ctx = RequestCtx::new(shared, &runtime, request.conn());
-    let outcome = phases(&mut ctx, &mut head, body).await;
+    let (ctx_, head_) = (&mut ctx, &mut head);
+    // One async fn for all phases, not one per phase list: each nested
+    // future costs a copy of its whole state when it is created.
+    let outcome = 'phases: {
+        macro_rules! phase {
+            ($e:expr) => {
+                match $e {
+                    ControlFlow::Continue(v) => v,
+                    ControlFlow::Break(stop) => break 'phases ControlFlow::Break(stop),
+                }
+            };
+        }
+        // Who is asking, first: every later phase and every answer use it.
+        identity::identify(ctx_, head_);
+        // What the connection layer could not refuse, before any routing.
+        let body = phase!(request_limits::check(ctx_, head_, body));
+        // The route decides the cluster, priority, filters and cache.
+        let route = phase!(route::select(ctx_, head_));
+        // Limits and priorities are per route; a refusal costs no filter
+        // time and no upstream slot.
+        let body = phase!(admission::admit(ctx_, route, head_, body).await);
+        // Filters may rewrite the head, answer locally, pause or reset.
+        let resp = match phase!(filters::on_request(ctx_, route, head_, body).await) {
+            filters::Next::Answered(resp) => resp,
+            // Upgrades get a connection of their own and are never cached.
+            filters::Next::Upstream(_) if route.websocket && upgrade::is_upgrade(head_) => {
+                forward::upgrade(ctx_, route, head_).await
+            }
+            // The cache answers or decides when to go upstream (one fill
+            // per key for the whole fleet).
+            filters::Next::Upstream(body) => match &route.cache {
+                Some(rc) => cache::serve(ctx_, rc, route, head_, body).await,
+                None => forward::send(ctx_, route, head_, body).await,
+            },
+        };
+        admission::learn(ctx_, route, &resp);
+        // The response filters see every answer that passed the request
+        // filters.
+        filters::on_response(ctx_, resp).await
+    };
+    // Metrics, access log and span, however the request ended.
     let mut resp = finish::finish(ctx, &head, outcome)?;
     // The connection counts the request as in flight until its response
     // body is done.
     resp.body_mut().hold(request);
     Ok(resp)
-}
-
-/// The phases in their order; each line says why it stands where it does.
-async fn phases(
-    ctx: &mut RequestCtx<'_>,
-    head: &mut Parts,
-    body: Incoming,
-) -> ControlFlow<Stop, Response<ProxyBody>> {
-    // Who is asking, first: every later phase and every answer use it.
-    identity::identify(ctx, head);
-    // What the connection layer could not refuse, before any routing work.
-    let body = request_limits::check(ctx, head, body)?;
-    // The route decides the cluster, priority, filters and cache.
-    let route = route::select(ctx, head)?;
-    // Limits and priorities are per route; refused traffic costs no filter
-    // time and no upstream slot.
-    let body = admission::admit(ctx, route, head, body).await?;
-    // Filters may rewrite the head, answer locally, pause or reset.
-    let resp = match filters::on_request(ctx, route, head, body).await? {
-        filters::Next::Answered(resp) => resp,
-        // The cache, then the upstream: at most one fill per key.
-        filters::Next::Upstream(body) => cache::serve(ctx, route, head, body).await,
-    };
-    admission::learn(ctx, route, &resp);
-    // The response filters see every answer that passed the request filters.
-    filters::on_response(ctx, resp).await
 }
 
 /// The pipeline serves the edge's connections.

@@ -34,7 +34,10 @@ pub async fn admit(
     let Some(checkout) = &route.checkout else {
         return Continue(Either::Left(body));
     };
-    match checkout.prepare(head, body, ctx.identified).await {
+    // Boxed: only checkout routes wait here, and the read of the body
+    // would otherwise make every request's state larger (and its copy
+    // dearer).
+    match Box::pin(checkout.prepare(head, body, ctx.identified)).await {
         Ok(p) => {
             ctx.sku = p.sku;
             ctx.replay = p.replay;
