@@ -47,20 +47,20 @@ fn check_prints_the_key_path_of_the_first_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         (
-            config(
-                &["127.0.0.1:1".parse().unwrap()],
-                "connect_timeout = \"soon\"",
-                "",
-            ),
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .upstream("connect_timeout = \"soon\"")
+                .build(),
             "upstreams[0].connect_timeout: invalid duration",
         ),
         (
-            config(&["127.0.0.1:1".parse().unwrap()], "", "")
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .build()
                 .replace("upstream = \"origin\"", "upstream = \"catalgo\""),
             "routes[0].upstream: unknown upstream \"catalgo\"",
         ),
         (
-            config(&["127.0.0.1:1".parse().unwrap()], "", "")
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .build()
                 .replace("[log]", "[log]\ncolour = true"),
             "log.colour: unknown field",
         ),
@@ -197,7 +197,7 @@ fn binary_config(
     upstream: std::net::SocketAddr,
     upstream_extra: &str,
 ) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
-    with_fixed_ports(&config(&[upstream], upstream_extra, ""))
+    with_fixed_ports(&Cfg::new(&[upstream]).upstream(upstream_extra).build())
 }
 
 /// SIGTERM: readiness fails at once, the in-flight request completes, the

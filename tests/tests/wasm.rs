@@ -30,14 +30,14 @@ fn with_filter(
     } else {
         "timeout = \"2s\"\n"
     };
-    config(
-        &[upstream],
-        "",
-        &format!(
-            "filters = [\"f\"]\n[[filters]]\nname = \"f\"\nwasm = \"{}\"\nconfig = '{plugin_config}'\n{deadline}{extra}\n",
+    Cfg::new(&[upstream])
+        .route("filters = [\"f\"]")
+        .section(format!(
+            "[[filters]]\nname = \"f\"\nwasm = \"{}\"\n\
+             config = '{plugin_config}'\n{deadline}{extra}\n",
             wasm_plugin(plugin).display()
-        ),
-    )
+        ))
+        .build()
 }
 
 #[tokio::test]
@@ -208,11 +208,9 @@ fn bad_modules_are_config_errors_with_key_paths() {
     let cfg = with_filter(up, "add_headers", "{not json", "");
     let e = Config::parse(&cfg).unwrap_err();
     assert_eq!(e.path, "filters[0].config", "{e}");
-    let cfg = config(
-        &[up],
-        "",
-        "[[filters]]\nname = \"f\"\nwasm = \"/nonexistent.wasm\"\n",
-    );
+    let cfg = Cfg::new(&[up])
+        .section("[[filters]]\nname = \"f\"\nwasm = \"/nonexistent.wasm\"\n")
+        .build();
     assert_eq!(Config::parse(&cfg).unwrap_err().path, "filters[0].wasm");
 }
 
@@ -520,16 +518,15 @@ async fn hot_reload_under_load_with_no_failed_request() {
     let module = dir.0.join("filter.wasm");
     std::fs::copy(wasm_plugin("test_host"), &module).unwrap();
     let up = Upstream::fixed("origin").await;
-    let cfg = config(
-        &[up.addr],
-        "",
-        &format!(
-            "filters = [\"f\"]\n[[filters]]\nname = \"f\"\nwasm = \"{}\"\n\
+    let cfg = Cfg::new(&[up.addr])
+        .route("filters = [\"f\"]")
+        .section(format!(
+            "[[filters]]\nname = \"f\"\nwasm = \"{}\"\n\
              config = '{{\"response_set\": [[\"x-version\", \"2\"]]}}'\nwatch = \"50ms\"\n\
              timeout = \"250ms\"\n",
             module.display()
-        ),
-    );
+        ))
+        .build();
     let cfg_path = dir.0.join("flashgate.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
     let gw = gateway::Gateway::start(
