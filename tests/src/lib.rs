@@ -315,7 +315,13 @@ pub async fn get(url: &str) -> Got {
     send(Request::get(url).body(empty()).unwrap()).await
 }
 
-/// Polls `check` every 20 ms until it holds or `within` passes.
+/// Polls `check` every 20 ms until it holds or `within` passes, and says
+/// whether it held. A wait whose answer is dropped checks nothing, hence
+/// `#[must_use]`: assert the answer (when the failure message needs state
+/// read at that moment, such as a process log), or call [`wait_until`],
+/// which asserts by itself. A caller that may tolerate the timeout writes
+/// `let _ = eventually(..)` and says why.
+#[must_use = "assert the outcome, or call wait_until"]
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -331,6 +337,19 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits like [`eventually`] and panics unless `check` held within
+/// `within`; `what` says what was expected, for the failure message.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(
+        eventually(within, check).await,
+        "not within {within:?}: {what}"
+    );
 }
 
 /// Reads one sample from the gateway's /metrics: the value of the line
@@ -439,7 +458,9 @@ impl Drop for Proc {
     }
 }
 
-/// Waits until something accepts TCP connections on `addr`.
+/// Waits until something accepts TCP connections on `addr`; `false` if
+/// nothing did within `within` (callers assert it, with their own logs).
+#[must_use = "assert that it listens"]
 pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
     eventually(within, || async move {
         tokio::net::TcpStream::connect(addr).await.is_ok()

@@ -313,18 +313,15 @@ async fn jitter_spreads_expiry_over_the_window() {
     for i in 0..60 {
         let key = format!("flashgate:cache:{{{HOST}/j/{i}}}:e");
         let mut pttl = -2;
-        assert!(
-            eventually(Duration::from_secs(5), || {
-                pttl = redis
-                    .cmd(&["PTTL", &key])
-                    .trim_start_matches(':')
-                    .parse()
-                    .unwrap_or(-2);
-                async move { pttl > 0 }
-            })
-            .await,
-            "{key} stored"
-        );
+        wait_until(Duration::from_secs(5), &format!("{key} stored"), || {
+            pttl = redis
+                .cmd(&["PTTL", &key])
+                .trim_start_matches(':')
+                .parse()
+                .unwrap_or(-2);
+            async move { pttl > 0 }
+        })
+        .await;
         ttls.push(pttl as f64 / 1000.0);
     }
     let min = ttls.iter().cloned().fold(f64::MAX, f64::min);
@@ -371,16 +368,22 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
         assert_eq!(a.header("x-cache"), Some("STALE"));
     }
     // Exactly one refresh went out, and it is still held.
-    assert!(eventually(Duration::from_secs(5), || async { counts.get("/swr") == 2 }).await);
+    wait_until(
+        Duration::from_secs(5),
+        "one refresh reached the origin",
+        || async { counts.get("/swr") == 2 },
+    )
+    .await;
     gate.notify_waiters();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the refreshed copy replaces the stale one",
+        || async {
             let g = fetch(&url(&gw, "/swr"), &[]).await;
             g.text() == "v2" && g.header("x-cache") == Some("HIT")
-        })
-        .await,
-        "the refreshed copy replaces the stale one"
-    );
+        },
+    )
+    .await;
     assert_eq!(
         counts.get("/swr"),
         2,
@@ -432,20 +435,26 @@ async fn stale_while_revalidate_refreshes_once_for_the_fleet() {
             ("v1", Some("STALE"))
         );
     }
-    assert!(eventually(Duration::from_secs(5), || async { counts.get("/swr") == 2 }).await);
+    wait_until(
+        Duration::from_secs(5),
+        "one refresh reached the origin",
+        || async { counts.get("/swr") == 2 },
+    )
+    .await;
     // B's refresh waits on A's lock instead of asking the origin too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(counts.get("/swr"), 2);
     gate.notify_waiters();
     for gw in [&a, &b] {
-        assert!(
-            eventually(Duration::from_secs(10), || async {
+        wait_until(
+            Duration::from_secs(10),
+            "both gateways serve the refreshed copy",
+            || async {
                 let g = fetch(&url(gw, "/swr"), &[]).await;
                 g.text() == "v2" && g.header("x-cache") == Some("HIT")
-            })
-            .await,
-            "both gateways serve the refreshed copy"
-        );
+            },
+        )
+        .await;
     }
     assert_eq!(counts.get("/swr"), 2, "one refresh for the whole fleet");
 }
@@ -466,7 +475,7 @@ async fn early_refresh_renews_a_hot_key_before_it_expires() {
         Some("MISS")
     );
     let answers = Arc::new(Mutex::new(Vec::new()));
-    let renewed = eventually(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(10), "a background refresh ran", || {
         let u = url(&gw, "/hot");
         let (counts, answers) = (counts.clone(), answers.clone());
         async move {
@@ -480,7 +489,6 @@ async fn early_refresh_renews_a_hot_key_before_it_expires() {
     })
     .await;
     let answers = answers.lock().unwrap().clone();
-    assert!(renewed, "a background refresh ran");
     assert!(
         answers.iter().all(|x| x == "HIT"),
         "every reader was served from the cache: {answers:?}"
@@ -728,12 +736,12 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
     assert_eq!(purged.status, 200, "{}", purged.text());
     assert_eq!(purged.json()["purged"]["l2"], 1);
     // B dropped its L1 copy on the pub/sub message: its next request refills.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fetch(&url(&b, "/p/1"), &[]).await.header("x-cache") == Some("MISS")
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "B dropped its L1 copy on the purge message",
+        || async { fetch(&url(&b, "/p/1"), &[]).await.header("x-cache") == Some("MISS") },
+    )
+    .await;
     assert_eq!(counts.get("/p/1"), 2);
     assert_eq!(
         fetch(&url(&b, "/p/2"), &[]).await.header("x-cache"),
@@ -742,12 +750,12 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
 
     let purged = purge(b.admin_addr(), "{\"prefix\": \"shop.test/p/\"}").await;
     assert_eq!(purged.status, 200);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fetch(&url(&a, "/p/2"), &[]).await.header("x-cache") == Some("MISS")
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "A dropped its L1 copy on the prefix purge message",
+        || async { fetch(&url(&a, "/p/2"), &[]).await.header("x-cache") == Some("MISS") },
+    )
+    .await;
     assert_eq!(counts.get("/p/2"), 2);
     assert_eq!(
         fetch(&url(&a, "/q/1"), &[]).await.header("x-cache"),
@@ -795,13 +803,12 @@ async fn redis_killed_and_restarted_costs_no_request_and_l2_comes_back() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart();
     // L2 comes back: new fills land in Redis again.
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            redis.cmd(&["EXISTS", &format!("flashgate:cache:{{{HOST}/k/3}}:e")]) == ":1"
-        })
-        .await,
-        "fills reach Redis after its restart"
-    );
+    wait_until(
+        Duration::from_secs(20),
+        "fills reach Redis after its restart",
+        || async { redis.cmd(&["EXISTS", &format!("flashgate:cache:{{{HOST}/k/3}}:e")]) == ":1" },
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     for w in workers {
         w.await.unwrap();
@@ -913,12 +920,12 @@ async fn redis_cluster_l2_is_shared_locked_and_purged() {
     let purged = purge(a.admin_addr(), "{\"prefix\": \"shop.test/c/\"}").await;
     assert_eq!(purged.status, 200);
     assert_eq!(purged.json()["purged"]["l2"], 6, "{}", purged.text());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fetch(&url(&b, "/c/5"), &[]).await.header("x-cache") == Some("MISS")
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "B dropped its L1 copies on the prefix purge message",
+        || async { fetch(&url(&b, "/c/5"), &[]).await.header("x-cache") == Some("MISS") },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -230,24 +230,28 @@ async fn sigterm_drains_and_sighup_reloads() {
     )
     .unwrap();
     gw.signal("HUP");
-    let reloaded = eventually(Duration::from_secs(5), || async {
-        get(&format!("http://{admin}/admin/status")).await.json()["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["name"] == "new")
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "SIGHUP reloaded the config",
+        || async {
+            get(&format!("http://{admin}/admin/status")).await.json()["routes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "new")
+        },
+    )
     .await;
-    assert!(reloaded, "SIGHUP reloaded the config");
 
     let in_flight = tokio::spawn(async move { get(&format!("http://{public}/slow")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     gw.signal("TERM");
-    let ready = eventually(Duration::from_secs(1), || async {
-        get(&format!("http://{admin}/readyz")).await.status == 503
-    })
+    wait_until(
+        Duration::from_secs(1),
+        "readiness fails during the drain",
+        || async { get(&format!("http://{admin}/readyz")).await.status == 503 },
+    )
     .await;
-    assert!(ready, "readiness fails during the drain");
     let got = in_flight.await.unwrap();
     assert_eq!(
         (got.status, got.text().as_str()),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flashgate_tests::{
-    closed_port, empty, eventually, gateway, metric, reply, send, Cfg, Upstream,
+    closed_port, empty, eventually, gateway, metric, reply, send, wait_until, Cfg, Upstream,
 };
 use http::Request;
 use http_body_util::BodyExt;
@@ -325,12 +325,12 @@ async fn request_span_continues_the_clients_trace_and_is_the_upstreams_parent() 
         by_trace(&unhex(unsampled_trace)).is_none(),
         "the client's not-sampled decision is honoured"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            metric(admin, "flashgate_otlp_spans_total{result=\"exported\"}").await >= 3.0
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "three exported spans counted",
+        || async { metric(admin, "flashgate_otlp_spans_total{result=\"exported\"}").await >= 3.0 },
+    )
+    .await;
     assert_eq!(
         metric(admin, "flashgate_otlp_spans_dropped_total").await,
         0.0
@@ -361,18 +361,19 @@ async fn collector_down_never_fails_or_slows_requests() {
         started.elapsed()
     );
     let admin = gw.admin_addr();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "failed exports are counted",
+        || async {
             metric(
                 admin,
                 "flashgate_otlp_spans_total{result=\"export_failed\"}",
             )
             .await
                 >= 1.0
-        })
-        .await,
-        "failed exports are counted"
-    );
+        },
+    )
+    .await;
     // Shutdown gives up on the dead collector within the export timeout.
     let t = Instant::now();
     gw.shutdown().await;

@@ -115,10 +115,10 @@ async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
     };
 
     a.sick.store(true, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(5), || async { !healthy(0).await }).await,
-        "a marked unhealthy"
-    );
+    wait_until(Duration::from_secs(5), "a marked unhealthy", || async {
+        !healthy(0).await
+    })
+    .await;
     assert_eq!(
         metric(
             admin,
@@ -137,10 +137,10 @@ async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
     assert_eq!(a.traffic(), before, "no traffic to an unhealthy endpoint");
 
     a.sick.store(false, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(5), || async { healthy(0).await }).await,
-        "a back"
-    );
+    wait_until(Duration::from_secs(5), "a back", || async {
+        healthy(0).await
+    })
+    .await;
     for _ in 0..20 {
         assert_eq!(get(&url(&gw, "/")).await.status, 200);
     }

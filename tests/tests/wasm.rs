@@ -480,13 +480,12 @@ async fn client_abort_while_paused_still_ends_the_context() {
         waited.map(|r| r.map(|r| r.status()))
     );
     drop(c); // the client goes away
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            metric(admin, on_log).await >= 1.0
-        })
-        .await,
-        "on_log ran for the aborted stream"
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "on_log ran for the aborted stream",
+        || async { metric(admin, on_log).await >= 1.0 },
+    )
+    .await;
     assert_eq!(echo.hits(), 0);
 }
 
@@ -579,24 +578,21 @@ async fn hot_reload_under_load_with_no_failed_request() {
             }
         }));
     }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            sent.load(Ordering::Relaxed) > 50
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "load running: 50 requests sent",
+        || async { sent.load(Ordering::Relaxed) > 50 },
+    )
+    .await;
     assert_eq!(v2.load(Ordering::Relaxed), 0, "test-host sets no x-version");
 
     // 1. The file changes: the watcher swaps the module in.
     std::fs::copy(wasm_plugin("add_headers"), &module).unwrap();
     let before = v2.load(Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            v2.load(Ordering::Relaxed) > before + 50
-        })
-        .await,
-        "the new module serves"
-    );
+    wait_until(Duration::from_secs(15), "the new module serves", || async {
+        v2.load(Ordering::Relaxed) > before + 50
+    })
+    .await;
     assert!(metric(admin, "flashgate_wasm_reloads_total{filter=\"f\"}").await >= 1.0);
 
     // 2. A config reload under load.
@@ -612,25 +608,26 @@ async fn hot_reload_under_load_with_no_failed_request() {
     // 3. A broken module is refused by the watcher; the old one serves.
     std::fs::write(&module, b"\0asm not really").unwrap();
     let metrics_admin = admin;
-    assert!(
-        eventually(Duration::from_secs(15), || async move {
+    wait_until(
+        Duration::from_secs(15),
+        "the broken module is refused",
+        || async move {
             metric(
                 metrics_admin,
                 "flashgate_wasm_reload_failures_total{filter=\"f\"}",
             )
             .await
                 >= 1.0
-        })
-        .await,
-        "the broken module is refused"
-    );
+        },
+    )
+    .await;
     let n = sent.load(Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            sent.load(Ordering::Relaxed) > n + 50
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the old module keeps serving: 50 more requests sent",
+        || async { sent.load(Ordering::Relaxed) > n + 50 },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
