@@ -10,15 +10,25 @@
 //!   sink line is on disk, before acknowledging the message.
 //! - `ORDER_CORE_TEST_FAIL_SKU=<sku>`: the consumer fails to process orders
 //!   of that SKU (a poison message), until restarted without it.
+//!
+//! Compiled in only with the `test-hooks` feature (off by default; the
+//! end-to-end tests turn it on). Without it every hook is an inline no-op:
+//! a release binary reads none of these variables, so an environment
+//! cannot make production pause, crash or fail orders.
 
+#[cfg(feature = "test-hooks")]
 use std::path::Path;
+#[cfg(feature = "test-hooks")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "test-hooks")]
 use std::time::Duration;
 
+#[cfg(feature = "test-hooks")]
 static PAUSED: AtomicBool = AtomicBool::new(false);
 
 /// Pauses at `point` if `ORDER_CORE_TEST_PAUSE` names it (blocking: only
 /// call from a thread that may block, such as the client's blocking lane).
+#[cfg(feature = "test-hooks")]
 pub fn pause_at(point: &str) {
     let Ok(spec) = std::env::var("ORDER_CORE_TEST_PAUSE") else {
         return;
@@ -39,12 +49,30 @@ pub fn pause_at(point: &str) {
     tracing::warn!(point, "test hook: resumed");
 }
 
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn pause_at(_point: &str) {}
+
 /// Whether the consumer should abort after writing its sink line.
+#[cfg(feature = "test-hooks")]
 pub fn crash_after_sink() -> bool {
     std::env::var("ORDER_CORE_TEST_CRASH_AFTER_SINK").is_ok_and(|v| v == "1")
 }
 
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn crash_after_sink() -> bool {
+    false
+}
+
 /// Whether processing an order of `sku` must fail (poison simulation).
+#[cfg(feature = "test-hooks")]
 pub fn fail_sku(sku: &str) -> bool {
     std::env::var("ORDER_CORE_TEST_FAIL_SKU").is_ok_and(|v| !v.is_empty() && v == sku)
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn fail_sku(_sku: &str) -> bool {
+    false
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-/// Like [`crate::config`], with `listener_extra` inside the `[[listeners]]`
+/// Like [`crate::Cfg`], with `listener_extra` inside the `[[listeners]]`
 /// table and `route_extra` inside the catch-all `[[routes]]` table.
 pub fn config(upstream: SocketAddr, listener_extra: &str, route_extra: &str) -> String {
     format!(

@@ -171,20 +171,85 @@ pub async fn gateway(toml: &str) -> Gateway {
     Gateway::start(config, None).await.expect("gateway starts")
 }
 
-/// A minimal config: one listener and admin on port 0, one upstream
-/// `origin` with `endpoints`, a catch-all route to it, plus `extra` TOML
-/// appended (more routes, sections, ...). `upstream_extra` goes inside the
-/// `[[upstreams]]` table.
-pub fn config(endpoints: &[SocketAddr], upstream_extra: &str, extra: &str) -> String {
-    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n\
-         [log]\naccess_log = false\n\
-         [[listeners]]\nname = \"public\"\nlisten = \"127.0.0.1:0\"\n\
-         [[upstreams]]\nname = \"origin\"\nendpoints = [{}]\n{upstream_extra}\n\
-         [[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstream = \"origin\"\n{extra}\n",
-        eps.join(", ")
-    )
+/// The config most tests start from: admin and one listener on port 0, an
+/// upstream `origin` with the given endpoints and a catch-all route
+/// `default` to it. A test adds only the TOML its case is about, named by
+/// where it goes rather than by argument position:
+///
+/// ```ignore
+/// let text = Cfg::new(&[up.addr])
+///     .upstream("retries = 0")
+///     .route("cache = { ttl = \"60s\" }")
+///     .section("[redis]\nurl = \"redis://127.0.0.1:6379/\"")
+///     .build();
+/// ```
+///
+/// Pieces are pasted in as written (joined by newlines), not parsed. The
+/// layout of the text is relied on: tests `.replace()` lines of it (the
+/// admin token, the route's `upstream = "origin"`, `name = "public"`) and
+/// [`with_fixed_ports`] takes the first `listen` for admin and the second
+/// for the listener.
+#[derive(Clone, Debug)]
+#[must_use = "call .build() for the config text"]
+pub struct Cfg {
+    endpoints: Vec<SocketAddr>,
+    upstream: Vec<String>,
+    route: Vec<String>,
+    sections: Vec<String>,
+}
+
+impl Cfg {
+    pub fn new(endpoints: &[SocketAddr]) -> Cfg {
+        Cfg {
+            endpoints: endpoints.to_vec(),
+            upstream: Vec::new(),
+            route: Vec::new(),
+            sections: Vec::new(),
+        }
+    }
+
+    /// Keys of the `origin` upstream. May end with its sub-tables
+    /// (`[upstreams.health]`, `[upstreams.outlier]`), after which further
+    /// keys would land in the sub-table.
+    pub fn upstream(mut self, toml: impl Into<String>) -> Cfg {
+        self.upstream.push(toml.into());
+        self
+    }
+
+    /// Keys of the catch-all route (`cache = { .. }`, `filters = [..]`).
+    /// Always written before any [`Cfg::section`], so they stay in the
+    /// route's table whatever order the calls come in.
+    pub fn route(mut self, toml: impl Into<String>) -> Cfg {
+        self.route.push(toml.into());
+        self
+    }
+
+    /// Tables after the route: more `[[upstreams]]` and `[[routes]]`,
+    /// `[[filters]]`, `[cache]`, `[redis]`, `[tracing]`...
+    pub fn section(mut self, toml: impl Into<String>) -> Cfg {
+        self.sections.push(toml.into());
+        self
+    }
+
+    pub fn build(&self) -> String {
+        let endpoints: Vec<String> = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let endpoints = endpoints.join(", ");
+        let upstream = self.upstream.join("\n");
+        let rest: Vec<&str> = self
+            .route
+            .iter()
+            .chain(&self.sections)
+            .map(String::as_str)
+            .collect();
+        let rest = rest.join("\n");
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n\
+             [log]\naccess_log = false\n\
+             [[listeners]]\nname = \"public\"\nlisten = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"origin\"\nendpoints = [{endpoints}]\n{upstream}\n\
+             [[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstream = \"origin\"\n{rest}\n"
+        )
+    }
 }
 
 /// The client type the helpers take.
@@ -250,7 +315,13 @@ pub async fn get(url: &str) -> Got {
     send(Request::get(url).body(empty()).unwrap()).await
 }
 
-/// Polls `check` every 20 ms until it holds or `within` passes.
+/// Polls `check` every 20 ms until it holds or `within` passes, and says
+/// whether it held. A wait whose answer is dropped checks nothing, hence
+/// `#[must_use]`: assert the answer (when the failure message needs state
+/// read at that moment, such as a process log), or call [`wait_until`],
+/// which asserts by itself. A caller that may tolerate the timeout writes
+/// `let _ = eventually(..)` and says why.
+#[must_use = "assert the outcome, or call wait_until"]
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -266,6 +337,19 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits like [`eventually`] and panics unless `check` held within
+/// `within`; `what` says what was expected, for the failure message.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(
+        eventually(within, check).await,
+        "not within {within:?}: {what}"
+    );
 }
 
 /// Reads one sample from the gateway's /metrics: the value of the line
@@ -374,7 +458,9 @@ impl Drop for Proc {
     }
 }
 
-/// Waits until something accepts TCP connections on `addr`.
+/// Waits until something accepts TCP connections on `addr`; `false` if
+/// nothing did within `within` (callers assert it, with their own logs).
+#[must_use = "assert that it listens"]
 pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
     eventually(within, || async move {
         tokio::net::TcpStream::connect(addr).await.is_ok()
@@ -383,7 +469,7 @@ pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
 }
 
 /// Gives a test config's admin and public listeners (the first and second
-/// `listen = "127.0.0.1:0"`, as [`config`] writes them) fixed free ports,
+/// `listen = "127.0.0.1:0"`, as [`Cfg`] writes them) fixed free ports,
 /// for tests that run the `flashgate` binary and must know where it
 /// listens. Returns the config, the public address and the admin address.
 pub fn with_fixed_ports(text: &str) -> (String, SocketAddr, SocketAddr) {

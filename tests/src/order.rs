@@ -2,9 +2,11 @@
 //! processes on loopback against real Redis and a real RocketMQ broker,
 //! plus small HTTP helpers for checkout and admin calls.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::Request;
@@ -24,7 +26,7 @@ pub fn order_core_bin() -> PathBuf {
         .join("order-core");
     assert!(
         bin.exists(),
-        "{} not found: build it first (`cargo build -p order-core`, as tests/run.sh does)",
+        "{} not found: build it first (`cargo build --workspace --bins`, as tests/run.sh does)",
         bin.display()
     );
     bin
@@ -146,14 +148,60 @@ pub struct CoreProc {
     pub proc: Proc,
 }
 
-/// Starts `order-core run --config` with extra environment (test hooks)
-/// and waits until it listens. stderr goes to `log`.
-pub async fn start_core(files: &CoreFiles, port: u16, env: &[(&str, &str)], log: &str) -> CoreProc {
-    let mut cmd = Command::new(order_core_bin());
-    cmd.arg("run").arg("--config").arg(&files.config);
+/// `order-core` with extra environment. A binary built without the
+/// `test-hooks` feature ignores the hooks' variables, and the test would
+/// only time out waiting for a pause or a crash, so a hook in `env` checks
+/// first that the binary has them.
+fn order_core_with(env: &[(&str, &str)]) -> Command {
+    let bin = order_core_bin();
+    if env.iter().any(|(k, _)| k.starts_with("ORDER_CORE_TEST_")) {
+        assert!(
+            has_test_hooks(&bin),
+            "{} has no test hooks: build it with order-core's `test-hooks` feature, \
+             as `cargo build --workspace --bins` (tests/run.sh) does",
+            bin.display()
+        );
+    }
+    let mut cmd = Command::new(bin);
     for (k, v) in env {
         cmd.env(k, v);
     }
+    cmd
+}
+
+/// Whether `bin` holds the hooks' variable names: without the feature they
+/// are compiled out. Read in chunks: a debug binary is hundreds of MB.
+fn has_test_hooks(bin: &Path) -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        let needle = b"ORDER_CORE_TEST_PAUSE";
+        let mut file = std::fs::File::open(bin).expect("open the order-core binary");
+        let mut buf = vec![0u8; 1 << 20];
+        // The window keeps the last needle.len() - 1 bytes of the previous
+        // chunk in front, so a name split across two reads is still found.
+        let mut kept = 0;
+        loop {
+            let n = file
+                .read(&mut buf[kept..])
+                .expect("read the order-core binary");
+            if n == 0 {
+                return false;
+            }
+            let end = kept + n;
+            if memchr::memmem::find(&buf[..end], needle).is_some() {
+                return true;
+            }
+            kept = end.min(needle.len() - 1);
+            buf.copy_within(end - kept..end, 0);
+        }
+    })
+}
+
+/// Starts `order-core run --config` with extra environment (test hooks)
+/// and waits until it listens. stderr goes to `log`.
+pub async fn start_core(files: &CoreFiles, port: u16, env: &[(&str, &str)], log: &str) -> CoreProc {
+    let mut cmd = order_core_with(env);
+    cmd.arg("run").arg("--config").arg(&files.config);
     let err = std::fs::File::create(files.dir.0.join(log)).expect("core log");
     cmd.stdout(Stdio::null()).stderr(Stdio::from(err));
     let proc = Proc::spawn(&mut cmd);
@@ -168,11 +216,8 @@ pub async fn start_core(files: &CoreFiles, port: u16, env: &[(&str, &str)], log:
 
 /// Starts `order-core consume --config` with extra environment.
 pub fn start_consumer(files: &CoreFiles, env: &[(&str, &str)], log: &str) -> Proc {
-    let mut cmd = Command::new(order_core_bin());
+    let mut cmd = order_core_with(env);
     cmd.arg("consume").arg("--config").arg(&files.config);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
     let err = std::fs::File::create(files.dir.0.join(log)).expect("consumer log");
     cmd.stdout(Stdio::null()).stderr(Stdio::from(err));
     Proc::spawn(&mut cmd)

@@ -14,7 +14,7 @@ fn admin_url(gw: &Gateway, path: &str) -> String {
 #[tokio::test]
 async fn probes_status_and_metrics() {
     let up = Upstream::fixed("ok").await;
-    let gw = gateway(&config(&[up.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[up.addr]).build()).await;
     assert_eq!(get(&admin_url(&gw, "/healthz")).await.status, 200);
     assert_eq!(get(&admin_url(&gw, "/readyz")).await.status, 200);
     let status = get(&admin_url(&gw, "/admin/status")).await.json();
@@ -47,7 +47,7 @@ async fn probes_status_and_metrics() {
 #[tokio::test]
 async fn mutating_calls_need_the_token() {
     let up = Upstream::fixed("ok").await;
-    let gw = gateway(&config(&[up.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[up.addr]).build()).await;
     let reload = |auth: Option<&str>| {
         let mut b = Request::post(admin_url(&gw, "/admin/reload"));
         if let Some(a) = auth {
@@ -74,7 +74,12 @@ async fn mutating_calls_need_the_token() {
         .contains("without a config file"));
 
     // Without a configured token, mutating calls are off altogether.
-    let open = gateway(&config(&[up.addr], "", "").replace("token = \"test-token\"\n", "")).await;
+    let open = gateway(
+        &Cfg::new(&[up.addr])
+            .build()
+            .replace("token = \"test-token\"\n", ""),
+    )
+    .await;
     let got = send(
         Request::post(format!("http://{}/admin/reload", open.admin_addr()))
             .body(empty())
@@ -93,7 +98,7 @@ async fn reload_under_load_without_failures() {
     let dir = std::env::temp_dir().join(format!("flashgate-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("gw.toml");
-    std::fs::write(&path, config(&[blue.addr], "", "")).unwrap();
+    std::fs::write(&path, Cfg::new(&[blue.addr]).build()).unwrap();
     let gw = Gateway::start(Config::load(&path).unwrap(), Some(path.clone()))
         .await
         .unwrap();
@@ -131,7 +136,7 @@ async fn reload_under_load_without_failures() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..10 {
         let to = if i % 2 == 0 { green.addr } else { blue.addr };
-        std::fs::write(&path, config(&[to], "", "")).unwrap();
+        std::fs::write(&path, Cfg::new(&[to]).build()).unwrap();
         let got = do_reload().await;
         assert_eq!(got.status, 200, "{}", got.text());
         assert_eq!(got.json()["restart_required"], serde_json::json!([]));
@@ -140,7 +145,9 @@ async fn reload_under_load_without_failures() {
     // Last write pointed at blue; now break the file.
     std::fs::write(
         &path,
-        config(&[green.addr], "", "").replace("upstream = \"origin\"", "upstream = \"nowhere\""),
+        Cfg::new(&[green.addr])
+            .build()
+            .replace("upstream = \"origin\"", "upstream = \"nowhere\""),
     )
     .unwrap();
     let got = do_reload().await;
@@ -181,7 +188,9 @@ async fn reload_under_load_without_failures() {
     // A listener change is accepted for the rest and reported.
     std::fs::write(
         &path,
-        config(&[blue.addr], "", "").replace("name = \"public\"", "name = \"renamed\""),
+        Cfg::new(&[blue.addr])
+            .build()
+            .replace("name = \"public\"", "name = \"renamed\""),
     )
     .unwrap();
     let got = do_reload().await;
@@ -200,7 +209,7 @@ async fn reload_keeps_unchanged_clusters() {
     let dir = std::env::temp_dir().join(format!("flashgate-keep-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("gw.toml");
-    std::fs::write(&path, config(&[up.addr], "", "")).unwrap();
+    std::fs::write(&path, Cfg::new(&[up.addr]).build()).unwrap();
     let gw = Gateway::start(Config::load(&path).unwrap(), Some(path.clone()))
         .await
         .unwrap();
@@ -210,11 +219,11 @@ async fn reload_keeps_unchanged_clusters() {
     // Same upstream, one more route: the cluster is kept.
     std::fs::write(
         &path,
-        config(
-            &[up.addr],
-            "",
-            "[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nupstream = \"origin\"\n",
-        ),
+        Cfg::new(&[up.addr])
+            .section(
+                "[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nupstream = \"origin\"\n",
+            )
+            .build(),
     )
     .unwrap();
     gw.shared.reload().await.unwrap();

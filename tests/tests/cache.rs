@@ -116,7 +116,12 @@ fn cache_route(settings: &str) -> String {
 #[tokio::test]
 async fn miss_then_hit_with_age_and_x_cache() {
     let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
-    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .build(),
+    )
+    .await;
     let first = fetch(&url(&gw, "/p/1"), &[]).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), Some("MISS"));
@@ -164,11 +169,12 @@ async fn stampede_in_one_gateway_without_redis_is_one_origin_request() {
     // honoured), so the whole burst falls on one expiry.
     let (up, counts) =
         counting_origin(Duration::from_millis(200), |n| if n == 1 { 1 } else { 60 }).await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "max_concurrent_requests = 4096",
-        &cache_route("ttl = \"60s\", honour_origin = true"),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .upstream("max_concurrent_requests = 4096")
+            .route(cache_route("ttl = \"60s\", honour_origin = true"))
+            .build(),
+    )
     .await;
     assert_eq!(fetch(&url(&gw, "/hot"), &[]).await.text(), "/hot #1");
     tokio::time::sleep(Duration::from_millis(1050)).await;
@@ -279,15 +285,12 @@ async fn stampede_across_three_gateway_processes_is_one_origin_request() {
 async fn jitter_spreads_expiry_over_the_window() {
     let redis = RedisServer::start();
     let (up, _) = counting_origin(Duration::ZERO, |_| 60).await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[redis]\nurl = \"{}\"\n",
-            cache_route("ttl = \"100s\", jitter = 0.2"),
-            redis.url()
-        ),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"100s\", jitter = 0.2"))
+            .section(format!("[redis]\nurl = \"{}\"\n", redis.url()))
+            .build(),
+    )
     .await;
     let base = format!("http://{}", gw.addr("public").unwrap());
     let client = client();
@@ -310,18 +313,15 @@ async fn jitter_spreads_expiry_over_the_window() {
     for i in 0..60 {
         let key = format!("flashgate:cache:{{{HOST}/j/{i}}}:e");
         let mut pttl = -2;
-        assert!(
-            eventually(Duration::from_secs(5), || {
-                pttl = redis
-                    .cmd(&["PTTL", &key])
-                    .trim_start_matches(':')
-                    .parse()
-                    .unwrap_or(-2);
-                async move { pttl > 0 }
-            })
-            .await,
-            "{key} stored"
-        );
+        wait_until(Duration::from_secs(5), &format!("{key} stored"), || {
+            pttl = redis
+                .cmd(&["PTTL", &key])
+                .trim_start_matches(':')
+                .parse()
+                .unwrap_or(-2);
+            async move { pttl > 0 }
+        })
+        .await;
         ttls.push(pttl as f64 / 1000.0);
     }
     let min = ttls.iter().cloned().fold(f64::MAX, f64::min);
@@ -351,11 +351,13 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
         }
     })
     .await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &cache_route("ttl = \"1s\", stale_while_revalidate = \"60s\""),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route(
+                "ttl = \"1s\", stale_while_revalidate = \"60s\"",
+            ))
+            .build(),
+    )
     .await;
     assert_eq!(fetch(&url(&gw, "/swr"), &[]).await.text(), "v1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -366,16 +368,22 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
         assert_eq!(a.header("x-cache"), Some("STALE"));
     }
     // Exactly one refresh went out, and it is still held.
-    assert!(eventually(Duration::from_secs(5), || async { counts.get("/swr") == 2 }).await);
+    wait_until(
+        Duration::from_secs(5),
+        "one refresh reached the origin",
+        || async { counts.get("/swr") == 2 },
+    )
+    .await;
     gate.notify_waiters();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the refreshed copy replaces the stale one",
+        || async {
             let g = fetch(&url(&gw, "/swr"), &[]).await;
             g.text() == "v2" && g.header("x-cache") == Some("HIT")
-        })
-        .await,
-        "the refreshed copy replaces the stale one"
-    );
+        },
+    )
+    .await;
     assert_eq!(
         counts.get("/swr"),
         2,
@@ -400,20 +408,15 @@ async fn stale_while_revalidate_refreshes_once_for_the_fleet() {
         }
     })
     .await;
-    let cfg = config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}
-[cache]
-lock_wait = \"20s\"
-[redis]
-url = \"{}\"
-",
-            cache_route("ttl = \"1s\", stale_while_revalidate = \"60s\""),
+    let cfg = Cfg::new(&[up.addr])
+        .route(cache_route(
+            "ttl = \"1s\", stale_while_revalidate = \"60s\"",
+        ))
+        .section(format!(
+            "[cache]\nlock_wait = \"20s\"\n[redis]\nurl = \"{}\"\n",
             redis.url()
-        ),
-    );
+        ))
+        .build();
     let a = gateway(&cfg).await;
     let b = gateway(&cfg).await;
     assert_eq!(fetch(&url(&a, "/swr"), &[]).await.text(), "v1");
@@ -432,20 +435,26 @@ url = \"{}\"
             ("v1", Some("STALE"))
         );
     }
-    assert!(eventually(Duration::from_secs(5), || async { counts.get("/swr") == 2 }).await);
+    wait_until(
+        Duration::from_secs(5),
+        "one refresh reached the origin",
+        || async { counts.get("/swr") == 2 },
+    )
+    .await;
     // B's refresh waits on A's lock instead of asking the origin too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(counts.get("/swr"), 2);
     gate.notify_waiters();
     for gw in [&a, &b] {
-        assert!(
-            eventually(Duration::from_secs(10), || async {
+        wait_until(
+            Duration::from_secs(10),
+            "both gateways serve the refreshed copy",
+            || async {
                 let g = fetch(&url(gw, "/swr"), &[]).await;
                 g.text() == "v2" && g.header("x-cache") == Some("HIT")
-            })
-            .await,
-            "both gateways serve the refreshed copy"
-        );
+            },
+        )
+        .await;
     }
     assert_eq!(counts.get("/swr"), 2, "one refresh for the whole fleet");
 }
@@ -455,18 +464,18 @@ async fn early_refresh_renews_a_hot_key_before_it_expires() {
     // A 200 ms fill with beta 10: XFetch refreshes within the last ~2s of
     // the 1s lifetime, i.e. almost at once; readers never see it expire.
     let (up, counts) = counting_origin(Duration::from_millis(200), |_| 60).await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &cache_route("ttl = \"1s\", early_refresh = 10.0"),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"1s\", early_refresh = 10.0"))
+            .build(),
+    )
     .await;
     assert_eq!(
         fetch(&url(&gw, "/hot"), &[]).await.header("x-cache"),
         Some("MISS")
     );
     let answers = Arc::new(Mutex::new(Vec::new()));
-    let renewed = eventually(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(10), "a background refresh ran", || {
         let u = url(&gw, "/hot");
         let (counts, answers) = (counts.clone(), answers.clone());
         async move {
@@ -480,7 +489,6 @@ async fn early_refresh_renews_a_hot_key_before_it_expires() {
     })
     .await;
     let answers = answers.lock().unwrap().clone();
-    assert!(renewed, "a background refresh ran");
     assert!(
         answers.iter().all(|x| x == "HIT"),
         "every reader was served from the cache: {answers:?}"
@@ -507,11 +515,12 @@ async fn stale_if_error_covers_origin_errors_and_outages_then_ends() {
     });
     let up = Upstream::start_handler(handler.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let addr = up.addr;
-    let gw = gateway(&config(
-        &[addr],
-        "retries = 0\n[upstreams.outlier]\nconsecutive_failures = 0",
-        &cache_route("ttl = \"1s\", stale_if_error = \"3s\""),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[addr])
+            .upstream("retries = 0\n[upstreams.outlier]\nconsecutive_failures = 0")
+            .route(cache_route("ttl = \"1s\", stale_if_error = \"3s\""))
+            .build(),
+    )
     .await;
     assert_eq!(fetch(&url(&gw, "/s"), &[]).await.text(), "good copy");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -576,11 +585,11 @@ async fn private_answers_are_never_stored_or_shared() {
         }
     })
     .await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &cache_route("ttl = \"60s\", ignore_cookies = [\"_ga\"]"),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\", ignore_cookies = [\"_ga\"]"))
+            .build(),
+    )
     .await;
     for path in ["/cookie", "/private", "/nostore"] {
         let user1 = fetch(&url(&gw, path), &[]).await;
@@ -676,14 +685,12 @@ async fn large_answers_stream_through_uncached() {
         }
     })
     .await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[cache]\nmax_entry_size = \"64KiB\"\n",
-            cache_route("ttl = \"60s\"")
-        ),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .section("[cache]\nmax_entry_size = \"64KiB\"\n")
+            .build(),
+    )
     .await;
     for path in ["/big", "/chunked"] {
         for _ in 0..2 {
@@ -701,15 +708,10 @@ async fn large_answers_stream_through_uncached() {
 async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
     let redis = RedisServer::start();
     let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
-    let cfg = config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[redis]\nurl = \"{}\"\n",
-            cache_route("ttl = \"60s\""),
-            redis.url()
-        ),
-    );
+    let cfg = Cfg::new(&[up.addr])
+        .route(cache_route("ttl = \"60s\""))
+        .section(format!("[redis]\nurl = \"{}\"\n", redis.url()))
+        .build();
     let a = gateway(&cfg).await;
     let b = gateway(&cfg).await;
     for p in ["/p/1", "/p/2", "/q/1"] {
@@ -734,12 +736,12 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
     assert_eq!(purged.status, 200, "{}", purged.text());
     assert_eq!(purged.json()["purged"]["l2"], 1);
     // B dropped its L1 copy on the pub/sub message: its next request refills.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fetch(&url(&b, "/p/1"), &[]).await.header("x-cache") == Some("MISS")
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "B dropped its L1 copy on the purge message",
+        || async { fetch(&url(&b, "/p/1"), &[]).await.header("x-cache") == Some("MISS") },
+    )
+    .await;
     assert_eq!(counts.get("/p/1"), 2);
     assert_eq!(
         fetch(&url(&b, "/p/2"), &[]).await.header("x-cache"),
@@ -748,12 +750,12 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
 
     let purged = purge(b.admin_addr(), "{\"prefix\": \"shop.test/p/\"}").await;
     assert_eq!(purged.status, 200);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fetch(&url(&a, "/p/2"), &[]).await.header("x-cache") == Some("MISS")
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "A dropped its L1 copy on the prefix purge message",
+        || async { fetch(&url(&a, "/p/2"), &[]).await.header("x-cache") == Some("MISS") },
+    )
+    .await;
     assert_eq!(counts.get("/p/2"), 2);
     assert_eq!(
         fetch(&url(&a, "/q/1"), &[]).await.header("x-cache"),
@@ -766,15 +768,15 @@ async fn purge_by_key_and_prefix_reaches_a_second_gateway() {
 async fn redis_killed_and_restarted_costs_no_request_and_l2_comes_back() {
     let mut redis = RedisServer::start();
     let (up, _) = counting_origin(Duration::ZERO, |_| 60).await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"300ms\"\n",
-            cache_route("ttl = \"300ms\""),
-            redis.url()
-        ),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"300ms\""))
+            .section(format!(
+                "[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"300ms\"\n",
+                redis.url()
+            ))
+            .build(),
+    )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
@@ -801,13 +803,12 @@ async fn redis_killed_and_restarted_costs_no_request_and_l2_comes_back() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart();
     // L2 comes back: new fills land in Redis again.
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            redis.cmd(&["EXISTS", &format!("flashgate:cache:{{{HOST}/k/3}}:e")]) == ":1"
-        })
-        .await,
-        "fills reach Redis after its restart"
-    );
+    wait_until(
+        Duration::from_secs(20),
+        "fills reach Redis after its restart",
+        || async { redis.cmd(&["EXISTS", &format!("flashgate:cache:{{{HOST}/k/3}}:e")]) == ":1" },
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     for w in workers {
         w.await.unwrap();
@@ -823,15 +824,15 @@ async fn redis_killed_and_restarted_costs_no_request_and_l2_comes_back() {
 async fn dead_lock_owner_holds_the_others_only_until_the_lock_expires() {
     let redis = RedisServer::start();
     let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[cache]\nlock_wait = \"20s\"\n[redis]\nurl = \"{}\"\n",
-            cache_route("ttl = \"60s\""),
-            redis.url()
-        ),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .section(format!(
+                "[cache]\nlock_wait = \"20s\"\n[redis]\nurl = \"{}\"\n",
+                redis.url()
+            ))
+            .build(),
+    )
     .await;
     // A gateway that took the lock and died: its lock expires by itself.
     let lock = format!("flashgate:cache:{{{HOST}/orphan}}:l");
@@ -868,15 +869,14 @@ async fn redis_cluster_l2_is_shared_locked_and_purged() {
     let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let (up, counts) =
         counting_origin(Duration::from_millis(200), |n| if n == 1 { 1 } else { 60 }).await;
-    let cfg = config(
-        &[up.addr],
-        "max_concurrent_requests = 4096",
-        &format!(
-            "{}\n[redis]\ncluster = [{}]\ntimeout = \"1s\"\n",
-            cache_route("ttl = \"60s\", honour_origin = true"),
+    let cfg = Cfg::new(&[up.addr])
+        .upstream("max_concurrent_requests = 4096")
+        .route(cache_route("ttl = \"60s\", honour_origin = true"))
+        .section(format!(
+            "[redis]\ncluster = [{}]\ntimeout = \"1s\"\n",
             seeds.join(", ")
-        ),
-    );
+        ))
+        .build();
     let a = gateway(&cfg).await;
     let b = gateway(&cfg).await;
     // Keys over several slots.
@@ -920,12 +920,12 @@ async fn redis_cluster_l2_is_shared_locked_and_purged() {
     let purged = purge(a.admin_addr(), "{\"prefix\": \"shop.test/c/\"}").await;
     assert_eq!(purged.status, 200);
     assert_eq!(purged.json()["purged"]["l2"], 6, "{}", purged.text());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            fetch(&url(&b, "/c/5"), &[]).await.header("x-cache") == Some("MISS")
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "B dropped its L1 copies on the prefix purge message",
+        || async { fetch(&url(&b, "/c/5"), &[]).await.header("x-cache") == Some("MISS") },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -933,7 +933,9 @@ async fn reload_keeps_the_cache() {
     let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
     let dir = TempDir::new("cache-reload");
     let path = dir.0.join("gw.toml");
-    let text = config(&[up.addr], "", &cache_route("ttl = \"60s\""));
+    let text = Cfg::new(&[up.addr])
+        .route(cache_route("ttl = \"60s\""))
+        .build();
     std::fs::write(&path, &text).unwrap();
     let gw = Gateway::start(Config::parse(&text).unwrap(), Some(path.clone()))
         .await
@@ -983,7 +985,12 @@ async fn demo_config_caches_catalog_pages() {
 #[tokio::test]
 async fn head_is_answered_from_the_get_entry_and_never_fills() {
     let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
-    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .build(),
+    )
+    .await;
     let head = |path: &str| {
         send(
             Request::head(url(&gw, path))
@@ -1012,14 +1019,14 @@ async fn head_is_answered_from_the_get_entry_and_never_fills() {
 async fn gateway_starts_and_caches_in_process_while_redis_is_unreachable() {
     let (up, counts) = counting_origin(Duration::ZERO, |_| 60).await;
     let nowhere = closed_port().await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[redis]\nurl = \"redis://{nowhere}/\"\ntimeout = \"200ms\"\n",
-            cache_route("ttl = \"60s\"")
-        ),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .section(format!(
+                "[redis]\nurl = \"redis://{nowhere}/\"\ntimeout = \"200ms\"\n"
+            ))
+            .build(),
+    )
     .await;
     assert_eq!(
         fetch(&url(&gw, "/x"), &[]).await.header("x-cache"),
@@ -1058,7 +1065,12 @@ async fn a_conditional_request_fills_with_the_full_answer() {
         }
     })
     .await;
-    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .build(),
+    )
+    .await;
     let first = fetch(&url(&gw, "/c"), &[("if-none-match", "\"v1\"")]).await;
     assert_eq!((first.status, first.text().as_str()), (200, "full page"));
     let next = fetch(&url(&gw, "/c"), &[]).await;
@@ -1101,15 +1113,10 @@ async fn a_stale_copy_from_l2_is_not_shared_with_waiters_of_another_variant() {
         }
     })
     .await;
-    let cfg = config(
-        &[up.addr],
-        "",
-        &format!(
-            "{}\n[redis]\nurl = \"{}\"\n",
-            cache_route("ttl = \"1s\", stale_if_error = \"60s\""),
-            redis.url()
-        ),
-    );
+    let cfg = Cfg::new(&[up.addr])
+        .route(cache_route("ttl = \"1s\", stale_if_error = \"60s\""))
+        .section(format!("[redis]\nurl = \"{}\"\n", redis.url()))
+        .build();
     let a = gateway(&cfg).await;
     let b = gateway(&cfg).await;
     let de = fetch(&url(&a, "/v"), &[("accept-language", "de")]).await;
@@ -1142,11 +1149,11 @@ async fn an_origin_age_counts_in_the_age_served_and_in_the_origin_lifetime() {
         r
     })
     .await;
-    let gw = gateway(&config(
-        &[up.addr],
-        "",
-        &cache_route("ttl = \"60s\", honour_origin = true"),
-    ))
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\", honour_origin = true"))
+            .build(),
+    )
     .await;
     assert_eq!(
         fetch(&url(&gw, "/aged"), &[]).await.header("x-cache"),
@@ -1167,7 +1174,12 @@ async fn an_origin_age_counts_in_the_age_served_and_in_the_origin_lifetime() {
 #[tokio::test]
 async fn a_client_that_goes_away_does_not_cancel_the_fill() {
     let (up, counts) = counting_origin(Duration::from_millis(500), |_| 60).await;
-    let gw = gateway(&config(&[up.addr], "", &cache_route("ttl = \"60s\""))).await;
+    let gw = gateway(
+        &Cfg::new(&[up.addr])
+            .route(cache_route("ttl = \"60s\""))
+            .build(),
+    )
+    .await;
     let u = url(&gw, "/gone");
     let gone = tokio::time::timeout(Duration::from_millis(100), fetch(&u, &[])).await;
     assert!(gone.is_err(), "the client gave up first");

@@ -18,7 +18,7 @@ use flashgate_tests::order::{
 };
 use flashgate_tests::redis::{Durability, RedisCluster, RedisServer};
 use flashgate_tests::rocketmq::RocketMq;
-use flashgate_tests::{client, eventually, free_port, gateway, Proc};
+use flashgate_tests::{client, eventually, free_port, gateway, wait_until, Proc};
 
 /// Redis, broker, core and consumer for one test.
 struct Stack {
@@ -463,13 +463,15 @@ async fn check_back_before_the_lua_rolls_back_and_fences_the_late_lua() {
         tokio::spawn(
             async move { checkout(&client(), addr_a, "cap", 1, Some("dan"), Some("k")).await },
         );
-    assert!(
-        eventually(Duration::from_secs(30), || async { marker.exists() }).await,
-        "core A never reached the pause point"
-    );
+    wait_until(
+        Duration::from_secs(30),
+        "core A reaches the pause point",
+        || async { marker.exists() },
+    )
+    .await;
     // The half message is on the broker; the Lua has not run. The broker's
     // check-back finds no order, fences the transaction and rolls back.
-    let fenced = eventually(Duration::from_secs(60), || async {
+    wait_until(Duration::from_secs(60), "a rollback check-back", || async {
         let logs = format!(
             "{}{}",
             flashgate_tests::order::log(&files_a, "core.log"),
@@ -478,7 +480,6 @@ async fn check_back_before_the_lua_rolls_back_and_fences_the_late_lua() {
         logs.contains("transaction check-back") && logs.contains("Rollback")
     })
     .await;
-    assert!(fenced, "no rollback check-back within 60s");
     // Now the slow producer goes on: its Lua run is refused by the fence.
     std::fs::remove_file(&marker).unwrap();
     let late = pending.await.unwrap();
@@ -529,18 +530,19 @@ async fn redis_down_mid_sale_answers_503_and_deducts_nothing() {
     .await
     .unwrap();
     // The sale goes on; the buyers who got 503 simply retry.
-    assert!(
-        eventually(Duration::from_secs(30), || async {
+    wait_until(
+        Duration::from_secs(30),
+        "a checkout succeeds once Redis is back",
+        || async {
             matches!(
                 checkout(&c, core, "hat", 1, Some("u20"), Some("k"))
                     .await
                     .status,
                 201
             )
-        })
-        .await,
-        "no checkout succeeded after Redis came back"
-    );
+        },
+    )
+    .await;
     let mut created = 21;
     for i in 21..100 {
         let got = checkout(&c, core, "hat", 1, Some(&format!("u{i}")), Some("k")).await;
@@ -579,16 +581,17 @@ async fn broker_down_answers_503_before_any_deduction() {
         "nothing deducted while the broker is down"
     );
     tokio::task::block_in_place(|| stack.mq.start_broker());
-    assert!(
-        eventually(Duration::from_secs(60), || async {
+    wait_until(
+        Duration::from_secs(60),
+        "a checkout succeeds once the broker is back",
+        || async {
             checkout(&c, core, "sock", 1, Some("b"), Some("k"))
                 .await
                 .status
                 == 201
-        })
-        .await,
-        "no checkout after the broker came back"
-    );
+        },
+    )
+    .await;
     assert_eq!(stock(core, "sock").await, (8, 2));
     assert_eq!(stack.sink_settles("sock", 2).await.len(), 2);
 }

@@ -47,20 +47,20 @@ fn check_prints_the_key_path_of_the_first_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         (
-            config(
-                &["127.0.0.1:1".parse().unwrap()],
-                "connect_timeout = \"soon\"",
-                "",
-            ),
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .upstream("connect_timeout = \"soon\"")
+                .build(),
             "upstreams[0].connect_timeout: invalid duration",
         ),
         (
-            config(&["127.0.0.1:1".parse().unwrap()], "", "")
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .build()
                 .replace("upstream = \"origin\"", "upstream = \"catalgo\""),
             "routes[0].upstream: unknown upstream \"catalgo\"",
         ),
         (
-            config(&["127.0.0.1:1".parse().unwrap()], "", "")
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .build()
                 .replace("[log]", "[log]\ncolour = true"),
             "log.colour: unknown field",
         ),
@@ -197,7 +197,7 @@ fn binary_config(
     upstream: std::net::SocketAddr,
     upstream_extra: &str,
 ) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
-    with_fixed_ports(&config(&[upstream], upstream_extra, ""))
+    with_fixed_ports(&Cfg::new(&[upstream]).upstream(upstream_extra).build())
 }
 
 /// SIGTERM: readiness fails at once, the in-flight request completes, the
@@ -230,24 +230,28 @@ async fn sigterm_drains_and_sighup_reloads() {
     )
     .unwrap();
     gw.signal("HUP");
-    let reloaded = eventually(Duration::from_secs(5), || async {
-        get(&format!("http://{admin}/admin/status")).await.json()["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["name"] == "new")
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "SIGHUP reloaded the config",
+        || async {
+            get(&format!("http://{admin}/admin/status")).await.json()["routes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "new")
+        },
+    )
     .await;
-    assert!(reloaded, "SIGHUP reloaded the config");
 
     let in_flight = tokio::spawn(async move { get(&format!("http://{public}/slow")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     gw.signal("TERM");
-    let ready = eventually(Duration::from_secs(1), || async {
-        get(&format!("http://{admin}/readyz")).await.status == 503
-    })
+    wait_until(
+        Duration::from_secs(1),
+        "readiness fails during the drain",
+        || async { get(&format!("http://{admin}/readyz")).await.status == 503 },
+    )
     .await;
-    assert!(ready, "readiness fails during the drain");
     let got = in_flight.await.unwrap();
     assert_eq!(
         (got.status, got.text().as_str()),

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flashgate_tests::tls::{self, ClientOpts};
-use flashgate_tests::{edge, eventually, gateway, metric, raw, send, Upstream};
+use flashgate_tests::{edge, gateway, metric, raw, send, wait_until, Upstream};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
@@ -113,13 +113,10 @@ async fn connections_without_a_valid_proxy_header_are_closed() {
     s.write_all(b"PROXY TCP4 1.2.3.4").await.unwrap();
     assert!(raw::closed_within(&mut s, Duration::from_secs(20)).await);
     assert_eq!(up.hits(), 0, "nothing reached the upstream");
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(Duration::from_secs(10), "refused PROXY headers and header timeouts counted", || async {
             metric(admin, "flashgate_connections_refused_total{listener=\"public\",reason=\"proxy_protocol\"}").await >= 3.0
                 && metric(admin, "flashgate_connections_refused_total{listener=\"public\",reason=\"proxy_protocol_timeout\"}").await >= 2.0
-        })
-        .await
-    );
+        }).await;
 }
 
 async fn seen_through(addr: SocketAddr, xff: &str) -> serde_json::Value {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flashgate_tests::{
-    edge, eventually, flashgate_bin, get, h2_client, raw, reply, send_with, wait_listening,
+    edge, flashgate_bin, get, h2_client, raw, reply, send_with, wait_listening, wait_until,
     with_fixed_ports, ws, Proc, Upstream,
 };
 use http::Request;
@@ -65,13 +65,12 @@ async fn sigterm_waits_drain_delay_then_drains_in_flight_requests() {
     let term_at = Instant::now();
 
     // Readiness is off at once...
-    assert!(
-        eventually(Duration::from_secs(1), || async {
-            get(&format!("http://{admin}/readyz")).await.status == 503
-        })
-        .await,
-        "readyz is 503 during the drain"
-    );
+    wait_until(
+        Duration::from_secs(1),
+        "readyz is 503 during the drain",
+        || async { get(&format!("http://{admin}/readyz")).await.status == 503 },
+    )
+    .await;
     // ...while new connections are still served during drain_delay.
     let fresh = flashgate_tests::client();
     let got = send_with(
@@ -88,11 +87,12 @@ async fn sigterm_waits_drain_delay_then_drains_in_flight_requests() {
     );
 
     // After the delay the listener stops accepting.
-    let refused = eventually(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(public).await.is_err()
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "no new connections after drain_delay",
+        || async { tokio::net::TcpStream::connect(public).await.is_err() },
+    )
     .await;
-    assert!(refused, "no new connections after drain_delay");
     assert!(term_at.elapsed() >= Duration::from_millis(1400));
 
     // Both in-flight requests completed; the HTTP/1.1 one was told to close.
@@ -220,13 +220,12 @@ async fn sigterm_waits_for_an_open_websocket_tunnel() {
     assert!(echoes(&mut tunnel, b"before").await);
     gw.signal("TERM");
     // Past drain_delay the listener no longer accepts...
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            TcpStream::connect(public).await.is_err()
-        })
-        .await,
-        "no new connections after drain_delay"
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "no new connections after drain_delay",
+        || async { TcpStream::connect(public).await.is_err() },
+    )
+    .await;
     // ...but the tunnel still works, and the process waits for it.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(echoes(&mut tunnel, b"during the drain").await);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashgate_tests::{
-    edge, eventually, gateway, h2_client, metric, raw, reply, send_with, Upstream,
+    edge, gateway, h2_client, metric, raw, reply, send_with, wait_until, Upstream,
 };
 use http::Request;
 use http_body_util::BodyExt;
@@ -309,22 +309,26 @@ async fn connection_limits_per_listener_and_per_client_address() {
     assert!(raw::closed_within(&mut a3, Duration::from_secs(20)).await);
     // Another address still gets in, up to the listener's 3.
     let _b1 = open("198.51.100.2").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "three connections active",
+        || async {
             metric(admin, "flashgate_connections_active{listener=\"public\"}").await == 3.0
-        })
-        .await
-    );
+        },
+    )
+    .await;
     let mut over = TcpStream::connect(addr).await.unwrap();
     assert!(raw::closed_within(&mut over, Duration::from_secs(20)).await);
     // A slot frees when a connection ends.
     drop(a1);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "a slot freed: two connections active",
+        || async {
             metric(admin, "flashgate_connections_active{listener=\"public\"}").await == 2.0
-        })
-        .await
-    );
+        },
+    )
+    .await;
     let mut req = v1("198.51.100.3");
     req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(raw::status(&raw::exchange(addr, &req).await), Some(200));
@@ -517,17 +521,19 @@ async fn idle_keep_alive_connections_close_after_idle_timeout() {
     assert!(raw::closed_within(&mut busy, Duration::from_secs(10)).await);
     assert!(raw::closed_within(&mut slow, Duration::from_secs(10)).await);
     let admin = gw.admin_addr();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
+    wait_until(
+        Duration::from_secs(5),
+        "three idle timeouts counted",
+        || async {
             metric(
                 admin,
                 "flashgate_connection_timeouts_total{listener=\"public\",timeout=\"idle\"}",
             )
             .await
                 >= 3.0
-        })
-        .await
-    );
+        },
+    )
+    .await;
 }
 
 /// `header_read_timeout` bounds a head from its first byte: a client

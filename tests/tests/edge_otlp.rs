@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flashgate_tests::{
-    closed_port, config, empty, eventually, gateway, metric, reply, send, Upstream,
+    closed_port, empty, eventually, gateway, metric, reply, send, wait_until, Cfg, Upstream,
 };
 use http::Request;
 use http_body_util::BodyExt;
@@ -159,17 +159,15 @@ async fn request_span_continues_the_clients_trace_and_is_the_upstreams_parent() 
     let collector = Collector::start().await;
     let echo = Upstream::echo().await;
     let dead = closed_port().await;
-    let toml = config(
-        &[echo.addr],
-        "",
-        &format!(
+    let toml = Cfg::new(&[echo.addr])
+        .section(format!(
             "[[upstreams]]\nname = \"dead\"\nendpoints = [\"{dead}\"]\nretries = 0\n\
              [[routes]]\nname = \"broken\"\npath_prefix = \"/broken\"\nupstream = \"dead\"\n\
              [tracing]\nendpoint = \"http://{}/v1/traces\"\nservice_name = \"edge-test\"\n\
              scheduled_delay = \"50ms\"\n",
             collector.addr
-        ),
-    );
+        ))
+        .build();
     let gw = gateway(&toml).await;
     let base = format!("http://{}", gw.addr("public").unwrap());
 
@@ -327,12 +325,12 @@ async fn request_span_continues_the_clients_trace_and_is_the_upstreams_parent() 
         by_trace(&unhex(unsampled_trace)).is_none(),
         "the client's not-sampled decision is honoured"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            metric(admin, "flashgate_otlp_spans_total{result=\"exported\"}").await >= 3.0
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "three exported spans counted",
+        || async { metric(admin, "flashgate_otlp_spans_total{result=\"exported\"}").await >= 3.0 },
+    )
+    .await;
     assert_eq!(
         metric(admin, "flashgate_otlp_spans_dropped_total").await,
         0.0
@@ -344,14 +342,12 @@ async fn request_span_continues_the_clients_trace_and_is_the_upstreams_parent() 
 async fn collector_down_never_fails_or_slows_requests() {
     let echo = Upstream::echo().await;
     let down = closed_port().await;
-    let toml = config(
-        &[echo.addr],
-        "",
-        &format!(
+    let toml = Cfg::new(&[echo.addr])
+        .section(format!(
             "[tracing]\nendpoint = \"http://{down}/v1/traces\"\n\
              scheduled_delay = \"20ms\"\nexport_timeout = \"500ms\"\n"
-        ),
-    );
+        ))
+        .build();
     let gw = gateway(&toml).await;
     let base = format!("http://{}", gw.addr("public").unwrap());
     let started = Instant::now();
@@ -365,18 +361,19 @@ async fn collector_down_never_fails_or_slows_requests() {
         started.elapsed()
     );
     let admin = gw.admin_addr();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "failed exports are counted",
+        || async {
             metric(
                 admin,
                 "flashgate_otlp_spans_total{result=\"export_failed\"}",
             )
             .await
                 >= 1.0
-        })
-        .await,
-        "failed exports are counted"
-    );
+        },
+    )
+    .await;
     // Shutdown gives up on the dead collector within the export timeout.
     let t = Instant::now();
     gw.shutdown().await;
@@ -397,15 +394,13 @@ async fn hanging_collector_drops_spans_not_requests() {
         }
     });
     let echo = Upstream::echo().await;
-    let toml = config(
-        &[echo.addr],
-        "",
-        &format!(
+    let toml = Cfg::new(&[echo.addr])
+        .section(format!(
             "[tracing]\nendpoint = \"http://{hang}/v1/traces\"\n\
              scheduled_delay = \"20ms\"\nexport_timeout = \"5s\"\n\
              max_queue_size = 4\nmax_export_batch_size = 2\n"
-        ),
-    );
+        ))
+        .build();
     let gw = gateway(&toml).await;
     let base = format!("http://{}", gw.addr("public").unwrap());
     let admin = gw.admin_addr();
@@ -437,11 +432,11 @@ async fn tracing_changes_need_a_restart() {
     let echo = Upstream::echo().await;
     let down = closed_port().await;
     let with = |ratio: &str| {
-        config(
-            &[echo.addr],
-            "",
-            &format!("[tracing]\nendpoint = \"http://{down}\"\nsample_ratio = {ratio}\n"),
-        )
+        Cfg::new(&[echo.addr])
+            .section(format!(
+                "[tracing]\nendpoint = \"http://{down}\"\nsample_ratio = {ratio}\n"
+            ))
+            .build()
     };
     let dir = flashgate_tests::tls::temp_dir("otlp-reload");
     let path = dir.join("gw.toml");
@@ -455,7 +450,7 @@ async fn tracing_changes_need_a_restart() {
     std::fs::write(&path, with("0.5")).unwrap();
     let changed = gw.shared.reload().await.unwrap();
     assert_eq!(changed.restart_required, vec!["tracing".to_string()]);
-    std::fs::write(&path, config(&[echo.addr], "", "")).unwrap();
+    std::fs::write(&path, Cfg::new(&[echo.addr]).build()).unwrap();
     let removed = gw.shared.reload().await.unwrap();
     assert_eq!(removed.restart_required, vec!["tracing".to_string()]);
     // The exporter started with keeps running.

@@ -32,6 +32,7 @@ async fn parked(admin: SocketAddr) -> f64 {
     metric(admin, PARKED).await
 }
 
+#[must_use]
 async fn parked_becomes(admin: SocketAddr, n: f64) -> bool {
     eventually(Duration::from_secs(5), || async {
         parked(admin).await == n

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flashgate_tests::tls::{self, ClientOpts};
-use flashgate_tests::{empty, eventually, gateway, metric, Upstream};
+use flashgate_tests::{empty, gateway, metric, wait_until, Upstream};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -127,17 +127,19 @@ async fn tls12_and_tls13_work_tls11_is_refused() {
         matches!(reply.get(6), Some(70) | Some(40)),
         "alert {reply:02x?}"
     );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the refused handshake counted",
+        || async {
             metric(
                 gw.admin_addr(),
                 "flashgate_connections_refused_total{listener=\"tls\",reason=\"tls_handshake\"}",
             )
             .await
                 >= 1.0
-        })
-        .await
-    );
+        },
+    )
+    .await;
     assert_eq!(up.hits(), 2);
 }
 
@@ -205,16 +207,17 @@ async fn certificates_reload_from_disk_and_open_connections_stay() {
     // A new certificate at the same paths is picked up by polling.
     let new = tls::write_cert(&dir, "site", &["a.test"]);
     assert_ne!(new.der, old.der);
-    assert!(
-        eventually(Duration::from_secs(20), || async {
+    wait_until(
+        Duration::from_secs(20),
+        "the new certificate is served",
+        || async {
             let s = tls::connect(addr, &ClientOpts::sni("a.test"))
                 .await
                 .unwrap();
             tls::served_cert(&s) == new.der
-        })
-        .await,
-        "the new certificate is served"
-    );
+        },
+    )
+    .await;
     // The connection opened before is still up and serving.
     assert_eq!(get_over_h1(&mut kept, "/").await.0, 200);
     assert!(
@@ -232,18 +235,19 @@ async fn certificates_reload_from_disk_and_open_connections_stay() {
         "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
+    wait_until(
+        Duration::from_secs(20),
+        "the bad certificate is counted",
+        || async {
             metric(
                 admin,
                 "flashgate_tls_cert_reloads_total{listener=\"tls\",result=\"error\"}",
             )
             .await
                 >= 1.0
-        })
-        .await,
-        "the bad certificate is counted"
-    );
+        },
+    )
+    .await;
     let s = tls::connect(addr, &ClientOpts::sni("a.test"))
         .await
         .unwrap();

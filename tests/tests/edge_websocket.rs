@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flashgate_tests::{edge, eventually, gateway, metric, raw, ws};
+use flashgate_tests::{edge, gateway, metric, raw, wait_until, ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -142,12 +142,10 @@ async fn a_tunnel_holds_its_connection_slot() {
         None,
         "refused while the tunnel is open: {text}"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            metric(admin, TUNNELS).await == 1.0
-        })
-        .await
-    );
+    wait_until(Duration::from_secs(5), "the tunnel counted", || async {
+        metric(admin, TUNNELS).await == 1.0
+    })
+    .await;
     assert!(
         metric(
             admin,
@@ -161,19 +159,16 @@ async fn a_tunnel_holds_its_connection_slot() {
     // Once it closes, the slot is free again (the echo server answers a
     // plain request with 426).
     close_tunnel(tunnel).await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            raw::status(&raw::exchange(addr, plain).await) == Some(426)
-        })
-        .await,
-        "accepted after the tunnel closed"
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            metric(admin, TUNNELS).await == 0.0
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "accepted after the tunnel closed",
+        || async { raw::status(&raw::exchange(addr, plain).await) == Some(426) },
+    )
+    .await;
+    wait_until(Duration::from_secs(5), "the tunnel is gone", || async {
+        metric(admin, TUNNELS).await == 0.0
+    })
+    .await;
 }
 
 /// An upgrade is a request to its cluster: it takes one of the cluster's
@@ -251,11 +246,8 @@ async fn a_silent_tunnel_is_closed_after_websocket_idle_timeout() {
         waited >= Duration::from_millis(900) && waited < Duration::from_millis(3000),
         "closed after {waited:?} of silence, websocket_idle_timeout is 1s"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            metric(admin, TUNNELS).await == 0.0
-        })
-        .await,
-        "the tunnel is gone"
-    );
+    wait_until(Duration::from_secs(5), "the tunnel is gone", || async {
+        metric(admin, TUNNELS).await == 0.0
+    })
+    .await;
 }

@@ -1,10 +1,22 @@
-//! The Redis store's scripts against a real redis-server and a real Redis
-//! Cluster, without HTTP or a broker: each atomic step and its refusals.
+//! The order store's contract, held against every implementation of
+//! [`Store`]: the in-process `MemoryStore` (the demo's) and the Redis
+//! store's scripts on a real redis-server and a real Redis Cluster. No HTTP,
+//! no broker: each atomic step and its refusals.
+//!
+//! The pattern, for any state kept behind a trait with an in-process and a
+//! Redis implementation (a rate limiter's counters or a waiting room's
+//! queue would be next): write the contract once, as an async function
+//! generic over the trait that takes a constructor (here
+//! [`store_contract`]), and give each implementation its own `#[test]`
+//! that passes its constructor. Then the memory store used by the demo and
+//! unit tests cannot drift from the one production runs, and a contract
+//! failure names the implementation by its test's name.
 
 use std::sync::Arc;
 
 use flashgate_tests::redis::{RedisCluster, RedisServer};
 use order_core::model::{new_order_id, now_ms, CheckoutCmd, Outcome, Sku, StockInfo, TxnVerdict};
+use order_core::store::memory::MemoryStore;
 use order_core::store::redis::{connect_cluster, connect_single};
 use order_core::store::{Precheck, Released, Store};
 
@@ -22,7 +34,16 @@ fn cmd(sku: &Sku, user: &str, key: &str, txn: &str, expires_ms: u64) -> Checkout
     }
 }
 
-async fn exercise(store: Arc<dyn Store>) {
+/// What every [`Store`] must do, step by step on one SKU: the fence, the
+/// check-back, idempotent replays (in the script and in the precheck), the
+/// per-user limit, sold out, expiry that returns stock exactly once, and
+/// paid or cancelled orders staying so.
+///
+/// `new_store` makes the store under test: each implementation's test says
+/// only how to build one (a fresh `MemoryStore`, a connection to its
+/// Redis), and a case that needs a store of its own may call it again.
+async fn store_contract<S: Store + ?Sized>(new_store: impl AsyncFn() -> Arc<S>) {
+    let store = new_store().await;
     let sku = Sku::parse("s-1").unwrap();
     store.set_stock(&sku, 2).await.unwrap();
 
@@ -134,12 +155,17 @@ async fn exercise(store: Arc<dyn Store>) {
 }
 
 #[tokio::test]
+async fn memory_store_keeps_the_contract() {
+    store_contract(async || Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
 async fn scripts_on_a_single_server_and_after_script_flush() {
     let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
     let store: Arc<dyn Store> = Arc::new(connect_single(&redis.url()).await.unwrap());
-    exercise(store.clone()).await;
+    store_contract(async || store.clone()).await;
     // A restart or failover empties the script cache: EVALSHA gets
     // NOSCRIPT and the script is loaded again, transparently.
     assert_eq!(redis.cmd(&["SCRIPT", "FLUSH"]), "+OK");
@@ -156,6 +182,6 @@ async fn scripts_on_redis_cluster() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
-    let store: Arc<dyn Store> = Arc::new(connect_cluster(&cluster.urls()).await.unwrap());
-    exercise(store).await;
+    let urls = cluster.urls();
+    store_contract(async || Arc::new(connect_cluster(&urls).await.unwrap())).await;
 }

@@ -73,7 +73,7 @@ async fn routes_by_host_and_longest_prefix_and_404s() {
 #[tokio::test]
 async fn hop_by_hop_headers_never_cross() {
     let echo = Upstream::echo().await;
-    let gw = gateway(&config(&[echo.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[echo.addr]).build()).await;
     let base = format!("http://{}", gw.addr("public").unwrap());
     let got = send(
         Request::get(format!("{base}/h"))
@@ -115,7 +115,7 @@ async fn hop_by_hop_headers_never_cross() {
         r
     })
     .await;
-    let gw = gateway(&config(&[up.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[up.addr]).build()).await;
     let got = get(&format!("http://{}/", gw.addr("public").unwrap())).await;
     assert_eq!(got.header("x-public"), Some("yes"));
     assert!(got.header("x-internal").is_none());
@@ -125,7 +125,7 @@ async fn hop_by_hop_headers_never_cross() {
 #[tokio::test]
 async fn forwarding_headers_request_id_and_trace() {
     let echo = Upstream::echo().await;
-    let gw = gateway(&config(&[echo.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[echo.addr]).build()).await;
     let base = format!("http://{}", gw.addr("public").unwrap());
 
     let got = send(
@@ -184,7 +184,7 @@ async fn forwarding_headers_request_id_and_trace() {
 #[tokio::test]
 async fn http2_cleartext_to_http1_upstream() {
     let echo = Upstream::echo().await;
-    let gw = gateway(&config(&[echo.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[echo.addr]).build()).await;
     let url = format!("http://{}/h2?x=1", gw.addr("public").unwrap());
     let h2 = h2_client();
     let got = send_with(&h2, Request::post(&url).body(full("hello")).unwrap()).await;
@@ -235,7 +235,7 @@ async fn bodies_stream_without_buffering() {
     })
     .await;
     // 32 MiB goes up: above the default max_body (16MiB).
-    let text = config(&[upload.addr], "", "").replacen(
+    let text = Cfg::new(&[upload.addr]).build().replacen(
         "name = \"public\"",
         "name = \"public\"\nmax_body = \"64MiB\"",
         1,
@@ -289,7 +289,7 @@ async fn bodies_stream_without_buffering() {
         }
     })
     .await;
-    let gw = gateway(&config(&[download.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[download.addr]).build()).await;
     let resp = client()
         .request(
             Request::get(format!("http://{}/dl", gw.addr("public").unwrap()))
@@ -316,13 +316,13 @@ async fn bodies_stream_without_buffering() {
 #[tokio::test]
 async fn native_filter_edits_headers_both_ways() {
     let echo = Upstream::echo().await;
-    let cfg = config(
-        &[echo.addr],
-        "",
-        "filters = [\"h\"]\n\
-         [[filters]]\nname = \"h\"\nnative = \"headers\"\n\
-         config = '{\"request_set\": [[\"x-from-filter\", \"1\"]], \"request_remove\": [\"x-drop\"], \"response_set\": [[\"x-frame-options\", \"DENY\"]]}'\n",
-    );
+    let cfg = Cfg::new(&[echo.addr])
+        .route("filters = [\"h\"]")
+        .section(
+            "[[filters]]\nname = \"h\"\nnative = \"headers\"\n\
+             config = '{\"request_set\": [[\"x-from-filter\", \"1\"]], \"request_remove\": [\"x-drop\"], \"response_set\": [[\"x-frame-options\", \"DENY\"]]}'\n",
+        )
+        .build();
     let gw = gateway(&cfg).await;
     let got = send(
         Request::get(format!("http://{}/", gw.addr("public").unwrap()))
@@ -355,15 +355,13 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
 async fn dot_segments_are_resolved_before_routing() {
     let echo = Upstream::echo().await;
     let admin_only = Upstream::fixed("admin-backend").await;
-    let cfg = config(
-        &[echo.addr],
-        "",
-        &format!(
+    let cfg = Cfg::new(&[echo.addr])
+        .section(format!(
             "[[upstreams]]\nname = \"internal\"\nendpoints = [\"{}\"]\n\
              [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"internal\"\n",
             admin_only.addr
-        ),
-    );
+        ))
+        .build();
     let gw = gateway(&cfg).await;
     let addr = gw.addr("public").unwrap();
     // `/static/../admin/x` is `/admin/x`: routed and forwarded as such.
@@ -395,7 +393,7 @@ async fn dot_segments_are_resolved_before_routing() {
 #[tokio::test]
 async fn absolute_form_target_sets_the_host() {
     let echo = Upstream::echo().await;
-    let gw = gateway(&config(&[echo.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[echo.addr]).build()).await;
     let out = raw(
         gw.addr("public").unwrap(),
         "GET http://public.example/x HTTP/1.1\r\nhost: internal.example\r\nconnection: close\r\n\r\n",

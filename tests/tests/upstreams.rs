@@ -55,7 +55,7 @@ async fn round_robin_spreads_evenly() {
         Upstream::fixed("c").await,
     ];
     let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
-    let gw = gateway(&config(&addrs, "lb = \"round_robin\"", "")).await;
+    let gw = gateway(&Cfg::new(&addrs).upstream("lb = \"round_robin\"").build()).await;
     for _ in 0..30 {
         assert_eq!(get(&url(&gw, "/")).await.status, 200);
     }
@@ -68,11 +68,11 @@ async fn least_request_steers_away_from_a_slow_endpoint() {
     let slow = probed(200, Duration::from_millis(300)).await;
     let fast = probed(200, Duration::ZERO).await;
     let gw = Arc::new(
-        gateway(&config(
-            &[slow.up.addr, fast.up.addr],
-            "lb = \"least_request\"",
-            "",
-        ))
+        gateway(
+            &Cfg::new(&[slow.up.addr, fast.up.addr])
+                .upstream("lb = \"least_request\"")
+                .build(),
+        )
         .await,
     );
     // 8 clients, 15 requests each: round robin would send half to `slow`.
@@ -97,11 +97,14 @@ async fn least_request_steers_away_from_a_slow_endpoint() {
 async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
     let a = probed(200, Duration::ZERO).await;
     let b = probed(200, Duration::ZERO).await;
-    let gw = gateway(&config(
-        &[a.up.addr, b.up.addr],
-        "[upstreams.health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"200ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2",
-        "",
-    ))
+    let gw = gateway(
+        &Cfg::new(&[a.up.addr, b.up.addr])
+            .upstream(
+                "[upstreams.health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"200ms\"\n\
+                 healthy_threshold = 2\nunhealthy_threshold = 2",
+            )
+            .build(),
+    )
     .await;
     let admin = gw.admin_addr();
     let healthy = |i: usize| async move {
@@ -112,10 +115,10 @@ async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
     };
 
     a.sick.store(true, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(5), || async { !healthy(0).await }).await,
-        "a marked unhealthy"
-    );
+    wait_until(Duration::from_secs(5), "a marked unhealthy", || async {
+        !healthy(0).await
+    })
+    .await;
     assert_eq!(
         metric(
             admin,
@@ -134,10 +137,10 @@ async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
     assert_eq!(a.traffic(), before, "no traffic to an unhealthy endpoint");
 
     a.sick.store(false, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(5), || async { healthy(0).await }).await,
-        "a back"
-    );
+    wait_until(Duration::from_secs(5), "a back", || async {
+        healthy(0).await
+    })
+    .await;
     for _ in 0..20 {
         assert_eq!(get(&url(&gw, "/")).await.status, 200);
     }
@@ -148,11 +151,12 @@ async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
 async fn consecutive_5xx_eject_an_endpoint() {
     let bad = probed(500, Duration::ZERO).await;
     let good = probed(200, Duration::ZERO).await;
-    let gw = gateway(&config(
-        &[bad.up.addr, good.up.addr],
-        "retries = 0\n[upstreams.outlier]\nconsecutive_failures = 3\nbase_ejection = \"30s\"",
-        "",
-    ))
+    let gw = gateway(
+        &Cfg::new(&[bad.up.addr, good.up.addr])
+            .upstream("retries = 0")
+            .upstream("[upstreams.outlier]\nconsecutive_failures = 3\nbase_ejection = \"30s\"")
+            .build(),
+    )
     .await;
     let mut statuses = Vec::new();
     for _ in 0..20 {
@@ -215,11 +219,11 @@ async fn resetting_endpoint() -> (
 async fn retries_only_idempotent_bodiless_requests() {
     let (broken, broken_seen, _task) = resetting_endpoint().await;
     let good = probed(200, Duration::ZERO).await;
-    let gw = gateway(&config(
-        &[broken, good.up.addr],
-        "retries = 1\n[upstreams.outlier]\nconsecutive_failures = 0",
-        "",
-    ))
+    let gw = gateway(
+        &Cfg::new(&[broken, good.up.addr])
+            .upstream("retries = 1\n[upstreams.outlier]\nconsecutive_failures = 0")
+            .build(),
+    )
     .await;
 
     // GETs: every one that hit the broken endpoint is retried on the good one.
@@ -265,7 +269,7 @@ async fn retries_only_idempotent_bodiless_requests() {
 #[tokio::test]
 async fn connect_refused_is_502() {
     let dead = closed_port().await;
-    let gw = gateway(&config(&[dead], "", "")).await;
+    let gw = gateway(&Cfg::new(&[dead]).build()).await;
     let got = get(&url(&gw, "/")).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.header("x-flashgate-error"), Some("connect_refused"));
@@ -293,11 +297,11 @@ async fn connect_refused_is_502() {
 #[tokio::test]
 async fn slow_upstream_is_504_and_not_retried() {
     let slow = probed(200, Duration::from_secs(3)).await;
-    let gw = gateway(&config(
-        &[slow.up.addr],
-        "connect_timeout = \"100ms\"\nrequest_timeout = \"300ms\"\nretries = 2",
-        "",
-    ))
+    let gw = gateway(
+        &Cfg::new(&[slow.up.addr])
+            .upstream("connect_timeout = \"100ms\"\nrequest_timeout = \"300ms\"\nretries = 2")
+            .build(),
+    )
     .await;
     let started = std::time::Instant::now();
     let got = get(&url(&gw, "/")).await;
@@ -313,7 +317,12 @@ async fn slow_upstream_is_504_and_not_retried() {
 #[tokio::test]
 async fn cluster_concurrency_limit_is_503_with_retry_after() {
     let slow = probed(200, Duration::from_millis(500)).await;
-    let gw = gateway(&config(&[slow.up.addr], "max_concurrent_requests = 2", "")).await;
+    let gw = gateway(
+        &Cfg::new(&[slow.up.addr])
+            .upstream("max_concurrent_requests = 2")
+            .build(),
+    )
+    .await;
     let mut tasks = Vec::new();
     for _ in 0..5 {
         let u = url(&gw, "/");
@@ -346,7 +355,7 @@ async fn cluster_concurrency_limit_is_503_with_retry_after() {
 #[tokio::test]
 async fn keep_alive_pool_is_reused_and_metrics_move() {
     let up = Upstream::fixed("pooled").await;
-    let gw = gateway(&config(&[up.addr], "", "")).await;
+    let gw = gateway(&Cfg::new(&[up.addr]).build()).await;
     let c = client();
     for _ in 0..50 {
         let got = send_with(&c, Request::get(url(&gw, "/p")).body(empty()).unwrap()).await;
@@ -388,11 +397,11 @@ async fn keep_alive_pool_is_reused_and_metrics_move() {
 async fn a_failed_connect_is_retried_for_any_method() {
     let dead = closed_port().await;
     let good = probed(200, Duration::ZERO).await;
-    let gw = gateway(&config(
-        &[dead, good.up.addr],
-        "retries = 1\n[upstreams.outlier]\nconsecutive_failures = 0",
-        "",
-    ))
+    let gw = gateway(
+        &Cfg::new(&[dead, good.up.addr])
+            .upstream("retries = 1\n[upstreams.outlier]\nconsecutive_failures = 0")
+            .build(),
+    )
     .await;
     // Nothing of a request is sent before its connect succeeds, so even a
     // POST with a body is safe to send to another endpoint.
@@ -443,7 +452,7 @@ async fn a_pooled_connection_closed_by_the_upstream_is_not_an_error() {
             });
         }
     });
-    let gw = gateway(&config(&[addr], "retries = 0", "")).await;
+    let gw = gateway(&Cfg::new(&[addr]).upstream("retries = 0").build()).await;
     for _ in 0..5 {
         let got = get(&url(&gw, "/")).await;
         assert_eq!((got.status, got.text().as_str()), (200, "ok"));

@@ -30,14 +30,14 @@ fn with_filter(
     } else {
         "timeout = \"2s\"\n"
     };
-    config(
-        &[upstream],
-        "",
-        &format!(
-            "filters = [\"f\"]\n[[filters]]\nname = \"f\"\nwasm = \"{}\"\nconfig = '{plugin_config}'\n{deadline}{extra}\n",
+    Cfg::new(&[upstream])
+        .route("filters = [\"f\"]")
+        .section(format!(
+            "[[filters]]\nname = \"f\"\nwasm = \"{}\"\n\
+             config = '{plugin_config}'\n{deadline}{extra}\n",
             wasm_plugin(plugin).display()
-        ),
-    )
+        ))
+        .build()
 }
 
 #[tokio::test]
@@ -217,11 +217,9 @@ fn bad_modules_are_config_errors_with_key_paths() {
     let cfg = with_filter(up, "add_headers", "{not json", "");
     let e = Config::parse(&cfg).unwrap_err();
     assert_eq!(e.path, "filters[0].config", "{e}");
-    let cfg = config(
-        &[up],
-        "",
-        "[[filters]]\nname = \"f\"\nwasm = \"/nonexistent.wasm\"\n",
-    );
+    let cfg = Cfg::new(&[up])
+        .section("[[filters]]\nname = \"f\"\nwasm = \"/nonexistent.wasm\"\n")
+        .build();
     assert_eq!(Config::parse(&cfg).unwrap_err().path, "filters[0].wasm");
 }
 
@@ -493,13 +491,12 @@ async fn client_abort_while_paused_still_ends_the_context() {
         waited.map(|r| r.map(|r| r.status()))
     );
     drop(c); // the client goes away
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            metric(admin, on_log).await >= 1.0
-        })
-        .await,
-        "on_log ran for the aborted stream"
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "on_log ran for the aborted stream",
+        || async { metric(admin, on_log).await >= 1.0 },
+    )
+    .await;
     assert_eq!(echo.hits(), 0);
 }
 
@@ -531,16 +528,15 @@ async fn hot_reload_under_load_with_no_failed_request() {
     let module = dir.0.join("filter.wasm");
     std::fs::copy(wasm_plugin("test_host"), &module).unwrap();
     let up = Upstream::fixed("origin").await;
-    let cfg = config(
-        &[up.addr],
-        "",
-        &format!(
-            "filters = [\"f\"]\n[[filters]]\nname = \"f\"\nwasm = \"{}\"\n\
+    let cfg = Cfg::new(&[up.addr])
+        .route("filters = [\"f\"]")
+        .section(format!(
+            "[[filters]]\nname = \"f\"\nwasm = \"{}\"\n\
              config = '{{\"response_set\": [[\"x-version\", \"2\"]]}}'\nwatch = \"50ms\"\n\
              timeout = \"250ms\"\n",
             module.display()
-        ),
-    );
+        ))
+        .build();
     let cfg_path = dir.0.join("flashgate.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
     let gw = gateway::Gateway::start(
@@ -593,24 +589,21 @@ async fn hot_reload_under_load_with_no_failed_request() {
             }
         }));
     }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            sent.load(Ordering::Relaxed) > 50
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "load running: 50 requests sent",
+        || async { sent.load(Ordering::Relaxed) > 50 },
+    )
+    .await;
     assert_eq!(v2.load(Ordering::Relaxed), 0, "test-host sets no x-version");
 
     // 1. The file changes: the watcher swaps the module in.
     std::fs::copy(wasm_plugin("add_headers"), &module).unwrap();
     let before = v2.load(Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            v2.load(Ordering::Relaxed) > before + 50
-        })
-        .await,
-        "the new module serves"
-    );
+    wait_until(Duration::from_secs(15), "the new module serves", || async {
+        v2.load(Ordering::Relaxed) > before + 50
+    })
+    .await;
     assert!(metric(admin, "flashgate_wasm_reloads_total{filter=\"f\"}").await >= 1.0);
 
     // 2. A config reload under load.
@@ -626,25 +619,26 @@ async fn hot_reload_under_load_with_no_failed_request() {
     // 3. A broken module is refused by the watcher; the old one serves.
     std::fs::write(&module, b"\0asm not really").unwrap();
     let metrics_admin = admin;
-    assert!(
-        eventually(Duration::from_secs(15), || async move {
+    wait_until(
+        Duration::from_secs(15),
+        "the broken module is refused",
+        || async move {
             metric(
                 metrics_admin,
                 "flashgate_wasm_reload_failures_total{filter=\"f\"}",
             )
             .await
                 >= 1.0
-        })
-        .await,
-        "the broken module is refused"
-    );
+        },
+    )
+    .await;
     let n = sent.load(Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            sent.load(Ordering::Relaxed) > n + 50
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the old module keeps serving: 50 more requests sent",
+        || async { sent.load(Ordering::Relaxed) > n + 50 },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
