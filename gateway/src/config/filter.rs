@@ -1,5 +1,8 @@
 //! `[[filters]]`: named filters (built-in or proxy-wasm modules) that
-//! routes refer to.
+//! routes refer to. Only the entry's shape is checked here: a filter's
+//! `config` is for the filter to judge and a module is compiled to be
+//! judged, both when the runtime builds the filter (`pipeline::runtime`),
+//! once per config.
 
 use std::path::PathBuf;
 
@@ -71,78 +74,6 @@ fn default_wasm_memory() -> Size {
 }
 
 impl FilterConfig {
-    /// The Wasm limits this entry asks for.
-    pub fn wasm_limits(&self) -> filters::wasm::WasmLimits {
-        let defaults = filters::wasm::WasmLimits::default();
-        filters::wasm::WasmLimits {
-            timeout: self.timeout.0,
-            memory: self.memory.0,
-            instances: self.instances.unwrap_or(defaults.instances),
-        }
-    }
-
-    /// Builds the filter this entry describes; `i` is its index, for the
-    /// key path of an error. Loading a Wasm module compiles it (once per
-    /// distinct module), starts an instance and hands it its config, so a
-    /// module that does not load or refuses its config is a config error.
-    pub fn build(&self, i: usize) -> Result<Built, ConfigError> {
-        let p = format!("filters[{i}]");
-        match (&self.native, &self.wasm) {
-            (Some(kind), None) => filters::native::build(kind, &self.name, &self.config)
-                .map(|factory| Built {
-                    factory,
-                    wasm: None,
-                })
-                .map_err(|e| {
-                    let key = if matches!(e, filters::FilterError::UnknownNative(_)) {
-                        "native"
-                    } else {
-                        "config"
-                    };
-                    ConfigError::at(format!("{p}.{key}"), e.to_string())
-                }),
-            (None, Some(path)) => {
-                let wasm = filters::wasm::WasmFilter::load(
-                    &self.name,
-                    path,
-                    &self.config,
-                    self.wasm_limits(),
-                    self.fail,
-                )
-                .map_err(|e| {
-                    let key = if matches!(e, filters::FilterError::Config(_)) {
-                        "config"
-                    } else {
-                        "wasm"
-                    };
-                    ConfigError::at(format!("{p}.{key}"), e.to_string())
-                })?;
-                let limit = usize::try_from(self.body_limit.0).unwrap_or(usize::MAX);
-                let mut wasm = wasm.with_body_limit(limit);
-                if !self.bodies {
-                    wasm = wasm.without_bodies();
-                }
-                if !self.watch.0.is_zero() {
-                    wasm.watch(self.watch.0);
-                }
-                Ok(Built {
-                    factory: wasm.clone(),
-                    wasm: Some(wasm),
-                })
-            }
-            _ => Err(ConfigError::at(p, "set exactly one of `native` or `wasm`")),
-        }
-    }
-}
-
-/// A filter built from its config entry.
-pub struct Built {
-    pub factory: std::sync::Arc<dyn filters::FilterFactory>,
-    /// Set for Wasm filters, whose metrics the admin listener renders.
-    pub wasm: Option<std::sync::Arc<filters::wasm::WasmFilter>>,
-}
-
-impl FilterConfig {
     /// Checks this entry's own keys; `p` is its key path (`filters[N]`).
     pub(super) fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
@@ -166,6 +97,15 @@ impl FilterConfig {
                 "must be between 1 and 256",
             ));
         }
-        Ok(())
+        match (&self.native, &self.wasm) {
+            (Some(kind), None) if !filters::native::KNOWN.contains(&kind.as_str()) => {
+                Err(ConfigError::at(
+                    format!("{p}.native"),
+                    filters::FilterError::UnknownNative(kind.clone()).to_string(),
+                ))
+            }
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err(ConfigError::at(p, "set exactly one of `native` or `wasm`")),
+        }
     }
 }
