@@ -68,7 +68,8 @@ pub struct Shared {
     /// earlier reloads.
     bound: Bound,
     reload_lock: tokio::sync::Mutex<()>,
-    /// The TLS listeners' certificates: a reload re-reads them from disk.
+    /// The TLS listeners' certificates: a config reload installs the pairs
+    /// it loaded (and checked) for the new config.
     pub certs: Vec<Arc<edge::tls::CertStore>>,
     /// The span exporter (`[tracing]`), built at start; `None` without one.
     pub otel: Option<observe::otel::Otel>,
