@@ -17,10 +17,9 @@
 //!   [`pipeline::runtime::Runtime`] that one config builds;
 //! - [`admin`] and [`demo`]: the admin listener and the embedded default.
 //!
-//! Two small pairs point both ways, each for a reason given where it is:
-//! [`body`] holds the upstream's in-flight slot ([`upstream::InFlight`])
-//! while the upstream client sends bodies the edge limits; and this root
-//! ([`Shared`]) is what the pipeline and admin read.
+//! No folder imports from one listed after it; the one exception is this
+//! root: [`Shared`] (the runtime in effect, metrics, the span exporter) is
+//! what the pipeline and the admin listener read.
 //!
 //! The library is what the `flashgate` binary and the end-to-end tests use:
 //! [`Gateway::start`] binds every listener of a validated [`Config`] and
@@ -68,7 +67,8 @@ pub struct Shared {
     /// earlier reloads.
     bound: Bound,
     reload_lock: tokio::sync::Mutex<()>,
-    /// The TLS listeners' certificates: a reload re-reads them from disk.
+    /// The TLS listeners' certificates: a config reload installs the pairs
+    /// it loaded (and checked) for the new config.
     pub certs: Vec<Arc<edge::tls::CertStore>>,
     /// The span exporter (`[tracing]`), built at start; `None` without one.
     pub otel: Option<observe::otel::Otel>,
@@ -87,8 +87,8 @@ struct Bound {
 #[derive(Debug, Default)]
 pub struct ReloadOutcome {
     pub restart_required: Vec<String>,
-    /// Certificate files that failed to load; their listeners keep the
-    /// certificates they had.
+    /// Certificate files that failed to load for a listener whose pairs
+    /// changed (which needs a restart); it keeps the certificates it had.
     pub tls_errors: Vec<String>,
 }
 
@@ -165,11 +165,24 @@ impl Shared {
         if bound.tracing != new.tracing {
             outcome.restart_required.push("tracing".into());
         }
+        // Built once: what the new config loads is what gets served.
+        let mut loaded: Vec<edge::tls::Certs> = edge::tls::Certs::load_listeners(&new)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .flatten()
+            .collect();
         let runtime = Runtime::build(new, &self.metrics, Some(&old)).map_err(|e| e.to_string())?;
         self.runtime.store(Arc::new(runtime));
         for store in &self.certs {
-            if let Err(e) = store.reload(true) {
-                outcome.tls_errors.push(e.to_string());
+            match loaded.iter().position(|c| store.same_files(c)) {
+                Some(i) => store.install(loaded.swap_remove(i)),
+                // The listener's pairs changed, which needs a restart: the
+                // store re-reads the files it was started with.
+                None => {
+                    if let Err(e) = store.reload(true) {
+                        outcome.tls_errors.push(e.to_string());
+                    }
+                }
             }
         }
         Ok(outcome)
@@ -181,12 +194,6 @@ impl Shared {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("listener {listener:?}: {source}")]
-    Tls {
-        listener: String,
-        #[source]
-        source: edge::tls::TlsError,
-    },
     #[error("tracing: {0}")]
     Tracing(String),
     #[error("cannot listen on {addr} ({what})")]
@@ -217,8 +224,18 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let bound_config = Bound {
+            listeners: config.listeners.clone(),
+            admin: config.admin.listen,
+            log: config.log.clone(),
+            tracing: config.tracing.clone(),
+        };
+        // Everything that reads files or compiles is built before a socket
+        // is bound, once: a bad file is a config error with its key path.
+        let loaded = edge::tls::Certs::load_listeners(&config)?;
+        let runtime = Runtime::build(config, &metrics, None)?;
         let mut bound = Vec::new();
-        for l in &config.listeners {
+        for l in &bound_config.listeners {
             let listener =
                 TcpListener::bind(l.listen)
                     .await
@@ -229,50 +246,42 @@ impl Gateway {
                     })?;
             bound.push((l.clone(), listener));
         }
-        let admin_listener = TcpListener::bind(config.admin.listen)
+        let admin_listener = TcpListener::bind(bound_config.admin)
             .await
             .map_err(|source| StartError::Bind {
                 what: "admin".into(),
-                addr: config.admin.listen,
+                addr: bound_config.admin,
                 source,
             })?;
         let admin = admin_listener
             .local_addr()
             .map_err(|source| StartError::Bind {
                 what: "admin".into(),
-                addr: config.admin.listen,
+                addr: bound_config.admin,
                 source,
             })?;
-        let bound_config = Bound {
-            listeners: config.listeners.clone(),
-            admin: config.admin.listen,
-            log: config.log.clone(),
-            tracing: config.tracing.clone(),
-        };
         let mut certs = Vec::new();
         let mut listener_certs = Vec::new();
-        for l in &config.listeners {
-            let store = match &l.tls {
-                Some(t) => {
-                    let store =
-                        edge::tls::CertStore::load(&l.name, t, metrics.tls_cert_reloads.clone())
-                            .map_err(|source| StartError::Tls {
-                                listener: l.name.clone(),
-                                source,
-                            })?;
+        for (l, loaded) in bound_config.listeners.iter().zip(loaded) {
+            let store = match (&l.tls, loaded) {
+                (Some(t), Some(loaded)) => {
+                    let store = edge::tls::CertStore::new(
+                        &l.name,
+                        loaded,
+                        metrics.tls_cert_reloads.clone(),
+                    );
                     store.watch(t.reload_interval.0);
                     certs.push(store.clone());
                     Some(store)
                 }
-                None => None,
+                _ => None,
             };
             listener_certs.push(store);
         }
-        let otel = match &config.tracing {
+        let otel = match &bound_config.tracing {
             Some(t) => Some(observe::otel::Otel::start(t, &metrics).map_err(StartError::Tracing)?),
             None => None,
         };
-        let runtime = Runtime::build(config, &metrics, None)?;
         let shared = Arc::new(Shared {
             otel,
             certs,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gateway::config::{Config, LogConfig, LogFormat};
+use gateway::pipeline::runtime::Runtime;
 use gateway::{demo, Gateway};
 use tokio::net::TcpListener;
 
@@ -97,10 +98,13 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Each file is validated, then everything it names is built and dropped
+/// (`Runtime::check`), so a file that `check` accepts is one `run` starts
+/// with, short of ports being free and Redis being there.
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for f in files {
-        match Config::load(f) {
+        match Config::load(f).and_then(|c| Runtime::check(&c)) {
             Ok(_) => println!("{}: ok", f.display()),
             Err(e) => {
                 eprintln!("{}: {e}", f.display());

@@ -64,6 +64,26 @@ fn check_prints_the_key_path_of_the_first_error() {
                 .replace("[log]", "[log]\ncolour = true"),
             "log.colour: unknown field",
         ),
+        // Valid text naming files that do not build: `check` builds them.
+        (
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .section("[[filters]]\nname = \"f\"\nwasm = \"/nonexistent/f.wasm\"\n")
+                .build(),
+            "filters[0].wasm: wasm module: cannot read /nonexistent/f.wasm",
+        ),
+        (
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()])
+                .section("[jwt]\nalgorithm = \"RS256\"\npublic_key = \"/nonexistent/jwt.pem\"\n")
+                .build(),
+            "jwt.public_key: cannot read /nonexistent/jwt.pem",
+        ),
+        (
+            Cfg::new(&["127.0.0.1:1".parse().unwrap()]).build().replace(
+                "[[upstreams]]",
+                "[listeners.tls]\ncerts = [{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }]\n[[upstreams]]",
+            ),
+            "listeners[0].tls.certs[0]: cannot read certificates from /nonexistent/c.pem",
+        ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {
         let file = dir.join(format!("bad{i}.toml"));

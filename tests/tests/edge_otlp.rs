@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flashgate_tests::{
-    closed_port, empty, eventually, gateway, metric, reply, send, wait_until, Cfg, Upstream,
+    closed_port, empty, eventually, gateway, metric, reply, send, wait_until, wasm_plugin, Cfg,
+    Upstream,
 };
 use http::Request;
 use http_body_util::BodyExt;
@@ -462,5 +463,70 @@ async fn tracing_changes_need_a_restart() {
     .unwrap();
     let refused = gw.shared.reload().await.unwrap_err();
     assert!(refused.starts_with("tracing.endpoint: "), "{refused}");
+    gw.shutdown().await;
+}
+
+/// A stream a filter resets has no response, but its span still ends and
+/// is exported, with status 444 as the request metrics count it.
+#[tokio::test]
+async fn a_stream_a_filter_resets_still_exports_its_span() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let collector = Collector::start().await;
+    let echo = Upstream::echo().await;
+    let toml = Cfg::new(&[echo.addr])
+        .route("filters = [\"f\"]")
+        .section(format!(
+            "[[filters]]\nname = \"f\"\nwasm = \"{}\"\ntimeout = \"2s\"\n\
+             [tracing]\nendpoint = \"http://{}/v1/traces\"\nscheduled_delay = \"50ms\"\n",
+            wasm_plugin("test_host").display(),
+            collector.addr
+        ))
+        .build();
+    let gw = gateway(&toml).await;
+    let trace = "3af7651916cd43dd8448eb211c80319c";
+    let mut s = tokio::net::TcpStream::connect(gw.addr("public").unwrap())
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "GET /reset HTTP/1.1\r\nhost: gw\r\nx-test: close-request\r\n\
+             traceparent: 00-{trace}-{CLIENT_SPAN}-01\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(
+        got.is_empty(),
+        "no response: {}",
+        String::from_utf8_lossy(&got)
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the reset request's span is exported",
+        || async {
+            collector
+                .spans()
+                .iter()
+                .any(|(_, s)| s.trace_id == unhex(trace))
+        },
+    )
+    .await;
+    let spans = collector.spans();
+    let (_, span) = spans
+        .iter()
+        .find(|(_, s)| s.trace_id == unhex(trace))
+        .unwrap();
+    assert_eq!(
+        int_attr(&span.attributes, "http.response.status_code"),
+        Some(444)
+    );
+    assert_eq!(
+        str_attr(&span.attributes, "flashgate.route").as_deref(),
+        Some("default")
+    );
+    assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
     gw.shutdown().await;
 }

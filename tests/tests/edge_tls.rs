@@ -257,6 +257,12 @@ async fn certificates_reload_from_disk_and_open_connections_stay() {
     assert_eq!(get_over_h1(&mut kept, "/").await.0, 200);
 }
 
+/// What `flashgate check` reports for config text: validation, then
+/// building what the file names (`Runtime::check`).
+fn check(text: &str) -> Result<(), gateway::ConfigError> {
+    gateway::pipeline::runtime::Runtime::check(&flashgate_tests::Config::parse(text)?)
+}
+
 #[tokio::test]
 async fn bad_certificate_files_are_config_errors_with_their_key() {
     let dir = tls::temp_dir("check");
@@ -268,13 +274,19 @@ async fn bad_certificate_files_are_config_errors_with_their_key() {
         a.cert.display(),
         b.key.display()
     );
-    let e = flashgate_tests::Config::parse(&tls_config(up, &format!("{}, {mixed}", pair(&a)), ""))
-        .unwrap_err();
+    let e = check(&tls_config(up, &format!("{}, {mixed}", pair(&a)), "")).unwrap_err();
     assert_eq!(e.path, "listeners[0].tls.certs[1]", "{e}");
     let missing = "{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }";
-    let e = flashgate_tests::Config::parse(&tls_config(up, missing, "")).unwrap_err();
+    let e = check(&tls_config(up, missing, "")).unwrap_err();
     assert_eq!(e.path, "listeners[0].tls.certs[0]", "{e}");
     assert!(e.message.contains("/nonexistent/c.pem"), "{e}");
+    // Starting loads the pairs too, and refuses with the same key path.
+    let text = tls_config(up, missing, "");
+    let e = flashgate_tests::Gateway::start(flashgate_tests::Config::parse(&text).unwrap(), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("listeners[0].tls.certs[0]"), "{e}");
     let e = flashgate_tests::Config::parse(&tls_config(up, "", "")).unwrap_err();
     assert_eq!(e.path, "listeners[0].tls.certs", "{e}");
 }
@@ -321,8 +333,8 @@ async fn config_reload_rereads_certificates() {
         "served right after the reload"
     );
 
-    // A bad key file makes the config invalid (validation loads every
-    // pair): the reload is refused with the key path, nothing changes.
+    // A bad key file refuses the reload (it loads every pair before it
+    // swaps anything) with the key path; nothing changes.
     std::fs::write(&new.key, "garbage").unwrap();
     let answer = reload().await;
     assert_eq!(answer.status, 400, "{}", answer.text());

@@ -208,19 +208,32 @@ async fn a_looping_filter_fails_closed_or_open_as_configured() {
     );
 }
 
+/// What `flashgate check` reports for config text: validation, then
+/// building what the file names (`Runtime::check`).
+fn check(text: &str) -> Result<(), gateway::ConfigError> {
+    gateway::pipeline::runtime::Runtime::check(&Config::parse(text)?)
+}
+
 #[test]
 fn bad_modules_are_config_errors_with_key_paths() {
     let up: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let cfg = with_filter(up, "no_abi", "", "");
-    let e = Config::parse(&cfg).unwrap_err();
+    let e = check(&cfg).unwrap_err();
     assert_eq!(e.path, "filters[0].wasm", "{e}");
     let cfg = with_filter(up, "add_headers", "{not json", "");
-    let e = Config::parse(&cfg).unwrap_err();
+    let e = check(&cfg).unwrap_err();
     assert_eq!(e.path, "filters[0].config", "{e}");
     let cfg = Cfg::new(&[up])
-        .section("[[filters]]\nname = \"f\"\nwasm = \"/nonexistent.wasm\"\n")
+        .section(
+            "[[filters]]
+name = \"f\"
+wasm = \"/nonexistent.wasm\"
+",
+        )
         .build();
-    assert_eq!(Config::parse(&cfg).unwrap_err().path, "filters[0].wasm");
+    assert_eq!(check(&cfg).unwrap_err().path, "filters[0].wasm");
+    // Parsing alone reads no module: it is compiled once, when built.
+    Config::parse(&cfg).unwrap();
 }
 
 /// An upstream that answers with the request body it received, and the

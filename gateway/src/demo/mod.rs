@@ -264,6 +264,8 @@ mod tests {
     fn demo_config_is_valid() {
         let c = super::config("127.0.0.1:1234".parse().unwrap());
         assert_eq!(c.upstreams[0].endpoints, ["127.0.0.1:1234"]);
+        // Its filters build too, as `flashgate check` would find.
+        crate::pipeline::runtime::Runtime::check(&c).unwrap();
     }
 
     #[test]

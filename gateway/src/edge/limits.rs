@@ -5,47 +5,13 @@
 //! The other client limits: hyper enforces head size, header count and
 //! HTTP/2 streams on the connection (`server::http_builders`); the body
 //! size is counted as it streams (`request_body`); the target length is
-//! the pipeline's request-limits phase.
+//! the pipeline's request-limits phase. The keys' bounds are checked with
+//! the rest of a listener's config (`config::ListenerConfig`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use crate::config::{ConfigError, ListenerConfig};
-
-/// Checks a listener's limit keys (called from `Config::validate`).
-pub fn validate_listener(l: &ListenerConfig, p: &str) -> Result<(), ConfigError> {
-    let at = |key: &str, msg: &str| Err(ConfigError::at(format!("{p}.{key}"), msg));
-    if l.max_headers == 0 || l.max_headers > 10_000 {
-        return at("max_headers", "must be between 1 and 10000");
-    }
-    if l.max_uri_bytes.0 < 256 || l.max_uri_bytes.0 > l.max_header_bytes.0 {
-        return at(
-            "max_uri_bytes",
-            "must be at least 256B and not above max_header_bytes",
-        );
-    }
-    if l.max_connections == 0 {
-        return at("max_connections", "must be above zero");
-    }
-    if l.max_concurrent_streams == 0 {
-        return at("max_concurrent_streams", "must be above zero");
-    }
-    if l.proxy_protocol_timeout.0.is_zero() {
-        return at("proxy_protocol_timeout", "must be above zero");
-    }
-    // The connection clocks add these to instants: keep them sane.
-    const DAY: Duration = Duration::from_secs(24 * 3600);
-    if l.header_read_timeout.0 > DAY {
-        return at("header_read_timeout", "must be at most 24h");
-    }
-    if l.idle_timeout.0 > DAY {
-        return at("idle_timeout", "must be at most 24h");
-    }
-    Ok(())
-}
 
 /// Open connections of one listener, in total and per client address.
 pub struct ConnLimits {

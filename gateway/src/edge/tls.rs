@@ -9,6 +9,10 @@
 //! file (missing, unparsable, key not matching the certificate) is refused
 //! with a log line and `flashgate_tls_cert_reloads_total{result="error"}`,
 //! and the old set keeps serving.
+//!
+//! A config's pairs are loaded once, into [`Certs`], with errors at their
+//! key paths: at start (the store is made from them), by a config reload
+//! (which installs them, or is refused) and by `flashgate check`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,7 +28,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-use crate::config::{CertPair, ConfigError, TlsConfig};
+use crate::config::{CertPair, Config, ConfigError, TlsConfig};
 
 /// Why a certificate pair could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +111,24 @@ struct CertSet {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
 }
 
+/// Loads every pair; the first that fails comes back with its index.
+fn load_all(
+    pairs: &[CertPair],
+    provider: &CryptoProvider,
+) -> Result<Vec<Loaded>, (usize, TlsError)> {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| load_pair(p, provider).map_err(|e| (i, e)))
+        .collect()
+}
+
 impl CertSet {
     fn build(pairs: &[CertPair], provider: &CryptoProvider) -> Result<CertSet, TlsError> {
-        let mut loaded = pairs
-            .iter()
-            .map(|p| load_pair(p, provider))
-            .collect::<Result<Vec<_>, _>>()?;
+        CertSet::index(load_all(pairs, provider).map_err(|(_, e)| e)?)
+    }
+
+    fn index(mut loaded: Vec<Loaded>) -> Result<CertSet, TlsError> {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         // Earlier pairs win a name both cover: the order in the file is the
@@ -159,6 +175,50 @@ impl CertSet {
     }
 }
 
+/// One listener's certificate pairs, every one loaded and checked: what a
+/// [`CertStore`] serves.
+pub struct Certs {
+    pairs: Vec<CertPair>,
+    set: CertSet,
+    /// The files' modification times from just before they were read.
+    mtimes: Vec<Option<SystemTime>>,
+}
+
+impl Certs {
+    /// Loads every pair of `cfg`; the first that fails (missing file, bad
+    /// PEM, key not matching its certificate) is an error at
+    /// `{path}.certs[N]`.
+    pub fn load(cfg: &TlsConfig, path: &str) -> Result<Certs, ConfigError> {
+        let stamps = mtimes(&cfg.certs);
+        let loaded = load_all(&cfg.certs, &provider())
+            .map_err(|(i, e)| ConfigError::at(format!("{path}.certs[{i}]"), e.to_string()))?;
+        let set = CertSet::index(loaded)
+            .map_err(|e| ConfigError::at(format!("{path}.certs"), e.to_string()))?;
+        Ok(Certs {
+            pairs: cfg.certs.clone(),
+            set,
+            mtimes: stamps,
+        })
+    }
+
+    /// The certificates of every listener of `config`, by listener index
+    /// (`None` for a listener without TLS), errors at
+    /// `listeners[N].tls.certs[M]`.
+    pub fn load_listeners(config: &Config) -> Result<Vec<Option<Certs>>, ConfigError> {
+        config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.tls
+                    .as_ref()
+                    .map(|t| Certs::load(t, &format!("listeners[{i}].tls")))
+                    .transpose()
+            })
+            .collect()
+    }
+}
+
 /// A listener's certificates, swapped whole on reload.
 pub struct CertStore {
     listener: String,
@@ -187,23 +247,34 @@ fn mtimes(pairs: &[CertPair]) -> Vec<Option<SystemTime>> {
 }
 
 impl CertStore {
-    /// Loads every pair; fails on the first bad one.
-    pub fn load(
-        listener: &str,
-        cfg: &TlsConfig,
-        reloads: IntCounterVec,
-    ) -> Result<Arc<CertStore>, TlsError> {
-        let provider = provider();
-        let stamps = mtimes(&cfg.certs);
-        let set = CertSet::build(&cfg.certs, &provider)?;
-        Ok(Arc::new(CertStore {
+    /// A store serving `certs` (loaded by [`Certs::load`]) for `listener`.
+    pub fn new(listener: &str, certs: Certs, reloads: IntCounterVec) -> Arc<CertStore> {
+        Arc::new(CertStore {
             listener: listener.to_string(),
-            pairs: cfg.certs.clone(),
-            provider,
-            current: ArcSwap::from_pointee(set),
-            mtimes: Mutex::new(stamps),
+            pairs: certs.pairs,
+            provider: provider(),
+            current: ArcSwap::from_pointee(certs.set),
+            mtimes: Mutex::new(certs.mtimes),
             reloads,
-        }))
+        })
+    }
+
+    /// Were `certs` loaded from the files this store serves? A config
+    /// reload that kept a listener's pairs has just loaded them, and
+    /// [`CertStore::install`]s them instead of reading them again.
+    pub fn same_files(&self, certs: &Certs) -> bool {
+        self.pairs == certs.pairs
+    }
+
+    /// Serves `certs` (from [`CertStore::same_files`]) from now on, counted
+    /// and logged like a reload from disk.
+    pub fn install(&self, certs: Certs) {
+        *self.mtimes.lock().unwrap_or_else(|p| p.into_inner()) = certs.mtimes;
+        self.current.store(Arc::new(certs.set));
+        self.reloads
+            .with_label_values(&[&self.listener, "ok"])
+            .inc();
+        tracing::info!(listener = %self.listener, "TLS certificates reloaded");
     }
 
     /// Re-reads the files when any of them changed (or always, with
@@ -271,35 +342,6 @@ impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load().pick(hello.server_name()))
     }
-}
-
-/// Config validation: at least one pair, and every pair loads (so
-/// `flashgate check` reports a missing or mismatched file with its key).
-pub fn validate(cfg: &TlsConfig, path: &str) -> Result<(), ConfigError> {
-    if cfg.certs.is_empty() {
-        return Err(ConfigError::at(
-            format!("{path}.certs"),
-            "at least one { cert, key } pair is required",
-        ));
-    }
-    for (key, d) in [
-        ("reload_interval", cfg.reload_interval),
-        ("handshake_timeout", cfg.handshake_timeout),
-    ] {
-        if d.0.is_zero() {
-            return Err(ConfigError::at(
-                format!("{path}.{key}"),
-                "must be above zero",
-            ));
-        }
-    }
-    let provider = provider();
-    for (i, pair) in cfg.certs.iter().enumerate() {
-        if let Err(e) = load_pair(pair, &provider) {
-            return Err(ConfigError::at(format!("{path}.certs[{i}]"), e.to_string()));
-        }
-    }
-    Ok(())
 }
 
 /// A self-signed certificate for `names`, as (cert PEM, key PEM): what
@@ -376,5 +418,46 @@ mod tests {
         };
         let e = load_pair(&missing, &provider()).err().unwrap().to_string();
         assert!(e.contains("missing.pem"), "{e}");
+    }
+
+    #[test]
+    fn certs_load_reports_the_failing_pair_at_its_key() {
+        let d = tmp("certs");
+        let a = pair(&d, "a", &["a.test"]);
+        let b = pair(&d, "b", &["b.test"]);
+        let mixed = CertPair {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        };
+        let cfg = |certs: Vec<CertPair>| TlsConfig {
+            certs,
+            reload_interval: crate::config::Dur(Duration::from_secs(10)),
+            handshake_timeout: crate::config::Dur(Duration::from_secs(10)),
+        };
+        let e = Certs::load(&cfg(vec![a.clone(), mixed]), "listeners[0].tls")
+            .err()
+            .unwrap();
+        assert_eq!(e.path, "listeners[0].tls.certs[1]", "{e}");
+        let missing = CertPair {
+            cert: d.join("missing.pem"),
+            key: a.key.clone(),
+        };
+        let e = Certs::load(&cfg(vec![missing]), "listeners[0].tls")
+            .err()
+            .unwrap();
+        assert_eq!(e.path, "listeners[0].tls.certs[0]", "{e}");
+        assert!(e.message.contains("missing.pem"), "{e}");
+        let certs = Certs::load(&cfg(vec![a.clone(), b]), "listeners[0].tls").unwrap();
+        let store = CertStore::new(
+            "l",
+            certs,
+            prometheus::IntCounterVec::new(
+                prometheus::Opts::new("t", "t"),
+                &["listener", "result"],
+            )
+            .unwrap(),
+        );
+        let again = Certs::load(&cfg(vec![a.clone()]), "listeners[0].tls").unwrap();
+        assert!(!store.same_files(&again));
     }
 }

@@ -14,10 +14,12 @@
 //! - Never cached: the core marks every answer `cache-control: no-store`,
 //!   and a checkout route must be `priority = "critical"` (validated), so
 //!   overload shedding keeps its capacity.
+//!
+//! Its settings, and their checks, are `config::CheckoutRouteConfig`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -25,72 +27,11 @@ use http::{header, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use serde::Deserialize;
 
-use crate::config::{ConfigError, Dur, RouteConfig};
+use crate::config::CheckoutRouteConfig;
 use crate::edge::request_body::LimitedBody;
 use crate::error::ProxyError;
 use crate::respond::Refusal;
 use crate::upstream::UpstreamBody;
-use filters::Priority;
-
-/// `checkout = { sold_out_ttl = "1s", max_body_bytes = 16384, body_timeout = "10s" }`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckoutRouteConfig {
-    /// How long a 409 from the core keeps the SKU sold out at the edge.
-    #[serde(default = "default_ttl")]
-    pub sold_out_ttl: Dur,
-    /// Largest checkout body read (413 above).
-    #[serde(default = "default_max_body")]
-    pub max_body_bytes: usize,
-    /// Time the client has to send the whole (small) checkout body, which
-    /// the edge reads before it forwards; a client that dribbles it gets
-    /// 408 instead of holding a critical request open.
-    #[serde(default = "default_body_timeout")]
-    pub body_timeout: Dur,
-}
-
-fn default_body_timeout() -> Dur {
-    Dur(Duration::from_secs(10))
-}
-
-fn default_ttl() -> Dur {
-    Dur(Duration::from_secs(1))
-}
-fn default_max_body() -> usize {
-    16 * 1024
-}
-
-/// Checks a route with `checkout`: critical priority, and `[jwt]` present
-/// (the user comes only from a verified subject).
-pub fn validate_route(r: &RouteConfig, p: &str, has_jwt: bool) -> Result<(), ConfigError> {
-    if r.priority != Priority::Critical {
-        return Err(ConfigError::at(
-            format!("{p}.priority"),
-            "a checkout route must be \"critical\"",
-        ));
-    }
-    if !has_jwt {
-        return Err(ConfigError::at(
-            format!("{p}.checkout"),
-            "needs a [jwt] section: the user comes from the verified token subject",
-        ));
-    }
-    if let Some(c) = &r.checkout {
-        if c.max_body_bytes == 0 || c.max_body_bytes > 1 << 20 {
-            return Err(ConfigError::at(
-                format!("{p}.checkout.max_body_bytes"),
-                "must be between 1 and 1048576",
-            ));
-        }
-        if c.body_timeout.0.is_zero() || c.body_timeout.0 > Duration::from_secs(3600) {
-            return Err(ConfigError::at(
-                format!("{p}.checkout.body_timeout"),
-                "must be more than 0 and at most 1h",
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// Most SKUs flagged at once; beyond that expired flags are dropped first,
 /// then all (a flag is only an optimisation: the core decides).
@@ -202,6 +143,8 @@ impl Checkout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Dur;
+    use std::time::Duration;
 
     #[test]
     fn a_409_flags_the_sku_until_the_ttl_or_a_201() {

@@ -7,43 +7,11 @@
 //! whatever a client sends under that name is removed on every request,
 //! verified or not. Only a subject this gateway verified reaches the core.
 
-use std::path::PathBuf;
-
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
-
-/// The header the verified subject goes into.
-pub const DEFAULT_USER_HEADER: &str = "x-user-id";
-
-/// `[jwt]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// `"HS256"` or `"RS256"`.
-    pub algorithm: String,
-    /// HS256: the shared secret.
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// RS256: path of the issuer's public key (PEM).
-    #[serde(default)]
-    pub public_key: Option<PathBuf>,
-    /// Required `iss`, if set.
-    #[serde(default)]
-    pub issuer: Option<String>,
-    /// Required `aud`, if set.
-    #[serde(default)]
-    pub audience: Option<String>,
-    /// Where the verified subject goes.
-    #[serde(default = "default_user_header")]
-    pub user_header: String,
-}
-
-fn default_user_header() -> String {
-    DEFAULT_USER_HEADER.into()
-}
+use crate::config::{ConfigError, JwtConfig, JwtKey, DEFAULT_USER_HEADER};
 
 /// Why a request has no identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,27 +35,15 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    /// Builds the verifier; errors name the `jwt.*` key.
+    /// Builds the verifier, reading an RS256 key file; errors name the
+    /// `jwt.*` key. Built once per config, by the runtime.
     pub fn new(c: &JwtConfig) -> Result<JwtVerifier, ConfigError> {
-        let (alg, key) = match c.algorithm.as_str() {
-            "HS256" => {
-                let secret = c
-                    .secret
-                    .as_deref()
-                    .filter(|s| s.len() >= 16)
-                    .ok_or_else(|| {
-                        ConfigError::at("jwt.secret", "HS256 needs a secret of at least 16 bytes")
-                    })?;
-                (
-                    Algorithm::HS256,
-                    DecodingKey::from_secret(secret.as_bytes()),
-                )
-            }
-            "RS256" => {
-                let path = c
-                    .public_key
-                    .as_ref()
-                    .ok_or_else(|| ConfigError::at("jwt.public_key", "RS256 needs a public key"))?;
+        let (alg, key) = match c.key()? {
+            JwtKey::Hs256Secret(secret) => (
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.as_bytes()),
+            ),
+            JwtKey::Rs256PublicKey(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
                     ConfigError::at(
                         "jwt.public_key",
@@ -102,15 +58,8 @@ impl JwtVerifier {
                 })?;
                 (Algorithm::RS256, key)
             }
-            other => {
-                return Err(ConfigError::at(
-                    "jwt.algorithm",
-                    format!("{other:?} is not supported (HS256 or RS256)"),
-                ))
-            }
         };
-        let user_header = HeaderName::from_bytes(c.user_header.as_bytes())
-            .map_err(|_| ConfigError::at("jwt.user_header", "not a valid header name"))?;
+        let user_header = c.user_header()?;
         // One algorithm only: a token cannot pick a weaker one (the
         // classic "alg: none" / HS-with-public-key confusion).
         let mut validation = Validation::new(alg);

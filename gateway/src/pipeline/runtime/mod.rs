@@ -2,16 +2,26 @@
 //! (routes, clusters, filter chains). It is swapped whole on reload, so a
 //! request sees either the old or the new config, never a mix, and requests
 //! in flight finish on the runtime they started with.
+//!
+//! Building is where a config meets the disk and the compiler: filters are
+//! built (Wasm modules compiled and started) and the JWT verifier reads its
+//! key here, once per config. [`Runtime::check`] builds the same parts, and
+//! the listeners' certificates, without starting anything: `flashgate
+//! check` runs it after `Config::load`, so a file that parses but does not
+//! build is reported with its key path as before.
+
+pub mod filters;
 
 use std::sync::{Arc, OnceLock};
 
-use filters::wasm::WasmFilter;
-use filters::{FilterChain, FilterFactory, Priority};
+use ::filters::wasm::WasmFilter;
+use ::filters::{FilterChain, FilterFactory, Priority};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
 use crate::observe::metrics::Metrics;
+use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
 use crate::upstream::Cluster;
 
@@ -63,13 +73,39 @@ pub struct Runtime {
     /// The Wasm filters by name, for their metrics on `/metrics`.
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
     /// The JWT verifier when `[jwt]` is set.
-    pub jwt: Option<crate::pipeline::identity::jwt::JwtVerifier>,
+    pub jwt: Option<JwtVerifier>,
     /// The response cache: carried over by reloads that keep `[cache]` and
     /// `[redis]` as they were, so its entries survive the reload.
     pub cache: Arc<Cache>,
 }
 
+/// The parts of a runtime that can fail to build from a valid config.
+struct Fallible {
+    filters: Vec<filters::Built>,
+    jwt: Option<JwtVerifier>,
+}
+
+impl Fallible {
+    fn build(config: &Config, watch: filters::Watch) -> Result<Fallible, ConfigError> {
+        let filters = filters::build_all(config, watch)?;
+        let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
+        Ok(Fallible { filters, jwt })
+    }
+}
+
 impl Runtime {
+    /// Builds, from a valid config, everything that can still fail (the
+    /// listeners' certificate pairs, the filters, the JWT verifier) and
+    /// drops it: no listener, health check, Redis connection or file
+    /// watcher is started, and no tokio runtime is needed. The first error
+    /// comes back with its key path; certificates are built first, then
+    /// filters, then `[jwt]`, the order of their sections in validation.
+    pub fn check(config: &Config) -> Result<(), ConfigError> {
+        crate::edge::tls::Certs::load_listeners(config)?;
+        Fallible::build(config, filters::Watch::Never)?;
+        Ok(())
+    }
+
     /// Builds the runtime from a validated config. Must run inside a tokio
     /// runtime (clusters start their health checks).
     ///
@@ -82,6 +118,8 @@ impl Runtime {
         metrics: &Arc<Metrics>,
         previous: Option<&Runtime>,
     ) -> Result<Runtime, ConfigError> {
+        // What can fail first, so a refused config starts no health check.
+        let Fallible { filters, jwt } = Fallible::build(&config, filters::Watch::AsConfigured)?;
         let clusters: Vec<Arc<Cluster>> = config
             .upstreams
             .iter()
@@ -105,12 +143,11 @@ impl Runtime {
         };
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
         let mut wasm = Vec::new();
-        for (i, f) in config.filters.iter().enumerate() {
-            let built = f.build(i)?;
+        for built in filters {
             if let Some(w) = built.wasm {
-                wasm.push((f.name.clone(), w));
+                wasm.push((built.name.clone(), w));
             }
-            factories.push((f.name.clone(), built.factory));
+            factories.push((built.name, built.factory));
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
@@ -157,11 +194,6 @@ impl Runtime {
                 i,
             )
         }));
-        let jwt = config
-            .jwt
-            .as_ref()
-            .map(crate::pipeline::identity::jwt::JwtVerifier::new)
-            .transpose()?;
         Ok(Runtime {
             jwt,
             config: Arc::new(config),
@@ -175,5 +207,50 @@ impl Runtime {
 
     pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
         self.router.find(host, path).map(|&i| &self.routes[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[listeners]]
+name = "public"
+listen = "127.0.0.1:8080"
+
+[[upstreams]]
+name = "catalog"
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+path_prefix = "/"
+upstream = "catalog"
+"#;
+
+    /// A plain test, no tokio runtime: checking builds no cluster, cache
+    /// or listener.
+    #[test]
+    fn check_builds_what_can_fail_with_key_paths() {
+        let check = |extra: &str| {
+            let c = Config::parse(&format!("{BASE}{extra}")).expect("valid shape");
+            Runtime::check(&c)
+        };
+        check("[[filters]]\nname = \"h\"\nnative = \"headers\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n")
+            .unwrap();
+        let e =
+            check("[[filters]]\nname = \"h\"\nnative = \"headers\"\nconfig = '{\"bogus\": 1}'\n")
+                .unwrap_err();
+        assert_eq!(e.path, "filters[0].config");
+        let e = check("[jwt]\nalgorithm = \"RS256\"\npublic_key = \"/nonexistent/key.pem\"\n")
+            .unwrap_err();
+        assert_eq!(e.path, "jwt.public_key");
+        assert!(e.message.contains("/nonexistent/key.pem"), "{e}");
+        let e = check(
+            "[[listeners]]\nname = \"tls\"\nlisten = \"127.0.0.1:8443\"\n\
+             [listeners.tls]\ncerts = [{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "listeners[1].tls.certs[0]");
     }
 }

@@ -1,0 +1,149 @@
+//! `[[routes]]`: host + path prefix -> upstream, with the route's filters,
+//! cache and checkout settings. Names a route refers to are checked by
+//! `Config::validate`, which sees the whole file.
+
+use std::time::Duration;
+
+use filters::Priority;
+use serde::Deserialize;
+
+use super::{ConfigError, Dur, RouteCacheConfig};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Used in metrics and logs; defaults to `host` + `path_prefix`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Exact host (`shop.example.com`) or suffix wildcard (`*.example.com`);
+    /// absent = any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    pub upstream: String,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Filter names, run in this order.
+    #[serde(default)]
+    pub filters: Vec<String>,
+    /// Marks the checkout route (see `pipeline::admission::checkout`).
+    #[serde(default)]
+    pub checkout: Option<CheckoutRouteConfig>,
+    /// Pass HTTP/1.1 `Upgrade` requests (WebSocket) through to the upstream.
+    #[serde(default)]
+    pub websocket: bool,
+    /// Cache this route's responses (see `docs/cache.md`).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+impl RouteConfig {
+    pub fn display_name(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!(
+                "{}{}",
+                self.host.as_deref().unwrap_or("*"),
+                self.path_prefix
+            ),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// Checks this entry's own keys; `p` is its key path (`routes[N]`).
+    pub(super) fn validate(&self, p: &str) -> Result<(), ConfigError> {
+        if !self.path_prefix.starts_with('/') {
+            return Err(ConfigError::at(
+                format!("{p}.path_prefix"),
+                "must start with '/'",
+            ));
+        }
+        if let Some(h) = &self.host {
+            if let Err(m) = check_host_pattern(h) {
+                return Err(ConfigError::at(format!("{p}.host"), m));
+            }
+        }
+        if let Some(c) = &self.checkout {
+            // Overload shedding must never take the checkout's capacity.
+            if self.priority != Priority::Critical {
+                return Err(ConfigError::at(
+                    format!("{p}.priority"),
+                    "a checkout route must be \"critical\"",
+                ));
+            }
+            c.validate(&format!("{p}.checkout"))?;
+        }
+        if let Some(c) = &self.cache {
+            c.validate(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// `checkout = { sold_out_ttl = "1s", max_body_bytes = 16384, body_timeout = "10s" }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRouteConfig {
+    /// How long a 409 from the core keeps the SKU sold out at the edge.
+    #[serde(default = "default_sold_out_ttl")]
+    pub sold_out_ttl: Dur,
+    /// Largest checkout body read (413 above).
+    #[serde(default = "default_checkout_max_body")]
+    pub max_body_bytes: usize,
+    /// Time the client has to send the whole (small) checkout body, which
+    /// the edge reads before it forwards; a client that dribbles it gets
+    /// 408 instead of holding a critical request open.
+    #[serde(default = "default_checkout_body_timeout")]
+    pub body_timeout: Dur,
+}
+
+fn default_checkout_body_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_sold_out_ttl() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_checkout_max_body() -> usize {
+    16 * 1024
+}
+
+impl CheckoutRouteConfig {
+    /// The body is read whole into memory: keep it small and its wait
+    /// bounded. `p` is `routes[N].checkout`.
+    fn validate(&self, p: &str) -> Result<(), ConfigError> {
+        if self.max_body_bytes == 0 || self.max_body_bytes > 1 << 20 {
+            return Err(ConfigError::at(
+                format!("{p}.max_body_bytes"),
+                "must be between 1 and 1048576",
+            ));
+        }
+        if self.body_timeout.0.is_zero() || self.body_timeout.0 > Duration::from_secs(3600) {
+            return Err(ConfigError::at(
+                format!("{p}.body_timeout"),
+                "must be more than 0 and at most 1h",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_host_pattern(h: &str) -> Result<(), String> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid host {h:?}: expected a host name or *.suffix (no port)"
+        ))
+    }
+}
