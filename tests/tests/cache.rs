@@ -828,7 +828,7 @@ async fn dead_lock_owner_holds_the_others_only_until_the_lock_expires() {
         &Cfg::new(&[up.addr])
             .route(cache_route("ttl = \"60s\""))
             .section(format!(
-                "[cache]\nlock_wait = \"20s\"\n[redis]\nurl = \"{}\"\n",
+                "[cache]\nlock_wait = \"20s\"\nlock_ttl = \"30s\"\n[redis]\nurl = \"{}\"\n",
                 redis.url()
             ))
             .build(),
@@ -859,8 +859,13 @@ async fn dead_lock_owner_holds_the_others_only_until_the_lock_expires() {
         .await,
         1.0
     );
-    // The lock we took was released by us.
-    assert_eq!(redis.cmd(&["EXISTS", &lock]), ":0");
+    // The lock we took was released by us: the fill releases it right
+    // after it answered the waiters, so this polls (a busy machine can
+    // run the test first); its own 30s TTL would outlast the wait.
+    wait_until(Duration::from_secs(10), "our fill lock released", || async {
+        redis.cmd(&["EXISTS", &lock]) == ":0"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -251,12 +251,10 @@ impl Config {
     }
 }
 
+/// The smallest valid config (one listener, upstream and route), for the
+/// unit tests of every module that builds from a config.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use filters::Priority;
-
-    const BASE: &str = r#"
+pub(crate) const TEST_BASE: &str = r#"
 [[listeners]]
 name = "public"
 listen = "127.0.0.1:8080"
@@ -269,6 +267,13 @@ endpoints = ["127.0.0.1:9000"]
 path_prefix = "/"
 upstream = "catalog"
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filters::Priority;
+
+    const BASE: &str = TEST_BASE;
 
     fn err(extra: &str) -> ConfigError {
         Config::parse(&format!("{BASE}{extra}")).expect_err("config should be refused")

@@ -100,19 +100,7 @@ fn limits(f: &FilterConfig) -> WasmLimits {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
-[[listeners]]
-name = "public"
-listen = "127.0.0.1:8080"
-
-[[upstreams]]
-name = "catalog"
-endpoints = ["127.0.0.1:9000"]
-
-[[routes]]
-path_prefix = "/"
-upstream = "catalog"
-"#;
+    const BASE: &str = crate::config::TEST_BASE;
 
     fn built(extra: &str) -> Result<Vec<Built>, ConfigError> {
         let c = Config::parse(&format!("{BASE}{extra}")).expect("valid shape");

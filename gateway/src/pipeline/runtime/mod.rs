@@ -214,19 +214,7 @@ impl Runtime {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
-[[listeners]]
-name = "public"
-listen = "127.0.0.1:8080"
-
-[[upstreams]]
-name = "catalog"
-endpoints = ["127.0.0.1:9000"]
-
-[[routes]]
-path_prefix = "/"
-upstream = "catalog"
-"#;
+    const BASE: &str = crate::config::TEST_BASE;
 
     /// A plain test, no tokio runtime: checking builds no cluster, cache
     /// or listener.
