@@ -862,9 +862,11 @@ async fn dead_lock_owner_holds_the_others_only_until_the_lock_expires() {
     // The lock we took was released by us: the fill releases it right
     // after it answered the waiters, so this polls (a busy machine can
     // run the test first); its own 30s TTL would outlast the wait.
-    wait_until(Duration::from_secs(10), "our fill lock released", || async {
-        redis.cmd(&["EXISTS", &lock]) == ":0"
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "our fill lock released",
+        || async { redis.cmd(&["EXISTS", &lock]) == ":0" },
+    )
     .await;
 }
 
