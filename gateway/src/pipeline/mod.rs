@@ -138,9 +138,9 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ::filters::StreamReset> {
     let runtime = shared.runtime.load_full();
-    let (mut head, body) = req.into_parts();
-    let mut ctx = RequestCtx::new(shared, &runtime, request.conn());
-    let (ctx_, head_) = (&mut ctx, &mut head);
+    let (mut parts, body) = req.into_parts();
+    let mut state = RequestCtx::new(shared, &runtime, request.conn());
+    let (ctx, head) = (&mut state, &mut parts);
     // One async fn for all phases, not one per phase list: each nested
     // future costs a copy of its whole state when it is created.
     let outcome = 'phases: {
@@ -153,35 +153,35 @@ pub async fn handle(
             };
         }
         // Who is asking, first: every later phase and every answer use it.
-        identity::identify(ctx_, head_);
+        identity::identify(ctx, head);
         // What the connection layer could not refuse, before any routing.
-        let body = phase!(request_limits::check(ctx_, head_, body));
+        let body = phase!(request_limits::check(ctx, head, body));
         // The route decides the cluster, priority, filters and cache.
-        let route = phase!(route::select(ctx_, head_));
+        let route = phase!(route::select(ctx, head));
         // Limits and priorities are per route; a refusal costs no filter
         // time and no upstream slot.
-        let body = phase!(admission::admit(ctx_, route, head_, body).await);
+        let body = phase!(admission::admit(ctx, route, head, body).await);
         // Filters may rewrite the head, answer locally, pause or reset.
-        let resp = match phase!(filters::on_request(ctx_, route, head_, body).await) {
+        let resp = match phase!(filters::on_request(ctx, route, head, body).await) {
             filters::Next::Answered(resp) => resp,
             // Upgrades get a connection of their own and are never cached.
-            filters::Next::Upstream(_) if route.websocket && upgrade::is_upgrade(head_) => {
-                forward::upgrade(ctx_, route, head_).await
+            filters::Next::Upstream(_) if route.websocket && upgrade::is_upgrade(head) => {
+                forward::upgrade(ctx, route, head).await
             }
             // The cache answers or decides when to go upstream (one fill
             // per key for the whole fleet).
             filters::Next::Upstream(body) => match &route.cache {
-                Some(rc) => cache::serve(ctx_, rc, route, head_, body).await,
-                None => forward::send(ctx_, route, head_, body).await,
+                Some(rc) => cache::serve(ctx, rc, route, head, body).await,
+                None => forward::send(ctx, route, head, body).await,
             },
         };
-        admission::learn(ctx_, route, &resp);
+        admission::learn(ctx, route, &resp);
         // The response filters see every answer that passed the request
         // filters.
-        filters::on_response(ctx_, resp).await
+        filters::on_response(ctx, resp).await
     };
     // Metrics, access log and span, however the request ended.
-    let mut resp = finish::finish(ctx, &head, outcome)?;
+    let mut resp = finish::finish(state, &parts, outcome)?;
     // The connection counts the request as in flight until its response
     // body is done.
     resp.body_mut().hold(request);
