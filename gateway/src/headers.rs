@@ -34,17 +34,36 @@ fn fixed_hop_headers() -> [&'static HeaderName; 9] {
     ]
 }
 
+/// End-to-end headers a `Connection` header can never make hop-by-hop:
+/// the request's `Host` (the origin's and the cache key's idea of the site
+/// must stay the one we routed on: naming it let a client get an answer
+/// for the endpoint's address cached under the shop's URL) and the
+/// gateway's own headers, which it sets for the origin.
+fn never_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &header::HOST,
+        &X_REQUEST_ID,
+        &TRACEPARENT,
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &header::FORWARDED,
+        &X_REAL_IP,
+    ]
+    .contains(&name)
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection`
-/// header lists (a client must not be able to smuggle `x-internal` past the
-/// proxy by naming it there, nor strip a header the origin relies on except
-/// by this rule).
+/// headers list (a client must not be able to smuggle `x-internal` past the
+/// proxy by naming it there), except those that are never hop-by-hop
+/// ([`never_hop_by_hop`]).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let listed: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|name| !never_hop_by_hop(name))
             .collect();
         for name in listed {
             headers.remove(&name);
@@ -257,6 +276,24 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn connection_cannot_name_host_or_the_gateways_headers() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "host, x-request-id".parse().unwrap());
+        h.append("connection", "traceparent, x-other".parse().unwrap());
+        h.insert("host", "shop.example".parse().unwrap());
+        h.insert("x-request-id", "abc".parse().unwrap());
+        h.insert("traceparent", "00-x".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h["host"], "shop.example");
+        assert_eq!(h["x-request-id"], "abc");
+        assert_eq!(h["traceparent"], "00-x");
+        // Every `Connection` header counts, not only the first.
+        assert!(h.get("x-other").is_none(), "{h:?}");
+        assert!(h.get("connection").is_none());
     }
 
     #[test]

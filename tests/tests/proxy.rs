@@ -351,6 +351,27 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `Connection` may not name `Host` or the gateway's own headers: naming
+/// `host` used to send the endpoint's address as Host upstream (an answer
+/// a cache would then keep under the shop's URL), naming `x-request-id`
+/// dropped the client's id.
+#[tokio::test]
+async fn connection_cannot_strip_host_or_the_request_id() {
+    let echo = Upstream::echo().await;
+    let gw = gateway(&Cfg::new(&[echo.addr]).build()).await;
+    let answer = raw(
+        gw.addr("public").unwrap(),
+        "GET /h HTTP/1.1\r\nhost: shop.example\r\nx-request-id: req-42\r\n\
+         connection: close, host, x-request-id\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json = &answer[answer.find('{').unwrap()..=answer.rfind('}').unwrap()];
+    let seen: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(seen["headers"]["host"], "shop.example", "{seen}");
+    assert_eq!(seen["headers"]["x-request-id"], "req-42", "{seen}");
+}
+
 #[tokio::test]
 async fn dot_segments_are_resolved_before_routing() {
     let echo = Upstream::echo().await;
