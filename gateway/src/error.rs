@@ -13,10 +13,18 @@ use http::StatusCode;
 pub enum ProxyError {
     #[error("the request path is not acceptable (dot segments above the root or percent-encoded)")]
     BadPath,
+    #[error("the request path holds a percent-encoded slash or backslash (%2F, %5C), which this route refuses")]
+    EscapedSlash,
+    #[error("the request's Host is missing, repeated, malformed, carries userinfo or disagrees with :authority")]
+    BadHost,
+    #[error("the request uses a transfer coding other than chunked")]
+    UnsupportedCoding,
     #[error("no route matches this host and path")]
     NoRoute,
     #[error("the request target is longer than the listener's max_uri_bytes")]
     UriTooLong,
+    #[error("the request's header list is larger than the listener's max_header_bytes")]
+    HeadersTooLarge,
     #[error("the request body is larger than the route or listener allows")]
     BodyTooLarge,
     #[error("the request body is malformed (bad chunk framing) or was cut short")]
@@ -54,11 +62,15 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
-            ProxyError::BadPath | ProxyError::BadBody | ProxyError::AmbiguousLength => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadPath
+            | ProxyError::EscapedSlash
+            | ProxyError::BadHost
+            | ProxyError::BadBody
+            | ProxyError::AmbiguousLength => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
@@ -78,8 +90,12 @@ impl ProxyError {
     pub fn code(self) -> &'static str {
         match self {
             ProxyError::BadPath => "bad_path",
+            ProxyError::EscapedSlash => "escaped_slash",
+            ProxyError::BadHost => "bad_host",
+            ProxyError::UnsupportedCoding => "unsupported_transfer_coding",
             ProxyError::NoRoute => "no_route",
             ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::HeadersTooLarge => "headers_too_large",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BadBody => "bad_body",
             ProxyError::AmbiguousLength => "ambiguous_length",
@@ -128,7 +144,10 @@ impl ProxyError {
     pub fn closes_connection(self) -> bool {
         matches!(
             self,
-            ProxyError::BodyTooLarge | ProxyError::BadBody | ProxyError::BodyTimeout
+            ProxyError::BodyTooLarge
+                | ProxyError::BadBody
+                | ProxyError::BodyTimeout
+                | ProxyError::UnsupportedCoding
         )
     }
 }

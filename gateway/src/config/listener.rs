@@ -30,6 +30,14 @@ pub struct ListenerConfig {
     /// connection we are closing and answer 502.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
+    /// A connection whose writes wait this long for the client to take a
+    /// byte (its receive window stays shut) is dropped, whatever is in
+    /// flight: a client that never reads cannot hold a response, its
+    /// buffers and its upstream leg. nginx's `send_timeout` is 60s;
+    /// Envoy's stream idle timeout 5 minutes. 60s (nginx's): a phone
+    /// that loses signal for less keeps its download.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Dur,
     /// An HTTP/1.1 keep-alive connection idle this long is parked: its
     /// HTTP state and buffers (about 16 KiB) are freed and only the socket
     /// (and TLS session) is kept until the client sends again. Parking and
@@ -133,6 +141,10 @@ fn default_header_read_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(10))
 }
 
+fn default_send_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+
 fn default_idle_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(75))
 }
@@ -164,6 +176,9 @@ impl ListenerConfig {
         }
         if self.idle_timeout.0.is_zero() {
             return at("idle_timeout", "must be above zero");
+        }
+        if self.send_timeout.0.is_zero() {
+            return at("send_timeout", "must be above zero");
         }
         if self.websocket_idle_timeout.0.is_zero() {
             return at("websocket_idle_timeout", "must be above zero");

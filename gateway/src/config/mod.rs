@@ -43,7 +43,7 @@ pub use filter::FilterConfig;
 pub use jwt::{JwtConfig, JwtKey, DEFAULT_USER_HEADER};
 pub use listener::{CertPair, ListenerConfig, TlsConfig};
 pub use otlp::TracingConfig;
-pub use route::{CheckoutRouteConfig, RouteConfig};
+pub use route::{CheckoutRouteConfig, EscapedSlashes, RouteConfig};
 pub use units::{Dur, Rate, Size};
 pub use upstream::{HealthConfig, LbPolicy, OutlierConfig, UpstreamConfig};
 

@@ -36,6 +36,22 @@ pub struct RouteConfig {
     /// Cache this route's responses (see `docs/cache.md`).
     #[serde(default)]
     pub cache: Option<RouteCacheConfig>,
+    /// What a path with a percent-encoded slash or backslash (`%2F`,
+    /// `%5C`) gets. `"reject"` (the default): 400, since an origin that
+    /// decodes `%2F` before resolving dot segments serves
+    /// `/a/..%2fadmin` as `/admin`, past every prefix rule here.
+    /// `"keep"`: forwarded unchanged, for APIs that put encoded slashes
+    /// in identifiers (Envoy's `path_with_escaped_slashes_action`).
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    #[default]
+    Reject,
+    Keep,
 }
 
 fn default_prefix() -> String {

@@ -6,6 +6,10 @@
 //!   in flight (HTTP/1.1 between keep-alive requests, HTTP/2 with no open
 //!   stream). It is then closed gracefully: HTTP/1.1 closes, HTTP/2 sends
 //!   GOAWAY.
+//! - **send** (`send_timeout`, HTTP/1.1 and HTTP/2): how long a write may
+//!   wait for the client to take bytes (the socket's send buffer stays
+//!   full) before the connection is dropped, as nginx's `send_timeout`. A
+//!   client that never reads (slow read) is cut, whatever is in flight.
 //!
 //! hyper has only one clock for HTTP/1.1, started when it waits for the
 //! next head, so it cannot tell a slow head from an idle keep-alive
@@ -76,6 +80,9 @@ pub struct ConnClock {
     /// The mark of the last head that had a `Content-Length` field line
     /// ([`HeadScan`]), 0 = none.
     length_head: AtomicU64,
+    /// 1 + milliseconds from `epoch` to when a write first found the
+    /// socket full and no write has gone through since; 0 = not stalled.
+    stalled: AtomicU64,
 }
 
 impl ConnClock {
@@ -90,6 +97,7 @@ impl ConnClock {
             head_waits: AtomicU32::new(0),
             unflushed: AtomicBool::new(false),
             length_head: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
         })
     }
 
@@ -148,6 +156,30 @@ impl ConnClock {
         mark != 0 && mark == started(self.counts.load(Ordering::Relaxed))
     }
 
+    /// A write found the socket full: the send clock starts, unless it
+    /// runs already.
+    fn write_blocked(&self) {
+        if self.stalled.load(Ordering::Relaxed) == 0 {
+            let ms = self.epoch.elapsed().as_millis() as u64;
+            self.stalled.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write went through: the client is reading.
+    fn write_went_through(&self) {
+        if self.stalled.load(Ordering::Relaxed) != 0 {
+            self.stalled.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when writes have been waiting for the client, if they are.
+    fn stalled_since(&self) -> Option<Instant> {
+        match self.stalled.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch + Duration::from_millis(ms - 1)),
+        }
+    }
+
     fn in_flight(&self) -> u64 {
         in_flight(self.counts.load(Ordering::Relaxed))
     }
@@ -180,11 +212,15 @@ impl Drop for ActiveRequest {
 }
 
 /// A connection's IO, noting for the header read clock when bytes arrive
-/// between requests. `None` (HTTP/2) passes reads through untouched.
-/// It also scans each head for a `Content-Length` field ([`HeadScan`]).
+/// between requests (HTTP/1.1 only: `heads`), and for the send clock when
+/// writes wait for the client. It also scans each head for a
+/// `Content-Length` field ([`HeadScan`]).
 pub struct HeadWatch<I> {
     inner: I,
     clock: Option<Arc<ConnClock>>,
+    /// Bytes between requests start a head (HTTP/1.1); HTTP/2 reads are
+    /// passed through untouched.
+    heads: bool,
     /// The head being scanned: its mark and the scan.
     scan: (u64, HeadScan),
 }
@@ -194,6 +230,17 @@ impl<I> HeadWatch<I> {
         HeadWatch {
             inner,
             clock,
+            heads: true,
+            scan: (0, HeadScan::new()),
+        }
+    }
+
+    /// For HTTP/2: only the send clock is kept.
+    pub fn sends_only(inner: I, clock: Arc<ConnClock>) -> HeadWatch<I> {
+        HeadWatch {
+            inner,
+            clock: Some(clock),
+            heads: false,
             scan: (0, HeadScan::new()),
         }
     }
@@ -207,6 +254,17 @@ impl<I> HeadWatch<I> {
             clock.set_unflushed(true);
         }
     }
+
+    /// Feeds a write's outcome to the send clock.
+    fn track<T>(&self, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Some(clock) = &self.clock {
+            match &polled {
+                Poll::Pending => clock.write_blocked(),
+                Poll::Ready(_) => clock.write_went_through(),
+            }
+        }
+        polled
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for HeadWatch<I> {
@@ -218,6 +276,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadWatch<I> {
         let before = buf.filled().len();
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if !this.heads {
+            return polled;
+        }
         if let (Poll::Ready(Ok(())), Some(clock)) = (&polled, &this.clock) {
             if buf.filled().len() > before {
                 clock.saw_bytes();
@@ -248,7 +309,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.wrote();
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.track(polled)
     }
 
     fn poll_write_vectored(
@@ -257,7 +319,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         self.wrote();
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.track(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -266,6 +329,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadWatch<I> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        let polled = self.track(polled);
         // hyper flushes after every batch of writes (its write buffer is
         // empty once the IO's flush is reached and ready), so a ready
         // flush means nothing of a response is held anywhere.
@@ -338,6 +402,8 @@ pub enum Exit<T, S = ()> {
     /// A request head took longer than `header_read_timeout`: drop the
     /// connection.
     HeadTimeout,
+    /// The client took no byte for `send_timeout`: drop the connection.
+    SendTimeout,
     /// No request for `idle_timeout` (or, once closing, for the close
     /// grace): close gracefully, or drop if already closing.
     IdleTimeout,
@@ -348,6 +414,7 @@ pub struct Clocks<'a> {
     clock: &'a ConnClock,
     header_read: Duration,
     idle: Duration,
+    send: Duration,
     /// The head being waited for: its mark and deadline.
     head: Option<(u64, Instant)>,
     /// Set once the connection is closing: from then on an idle
@@ -364,6 +431,7 @@ impl<'a> Clocks<'a> {
         clock: &'a ConnClock,
         header_read: Duration,
         idle: Duration,
+        send: Duration,
         head_from: Instant,
         mut sleep: Pin<&'a mut Sleep>,
     ) -> Clocks<'a> {
@@ -377,6 +445,7 @@ impl<'a> Clocks<'a> {
             clock,
             header_read,
             idle,
+            send,
             head,
             closing_since: None,
             sleep,
@@ -438,6 +507,14 @@ impl<'a> Clocks<'a> {
                 }
             }
         }
+        // A write waiting for the client: its deadline may be before the
+        // timer's (set once per stall, then the timer is at it).
+        if let Some(since) = self.clock.stalled_since() {
+            let deadline = since + self.send;
+            if deadline < self.sleep.deadline() {
+                self.sleep.as_mut().reset(deadline);
+            }
+        }
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -458,6 +535,16 @@ impl<'a> Clocks<'a> {
     /// The next moment the clocks must be looked at, or the timeout that
     /// has run out.
     fn next_deadline<T, S>(&self, now: Instant) -> Result<Instant, Exit<T, S>> {
+        let send = match self.clock.stalled_since() {
+            Some(since) if since + self.send <= now => return Err(Exit::SendTimeout),
+            Some(since) => since + self.send,
+            None => now + self.send,
+        };
+        self.next_other_deadline(now).map(|next| next.min(send))
+    }
+
+    /// [`next_deadline`](Self::next_deadline) without the send clock.
+    fn next_other_deadline<T, S>(&self, now: Instant) -> Result<Instant, Exit<T, S>> {
         if let Some((_, deadline)) = self.head {
             return if deadline <= now {
                 Err(Exit::HeadTimeout)

@@ -74,7 +74,12 @@ fn http_builders(cfg: &ListenerConfig) -> (http1::Builder, auto::Builder<TokioEx
     let mut h2 = auto::Builder::new(TokioExecutor::new());
     h2.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes.0 as u32)
+        // Twice the limit at the protocol level: h2 answers a header list
+        // above its setting with a bare REFUSED_STREAM, which tells clients
+        // to retry at once. Up to twice the limit, the request-limits phase
+        // answers 431 as HTTP/1.1 does; beyond, h2's reset still bounds
+        // the memory.
+        .max_header_list_size(cfg.max_header_bytes.0.saturating_mul(2).min(u32::MAX as u64) as u32)
         .max_concurrent_streams(cfg.max_concurrent_streams);
     (h1, h2.http2_only())
 }
@@ -304,13 +309,14 @@ impl<A: App> Listener<A> {
             &clock,
             cfg.header_read_timeout.0,
             cfg.idle_timeout.0,
+            cfg.send_timeout.0,
             http_from,
             timer,
         );
         // With upgrades: a WebSocket route hands the raw connection over
         // once its 101 has been sent (see `pipeline::upgrade`).
         let ended = if h2 {
-            let io = HeadWatch::new(io, None);
+            let io = HeadWatch::sends_only(io, clock.clone());
             // Boxed, so that the HTTP/1.1 connections' tasks, parked or
             // not, are not sized for an HTTP/2 connection.
             let mut connection = Box::pin(
@@ -395,8 +401,8 @@ impl<A: App> Listener<A> {
                         return close_parked(io, cfg.header_read_timeout.0).await;
                     }
                     Exit::Stopped(_) => return close_parked(io, cfg.header_read_timeout.0).await,
-                    // No head is pending while parked.
-                    Exit::HeadTimeout => return,
+                    // No head is pending and nothing is written while parked.
+                    Exit::HeadTimeout | Exit::SendTimeout => return,
                 }
             }
         };
@@ -445,6 +451,11 @@ impl<A: App> Listener<A> {
                 Exit::HeadTimeout => {
                     tracing::debug!(peer = %client, "request head too slow; closing");
                     self.timed_out("header_read");
+                    return Run::Dropped;
+                }
+                Exit::SendTimeout => {
+                    tracing::debug!(peer = %client, "client took no bytes for send_timeout; closing");
+                    self.timed_out("send");
                     return Run::Dropped;
                 }
                 // Told to close and still there: the client did not go

@@ -85,15 +85,9 @@ pub fn head_for_upstream(ctx: &RequestCtx<'_>, head: &mut Parts) -> UpstreamHead
     let conn = ctx.conn;
     // The client's head keeps only what the access log reads; the headers
     // move to the upstream request rather than being copied.
+    // Host was settled by the request-limits phase: the one value the
+    // route and the cache key were taken from.
     let mut headers = std::mem::take(&mut head.headers);
-    // The target's authority, when the request has one (HTTP/2 :authority,
-    // HTTP/1.1 absolute-form), is what we routed on, so it is the Host the
-    // upstream gets (RFC 9112 section 3.2.2: it replaces a Host header).
-    if let Some(auth) = head.uri.authority() {
-        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-            headers.insert(header::HOST, v);
-        }
-    }
     headers::remove_hop_by_hop(&mut headers);
     // x-forwarded-for and forwarded get the hop we saw (the connection's
     // address); x-real-ip the resolved client, replacing whatever the

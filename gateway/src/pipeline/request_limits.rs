@@ -1,15 +1,17 @@
 //! The request-limits phase: what the connection layer cannot check,
 //! refused before any routing work: a `Content-Length` next to
-//! `Transfer-Encoding` (see `edge::framing`), a target longer than
-//! `max_uri_bytes` (414), a declared body above `max_body` (413), and a
-//! path that cannot be normalized (400). The path is normalized here, so
-//! the route, the cache key and the upstream all see the same path.
+//! `Transfer-Encoding` (see `edge::framing`), a transfer coding other than
+//! `chunked` (501), a Host that is missing, repeated or malformed (400), a
+//! target longer than `max_uri_bytes` (414), a declared body above
+//! `max_body` (413), and a path that cannot be normalized (400). The path
+//! is normalized and the Host settled here, so the route, the cache key
+//! and the upstream all see the same path and the same Host.
 
 use std::borrow::Cow;
 use std::ops::ControlFlow::{self, Break, Continue};
 
 use http::request::Parts;
-use http::Uri;
+use http::{header, HeaderValue, Uri, Version};
 use hyper::body::Incoming;
 
 use super::route::router::normalize_path;
@@ -29,6 +31,17 @@ pub fn check(
     {
         return refuse(ProxyError::AmbiguousLength);
     }
+    if head.version == Version::HTTP_2 {
+        if let Err(e) = check_h2_header_list(head, ctx.listener.max_header_bytes.0) {
+            return refuse(e);
+        }
+    }
+    if let Err(e) = check_transfer_coding(&head.headers) {
+        return refuse(e);
+    }
+    if let Err(e) = settle_host(head) {
+        return refuse(e);
+    }
     if let Err(e) = check_uri(&head.uri, ctx.listener.max_uri_bytes.0) {
         return refuse(e);
     }
@@ -41,6 +54,127 @@ pub fn check(
         return refuse(e);
     }
     Continue(body)
+}
+
+/// The HTTP/2 header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it
+/// (RFC 9113 section 6.5.2: name + value + 32 per field, pseudo-fields
+/// too), checked against the listener's limit: 431, as HTTP/1.1 gets.
+fn check_h2_header_list(head: &Parts, max: u64) -> Result<(), ProxyError> {
+    let pseudo = head.method.as_str().len()
+        + head.uri.scheme_str().map_or(0, str::len)
+        + head.uri.authority().map_or(0, |a| a.as_str().len())
+        + head.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + 4 * (32 + 7);
+    let fields: usize = head
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum();
+    if (pseudo + fields) as u64 > max {
+        Err(ProxyError::HeadersTooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+/// RFC 9112 section 6.1: a server that receives a transfer coding it does
+/// not understand answers 501. The gateway decodes only `chunked`; a
+/// `gzip, chunked` body forwarded as plain chunked would hand the origin
+/// still-coded bytes it was told were plain.
+fn check_transfer_coding(headers: &http::HeaderMap) -> Result<(), ProxyError> {
+    let mut codings = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let value = value.to_str().map_err(|_| ProxyError::UnsupportedCoding)?;
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            codings += 1;
+            if !coding.eq_ignore_ascii_case("chunked") || codings > 1 {
+                return Err(ProxyError::UnsupportedCoding);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Settles the one Host every later phase uses (RFC 9112 section 3.2,
+/// RFC 9113 section 8.3.1): at most one `Host` field; on HTTP/1.1 (and
+/// HTTP/2 without `:authority`) one is required; the authority must be a
+/// plain `host[:port]` without userinfo; an HTTP/2 `Host` must agree with
+/// `:authority`. When the target carries an authority (absolute-form,
+/// `:authority`) it becomes the `Host` field, so the route, the cache key
+/// and the upstream read one validated value, never two.
+fn settle_host(head: &mut Parts) -> Result<(), ProxyError> {
+    let mut fields = head.headers.get_all(header::HOST).iter();
+    let field = fields.next();
+    if fields.next().is_some() {
+        return Err(ProxyError::BadHost);
+    }
+    let Some(authority) = head.uri.authority() else {
+        return match field {
+            Some(v) if valid_authority(v.as_bytes()) => Ok(()),
+            None if head.version <= Version::HTTP_10 => Ok(()),
+            _ => Err(ProxyError::BadHost),
+        };
+    };
+    let authority = authority.as_str();
+    if !valid_authority(authority.as_bytes()) {
+        return Err(ProxyError::BadHost);
+    }
+    match field {
+        // HTTP/1.1 absolute-form: the target's authority wins over Host
+        // (RFC 9112 section 3.2.2), so the field is only replaced below.
+        Some(v) if head.version == Version::HTTP_2 => {
+            if !v.as_bytes().eq_ignore_ascii_case(authority.as_bytes()) {
+                return Err(ProxyError::BadHost);
+            }
+        }
+        Some(v) if v.as_bytes() == authority.as_bytes() => return Ok(()),
+        _ => {}
+    }
+    let value = HeaderValue::from_str(authority).map_err(|_| ProxyError::BadHost)?;
+    head.headers.insert(header::HOST, value);
+    Ok(())
+}
+
+/// `host[:port]` as RFC 3986 allows it in `Host`, without userinfo: a
+/// registered name (letters, digits, `-._~`), an IPv4 address or a
+/// bracketed IPv6 literal, and an optional decimal port. Stricter than
+/// the RFC (no percent-encoding or sub-delims in names), as nginx is:
+/// nothing a real host name needs is refused, and nothing that could be
+/// read two ways by an origin or a cache gets through.
+pub fn valid_authority(raw: &[u8]) -> bool {
+    let (host, port) = if raw.first() == Some(&b'[') {
+        let Some(end) = raw.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &raw[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        (&raw[..=end], &raw[end + 1..])
+    } else {
+        let colon = raw.iter().position(|&b| b == b':').unwrap_or(raw.len());
+        let host = &raw[..colon];
+        if host.is_empty()
+            || !host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            return false;
+        }
+        (host, &raw[colon..])
+    };
+    debug_assert!(!host.is_empty());
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => {
+            !digits.is_empty() && digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit)
+        }
+        Some(_) => false,
+    }
 }
 
 /// Rewrites the URI's path to its normalized form, keeping the query.
@@ -80,5 +214,84 @@ mod tests {
         let ok: Uri = "/a?b=c".parse().unwrap();
         assert!(check_uri(&ok, 6).is_ok());
         assert_eq!(check_uri(&ok, 5), Err(ProxyError::UriTooLong));
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "shop.example",
+            "Shop.Example:8443",
+            "127.0.0.1",
+            "[::1]:80",
+            "a_b-c~d.",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a b",
+            "evil.example/x?@probe",
+            "user@shop.example",
+            "shop.example:",
+            "shop.example:8o",
+            "shop.example:123456",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a%2eb",
+            "a,b",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    fn parts(req: http::request::Builder) -> Parts {
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn host_settled_once() {
+        let mut one = parts(http::Request::get("/").header("host", "shop.example"));
+        assert_eq!(settle_host(&mut one), Ok(()));
+        let mut two = parts(
+            http::Request::get("/")
+                .header("host", "shop.example")
+                .header("host", "evil.example"),
+        );
+        assert_eq!(settle_host(&mut two), Err(ProxyError::BadHost));
+        let mut none = parts(http::Request::get("/"));
+        assert_eq!(settle_host(&mut none), Err(ProxyError::BadHost));
+        let mut old = parts(http::Request::get("/").version(Version::HTTP_10));
+        assert_eq!(settle_host(&mut old), Ok(()));
+        // Absolute-form: the target's authority replaces the field.
+        let mut abs = parts(http::Request::get("http://shop.example/x").header("host", "other"));
+        assert_eq!(settle_host(&mut abs), Ok(()));
+        assert_eq!(abs.headers[header::HOST], "shop.example");
+        let mut info = parts(http::Request::get("http://u:p@shop.example/x"));
+        assert_eq!(settle_host(&mut info), Err(ProxyError::BadHost));
+        let mut h2 = parts(
+            http::Request::get("https://shop.example/x")
+                .version(Version::HTTP_2)
+                .header("host", "evil.example"),
+        );
+        assert_eq!(settle_host(&mut h2), Err(ProxyError::BadHost));
+    }
+
+    #[test]
+    fn only_chunked_is_understood() {
+        let te = |v: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in v {
+                h.append(header::TRANSFER_ENCODING, v.parse().unwrap());
+            }
+            check_transfer_coding(&h)
+        };
+        assert_eq!(te(&[]), Ok(()));
+        assert_eq!(te(&["chunked"]), Ok(()));
+        assert_eq!(te(&["Chunked "]), Ok(()));
+        assert_eq!(te(&["gzip, chunked"]), Err(ProxyError::UnsupportedCoding));
+        assert_eq!(te(&["gzip", "chunked"]), Err(ProxyError::UnsupportedCoding));
+        assert_eq!(te(&["chunked, chunked"]), Err(ProxyError::UnsupportedCoding));
     }
 }

@@ -32,6 +32,8 @@ pub struct Route {
     pub priority: Priority,
     /// `Upgrade` requests (WebSocket) are passed through.
     pub websocket: bool,
+    /// Paths with `%2F` or `%5C` are forwarded, not refused.
+    pub keep_escaped_slashes: bool,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
     /// Set on the checkout route (see `crate::pipeline::admission::checkout`).
@@ -179,6 +181,7 @@ impl Runtime {
                 path_prefix: r.path_prefix.clone(),
                 priority: r.priority,
                 websocket: r.websocket,
+                keep_escaped_slashes: r.escaped_slashes == crate::config::EscapedSlashes::Keep,
                 cluster,
                 filters: FilterChain::new(chain),
                 checkout: r
