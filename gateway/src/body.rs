@@ -4,6 +4,7 @@
 //! the client connection's count of requests in flight).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 use crate::edge::conn_clock::ActiveRequest;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::otel::RequestSpan;
+use crate::spool::{SpoolReader, Spooler};
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -33,6 +35,9 @@ pub struct ProxyBody {
     log: Option<Box<AccessRecord>>,
     /// The request's span (`[tracing]`), ended at the same moment.
     span: Option<Box<RequestSpan>>,
+    /// Set for an upstream body on a route that buffers responses: past
+    /// [`crate::spool::HANDOFF`] bytes the rest is read ahead.
+    spooler: Option<Arc<Spooler>>,
     sent: u64,
     ended: bool,
 }
@@ -46,6 +51,9 @@ enum Inner {
     Full(Full<Bytes>),
     /// Anything else (the cache's "read part, stream the rest" body).
     Boxed(UnsyncBoxBody<Bytes, BodyError>),
+    /// The rest of an upstream body, read ahead of a slow client (see
+    /// [`crate::spool`]); the task reading it holds the in-flight slot.
+    Spooled(SpoolReader),
 }
 
 /// The error a response body can end with.
@@ -60,6 +68,7 @@ impl ProxyBody {
             request: None,
             log: None,
             span: None,
+            spooler: None,
             sent: 0,
             ended: false,
         }
@@ -74,6 +83,7 @@ impl ProxyBody {
             request: None,
             log: None,
             span: None,
+            spooler: None,
             sent: 0,
             ended: false,
         }
@@ -99,6 +109,7 @@ impl ProxyBody {
             request: None,
             log: None,
             span: None,
+            spooler: None,
             sent: 0,
             ended: false,
         }
@@ -129,6 +140,32 @@ impl ProxyBody {
             self.complete();
         }
         Ok((self, len))
+    }
+
+    /// From here on, an upstream body is read at the upstream's pace, so a
+    /// slow client holds no upstream slot ([`crate::spool`]). `at_once`
+    /// for HTTP/2 streams. Other bodies are left as they are.
+    pub fn spool(mut self, spooler: &Arc<Spooler>, at_once: bool) -> ProxyBody {
+        if !matches!(self.inner, Inner::Upstream(_)) || self.in_flight.is_none() {
+            return self;
+        }
+        self.spooler = Some(spooler.clone());
+        if at_once {
+            self.hand_off();
+        }
+        self
+    }
+
+    /// From now on a task reads the upstream body and holds its slot;
+    /// the client reads the spool.
+    fn hand_off(&mut self) {
+        let (Some(spooler), Some(in_flight)) = (self.spooler.take(), self.in_flight.take()) else {
+            return;
+        };
+        let placeholder = Inner::Full(Full::new(Bytes::new()));
+        if let Inner::Upstream(body) = std::mem::replace(&mut self.inner, placeholder) {
+            self.inner = Inner::Spooled(crate::spool::read_ahead(body, in_flight, spooler));
+        }
     }
 
     /// Keeps the filter chain's stream alive until the body is done.
@@ -189,10 +226,18 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
             Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
+            Inner::Spooled(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
+            crate::edge::stream_idle::progressed();
             if let Some(d) = frame.data_ref() {
                 this.sent += d.len() as u64;
+            }
+            if this.spooler.is_some()
+                && this.sent > crate::spool::HANDOFF as u64
+                && !this.is_end_stream()
+            {
+                this.hand_off();
             }
         }
         match &polled {
@@ -213,6 +258,7 @@ impl Body for ProxyBody {
             Inner::Filtered(body) => body.is_end_stream(),
             Inner::Full(full) => full.is_end_stream(),
             Inner::Boxed(body) => body.is_end_stream(),
+            Inner::Spooled(body) => body.is_end_stream(),
         }
     }
 
@@ -222,6 +268,7 @@ impl Body for ProxyBody {
             Inner::Filtered(body) => body.size_hint(),
             Inner::Full(full) => full.size_hint(),
             Inner::Boxed(body) => body.size_hint(),
+            Inner::Spooled(body) => body.size_hint(),
         }
     }
 }

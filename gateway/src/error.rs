@@ -43,6 +43,8 @@ pub enum ProxyError {
     ResponseTooLarge,
     #[error("the upstream's response body broke off")]
     UpstreamBodyFailed,
+    #[error("the request body could not be held for the upstream (temp file)")]
+    SpoolFailed,
     #[error("the upstream cluster is at its concurrency limit")]
     Overflow,
     #[error("the upstream refused the connection")]
@@ -75,7 +77,7 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
-            ProxyError::FilterFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::FilterFailed | ProxyError::SpoolFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectRefused
             | ProxyError::ConnectFailed
@@ -105,6 +107,7 @@ impl ProxyError {
             ProxyError::FilterFailed => "filter_failed",
             ProxyError::ResponseTooLarge => "response_too_large",
             ProxyError::UpstreamBodyFailed => "upstream_body_failed",
+            ProxyError::SpoolFailed => "spool_failed",
             ProxyError::Overflow => "upstream_overflow",
             ProxyError::ConnectRefused => "connect_refused",
             ProxyError::ConnectFailed => "connect_failed",

@@ -37,6 +37,7 @@ pub mod observe;
 pub mod overload;
 pub mod pipeline;
 pub mod respond;
+pub mod spool;
 pub mod upstream;
 
 use std::net::SocketAddr;

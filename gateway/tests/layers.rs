@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 /// Lowest first. `Shared` and the other items of the crate root are not
 /// modules and may be used from anywhere.
 const LAYERS: &[&str] = &[
-    "config", "error", "headers", "observe", "edge", "upstream", "body", "respond", "cache",
-    "overload", "pipeline", "admin", "demo",
+    "config", "error", "headers", "observe", "edge", "spool", "upstream", "body", "respond",
+    "cache", "overload", "pipeline", "admin", "demo",
 ];
 
 fn rank(module: &str) -> Option<usize> {

@@ -47,7 +47,10 @@ async fn host_tricks_get_400_and_never_reach_the_origin() {
     assert_eq!(raw::json_body(&out)["headers"]["host"], "shop.example");
     // HTTP/1.0 may omit Host.
     let out = raw::exchange(addr, b"GET /old HTTP/1.0\r\n\r\n").await;
-    assert!(out.starts_with("HTTP/1.") && out[9..].starts_with("200"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.") && out[9..].starts_with("200"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -153,4 +156,259 @@ async fn http2_oversized_header_list_gets_431_not_a_retryable_reset() {
     .await;
     assert_eq!(got.status, 431, "{}", got.text());
     assert_eq!(echo.hits(), 0);
+}
+
+/// An origin with one big answer (`/big`, 4 MiB) and a small one.
+async fn big_and_small() -> Upstream {
+    Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/big" {
+            flashgate_tests::reply(200, vec![b'x'; 4 << 20])
+        } else {
+            flashgate_tests::reply(200, "small")
+        }
+    })
+    .await
+}
+
+/// Config with one cluster of `slots` upstream slots, `listener` and
+/// `route` keys added.
+fn slots_config(origin: std::net::SocketAddr, slots: usize, listener: &str, route: &str) -> String {
+    edge::config(origin, listener, route).replace(
+        &format!("endpoints = [\"{origin}\"]"),
+        &format!("endpoints = [\"{origin}\"]\nmax_concurrent_requests = {slots}"),
+    )
+}
+
+/// Whether the cluster's endpoint has no request in flight (its slot
+/// given back).
+async fn upstream_idle(admin: std::net::SocketAddr) -> bool {
+    let status = flashgate_tests::get(&format!("http://{admin}/admin/status"))
+        .await
+        .json();
+    status["clusters"][0]["endpoints"][0]["in_flight"] == 0
+}
+
+/// A client that asks for `path` with a tiny receive buffer and never
+/// reads the answer.
+async fn never_reads(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    s
+}
+
+/// Slow read: clients that never read a big answer hold no upstream slot
+/// (the answer is read into the spool at the upstream's pace), other
+/// clients are served meanwhile, and `send_timeout` cuts the readers.
+#[tokio::test]
+async fn slow_readers_hold_no_upstream_slot_and_are_cut_by_send_timeout() {
+    let origin = big_and_small().await;
+    let gw = gateway(&slots_config(origin.addr, 2, "send_timeout = \"2s\"", "")).await;
+    let addr = gw.addr("public").unwrap();
+    let admin = gw.admin_addr();
+    // Six readers, one after another, on a cluster of two slots: each
+    // answer goes to a temp file (4 MiB is far above the memory bound)
+    // and its slot comes back, so every next reader gets a slot too.
+    let mut attackers = Vec::new();
+    for n in 1..=6 {
+        attackers.push(never_reads(addr, "/big").await);
+        flashgate_tests::wait_until(
+            std::time::Duration::from_secs(30),
+            "the upstream slot given back",
+            || upstream_idle(admin),
+        )
+        .await;
+        flashgate_tests::wait_until(
+            std::time::Duration::from_secs(30),
+            &format!("big answer {n} spooled to a file"),
+            || async move {
+                flashgate_tests::metric(
+                    admin,
+                    "flashgate_bodies_spooled_total{direction=\"response\",to=\"file\"}",
+                )
+                .await
+                    >= n as f64
+            },
+        )
+        .await;
+    }
+    let client = flashgate_tests::client();
+    for i in 0..50 {
+        let got = send_with(
+            &client,
+            Request::get(format!("http://{addr}/small"))
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+    }
+    // The readers are cut once their writes have waited send_timeout
+    // (counted first: reading here would let their writes go through).
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        "send_timeout counted for the readers",
+        || async {
+            flashgate_tests::metric(
+                admin,
+                "flashgate_connection_timeouts_total{listener=\"public\",timeout=\"send\"}",
+            )
+            .await
+                >= 6.0
+        },
+    )
+    .await;
+    for (i, s) in attackers.iter_mut().enumerate() {
+        assert!(
+            raw::closed_within(s, std::time::Duration::from_secs(30)).await,
+            "attacker {i} still connected after its send timeout"
+        );
+    }
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "temp bytes given back",
+        || async { flashgate_tests::metric(admin, "flashgate_spool_temp_bytes").await == 0.0 },
+    )
+    .await;
+}
+
+/// Slow request bodies: a client that sends a body slowly holds no
+/// upstream slot (the body is read in first), and one that stalls gets
+/// 408 after `body_read_timeout`.
+#[tokio::test]
+async fn slow_request_bodies_hold_no_upstream_slot() {
+    let echo = Upstream::echo().await;
+    let gw = gateway(&slots_config(
+        echo.addr,
+        1,
+        "body_read_timeout = \"2s\"",
+        "",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 1000\r\n\r\nonly-a-little",
+        )
+        .await
+        .unwrap();
+        slow.push(s);
+    }
+    // The single upstream slot stays free for everyone else.
+    let client = flashgate_tests::client();
+    for i in 0..20 {
+        let got = send_with(
+            &client,
+            Request::post(format!("http://{addr}/ok"))
+                .body(flashgate_tests::full("a whole body"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+        assert_eq!(got.json()["body_len"], 12);
+    }
+    // The stalled bodies get 408 and their connections close.
+    for s in &mut slow {
+        let answer = raw::read_to_close(s, std::time::Duration::from_secs(30)).await;
+        assert_eq!(raw::status(&answer), Some(408), "{answer}");
+    }
+    assert_eq!(echo.hits(), 20, "no stalled body reached the origin");
+}
+
+/// HTTP/2 zero window: streams whose windows the client never opens hold
+/// no upstream slot (an HTTP/2 answer is read ahead at once), and are
+/// reset after `stream_idle_timeout`.
+#[tokio::test]
+async fn http2_zero_window_streams_hold_no_slot_and_are_reset() {
+    let origin = big_and_small().await;
+    let gw = gateway(&slots_config(
+        origin.addr,
+        2,
+        "stream_idle_timeout = \"2s\"",
+        "",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    let admin = gw.admin_addr();
+    let shut: flashgate_tests::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(0)
+            .build_http();
+    // Six streams on one connection, one after another, none ever read.
+    let mut held = Vec::new();
+    for n in 1..=6 {
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            shut.request(
+                Request::get(format!("http://{addr}/big"))
+                    .body(flashgate_tests::empty())
+                    .unwrap(),
+            ),
+        )
+        .await
+        .expect("head within 30s")
+        .expect("a response head");
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+        flashgate_tests::wait_until(
+            std::time::Duration::from_secs(30),
+            "the upstream slot given back",
+            || upstream_idle(admin),
+        )
+        .await;
+        flashgate_tests::wait_until(
+            std::time::Duration::from_secs(30),
+            &format!("answer {n} read ahead into a file"),
+            || async move {
+                flashgate_tests::metric(
+                    admin,
+                    "flashgate_bodies_spooled_total{direction=\"response\",to=\"file\"}",
+                )
+                .await
+                    >= n as f64
+            },
+        )
+        .await;
+    }
+    let client = flashgate_tests::client();
+    for i in 0..50 {
+        let got = send_with(
+            &client,
+            Request::get(format!("http://{addr}/small"))
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+    }
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        "the six stalled streams reset by stream_idle_timeout",
+        || async {
+            flashgate_tests::metric(
+                admin,
+                "flashgate_connection_timeouts_total{listener=\"public\",timeout=\"stream_idle\"}",
+            )
+            .await
+                >= 6.0
+        },
+    )
+    .await;
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "temp bytes given back",
+        || async { flashgate_tests::metric(admin, "flashgate_spool_temp_bytes").await == 0.0 },
+    )
+    .await;
+    drop(held);
 }

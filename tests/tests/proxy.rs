@@ -212,12 +212,55 @@ async fn http2_cleartext_to_http1_upstream() {
     }
 }
 
-/// Bodies stream both ways: the upstream sees the first chunk of an upload
-/// before the client has sent the rest, and the client sees the first chunk
-/// of a download before the upstream has produced the rest. A proxy that
-/// buffered whole bodies would deadlock here (and the test would time out).
+/// The route keys of a streaming route.
+const STREAMING: &str = "buffer_requests = false\nbuffer_responses = false";
+
+/// By default a request body is read in before it goes upstream, so a
+/// chunked upload reaches the origin whole with a `Content-Length` (an
+/// origin that reads only `Content-Length` gets the body), and a large
+/// download still arrives whole.
 #[tokio::test]
-async fn bodies_stream_without_buffering() {
+async fn buffered_bodies_arrive_whole_with_their_length() {
+    let echo = Upstream::echo().await;
+    let gw = gateway(&Cfg::new(&[echo.addr]).build()).await;
+    let url = format!("http://{}/upload", gw.addr("public").unwrap());
+    let (mut body_tx, body) = Channel::<Bytes, BoxError>::new(1);
+    let req = Request::post(&url).body(BodyExt::boxed(body)).unwrap();
+    let resp = tokio::spawn(async move { send(req).await });
+    // 1 MiB in 64 KiB chunks: past the memory bound, so part of it is
+    // held in a temp file.
+    for _ in 0..16 {
+        body_tx
+            .send_data(Bytes::from(vec![b'u'; 64 * 1024]))
+            .await
+            .unwrap();
+    }
+    drop(body_tx);
+    let got = resp.await.unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    let seen = got.json();
+    assert_eq!(seen["body_len"], 1 << 20);
+    assert_eq!(seen["headers"]["content-length"], (1 << 20).to_string());
+    assert!(seen["headers"].get("transfer-encoding").is_none(), "{seen}");
+    assert!(
+        metric(
+            gw.admin_addr(),
+            "flashgate_bodies_spooled_total{direction=\"request\",to=\"file\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
+
+/// On a route that opts out of buffering (`buffer_requests = false`,
+/// `buffer_responses = false`: uploads and server-sent events), bodies
+/// stream both ways: the upstream sees the first chunk of an upload
+/// before the client has sent the rest, and the client sees the first
+/// chunk of a download before the upstream has produced the rest. A proxy
+/// that buffered whole bodies would deadlock here (and the test would
+/// time out).
+#[tokio::test]
+async fn bodies_stream_on_routes_that_opt_out_of_buffering() {
     let (seen_tx, mut seen_rx) = mpsc::channel::<usize>(16);
     let upload = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
         let seen_tx = seen_tx.clone();
@@ -235,7 +278,7 @@ async fn bodies_stream_without_buffering() {
     })
     .await;
     // 32 MiB goes up: above the default max_body (16MiB).
-    let text = Cfg::new(&[upload.addr]).build().replacen(
+    let text = Cfg::new(&[upload.addr]).route(STREAMING).build().replacen(
         "name = \"public\"",
         "name = \"public\"\nmax_body = \"64MiB\"",
         1,
@@ -289,7 +332,7 @@ async fn bodies_stream_without_buffering() {
         }
     })
     .await;
-    let gw = gateway(&Cfg::new(&[download.addr]).build()).await;
+    let gw = gateway(&Cfg::new(&[download.addr]).route(STREAMING).build()).await;
     let resp = client()
         .request(
             Request::get(format!("http://{}/dl", gw.addr("public").unwrap()))

@@ -38,6 +38,20 @@ pub struct ListenerConfig {
     /// that loses signal for less keeps its download.
     #[serde(default = "default_send_timeout")]
     pub send_timeout: Dur,
+    /// A request body being read in (routes with `buffer_requests`, the
+    /// default) that brings no byte for this long gets 408 and the
+    /// connection is closed. nginx's `client_body_timeout` is 60s; so is
+    /// this.
+    #[serde(default = "default_send_timeout")]
+    pub body_read_timeout: Dur,
+    /// An HTTP/2 stream whose response has made no progress (no frame
+    /// taken by the client's window) for this long is reset, so a client
+    /// that never opens its streams' windows holds their buffers no
+    /// longer. Envoy's stream idle timeout is 5 minutes; 60s here, as
+    /// `send_timeout`, since a stream with a shut window is the same
+    /// stalled reader. Server-sent events need a heartbeat under it.
+    #[serde(default = "default_send_timeout")]
+    pub stream_idle_timeout: Dur,
     /// An HTTP/1.1 keep-alive connection idle this long is parked: its
     /// HTTP state and buffers (about 16 KiB) are freed and only the socket
     /// (and TLS session) is kept until the client sends again. Parking and
@@ -179,6 +193,12 @@ impl ListenerConfig {
         }
         if self.send_timeout.0.is_zero() {
             return at("send_timeout", "must be above zero");
+        }
+        if self.stream_idle_timeout.0.is_zero() {
+            return at("stream_idle_timeout", "must be above zero");
+        }
+        if self.body_read_timeout.0.is_zero() {
+            return at("body_read_timeout", "must be above zero");
         }
         if self.websocket_idle_timeout.0.is_zero() {
             return at("websocket_idle_timeout", "must be above zero");

@@ -23,6 +23,7 @@
 //! Every key and its default is documented in `docs/config.md`.
 
 pub mod admin;
+pub mod buffering;
 pub mod cache;
 pub mod filter;
 pub mod jwt;
@@ -38,6 +39,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use admin::{AdminConfig, LogConfig, LogFormat, ShutdownConfig};
+pub use buffering::BufferingConfig;
 pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
 pub use filter::FilterConfig;
 pub use jwt::{JwtConfig, JwtKey, DEFAULT_USER_HEADER};
@@ -95,6 +97,9 @@ pub struct Config {
     /// OpenTelemetry span export (OTLP/HTTP); absent = none.
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
+    /// Request and response bodies held between client and upstream.
+    #[serde(default)]
+    pub buffering: BufferingConfig,
 }
 
 impl Config {
@@ -134,6 +139,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.admin.validate()?;
         self.log.validate()?;
+        self.buffering.validate()?;
 
         if self.listeners.is_empty() {
             return Err(ConfigError::at(

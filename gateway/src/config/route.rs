@@ -44,6 +44,22 @@ pub struct RouteConfig {
     /// in identifiers (Envoy's `path_with_escaped_slashes_action`).
     #[serde(default)]
     pub escaped_slashes: EscapedSlashes,
+    /// Read the whole request body (memory, then a temp file, up to
+    /// `max_body`) before an upstream slot is taken, as nginx's
+    /// `proxy_request_buffering`: a client that sends slowly holds only
+    /// its own connection. `false` for streaming uploads.
+    #[serde(default = "yes")]
+    pub buffer_requests: bool,
+    /// Read the upstream's response at the upstream's pace (memory, then
+    /// a temp file) and give its connection and slot back when it is in,
+    /// as nginx's `proxy_buffering`: a client that reads slowly holds only
+    /// its own connection. `false` for server-sent events and long polls.
+    #[serde(default = "yes")]
+    pub buffer_responses: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod proxy_protocol;
 pub mod request_body;
 pub mod server;
+pub mod stream_idle;
 pub mod tls;
 pub mod tunnel;
 

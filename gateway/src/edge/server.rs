@@ -38,9 +38,9 @@ use std::future::{poll_fn, Future};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use prometheus::{IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -51,6 +51,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::edge::conn_clock::{ActiveRequest, Clocks, ConnClock, Exit, HeadWatch, ParkTimer};
 use crate::edge::limits::ConnLimits;
 use crate::edge::proxy_protocol;
+use crate::edge::stream_idle::{self, StreamExec};
 use crate::edge::tls::CertStore;
 use crate::edge::{App, ConnInfo};
 
@@ -65,13 +66,21 @@ use crate::edge::{App, ConnInfo};
 ///
 /// HTTP/1.1 uses hyper's own builder rather than hyper-util's auto one:
 /// only hyper's connection gives its IO back (`into_parts`) for parking.
-fn http_builders(cfg: &ListenerConfig) -> (http1::Builder, auto::Builder<TokioExecutor>) {
+fn http_builders(
+    cfg: &ListenerConfig,
+    stream_timeouts: IntCounter,
+) -> (http1::Builder, auto::Builder<StreamExec>) {
     let mut h1 = http1::Builder::new();
     h1.keep_alive(true)
         .header_read_timeout(cfg.idle_timeout.0 + cfg.header_read_timeout.0 * 2)
         .max_headers(cfg.max_headers)
         .max_buf_size(cfg.max_header_bytes.0 as usize);
-    let mut h2 = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 streams run as tasks hyper spawns: under the stream idle
+    // clock (`stream_idle`).
+    let mut h2 = auto::Builder::new(StreamExec {
+        idle: cfg.stream_idle_timeout.0,
+        timeouts: stream_timeouts,
+    });
     h2.http2()
         .timer(TokioTimer::new())
         // Twice the limit at the protocol level: h2 answers a header list
@@ -79,7 +88,12 @@ fn http_builders(cfg: &ListenerConfig) -> (http1::Builder, auto::Builder<TokioEx
         // to retry at once. Up to twice the limit, the request-limits phase
         // answers 431 as HTTP/1.1 does; beyond, h2's reset still bounds
         // the memory.
-        .max_header_list_size(cfg.max_header_bytes.0.saturating_mul(2).min(u32::MAX as u64) as u32)
+        .max_header_list_size(
+            cfg.max_header_bytes
+                .0
+                .saturating_mul(2)
+                .min(u32::MAX as u64) as u32,
+        )
         .max_concurrent_streams(cfg.max_concurrent_streams);
     (h1, h2.http2_only())
 }
@@ -103,12 +117,12 @@ struct Settings {
     /// HTTP/1.1 only and HTTP/2 only: the protocol is chosen before hyper
     /// sees the connection (ALPN, or the h2c preface).
     h1: http1::Builder,
-    h2: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<StreamExec>,
 }
 
 impl Settings {
-    fn new(source: Arc<Config>, cfg: ListenerConfig) -> Settings {
-        let (h1, h2) = http_builders(&cfg);
+    fn new(source: Arc<Config>, cfg: ListenerConfig, stream_timeouts: IntCounter) -> Settings {
+        let (h1, h2) = http_builders(&cfg, stream_timeouts);
         Settings {
             source,
             cfg: Arc::new(cfg),
@@ -146,6 +160,13 @@ impl<A: App> Listener<A> {
         self.refused.with_label_values(&[&self.name, reason]).inc();
     }
 
+    fn stream_timeouts(&self) -> IntCounter {
+        self.app
+            .metrics()
+            .connection_timeouts
+            .with_label_values(&[&self.name, "stream_idle"])
+    }
+
     fn timed_out(&self, timeout: &str) {
         self.app
             .metrics()
@@ -172,7 +193,7 @@ impl<A: App> Listener<A> {
         let cfg = found.cloned().unwrap_or_else(|| (*current.cfg).clone());
         self.limits
             .set(cfg.max_connections, cfg.max_connections_per_ip);
-        let next = Arc::new(Settings::new(config.clone(), cfg));
+        let next = Arc::new(Settings::new(config.clone(), cfg, self.stream_timeouts()));
         self.settings.store(next.clone());
         next
     }
@@ -299,7 +320,12 @@ impl<A: App> Listener<A> {
             // response body is done (or the handler is dropped).
             let request = ActiveRequest::start(&info);
             let app = app.clone();
-            async move { app.handle(request, req).await }
+            async move {
+                let answer = app.handle(request, req).await;
+                // HTTP/2: the stream's idle clock starts now.
+                stream_idle::answered();
+                answer
+            }
         });
 
         let mut drain = self.drain.subscribe();
@@ -616,7 +642,13 @@ pub async fn serve<A: App>(
     let this = Arc::new(Listener {
         limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
         parked: app.metrics().connections_parked.with_label_values(&[&name]),
-        settings: ArcSwap::from_pointee(Settings::new(app.config(), cfg)),
+        settings: ArcSwap::from_pointee(Settings::new(
+            app.config(),
+            cfg,
+            app.metrics()
+                .connection_timeouts
+                .with_label_values(&[&name, "stream_idle"]),
+        )),
         refused: app.metrics().connections_refused.clone(),
         app: app.clone(),
         name: name.clone(),

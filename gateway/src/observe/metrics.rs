@@ -48,6 +48,15 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Certificate reloads from disk, by listener and result.
     pub tls_cert_reloads: IntCounterVec,
+    /// Bodies read ahead of their reader (see `spool`), by direction
+    /// (`request`, `response`) and where they went (`memory`, `file`).
+    pub bodies_spooled: IntCounterVec,
+    /// Temp file bytes held by spooled bodies now (capped by
+    /// `buffering.temp_max`).
+    pub spool_temp_bytes: prometheus::IntGauge,
+    /// Bodies that stopped being read ahead because the temp cap was
+    /// reached (they stream at the reader's pace from then on).
+    pub spool_temp_full: IntCounter,
     pub cache: crate::observe::cache_metrics::CacheMetrics,
 }
 
@@ -94,8 +103,29 @@ impl Metrics {
             connections_total: counter("connections_total", "Accepted client connections.", &["listener"]),
             connection_timeouts: counter(
                 "connection_timeouts_total",
-                "Client connections closed by a timeout: header_read (a request head too slow; dropped) or idle (no request for idle_timeout; closed gracefully).",
+                "Client connections closed by a timeout: header_read (a request head too slow; dropped), send (the client took no byte for send_timeout; dropped), stream_idle (an HTTP/2 stream made no progress for stream_idle_timeout; reset), body_read (a request body stalled for body_read_timeout; 408) or idle (no request for idle_timeout; closed gracefully).",
                 &["listener", "timeout"],
+            ),
+            bodies_spooled: counter(
+                "bodies_spooled_total",
+                "Bodies read ahead of a slow side, by direction (request, response) and where they went (memory, file).",
+                &["direction", "to"],
+            ),
+            spool_temp_bytes: reg(
+                &registry,
+                prometheus::IntGauge::new(
+                    "spool_temp_bytes",
+                    "Temp file bytes held by spooled bodies now (cap: buffering.temp_max).",
+                )
+                .expect("valid metric"),
+            ),
+            spool_temp_full: reg(
+                &registry,
+                IntCounter::new(
+                    "spool_temp_full_total",
+                    "Bodies that could not spill to a temp file (buffering.temp_max reached) and streamed at the reader's pace.",
+                )
+                .expect("valid metric"),
             ),
             websocket_tunnels: gauge(
                 "websocket_tunnels_active",

@@ -156,7 +156,7 @@ async fn filter_request_body(
     let mut filtered = chain.request_body(body, info);
     filtered.prime().await?;
     set_length(&mut head.headers, filtered.known_length());
-    Ok(Either::Right(Either::Right(filtered)))
+    Ok(Either::Right(Either::Right(Either::Left(filtered))))
 }
 
 /// A filtered body's length: exact when it was held whole (a filter may

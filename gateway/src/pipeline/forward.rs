@@ -22,6 +22,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::observe::access_log::UpstreamTiming;
 use crate::respond;
+use crate::spool::{self, RequestRead};
 use crate::upstream::{Cluster, Endpoint, UpstreamBody};
 
 /// Sends the request to the route's cluster; a failure becomes the
@@ -32,6 +33,12 @@ pub async fn send(
     head: &mut Parts,
     mut body: UpstreamBody,
 ) -> Response<ProxyBody> {
+    if route.buffer_requests {
+        body = match buffer_request(ctx, body).await {
+            Ok(b) => b,
+            Err(e) => return respond::error(e, &ctx.request_id),
+        };
+    }
     // A chunked body's first chunk is read before the upstream is chosen:
     // bad framing is refused here, never forwarded.
     if let Err(e) = prefetch(&mut body, ctx.listener.header_read_timeout.0).await {
@@ -49,6 +56,56 @@ pub async fn send(
     )
     .await;
     answered(ctx, sent)
+}
+
+/// Reads the client's body in before an upstream slot is taken (memory,
+/// then a temp file; [`crate::spool`]), so a client that sends slowly
+/// holds only its own connection. A body with nothing left to read, or
+/// one the filters hold already, is left as it is.
+async fn buffer_request(
+    ctx: &mut RequestCtx<'_>,
+    body: UpstreamBody,
+) -> Result<UpstreamBody, ProxyError> {
+    let client = match body {
+        Either::Left(client) if !client.is_end_stream() => client,
+        other => return Ok(other),
+    };
+    let spooler = ctx.runtime.spooler.clone();
+    match spool::read_request(client, spooler, ctx.listener.body_read_timeout.0).await {
+        Ok(reader) => Ok(Either::Right(Either::Right(Either::Right(reader)))),
+        Err(RequestRead::Stalled) => {
+            ctx.shared
+                .metrics
+                .connection_timeouts
+                .with_label_values(&[&ctx.conn.listener, "body_read"])
+                .inc();
+            Err(ProxyError::BodyTimeout)
+        }
+        Err(RequestRead::Broken) => Err(ctx
+            .verdict
+            .as_ref()
+            .map_or(ProxyError::BadBody, |v| v.explain(ProxyError::BadBody))),
+        Err(RequestRead::Spool(e)) => {
+            tracing::warn!(error = %e, "holding a request body in a temp file failed; answering 500");
+            Err(ProxyError::SpoolFailed)
+        }
+    }
+}
+
+/// Hands what is left of an upstream response body to the spool when the
+/// route buffers responses (HTTP/2 at once: a stream whose window is shut
+/// never reads its first byte).
+pub fn spool_response(
+    ctx: &RequestCtx<'_>,
+    route: &Route,
+    head: &Parts,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    if !route.buffer_responses {
+        return resp;
+    }
+    let at_once = head.version == http::Version::HTTP_2;
+    resp.map(|b| b.spool(&ctx.runtime.spooler, at_once))
 }
 
 /// What [`forward`] comes back with: the response and the endpoint that

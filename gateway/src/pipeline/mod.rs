@@ -178,7 +178,10 @@ pub async fn handle(
         admission::learn(ctx, route, &resp);
         // The response filters see every answer that passed the request
         // filters.
-        filters::on_response(ctx, resp).await
+        let resp = phase!(filters::on_response(ctx, resp).await);
+        // What the filters left of an upstream body is read at the
+        // upstream's pace: a slow client holds no upstream slot.
+        ControlFlow::Continue(forward::spool_response(ctx, route, head, resp))
     };
     // Metrics, access log and span, however the request ended.
     let mut resp = finish::finish(state, &parts, outcome)?;

@@ -122,11 +122,13 @@ fn settle_host(head: &mut Parts) -> Result<(), ProxyError> {
     match field {
         // HTTP/1.1 absolute-form: the target's authority wins over Host
         // (RFC 9112 section 3.2.2), so the field is only replaced below.
-        Some(v) if head.version == Version::HTTP_2 => {
-            if !v.as_bytes().eq_ignore_ascii_case(authority.as_bytes()) {
-                return Err(ProxyError::BadHost);
-            }
+        Some(v)
+            if head.version == Version::HTTP_2
+                && !v.as_bytes().eq_ignore_ascii_case(authority.as_bytes()) =>
+        {
+            return Err(ProxyError::BadHost);
         }
+        Some(_) if head.version == Version::HTTP_2 => {}
         Some(v) if v.as_bytes() == authority.as_bytes() => return Ok(()),
         _ => {}
     }
@@ -292,6 +294,9 @@ mod tests {
         assert_eq!(te(&["Chunked "]), Ok(()));
         assert_eq!(te(&["gzip, chunked"]), Err(ProxyError::UnsupportedCoding));
         assert_eq!(te(&["gzip", "chunked"]), Err(ProxyError::UnsupportedCoding));
-        assert_eq!(te(&["chunked, chunked"]), Err(ProxyError::UnsupportedCoding));
+        assert_eq!(
+            te(&["chunked, chunked"]),
+            Err(ProxyError::UnsupportedCoding)
+        );
     }
 }

@@ -29,7 +29,13 @@ use crate::observe::metrics::Metrics;
 /// through the route's body filters.
 pub type UpstreamBody = Either<
     crate::edge::request_body::LimitedBody,
-    Either<Full<Bytes>, filters::FilteredBody<crate::edge::request_body::LimitedBody>>,
+    Either<
+        Full<Bytes>,
+        Either<
+            filters::FilteredBody<crate::edge::request_body::LimitedBody>,
+            crate::spool::SpoolReader,
+        >,
+    >,
 >;
 
 /// One `host:port` of a cluster and what load balancing knows about it.
@@ -122,6 +128,12 @@ impl InFlight {
         if let Some(conn) = self.conn.take() {
             self.endpoint.idle.put(conn);
         }
+    }
+}
+
+impl crate::spool::Slot for InFlight {
+    fn complete(self) {
+        InFlight::complete(self)
     }
 }
 

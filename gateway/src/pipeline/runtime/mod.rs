@@ -34,6 +34,10 @@ pub struct Route {
     pub websocket: bool,
     /// Paths with `%2F` or `%5C` are forwarded, not refused.
     pub keep_escaped_slashes: bool,
+    /// Request bodies are read in before an upstream slot is taken.
+    pub buffer_requests: bool,
+    /// Responses are read at the upstream's pace (see `crate::spool`).
+    pub buffer_responses: bool,
     pub cluster: Arc<Cluster>,
     pub filters: FilterChain,
     /// Set on the checkout route (see `crate::pipeline::admission::checkout`).
@@ -79,6 +83,8 @@ pub struct Runtime {
     /// The response cache: carried over by reloads that keep `[cache]` and
     /// `[redis]` as they were, so its entries survive the reload.
     pub cache: Arc<Cache>,
+    /// Bodies read ahead of a slow side (`[buffering]`).
+    pub spooler: Arc<crate::spool::Spooler>,
 }
 
 /// The parts of a runtime that can fail to build from a valid config.
@@ -182,6 +188,8 @@ impl Runtime {
                 priority: r.priority,
                 websocket: r.websocket,
                 keep_escaped_slashes: r.escaped_slashes == crate::config::EscapedSlashes::Keep,
+                buffer_requests: r.buffer_requests,
+                buffer_responses: r.buffer_responses,
                 cluster,
                 filters: FilterChain::new(chain),
                 checkout: r
@@ -197,7 +205,9 @@ impl Runtime {
                 i,
             )
         }));
+        let spooler = Arc::new(crate::spool::Spooler::new(&config.buffering, metrics));
         Ok(Runtime {
+            spooler,
             jwt,
             config: Arc::new(config),
             router,
