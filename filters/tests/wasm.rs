@@ -637,7 +637,7 @@ async fn request_body_held_to_its_end_then_rewritten() {
 }
 
 #[tokio::test]
-async fn request_body_past_the_bound_is_413_and_response_502() {
+async fn request_body_past_the_bound_is_413_and_response_500() {
     let f = load("body-bound", "test_host", "");
     let big = vec![b'x'; 2 << 20];
     let mut req = request(&[("x-test", "body"), ("content-length", "2097152")]);
@@ -659,7 +659,7 @@ async fn request_body_past_the_bound_is_413_and_response_502() {
     let stop = body.prime().await.expect_err("past the bound");
     assert_eq!(
         stop.into_response(false).unwrap().status,
-        StatusCode::BAD_GATEWAY
+        StatusCode::INTERNAL_SERVER_ERROR
     );
 }
 
@@ -1046,7 +1046,7 @@ async fn infinite_loop_fail_closed() {
         FailMode::Closed,
     );
     let (r, _) = trap_run(&f).await;
-    assert_eq!(r.expect("500").status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(r.expect("503").status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(f.metrics().host().timeouts, 1);
     passes(&f).await;
 }
@@ -1061,7 +1061,7 @@ async fn panic_fail_open_and_closed() {
         let (r, req) = trap_run(&f).await;
         match mode {
             FailMode::Open => assert!(r.is_none()),
-            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR),
+            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::SERVICE_UNAVAILABLE),
         }
         assert_eq!(h(&req.headers, "keep"), "me");
         let host = f.metrics().host();
@@ -1087,7 +1087,7 @@ async fn memory_hog_hits_the_cap() {
         assert_eq!(h(&req.headers, "x-hog"), "<absent>");
         match mode {
             FailMode::Open => assert!(r.is_none()),
-            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR),
+            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::SERVICE_UNAVAILABLE),
         }
         assert_eq!(f.metrics().host().out_of_memory, 1);
         passes(&f).await;
@@ -1111,9 +1111,9 @@ async fn panic_in_response_phase() {
         .on_response(&mut resp, &info(0))
         .await
         .unwrap()
-        .expect("500");
-    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR);
+        .expect("503");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     drop(s); // on_done on a discarded instance must not call the guest
     assert_eq!(f.metrics().host().traps, 1);
 }
