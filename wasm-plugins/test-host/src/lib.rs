@@ -28,8 +28,8 @@
 //!   cluster (`GET /root-call`); its answer (`<status> <body>`, or
 //!   `refused`) goes to the shared data key `root-call`, which
 //!   `root-call-seen` reports in `x-root-call`.
-//! - `grpc`: starts a gRPC call and pauses; the host answers it
-//!   UNIMPLEMENTED, which goes to `x-grpc-status` before resuming.
+//! - `grpc`: starts a gRPC call (cluster `auth`) and pauses; its gRPC
+//!   status goes to `x-grpc-status` before resuming.
 //! - `ticks`: reports how many ticks the root contexts saw
 //!   (`x-ticks`, from shared data).
 //! - `close-request`, `close-response`, `close-resp-body`: reset the
