@@ -8,7 +8,7 @@
 //! table of what is checked where.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -143,7 +143,7 @@ impl Drop for Running {
 }
 
 /// A route with the filter `f` from `wasm`, and `extra` keys for it.
-fn with_example(upstream: SocketAddr, wasm: &PathBuf, config: &str, extra: &str) -> Cfg {
+fn with_example(upstream: SocketAddr, wasm: &Path, config: &str, extra: &str) -> Cfg {
     Cfg::new(&[upstream]).route("filters = [\"f\"]").section(format!(
         "[[filters]]\nname = \"f\"\nwasm = \"{}\"\nconfig = '{config}'\ntimeout = \"2s\"\n{extra}\n",
         wasm.display()
@@ -294,7 +294,7 @@ async fn http_auth_random_grants_and_forbids_by_callout() {
             assert_eq!(req.uri().path(), "/bytes/1");
             assert_eq!(req.headers()["host"], "httpbin.org");
             // Even calls grant (byte 2), odd ones forbid (byte 3).
-            reply(200, vec![if n % 2 == 0 { 2u8 } else { 3u8 }])
+            reply(200, vec![if n.is_multiple_of(2) { 2u8 } else { 3u8 }])
         }
     })
     .await;

@@ -10,5 +10,5 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
 fi
 # Our own target dir, whatever the caller's environment says.
 export CARGO_TARGET_DIR="$PWD/target"
-cargo build --release --target wasm32-wasip1 "$@"
+cargo build --release --locked --target wasm32-wasip1 "$@"
 ls -1 target/wasm32-wasip1/release/*.wasm

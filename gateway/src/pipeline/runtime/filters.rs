@@ -18,6 +18,10 @@ pub struct Built {
     pub wasm: Option<Arc<WasmFilter>>,
 }
 
+/// The running config and its Wasm filters by name (what a reload may
+/// keep).
+pub type Running<'a> = (&'a Config, &'a [(String, Arc<WasmFilter>)]);
+
 /// Whether built Wasm filters poll their module files for hot reload.
 /// `flashgate check` builds to find errors and must leave nothing behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +40,7 @@ pub enum Watch {
 pub fn build_all(
     config: &Config,
     watch: Watch,
-    previous: Option<(&Config, &[(String, Arc<WasmFilter>)])>,
+    previous: Option<Running<'_>>,
 ) -> Result<Vec<Built>, ConfigError> {
     config
         .filters
@@ -55,10 +59,7 @@ pub fn build_all(
 
 /// The running filter for `f`, if its entry and module file are as they
 /// were.
-fn unchanged(
-    f: &FilterConfig,
-    (config, running): (&Config, &[(String, Arc<WasmFilter>)]),
-) -> Option<Arc<WasmFilter>> {
+fn unchanged(f: &FilterConfig, (config, running): Running<'_>) -> Option<Arc<WasmFilter>> {
     f.wasm.as_ref()?;
     config.filters.iter().find(|old| *old == f)?;
     let (_, wasm) = running.iter().find(|(name, _)| *name == f.name)?;
