@@ -730,6 +730,66 @@ async fn response_body_rewritten_and_trailers_edited() {
     assert_eq!(h(&trailers, "x-wasm-trailer"), "1");
 }
 
+/// `Frames` that announce their exact length, as a body with
+/// `content-length` does.
+struct SizedFrames(Frames, u64);
+
+impl http_body::Body for SizedFrames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx)
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        let left: u64 = self
+            .0
+             .0
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        http_body::SizeHint::with_exact(left.min(self.1))
+    }
+}
+
+#[tokio::test]
+async fn content_length_stays_unless_a_filter_resizes_the_body() {
+    let f = load("body-length", "test_host", "");
+    let sized = || SizedFrames(chunks(b"aaaabbbbcccc", 4), 12);
+    let run = |test: &'static str| {
+        let f = f.clone();
+        async move {
+            let mut req = request(&[("x-test", test), ("content-length", "12")]);
+            let mut s = chain(&f).start();
+            assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+            let mut body = s.request_body(sized(), &info(0));
+            body.prime().await.unwrap();
+            body.set_length(&mut req.headers);
+            let length = req
+                .headers
+                .get("content-length")
+                .map(|v| v.to_str().unwrap().to_string());
+            use http_body_util::BodyExt;
+            (length, body.collect().await.map(|c| c.to_bytes()))
+        }
+    };
+    // Unchanged: the length stays, the body streams whole.
+    let (length, body) = run("body-chunks").await;
+    assert_eq!(length.as_deref(), Some("12"));
+    assert_eq!(&body.unwrap()[..], b"aaaabbbbcccc");
+    // Resized before the head leaves: chunked.
+    let (length, body) = run("body-grow").await;
+    assert_eq!(length, None);
+    assert_eq!(&body.unwrap()[..], b"aaaa+bbbb+cccc+");
+    // Resized after the head left with the length: the body is cut.
+    let (length, body) = run("body-grow-late").await;
+    assert_eq!(length.as_deref(), Some("12"));
+    assert!(matches!(body, Err(filters::BodyStop::Resized)));
+}
+
 #[tokio::test]
 async fn body_streams_when_the_filter_does_not_hold_it() {
     let f = load("body-stream", "test_host", "");
