@@ -47,6 +47,11 @@ pub enum BodyStop {
     /// A filter reset the stream from a body or trailer callback.
     #[error("stream reset by filter")]
     Reset,
+    /// A filter changed the size of a body whose head went out with its
+    /// `content-length` (see [`FilteredBody::set_length`]): the stream is
+    /// cut rather than sent with a wrong length.
+    #[error("a filter changed the size of a body sent with its content-length")]
+    Resized,
 }
 
 impl BodyStop {
@@ -61,8 +66,12 @@ impl BodyStop {
             (BodyStop::Local(local), _) => *local,
             (BodyStop::TooLarge(_), true) => LocalResponse::refused(Refusal::RequestBodyTooLarge),
             (BodyStop::TooLarge(_), false) => LocalResponse::refused(Refusal::ResponseBodyTooLarge),
-            (BodyStop::Read(_), true) => LocalResponse::refused(Refusal::RequestBodyBroken),
-            (BodyStop::Read(_), false) => LocalResponse::refused(Refusal::UpstreamBodyBroken),
+            (BodyStop::Read(_) | BodyStop::Resized, true) => {
+                LocalResponse::refused(Refusal::RequestBodyBroken)
+            }
+            (BodyStop::Read(_) | BodyStop::Resized, false) => {
+                LocalResponse::refused(Refusal::UpstreamBodyBroken)
+            }
         })
     }
 }
@@ -80,6 +89,17 @@ pub struct FilteredBody<B> {
     ended: bool,
     /// Nothing is left to hand out after `ready` and `trailers`.
     finished: bool,
+    /// Bytes that went into the body callbacks, and that came out.
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The wrapped body's exact length, as it announced it before priming.
+    declared: Option<u64>,
+    /// What came out differed in size from what went in, at a point where
+    /// no filter held anything.
+    resized: bool,
+    /// The head went out with the body's `content-length`: a later change
+    /// of size stops the body ([`BodyStop::Resized`]).
+    sized: bool,
 }
 
 impl<B> fmt::Debug for FilteredBody<B> {
@@ -102,6 +122,11 @@ impl<B> FilteredBody<B> {
             trailers: None,
             ended: false,
             finished: false,
+            bytes_in: 0,
+            bytes_out: 0,
+            declared: None,
+            resized: false,
+            sized: false,
         }
     }
 }
@@ -115,6 +140,7 @@ where
     /// end while a filter holds it. An error is the stream's answer
     /// ([`BodyStop::into_response`]).
     pub async fn prime(&mut self) -> Result<(), BodyStop> {
+        self.declared = self.inner.size_hint().exact();
         let first = poll_fn(|cx| self.poll_filtered(cx)).await;
         match first {
             None => {}
@@ -139,11 +165,49 @@ where
             .then(|| self.ready.as_ref().map_or(0, |b| b.len() as u64))
     }
 
+    /// Sets the head's `content-length` for the body after
+    /// [`FilteredBody::prime`], as Envoy keeps it:
+    /// - a body held whole gets its exact length (a filter may have
+    ///   rewritten it);
+    /// - a streaming body keeps the head's `content-length` when it is the
+    ///   wrapped body's own and no body callback changed the size so far;
+    ///   a later change of size cuts the stream ([`BodyStop::Resized`]),
+    ///   since the length already went out (a filter that resizes a
+    ///   streamed body removes `content-length` in its header callback, as
+    ///   the SDK examples do);
+    /// - otherwise `content-length` is removed (chunked).
+    pub fn set_length(&mut self, headers: &mut HeaderMap) {
+        if let Some(n) = self.known_length() {
+            headers.insert(http::header::CONTENT_LENGTH, n.into());
+            return;
+        }
+        let head = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if !self.resized && head.is_some() && head == self.declared {
+            self.sized = true;
+        } else {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
+    }
+
     fn step(&mut self, data: Bytes, end: bool) -> Result<Bytes, BodyStop> {
         if end {
             self.ended = true;
         }
-        lock(&self.chain).body(self.dir, data, end, &self.info)
+        self.bytes_in += data.len() as u64;
+        let out = lock(&self.chain).body(self.dir, data, end, &self.info)?;
+        self.bytes_out += out.len() as u64;
+        // Where something came out (or the body ended) no filter holds
+        // anything: unchanged sizes mean equal counts.
+        if (end || !out.is_empty()) && self.bytes_out != self.bytes_in {
+            self.resized = true;
+            if self.sized {
+                return Err(BodyStop::Resized);
+            }
+        }
+        Ok(out)
     }
 
     fn poll_filtered(

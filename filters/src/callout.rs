@@ -26,6 +26,10 @@ pub struct CalloutRequest {
     /// Regular headers (the guest's `:authority` becomes `host`).
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// A gRPC call (`proxy_grpc_call`): send it over HTTP/2 (prior
+    /// knowledge) and keep the answer's trailers. The request is complete
+    /// (headers, framed message); the gateway only carries it.
+    pub grpc: bool,
 }
 
 /// The upstream's complete answer (callout bodies are small: the gateway
@@ -47,10 +51,6 @@ pub enum CalloutError {
     Timeout,
     #[error("callout failed: {0}")]
     Failed(String),
-    /// A gRPC call: not implemented by this host; delivered to the guest
-    /// as gRPC status UNIMPLEMENTED.
-    #[error("gRPC is not implemented")]
-    GrpcUnimplemented,
 }
 
 /// The answer to come.

@@ -235,8 +235,8 @@ impl ChainStream {
 
     /// Runs the request phase in configuration order. `Some` means a filter
     /// answered locally: the answer still goes through the response phase of
-    /// the filters before it (never through its own), like Envoy's local
-    /// replies. `Err` means a filter reset the stream: abort it, answer
+    /// that filter and the filters before it (not of those after it, which
+    /// never saw the request), like Envoy's local replies. `Err` means a filter reset the stream: abort it, answer
     /// nothing.
     pub async fn on_request(
         &mut self,
@@ -249,7 +249,7 @@ impl ChainStream {
                 match flow {
                     Flow::Continue => break,
                     Flow::Respond(local) => {
-                        self.lock().entered = i;
+                        self.lock().entered = i + 1;
                         return Ok(Some(local));
                     }
                     Flow::Pause(pending) => {
@@ -574,7 +574,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn local_response_stops_chain_and_skips_responder() {
+    async fn local_response_stops_chain_and_goes_back_through_the_responder() {
         let (chain, log, done) =
             chain(&[("a", false, false), ("b", true, false), ("c", false, false)]);
         let (mut req, mut resp) = parts();
@@ -587,7 +587,7 @@ mod tests {
         assert_eq!(local.status, StatusCode::FORBIDDEN);
         s.on_response(&mut resp, &info()).await.unwrap();
         drop(s);
-        assert_eq!(*log.lock().unwrap(), ["req:a", "req:b", "resp:a"]);
+        assert_eq!(*log.lock().unwrap(), ["req:a", "req:b", "resp:b", "resp:a"]);
         // c never saw the request but its stream still ends exactly once.
         assert_eq!(done.load(Ordering::SeqCst), 3);
     }

@@ -143,8 +143,13 @@ impl Refusal {
         match self {
             Refusal::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::RequestBodyBroken => StatusCode::BAD_REQUEST,
-            Refusal::ResponseBodyTooLarge | Refusal::UpstreamBodyBroken => StatusCode::BAD_GATEWAY,
-            Refusal::FilterFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            // As Envoy: a response past a buffering filter's limit is the
+            // gateway's own failure (500), a broken upstream body the
+            // upstream's (502), a failed Wasm filter `wasm_fail_stream`
+            // (503).
+            Refusal::ResponseBodyTooLarge => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::UpstreamBodyBroken => StatusCode::BAD_GATEWAY,
+            Refusal::FilterFailed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

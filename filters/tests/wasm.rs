@@ -637,7 +637,7 @@ async fn request_body_held_to_its_end_then_rewritten() {
 }
 
 #[tokio::test]
-async fn request_body_past_the_bound_is_413_and_response_502() {
+async fn request_body_past_the_bound_is_413_and_response_500() {
     let f = load("body-bound", "test_host", "");
     let big = vec![b'x'; 2 << 20];
     let mut req = request(&[("x-test", "body"), ("content-length", "2097152")]);
@@ -659,7 +659,7 @@ async fn request_body_past_the_bound_is_413_and_response_502() {
     let stop = body.prime().await.expect_err("past the bound");
     assert_eq!(
         stop.into_response(false).unwrap().status,
-        StatusCode::BAD_GATEWAY
+        StatusCode::INTERNAL_SERVER_ERROR
     );
 }
 
@@ -730,6 +730,66 @@ async fn response_body_rewritten_and_trailers_edited() {
     assert_eq!(h(&trailers, "x-wasm-trailer"), "1");
 }
 
+/// `Frames` that announce their exact length, as a body with
+/// `content-length` does.
+struct SizedFrames(Frames, u64);
+
+impl http_body::Body for SizedFrames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx)
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        let left: u64 = self
+            .0
+             .0
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        http_body::SizeHint::with_exact(left.min(self.1))
+    }
+}
+
+#[tokio::test]
+async fn content_length_stays_unless_a_filter_resizes_the_body() {
+    let f = load("body-length", "test_host", "");
+    let sized = || SizedFrames(chunks(b"aaaabbbbcccc", 4), 12);
+    let run = |test: &'static str| {
+        let f = f.clone();
+        async move {
+            let mut req = request(&[("x-test", test), ("content-length", "12")]);
+            let mut s = chain(&f).start();
+            assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+            let mut body = s.request_body(sized(), &info(0));
+            body.prime().await.unwrap();
+            body.set_length(&mut req.headers);
+            let length = req
+                .headers
+                .get("content-length")
+                .map(|v| v.to_str().unwrap().to_string());
+            use http_body_util::BodyExt;
+            (length, body.collect().await.map(|c| c.to_bytes()))
+        }
+    };
+    // Unchanged: the length stays, the body streams whole.
+    let (length, body) = run("body-chunks").await;
+    assert_eq!(length.as_deref(), Some("12"));
+    assert_eq!(&body.unwrap()[..], b"aaaabbbbcccc");
+    // Resized before the head leaves: chunked.
+    let (length, body) = run("body-grow").await;
+    assert_eq!(length, None);
+    assert_eq!(&body.unwrap()[..], b"aaaa+bbbb+cccc+");
+    // Resized after the head left with the length: the body is cut.
+    let (length, body) = run("body-grow-late").await;
+    assert_eq!(length.as_deref(), Some("12"));
+    assert!(matches!(body, Err(filters::BodyStop::Resized)));
+}
+
 #[tokio::test]
 async fn body_streams_when_the_filter_does_not_hold_it() {
     let f = load("body-stream", "test_host", "");
@@ -766,6 +826,27 @@ impl filters::callout::HttpCallout for TestCallout {
             "slow" => Duration::from_secs(30),
             other => return Err(CalloutError::UnknownCluster(other.to_string())),
         };
+        if req.grpc {
+            // A unary gRPC call: OK when it is the framed call test-host
+            // makes, INVALID_ARGUMENT otherwise.
+            let shaped = req.method == http::Method::POST
+                && req.path == "/flashgate.Test/Check"
+                && h(&req.headers, "content-type") == "application/grpc"
+                && h(&req.headers, "te") == "trailers"
+                && h(&req.headers, "grpc-timeout") == "1000m"
+                && req.body[..] == [0, 0, 0, 0, 0];
+            return Ok(Box::pin(async move {
+                let mut trailers = http::HeaderMap::new();
+                let status = if shaped { "0" } else { "3" };
+                trailers.insert("grpc-status", status.parse().unwrap());
+                Ok(CalloutResponse {
+                    status: StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    body: bytes::Bytes::from_static(&[0, 0, 0, 0, 1, 42]),
+                    trailers,
+                })
+            }));
+        }
         let seen = format!(
             "{} {} host={} from={}",
             req.method,
@@ -850,7 +931,8 @@ async fn callout_timeout_delivers_an_empty_answer() {
 }
 
 #[tokio::test]
-async fn grpc_calls_answer_unimplemented() {
+async fn grpc_calls_go_out_framed_and_answer_through_on_grpc_call_response() {
+    callouts();
     let f = load("grpc", "test_host", "");
     let mut req = request(&[("x-test", "grpc")]);
     let mut s = chain(&f).start();
@@ -858,8 +940,8 @@ async fn grpc_calls_answer_unimplemented() {
         .await
         .expect("resumed");
     assert!(r.unwrap().is_none());
-    // gRPC status 12 = UNIMPLEMENTED.
-    assert_eq!(h(&req.headers, "x-grpc-status"), "12");
+    // OK (0): the call had the shape of a unary gRPC call.
+    assert_eq!(h(&req.headers, "x-grpc-status"), "0");
 }
 
 #[tokio::test]
@@ -1046,7 +1128,7 @@ async fn infinite_loop_fail_closed() {
         FailMode::Closed,
     );
     let (r, _) = trap_run(&f).await;
-    assert_eq!(r.expect("500").status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(r.expect("503").status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(f.metrics().host().timeouts, 1);
     passes(&f).await;
 }
@@ -1061,7 +1143,7 @@ async fn panic_fail_open_and_closed() {
         let (r, req) = trap_run(&f).await;
         match mode {
             FailMode::Open => assert!(r.is_none()),
-            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR),
+            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::SERVICE_UNAVAILABLE),
         }
         assert_eq!(h(&req.headers, "keep"), "me");
         let host = f.metrics().host();
@@ -1087,7 +1169,7 @@ async fn memory_hog_hits_the_cap() {
         assert_eq!(h(&req.headers, "x-hog"), "<absent>");
         match mode {
             FailMode::Open => assert!(r.is_none()),
-            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR),
+            FailMode::Closed => assert_eq!(r.unwrap().status, StatusCode::SERVICE_UNAVAILABLE),
         }
         assert_eq!(f.metrics().host().out_of_memory, 1);
         passes(&f).await;
@@ -1111,9 +1193,9 @@ async fn panic_in_response_phase() {
         .on_response(&mut resp, &info(0))
         .await
         .unwrap()
-        .expect("500");
-    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR);
+        .expect("503");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     drop(s); // on_done on a discarded instance must not call the guest
     assert_eq!(f.metrics().host().traps, 1);
 }

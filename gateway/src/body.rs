@@ -116,30 +116,32 @@ impl ProxyBody {
     }
 
     /// Routes an upstream body through the filters' body callbacks, primed
-    /// (see [`FilteredBody::prime`]); returns the body and its length when
-    /// known whole. A local body is left as it is.
+    /// (see [`FilteredBody::prime`]), and sets the head's `content-length`
+    /// for what comes out ([`FilteredBody::set_length`]). A local body is
+    /// left as it is.
     pub async fn filter(
         mut self,
         chain: &mut ChainStream,
         info: &StreamInfo,
-    ) -> Result<(ProxyBody, Option<u64>), BodyStop> {
+        headers: &mut http::HeaderMap,
+    ) -> Result<ProxyBody, BodyStop> {
         let placeholder = Inner::Full(Full::new(Bytes::new()));
         let body = match std::mem::replace(&mut self.inner, placeholder) {
             Inner::Upstream(body) => body,
             other => {
                 self.inner = other;
-                return Ok((self, None));
+                return Ok(self);
             }
         };
         let mut filtered = chain.response_body(body, info);
         filtered.prime().await?;
-        let len = filtered.known_length();
+        filtered.set_length(headers);
         self.inner = Inner::Filtered(Box::new(filtered));
         // Held whole: the upstream body is read to its end already.
         if self.is_end_stream() {
             self.complete();
         }
-        Ok((self, len))
+        Ok(self)
     }
 
     /// From here on, an upstream body is read at the upstream's pace, so a

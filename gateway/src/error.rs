@@ -77,13 +77,16 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
-            ProxyError::FilterFailed | ProxyError::SpoolFailed => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            // As Envoy answers a failed Wasm filter (`wasm_fail_stream`).
+            ProxyError::FilterFailed | ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            // As Envoy answers a response past a buffering filter's limit.
+            ProxyError::ResponseTooLarge | ProxyError::SpoolFailed => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ProxyError::ConnectRefused
             | ProxyError::ConnectFailed
             | ProxyError::UpstreamReset
             | ProxyError::UpgradeFailed
-            | ProxyError::ResponseTooLarge
             | ProxyError::UpstreamBodyFailed => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }

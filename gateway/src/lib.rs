@@ -297,6 +297,7 @@ impl Gateway {
         filters::callout::set_http_callout(Arc::new(pipeline::callout::GatewayCallout {
             shared: Arc::downgrade(&shared),
             runtime: tokio::runtime::Handle::current(),
+            h2: Default::default(),
         }));
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();

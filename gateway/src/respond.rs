@@ -164,7 +164,8 @@ mod tests {
         assert!(resp.headers().get("x-flashgate-error").is_none());
         let refused = filters::LocalResponse::refused(filters::Refusal::FilterFailed);
         let resp = local(refused, &id());
-        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()["x-flashgate-error"], "filter_failed");
+        assert_eq!(resp.headers()[RETRY_AFTER], "1");
     }
 }

@@ -33,6 +33,7 @@ pub(crate) mod buffer {
     pub const REQUEST_BODY: u32 = 0;
     pub const RESPONSE_BODY: u32 = 1;
     pub const CALL_RESPONSE_BODY: u32 = 4;
+    pub const GRPC_RECEIVE: u32 = 5;
     pub const VM_CONFIGURATION: u32 = 6;
     pub const PLUGIN_CONFIGURATION: u32 = 7;
 }

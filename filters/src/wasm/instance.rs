@@ -57,6 +57,8 @@ impl fmt::Display for FailKind {
 pub(crate) struct Failure {
     pub kind: FailKind,
     pub message: String,
+    /// The guest called `proc_exit` with this code.
+    pub exit_code: Option<i32>,
 }
 
 impl Failure {
@@ -64,6 +66,7 @@ impl Failure {
         Failure {
             kind,
             message: message.into(),
+            exit_code: None,
         }
     }
 }
@@ -85,6 +88,7 @@ struct Exports {
     response_trailers: Option<TypedFunc<(u32, u32), u32>>,
     http_call_response: Option<CallResponseFn>,
     grpc_close: Option<TypedFunc<(u32, u32, u32), ()>>,
+    grpc_receive: Option<TypedFunc<(u32, u32, u32), ()>>,
     tick: Option<TypedFunc<u32, ()>>,
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     done: Option<TypedFunc<u32, u32>>,
@@ -141,13 +145,42 @@ impl Instance {
     /// Instantiates the module and starts the root context:
     /// `_initialize`, `proxy_on_context_create(root, 0)`,
     /// `proxy_on_vm_start`, `proxy_on_configure`.
+    ///
+    /// A failure says what the guest logged meanwhile (its last lines at
+    /// info and above), and a `proc_exit` is reported with its code.
     pub(crate) fn start(
         plugin: &Arc<Plugin>,
         slot: usize,
         generation: u64,
     ) -> Result<Instance, Failure> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        match Instance::start_logged(plugin, slot, generation, &log) {
+            Ok(mut inst) => {
+                inst.store.data_mut().start_log = None;
+                Ok(inst)
+            }
+            Err(mut f) => {
+                if let Some(code) = f.exit_code {
+                    f.message = format!("the module exited during start with code {code}");
+                }
+                let log = log.lock().unwrap_or_else(|e| e.into_inner());
+                if !log.is_empty() {
+                    f.message = format!("{}; the guest logged: {}", f.message, log.join(" | "));
+                }
+                Err(f)
+            }
+        }
+    }
+
+    fn start_logged(
+        plugin: &Arc<Plugin>,
+        slot: usize,
+        generation: u64,
+        log: &Arc<Mutex<Vec<String>>>,
+    ) -> Result<Instance, Failure> {
         let engine = super::engine::engine().map_err(|e| Failure::new(FailKind::Refused, e))?;
         let mut state = HostState::new(plugin.clone());
+        state.start_log = Some(log.clone());
         state.slot = slot;
         state.generation = generation;
         let mut store = Store::new(engine, state);
@@ -184,6 +217,7 @@ impl Instance {
             response_trailers: typed(&inst, &mut store, "proxy_on_response_trailers")?,
             http_call_response: typed(&inst, &mut store, "proxy_on_http_call_response")?,
             grpc_close: typed(&inst, &mut store, "proxy_on_grpc_close")?,
+            grpc_receive: typed(&inst, &mut store, "proxy_on_grpc_receive")?,
             tick: typed(&inst, &mut store, "proxy_on_tick")?,
             queue_ready: typed(&inst, &mut store, "proxy_on_queue_ready")?,
             done: typed(&inst, &mut store, "proxy_on_done")?,
@@ -234,6 +268,23 @@ impl Instance {
             ));
         }
         Ok(me)
+    }
+
+    /// Does the module create HTTP contexts? Creates one context under the
+    /// root context and deletes it again (`proxy_on_context_create`,
+    /// `proxy_on_delete`: no stream callback, no `on_log`). A module whose
+    /// root context has no HTTP context type (the Rust SDK panics on it)
+    /// traps here: the caller discards this instance.
+    pub(crate) fn probe_http_context(&mut self) -> Result<(), Failure> {
+        let plugin = self.store.data().plugin.clone();
+        let (root, id) = (self.store.data().root_id, plugin.next_context_id());
+        self.call_with(plugin.start_ticks, 2, |s, f| {
+            f.context_create.call(&mut *s, (id, root))?;
+            if let Some(delete) = &f.delete {
+                delete.call(&mut *s, id)?;
+            }
+            Ok(())
+        })
     }
 
     /// Runs one entry into the guest that makes `callbacks` callbacks (more
@@ -436,6 +487,22 @@ impl Instance {
         })
     }
 
+    /// `proxy_on_grpc_receive(token, size)`: a unary call's answer message.
+    pub(crate) fn grpc_receive(
+        &mut self,
+        data: &mut Option<Box<StreamData>>,
+        token: u32,
+        size: u32,
+    ) -> Result<(), Failure> {
+        self.with_stream(data, 1, |s, f, id, create| {
+            create_context(s, f, id, create)?;
+            match &f.grpc_receive {
+                Some(cb) => cb.call(s, (id, token, size)),
+                None => Ok(()),
+            }
+        })
+    }
+
     /// Keeps a paused stream's data in the instance, where other contexts
     /// can reach it (`proxy_set_effective_context`).
     pub(crate) fn park(&mut self, data: Box<StreamData>) {
@@ -589,7 +656,9 @@ fn classify(store: &Store<HostState>, e: wasmtime::Error) -> Failure {
     };
     // `{:#}` keeps the trap's cause (the guest's panic message is in the
     // log already, written through fd_write).
-    Failure::new(kind, format!("{e:#}"))
+    let mut f = Failure::new(kind, format!("{e:#}"));
+    f.exit_code = store.data().exited;
+    f
 }
 
 /// A pool slot: at most one live instance, replaced after a failure.
@@ -793,6 +862,14 @@ impl Pool {
         slot.inst
             .as_mut()
             .ok_or_else(|| Failure::new(FailKind::Unavailable, "no instance"))
+    }
+
+    /// Drops the slot's instance without counting a failure (the load-time
+    /// probe's instance, see [`Instance::probe_http_context`]).
+    pub(crate) fn discard(&self, slot: &mut Slot) {
+        if slot.inst.take().is_some() {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Discards the slot's instance after `f`; logs once for the event.

@@ -33,6 +33,7 @@
 
 mod abi;
 mod engine;
+mod grpc;
 mod host;
 mod instance;
 mod metrics;
@@ -94,6 +95,10 @@ impl Default for WasmLimits {
 /// pool, streams in flight finish on the one they started with.
 pub struct WasmFilter {
     name: String,
+    /// The root id the guest reads as `plugin_root_id` (Envoy's
+    /// `root_id`): SDKs that register root contexts by name (the
+    /// AssemblyScript one) pick theirs by it. Empty by default.
+    root_id: String,
     config: String,
     limits: WasmLimits,
     fail: FailMode,
@@ -127,19 +132,32 @@ impl WasmFilter {
         limits: WasmLimits,
         fail: FailMode,
     ) -> Result<Arc<WasmFilter>, FilterError> {
+        WasmFilter::load_with_root_id(name, "", path, config, limits, fail)
+    }
+
+    /// Like [`WasmFilter::load`], with the root id the guest sees as
+    /// `plugin_root_id` (the `root_id` key of a `[[filters]]` entry).
+    pub fn load_with_root_id(
+        name: &str,
+        root_id: &str,
+        path: impl AsRef<Path>,
+        config: &str,
+        limits: WasmLimits,
+        fail: FailMode,
+    ) -> Result<Arc<WasmFilter>, FilterError> {
         let path = path.as_ref();
         let stamp = reload::FileStamp::of(path);
         let bytes = std::fs::read(path)
             .map_err(|e| FilterError::Wasm(format!("cannot read {}: {e}", path.display())))?;
         let metrics = Arc::new(WasmMetrics::default());
-        let pool = build_pool(name, &bytes, config, limits, fail, metrics.clone()).map_err(
-            |e| match e {
+        let pool = build_pool(name, root_id, &bytes, config, limits, fail, metrics.clone())
+            .map_err(|e| match e {
                 FilterError::Wasm(m) => FilterError::Wasm(format!("{}: {m}", path.display())),
                 other => other,
-            },
-        )?;
+            })?;
         Ok(Arc::new(WasmFilter {
             name: name.to_string(),
+            root_id: root_id.to_string(),
             config: config.to_string(),
             limits,
             fail,
@@ -161,9 +179,10 @@ impl WasmFilter {
         fail: FailMode,
     ) -> Result<Arc<WasmFilter>, FilterError> {
         let metrics = Arc::new(WasmMetrics::default());
-        let pool = build_pool(name, bytes, config, limits, fail, metrics.clone())?;
+        let pool = build_pool(name, "", bytes, config, limits, fail, metrics.clone())?;
         Ok(Arc::new(WasmFilter {
             name: name.to_string(),
+            root_id: String::new(),
             config: config.to_string(),
             limits,
             fail,
@@ -242,8 +261,10 @@ pub fn precompile_file(path: &Path) {
 
 /// Compiles (or finds compiled) `bytes`, checks and links the module, and
 /// starts its first instance in a new pool.
+#[allow(clippy::too_many_arguments)]
 fn build_pool(
     name: &str,
+    root_id: &str,
     bytes: &[u8],
     config: &str,
     limits: WasmLimits,
@@ -283,14 +304,16 @@ fn build_pool(
         instances: limits.instances.max(1),
     };
     let plugin = Arc::new(Plugin::new(
-        name, config, limits, fail, abi, pre, metrics, bodies,
+        name, root_id, config, limits, fail, abi, pre, metrics, bodies,
     ));
     let pool = Pool::start(plugin);
     // Start the first instance now: a module that traps at start-up or
     // refuses its configuration is a load error, not a runtime surprise.
+    // Then see whether it makes HTTP contexts at all (see
+    // `Plugin::http_contexts`).
     {
         let mut slot = pool.lock(0);
-        pool.ensure(0, &mut slot).map_err(|f| match f.kind {
+        let start_error = |f: instance::Failure| match f.kind {
             FailKind::Refused if f.message.contains("configuration") => {
                 FilterError::Config(f.message)
             }
@@ -298,7 +321,22 @@ fn build_pool(
                 "starting the module failed ({kind}): {}",
                 f.message
             )),
-        })?;
+        };
+        let probe = pool
+            .ensure(0, &mut slot)
+            .map_err(start_error)?
+            .probe_http_context();
+        if let Err(f) = probe {
+            tracing::info!(
+                filter = name,
+                error = %f.message,
+                "the wasm module creates no HTTP contexts: it runs as a background service (root context, ticks, queues) and streams pass it by"
+            );
+            pool.plugin.http_contexts.store(false, Ordering::Relaxed);
+            // The instance trapped: start a fresh one for the root context.
+            pool.discard(&mut slot);
+            pool.ensure(0, &mut slot).map_err(start_error)?;
+        }
     }
     Ok(pool)
 }
@@ -309,14 +347,24 @@ impl FilterFactory for WasmFilter {
     }
 
     fn new_stream(&self) -> Box<dyn StreamFilter> {
-        Box::new(stream::WasmStream::new(self.pool.load_full()))
+        let pool = self.pool.load_full();
+        if !pool.plugin.http_contexts.load(Ordering::Relaxed) {
+            return Box::new(PassBy);
+        }
+        Box::new(stream::WasmStream::new(pool))
     }
 
     fn wants_bodies(&self) -> bool {
-        self.bodies && self.pool.load().plugin.bodies
+        let pool = self.pool.load();
+        self.bodies && pool.plugin.bodies && pool.plugin.http_contexts.load(Ordering::Relaxed)
     }
 
     fn body_limit(&self) -> usize {
         self.body_limit
     }
 }
+
+/// The stream side of a module without HTTP contexts: every phase goes on.
+struct PassBy;
+
+impl StreamFilter for PassBy {}

@@ -2,7 +2,7 @@
 //! configuration, limits, the compiled and pre-linked module, metrics and
 //! shared data.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ pub(crate) struct Plugin {
     pub name: String,
     /// Shared data and queues are scoped by this id (the filter's name).
     pub vm_id: String,
+    /// `plugin_root_id` (Envoy's `root_id`).
+    pub root_id: String,
     pub config: Vec<u8>,
     pub limits: Limits,
     pub fail: FailMode,
@@ -44,12 +46,18 @@ pub(crate) struct Plugin {
     pub signals: Arc<Signals>,
     /// The module exports body or trailer callbacks.
     pub bodies: bool,
+    /// The module creates HTTP contexts. False for a background service
+    /// (the SDK's `hello_world`: a root context with ticks and no HTTP
+    /// context type), found at load: streams then skip the filter while
+    /// its root contexts keep running.
+    pub http_contexts: AtomicBool,
 }
 
 impl Plugin {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: &str,
+        root_id: &str,
         config: &str,
         limits: Limits,
         fail: FailMode,
@@ -64,6 +72,7 @@ impl Plugin {
         Plugin {
             name: name.to_string(),
             vm_id: name.to_string(),
+            root_id: root_id.to_string(),
             config: config.as_bytes().to_vec(),
             fail,
             abi,
@@ -77,6 +86,7 @@ impl Plugin {
             pre,
             signals: Arc::new(Signals::default()),
             bodies,
+            http_contexts: AtomicBool::new(true),
         }
     }
 

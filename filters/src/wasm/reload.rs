@@ -49,6 +49,7 @@ impl WasmFilter {
             .and_then(|bytes| {
                 build_pool(
                     &self.name,
+                    &self.root_id,
                     &bytes,
                     &self.config,
                     self.limits,
@@ -70,6 +71,19 @@ impl WasmFilter {
                 Err(e)
             }
         }
+    }
+
+    /// Is the module file still the one this filter runs (same
+    /// modification time and length as when it was last loaded)? A config
+    /// reload keeps such a filter, running instances and all, when its
+    /// entry did not change either, as Envoy keeps a VM whose code and
+    /// configuration are the same (`on_vm_start` does not run again).
+    pub fn file_unchanged(&self) -> bool {
+        let Some(path) = self.path.as_ref() else {
+            return false;
+        };
+        let now = FileStamp::of(path);
+        now.is_some() && now == *self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Watches the module file on a thread of its own, polling every

@@ -3,7 +3,7 @@
 //! store for the length of one guest call.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
@@ -240,6 +240,10 @@ pub(crate) struct StreamData {
     pub calls: Vec<(u32, CalloutFuture)>,
     /// The answer being delivered by `proxy_on_http_call_response`.
     pub call_response: Option<Result<CalloutResponse, CalloutError>>,
+    /// Tokens among `calls` that are gRPC calls.
+    pub grpc_calls: Vec<u32>,
+    /// The gRPC answer being delivered (`proxy_on_grpc_receive/close`).
+    pub grpc_answer: Option<super::grpc::GrpcAnswer>,
 }
 
 impl StreamData {
@@ -261,6 +265,8 @@ impl StreamData {
             trailers: None,
             calls: Vec::new(),
             call_response: None,
+            grpc_calls: Vec::new(),
+            grpc_answer: None,
         }
     }
 
@@ -300,6 +306,8 @@ impl StreamData {
         self.trailers = None;
         self.calls.clear();
         self.call_response = None;
+        self.grpc_calls.clear();
+        self.grpc_answer = None;
     }
 }
 
@@ -395,6 +403,9 @@ pub(crate) struct HostState {
     pub generation: u64,
     /// `proxy_exit` / WASI `proc_exit` was called.
     pub exited: Option<i32>,
+    /// While the instance starts: the guest's log lines, so that a failed
+    /// start can say what the guest said about it.
+    pub start_log: Option<Arc<Mutex<Vec<String>>>>,
     /// Callouts the root context started that have not answered yet.
     pub root_calls: u32,
     /// The answer being delivered to the root context by
@@ -453,6 +464,7 @@ impl HostState {
             exited: None,
             root_calls: 0,
             root_call_response: None,
+            start_log: None,
             spare: Vec::new(),
             names: Vec::new(),
         }
@@ -599,4 +611,32 @@ pub(crate) fn give(
     write(caller, ptr, bytes)?;
     write_u32(caller, ptr_slot, ptr)?;
     write_u32(caller, size_slot, len)
+}
+
+/// Most guest log lines a failed start reports, and bytes of each.
+const START_LOG_LINES: usize = 8;
+const START_LOG_LINE: usize = 512;
+
+impl HostState {
+    /// Keeps a guest log line written while the instance starts (info
+    /// and above, stdout and stderr): the last few are shown when the
+    /// start fails.
+    pub(crate) fn note_start_log(&mut self, level: &str, line: &str) {
+        let Some(log) = &self.start_log else {
+            return;
+        };
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() == START_LOG_LINES {
+            log.remove(0);
+        }
+        let mut line = line.to_string();
+        if line.len() > START_LOG_LINE {
+            let mut cut = START_LOG_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        log.push(format!("[{level}] {line}"));
+    }
 }

@@ -24,6 +24,7 @@ use super::abi::{action, buffer, map};
 use super::instance::{FailKind, Failure, Pool, Slot};
 use super::state::{refresh_info, StreamData};
 use crate::callout::{CalloutError, CalloutResponse};
+
 use crate::{
     BodyFlow, FailMode, Flow, LocalResponse, Refusal, StreamFilter, StreamInfo, StreamReset,
 };
@@ -63,6 +64,10 @@ struct State {
     /// The context is gone (its instance failed): the guest is not called
     /// again for this stream.
     lost: bool,
+    /// The filter's fail mode was applied to this stream already: a
+    /// later phase lets it go on (a fail-closed answer goes back through
+    /// this filter's response phase, which must not fail it again).
+    failed: bool,
     ended: bool,
 }
 
@@ -77,6 +82,7 @@ impl WasmStream {
                 data: None,
                 wait: None,
                 lost: false,
+                failed: false,
                 ended: false,
             },
         }
@@ -242,27 +248,49 @@ impl State {
             return self.settle(pool, slot, Ok(PAUSE));
         };
         self.begin_phase();
-        let sizes = super::instance::call_response_sizes(&answer);
-        let grpc = matches!(answer, Err(CalloutError::GrpcUnimplemented));
-        if let Some(d) = self.data.as_mut() {
-            d.call_response = Some(answer);
-        }
-        let r = match slot.inst.as_mut() {
-            Some(inst) if grpc => {
-                inst.grpc_close(&mut self.data, token, super::host::GRPC_UNIMPLEMENTED)
+        let grpc = self.data.as_mut().and_then(|d| {
+            let at = d.grpc_calls.iter().position(|t| *t == token)?;
+            d.grpc_calls.swap_remove(at);
+            Some(super::grpc::answer(&answer))
+        });
+        let r = match (slot.inst.as_mut(), grpc) {
+            (None, _) => Err(Failure::new(FailKind::Unavailable, "no instance")),
+            (Some(inst), Some(g)) => {
+                let (status, size) = (g.status, g.body.len() as u32);
+                if let Some(d) = self.data.as_mut() {
+                    d.grpc_answer = Some(g);
+                }
+                let r = if status == super::grpc::code::OK {
+                    inst.grpc_receive(&mut self.data, token, size)
+                } else {
+                    inst.grpc_close(&mut self.data, token, status)
+                };
+                if let Some(d) = self.data.as_mut() {
+                    d.grpc_answer = None;
+                }
+                r
             }
-            Some(inst) => inst.http_call_response(&mut self.data, token, sizes),
-            None => Err(Failure::new(FailKind::Unavailable, "no instance")),
+            (Some(inst), None) => {
+                let sizes = super::instance::call_response_sizes(&answer);
+                if let Some(d) = self.data.as_mut() {
+                    d.call_response = Some(answer);
+                }
+                let r = inst.http_call_response(&mut self.data, token, sizes);
+                if let Some(d) = self.data.as_mut() {
+                    d.call_response = None;
+                }
+                r
+            }
         };
-        if let Some(d) = self.data.as_mut() {
-            d.call_response = None;
-        }
         self.settle(pool, slot, r.map(|()| PAUSE))
     }
 
     /// What the stream does when the filter failed: skip the filter (open)
     /// or answer 500 (closed).
-    fn fail(&self, pool: &Pool, f: Failure) -> Flow {
+    fn fail(&mut self, pool: &Pool, f: Failure) -> Flow {
+        if std::mem::replace(&mut self.failed, true) {
+            return Flow::Continue;
+        }
         let plugin = &pool.plugin;
         tracing::debug!(filter = %plugin.name, kind = %f.kind, error = %f.message, "wasm filter failed for this stream");
         match plugin.fail {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::{ConfigError, Dur, Size};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     pub name: String,
@@ -25,6 +25,11 @@ pub struct FilterConfig {
     /// the plugin configuration (`proxy_on_configure`) for Wasm filters.
     #[serde(default)]
     pub config: String,
+    /// Wasm: the root id the guest reads as `plugin_root_id` (Envoy's
+    /// `root_id`). SDKs that register root contexts by name (the
+    /// AssemblyScript SDK's `registerRootContext(..., "name")`) need it.
+    #[serde(default)]
+    pub root_id: String,
     /// What a failing Wasm filter (trap, timeout, out of memory) does to
     /// the request: `open` skips the filter, `closed` answers 500.
     #[serde(default)]
@@ -95,6 +100,18 @@ impl FilterConfig {
             return Err(ConfigError::at(
                 format!("{p}.instances"),
                 "must be between 1 and 256",
+            ));
+        }
+        if !self.root_id.is_empty() && self.wasm.is_none() {
+            return Err(ConfigError::at(
+                format!("{p}.root_id"),
+                "only Wasm filters have a root id",
+            ));
+        }
+        if self.root_id.chars().any(char::is_control) {
+            return Err(ConfigError::at(
+                format!("{p}.root_id"),
+                "must not contain control characters",
             ));
         }
         match (&self.native, &self.wasm) {

@@ -416,6 +416,14 @@ mod tests {
         assert_eq!(e.path, "filters[0]");
         let e = err("[[filters]]\nname = \"h\"\nnative = \"headers\"\nfail = \"sometimes\"\n");
         assert_eq!(e.path, "filters[0].fail");
+        let e = err("[[filters]]\nname = \"h\"\nnative = \"headers\"\nroot_id = \"r\"\n");
+        assert_eq!(e.path, "filters[0].root_id");
+        let e = err("[[filters]]\nname = \"w\"\nwasm = \"w.wasm\"\nroot_id = \"a\\nb\"\n");
+        assert_eq!(e.path, "filters[0].root_id");
+        Config::parse(&format!(
+            "{BASE}[[filters]]\nname = \"w\"\nwasm = \"w.wasm\"\nroot_id = \"add_header\"\n"
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::ops::ControlFlow::{self, Break, Continue};
 
 use filters::{BodyStop, ChainStream, LocalResponse, StreamInfo, StreamReset};
 use http::request::Parts;
-use http::{header, HeaderValue, Response};
+use http::{HeaderValue, Response};
 use http_body_util::Either;
 use hyper::body::Body;
 
@@ -109,11 +109,8 @@ pub async fn on_response(
         Err(StreamReset) => return Break(Stop::Reset),
         Ok(Some(replaced)) => body = replace(&mut parts, replaced, &ctx.request_id),
         Ok(None) if chain.wants_bodies() && !body.is_end_stream() => {
-            body = match Box::pin(body.filter(&mut chain, &info)).await {
-                Ok((filtered, len)) => {
-                    set_length(&mut parts.headers, len);
-                    filtered
-                }
+            body = match Box::pin(body.filter(&mut chain, &info, &mut parts.headers)).await {
+                Ok(filtered) => filtered,
                 Err(stop) => match stop.into_response(false) {
                     Ok(answer) => replace(&mut parts, answer, &ctx.request_id),
                     // While priming: nothing went out yet. (A reset
@@ -155,19 +152,6 @@ async fn filter_request_body(
 ) -> Result<UpstreamBody, BodyStop> {
     let mut filtered = chain.request_body(body, info);
     filtered.prime().await?;
-    set_length(&mut head.headers, filtered.known_length());
+    filtered.set_length(&mut head.headers);
     Ok(Either::Right(Either::Right(Either::Left(filtered))))
-}
-
-/// A filtered body's length: exact when it was held whole (a filter may
-/// have rewritten it), unknown (chunked) while it streams.
-fn set_length(headers: &mut http::HeaderMap, len: Option<u64>) {
-    match len {
-        Some(n) => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        None => {
-            headers.remove(header::CONTENT_LENGTH);
-        }
-    }
 }

@@ -28,8 +28,10 @@
 //!   cluster (`GET /root-call`); its answer (`<status> <body>`, or
 //!   `refused`) goes to the shared data key `root-call`, which
 //!   `root-call-seen` reports in `x-root-call`.
-//! - `grpc`: starts a gRPC call and pauses; the host answers it
-//!   UNIMPLEMENTED, which goes to `x-grpc-status` before resuming.
+//! - `body-grow`, `body-grow-late`: stream the request body, each
+//!   chunk one byte longer (from the first chunk, or from the second).
+//! - `grpc`: starts a gRPC call (cluster `auth`) and pauses; its gRPC
+//!   status goes to `x-grpc-status` before resuming.
 //! - `ticks`: reports how many ticks the root contexts saw
 //!   (`x-ticks`, from shared data).
 //! - `close-request`, `close-response`, `close-resp-body`: reset the
@@ -502,6 +504,17 @@ impl HttpContext for Stream {
                 self.set_http_request_body(0, size, &out);
             }
             "body-chunks" => self.body_calls += 1,
+            // Streams the body, one byte longer per chunk: from the first
+            // chunk, or (`-late`) from the second.
+            "body-grow" | "body-grow-late" => {
+                self.body_calls += 1;
+                let late = self.test == "body-grow-late";
+                if size > 0 && (!late || self.body_calls > 1) {
+                    let mut body = self.get_http_request_body(0, size).unwrap_or_default();
+                    body.push(b'+');
+                    self.set_http_request_body(0, size, &body);
+                }
+            }
             _ => {}
         }
         Action::Continue

@@ -5,6 +5,9 @@
 //! phase. Like Envoy, the maps include pseudo-headers: `:method`, `:path`,
 //! `:authority`, `:scheme` on requests and `:status` on responses, and
 //! setting `:path`, `:method`, `:authority` or `:status` changes the head.
+//! As in Envoy (whose HTTP/1 codec turns `Host` into `:authority`), the
+//! request map has `:authority` and no `host`: `host` is its alias for
+//! single-header calls, and `:authority` goes back out as `Host`.
 
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery};
@@ -158,7 +161,7 @@ pub(crate) fn pairs(s: &mut HostState, kind: u32) -> Vec<u8> {
             let all = pseudo
                 .iter()
                 .map(|(k, v)| (k.as_bytes(), *v))
-                .chain(h.headers.view().iter());
+                .chain(h.headers.view().iter().filter(|(k, _)| *k != b"host"));
             abi::encode_pairs(&all.collect::<Vec<_>>())
         }
         Map::Resp(h) => with_status(&h.status, h.headers.view().iter()),
@@ -210,6 +213,9 @@ fn lower(key: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 fn value(s: &mut HostState, kind: u32, key: &[u8]) -> Option<Vec<u8>> {
     let key = lower(key);
+    if kind == map::REQUEST_HEADERS && &*key == b"host" {
+        return value(s, kind, b":authority");
+    }
     // Lookups by `&str` hash the name without building a `HeaderName`
     // (no allocation for names the `http` crate does not know).
     let name = std::str::from_utf8(&key).ok();
@@ -251,7 +257,9 @@ fn edit(c: &mut C<'_>, kind: u32, key: (u32, u32), val: Option<(u32, u32)>, op: 
     // The common case, a regular header: name and value are parsed
     // straight out of guest memory, without intermediate copies.
     if let Some((name, value)) = regular(c, key, val)? {
-        return apply_regular(c.data_mut(), kind, name, value, op);
+        if kind != map::REQUEST_HEADERS || name != HOST {
+            return apply_regular(c.data_mut(), kind, name, value, op);
+        }
     }
     let key = read(c, key.0, key.1)?;
     let val = match val {
@@ -368,7 +376,11 @@ fn apply_regular(
 }
 
 fn apply(s: &mut HostState, kind: u32, key: &[u8], val: &[u8], op: Op) -> HostResult {
-    let key = key.to_ascii_lowercase();
+    let mut key = key.to_ascii_lowercase();
+    if kind == map::REQUEST_HEADERS && key == b"host" {
+        // The request map's `host` is `:authority` (see the module doc).
+        key = b":authority".to_vec();
+    }
     let map = map_of(s, kind);
     if matches!(map, Map::Absent) {
         return Err(status::BAD_ARGUMENT.into());
@@ -448,7 +460,10 @@ fn set_pairs(s: &mut HostState, kind: u32, raw: &[u8]) -> HostResult {
     let mut regular = Vec::with_capacity(pairs.len());
     let mut pseudo = Vec::new();
     for (k, v) in pairs {
-        let k = k.to_ascii_lowercase();
+        let mut k = k.to_ascii_lowercase();
+        if kind == map::REQUEST_HEADERS && k == b"host" {
+            k = b":authority".to_vec();
+        }
         if k.first() == Some(&b':') {
             pseudo.push((k, v));
         } else {
@@ -458,7 +473,20 @@ fn set_pairs(s: &mut HostState, kind: u32, raw: &[u8]) -> HostResult {
         }
     }
     match map_of(s, kind) {
-        Map::Req(ReqHead { headers, .. }) | Map::Resp(RespHead { headers, .. }) => {
+        Map::Req(ReqHead { headers, .. }) => {
+            // `host` is not in the guest's view of the map: it stays unless
+            // the new pairs set `:authority` (or `host`).
+            let map = headers.map_mut();
+            let host = map.remove(HOST);
+            map.clear();
+            for (k, v) in regular {
+                map.append(k, v);
+            }
+            if let (Some(host), false) = (host, pseudo.iter().any(|(k, _)| k == b":authority")) {
+                map.insert(HOST, host);
+            }
+        }
+        Map::Resp(RespHead { headers, .. }) => {
             let map = headers.map_mut();
             map.clear();
             for (k, v) in regular {

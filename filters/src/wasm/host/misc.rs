@@ -1,11 +1,12 @@
 //! Logging, time, ticks, buffers (configuration), stream control, local
-//! responses, metrics, and the ABI's calls that are not implemented yet
-//! (HTTP and gRPC callouts, foreign functions), which answer with a status
-//! the SDKs handle instead of trapping.
+//! responses, metrics, HTTP and unary gRPC callouts, and the ABI's calls
+//! that are not implemented (gRPC streams, foreign functions), which
+//! answer with a status the SDKs handle instead of trapping.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tracing::level_filters::LevelFilter;
 use wasmtime::{Caller, Linker};
@@ -111,12 +112,13 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
          body_len: u32,
          headers_ptr: u32,
          headers_len: u32,
-         _grpc_status: i32| {
+         grpc_status: i32| {
             finish(local_response(
                 &mut c,
                 code,
                 (body_ptr, body_len),
                 (headers_ptr, headers_len),
+                grpc_status,
             ))
         },
     )?;
@@ -197,27 +199,37 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ))
         },
     )?;
-    // gRPC is not implemented. A call is accepted (a token, so the SDK's
-    // bookkeeping holds) and answered UNIMPLEMENTED: when the stream
-    // pauses on it, `proxy_on_grpc_close(token, 12)` is delivered, as a
-    // gRPC client gets from a server without the method. Streams
-    // (`proxy_grpc_stream`) answer InternalFailure at once.
+    // Unary gRPC calls go to the cluster over HTTP/2 (see `wasm::grpc`);
+    // gRPC streams (`proxy_grpc_stream`) answer InternalFailure at once.
     l.func_wrap(
         "env",
         "proxy_grpc_call",
         |mut c: C<'_>,
-         _up: u32,
-         _up_len: u32,
-         _svc: u32,
-         _svc_len: u32,
-         _m: u32,
-         _m_len: u32,
-         _md: u32,
-         _md_len: u32,
-         _msg: u32,
-         _msg_len: u32,
-         _timeout: u32,
-         ret: u32| finish(grpc_call(&mut c, ret)),
+         up: u32,
+         up_len: u32,
+         svc: u32,
+         svc_len: u32,
+         m: u32,
+         m_len: u32,
+         md: u32,
+         md_len: u32,
+         msg: u32,
+         msg_len: u32,
+         timeout: u32,
+         ret: u32| {
+            finish(grpc_call(
+                &mut c,
+                [
+                    (up, up_len),
+                    (svc, svc_len),
+                    (m, m_len),
+                    (md, md_len),
+                    (msg, msg_len),
+                ],
+                timeout,
+                ret,
+            ))
+        },
     )?;
     l.func_wrap(
         "env",
@@ -249,14 +261,16 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_status",
         |mut c: C<'_>, code: u32, rptr: u32, rsize: u32| {
             // The status of the callout being delivered: its HTTP status,
-            // or 0 with the reason when it got no answer.
-            let (status, msg) = match c.data_mut().call_response().map(|r| &*r) {
-                Some(Ok(r)) => (u32::from(r.status.as_u16()), String::new()),
-                Some(Err(crate::callout::CalloutError::GrpcUnimplemented)) => {
-                    (GRPC_UNIMPLEMENTED, "unimplemented".to_string())
-                }
-                Some(Err(e)) => (0, e.to_string()),
-                None => (0, String::new()),
+            // or 0 with the reason when it got no answer; for a gRPC call,
+            // its gRPC status and message.
+            let grpc = c.data_mut().stream().and_then(|s| s.grpc_answer.as_ref());
+            let (status, msg) = match grpc {
+                Some(g) => (g.status, g.message.clone()),
+                None => match c.data_mut().call_response().map(|r| &*r) {
+                    Some(Ok(r)) => (u32::from(r.status.as_u16()), String::new()),
+                    Some(Err(e)) => (0, e.to_string()),
+                    None => (0, String::new()),
+                },
             };
             finish(
                 write_u32(&mut c, code, status)
@@ -277,6 +291,11 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 fn log(c: &mut C<'_>, level: u32, ptr: u32, len: u32) -> HostResult {
     let msg = read(c, ptr, len)?;
     let msg = String::from_utf8_lossy(&msg);
+    if level >= 2 && c.data().start_log.is_some() {
+        let name = ["trace", "debug", "info", "warn", "error", "critical"];
+        let name = name.get(level as usize).copied().unwrap_or("critical");
+        c.data_mut().note_start_log(name, &msg);
+    }
     let filter = c.data().plugin.name.as_str();
     match level {
         0 => tracing::trace!(target: "flashgate::wasm", filter, "{msg}"),
@@ -308,7 +327,11 @@ fn get_buffer(c: &mut C<'_>, kind: u32, start: u32, max: u32, rptr: u32, rsize: 
             Some(Ok(r)) => slice(&r.body),
             _ => return Err(status::NOT_FOUND.into()),
         },
-        // gRPC buffers and stream (TCP) data do not exist here.
+        buffer::GRPC_RECEIVE => match c.data_mut().stream().and_then(|s| s.grpc_answer.as_ref()) {
+            Some(g) => slice(&g.body),
+            None => return Err(status::NOT_FOUND.into()),
+        },
+        // Stream (TCP) data does not exist here.
         _ => return Err(status::NOT_FOUND.into()),
     };
     give(c, &bytes, rptr, rsize)
@@ -337,20 +360,41 @@ fn set_buffer(c: &mut C<'_>, kind: u32, start: u32, size: u32, ptr: u32, len: u3
     Ok(())
 }
 
-/// gRPC status UNIMPLEMENTED.
-pub(crate) const GRPC_UNIMPLEMENTED: u32 = 12;
-
-/// `proxy_grpc_call`: accepted, answered UNIMPLEMENTED when the stream
-/// waits for it. Root contexts get `InternalFailure`.
-fn grpc_call(c: &mut C<'_>, ret: u32) -> HostResult {
+/// `proxy_grpc_call`: a unary call to a configured upstream cluster,
+/// over HTTP/2, for a stream that pauses to wait for it (answered through
+/// `proxy_on_grpc_receive` or `proxy_on_grpc_close`). An unknown cluster
+/// is refused at once with `BadArgument`, as for HTTP callouts (and as
+/// Envoy does). Root contexts get `InternalFailure` (not supported).
+fn grpc_call(c: &mut C<'_>, args: [(u32, u32); 5], timeout_ms: u32, ret: u32) -> HostResult {
+    let [cluster, service, method, metadata, message] = args;
     if c.data_mut().stream().is_none() {
         return Err(status::INTERNAL_FAILURE.into());
     }
+    let text = |c: &mut C<'_>, (p, l): (u32, u32)| -> HostResult<String> {
+        String::from_utf8(read(c, p, l)?).map_err(|_| status::BAD_ARGUMENT.into())
+    };
+    let cluster = text(c, cluster)?;
+    let service = text(c, service)?;
+    let method = text(c, method)?;
+    let raw = read(c, metadata.0, metadata.1)?;
+    let pairs = abi::decode_pairs(&raw).ok_or(status::BAD_ARGUMENT)?;
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
+        let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+        map.append(name, value);
+    }
+    let message = read(c, message.0, message.1)?;
+    let req = crate::wasm::grpc::request(cluster, &service, &method, map, &message, timeout_ms);
+    let timeout = std::time::Duration::from_millis(u64::from(timeout_ms.max(1)));
+    let fut = crate::callout::start(req, timeout).map_err(|e| {
+        tracing::debug!(filter = %c.data().plugin.name, error = %e, "wasm gRPC call refused");
+        status::BAD_ARGUMENT
+    })?;
     let token = c.data().plugin.next_token();
-    let answer: crate::callout::CalloutFuture =
-        Box::pin(async { Err(crate::callout::CalloutError::GrpcUnimplemented) });
-    let s = c.data_mut().stream().ok_or(status::INTERNAL_FAILURE)?;
-    s.calls.push((token, answer));
+    let s = c.data_mut().stream().ok_or(status::BAD_ARGUMENT)?;
+    s.calls.push((token, fut));
+    s.grpc_calls.push(token);
     write_u32(c, ret, token)
 }
 
@@ -415,6 +459,7 @@ fn http_call(
         path,
         headers: map,
         body: Bytes::from(body),
+        grpc: false,
     };
     let timeout = std::time::Duration::from_millis(u64::from(timeout_ms.max(1)));
     if root {
@@ -441,7 +486,18 @@ fn http_call(
     write_u32(c, ret, token)
 }
 
-fn local_response(c: &mut C<'_>, code: u32, body: (u32, u32), headers: (u32, u32)) -> HostResult {
+/// `proxy_send_local_response`. With a gRPC status (`grpc_status` >= 0,
+/// the SDKs' `send_grpc_response`) the answer is a trailers-only gRPC
+/// response: HTTP 200, `content-type: application/grpc`, `grpc-status`,
+/// and the body as `grpc-message`, as Envoy sends it. A body without a
+/// `content-type` of the guest's gets `text/plain`, as in Envoy.
+fn local_response(
+    c: &mut C<'_>,
+    code: u32,
+    body: (u32, u32),
+    headers: (u32, u32),
+    grpc_status: i32,
+) -> HostResult {
     let status = u16::try_from(code)
         .ok()
         .and_then(|s| StatusCode::from_u16(s).ok())
@@ -449,12 +505,30 @@ fn local_response(c: &mut C<'_>, code: u32, body: (u32, u32), headers: (u32, u32
     let body = read(c, body.0, body.1)?;
     let raw = read(c, headers.0, headers.1)?;
     let pairs = abi::decode_pairs(&raw).ok_or(status::BAD_ARGUMENT)?;
-    let mut map = HeaderMap::with_capacity(pairs.len());
+    let mut map = HeaderMap::with_capacity(pairs.len() + 2);
     for (k, v) in pairs {
         let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
         let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
         map.append(name, value);
     }
+    let (status, body) = match u32::try_from(grpc_status) {
+        Ok(grpc) if grpc <= 16 => {
+            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            map.insert("grpc-status", HeaderValue::from(grpc));
+            if !body.is_empty() {
+                let message = percent_encode(&body);
+                let value = HeaderValue::from_str(&message).map_err(|_| status::BAD_ARGUMENT)?;
+                map.insert("grpc-message", value);
+            }
+            (StatusCode::OK, Vec::new())
+        }
+        _ => {
+            if !body.is_empty() && !map.contains_key(CONTENT_TYPE) {
+                map.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            (status, body)
+        }
+    };
     let s = c.data_mut().stream().ok_or(status::BAD_ARGUMENT)?;
     s.local = Some(LocalResponse {
         status,
@@ -463,6 +537,20 @@ fn local_response(c: &mut C<'_>, code: u32, body: (u32, u32), headers: (u32, u32
         refusal: None,
     });
     Ok(())
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII but `%`
+/// stays, everything else is `%XX`.
+fn percent_encode(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn define_metric(c: &mut C<'_>, kind: u32, ptr: u32, len: u32, ret: u32) -> HostResult {

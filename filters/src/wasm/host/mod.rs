@@ -15,8 +15,6 @@ mod wasi;
 
 use wasmtime::{FuncType, Linker, Module, Val, ValType};
 
-pub(crate) use misc::GRPC_UNIMPLEMENTED;
-
 use super::abi::status;
 use super::state::HostState;
 

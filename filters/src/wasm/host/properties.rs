@@ -71,7 +71,7 @@ pub(crate) fn lookup(s: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
     match segs.as_slice() {
         ["plugin_name"] => return Some(plugin.name.as_bytes().to_vec()),
         ["plugin_vm_id"] => return Some(plugin.vm_id.as_bytes().to_vec()),
-        ["plugin_root_id"] => return Some(Vec::new()),
+        ["plugin_root_id"] => return Some(plugin.root_id.as_bytes().to_vec()),
         _ => {}
     }
     let st = s.stream()?;

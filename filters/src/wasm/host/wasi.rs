@@ -14,7 +14,10 @@ use crate::wasm::state::{read, write, write_u32, write_u64, HostErr, HostResult,
 
 type C<'a> = Caller<'a, HostState>;
 
-const M: &str = "wasi_snapshot_preview1";
+/// The same functions under both names: `wasi_unstable` is what older
+/// toolchains (AssemblyScript's `bindings/wasi_unstable`) import; the
+/// calls used here are the same in both.
+const MODULES: [&str; 2] = ["wasi_snapshot_preview1", "wasi_unstable"];
 const SUCCESS: i32 = 0;
 const EBADF: i32 = 8;
 const EFAULT: i32 = 21;
@@ -32,8 +35,15 @@ fn errno(r: HostResult) -> wasmtime::Result<i32> {
 const MAX_LOG_WRITE: usize = 16 << 10;
 
 pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    for m in MODULES {
+        add_as(l, m)?;
+    }
+    Ok(())
+}
+
+fn add_as(l: &mut Linker<HostState>, module: &str) -> wasmtime::Result<()> {
     l.func_wrap(
-        M,
+        module,
         "fd_write",
         |mut c: C<'_>, fd: i32, iovs: u32, n: u32, ret: u32| {
             if fd != 1 && fd != 2 {
@@ -43,7 +53,7 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     l.func_wrap(
-        M,
+        module,
         "fd_read",
         |mut c: C<'_>, fd: i32, _iovs: u32, _n: u32, ret: u32| {
             // stdin is always at its end; nothing else is open.
@@ -53,43 +63,51 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             errno(write_u32(&mut c, ret, 0))
         },
     )?;
-    l.func_wrap(M, "fd_close", |_c: C<'_>, _fd: i32| Ok(EBADF))?;
-    l.func_wrap(M, "fd_prestat_get", |_c: C<'_>, _fd: i32, _ret: u32| {
-        // No preopened directories: libc stops looking at the first EBADF.
-        Ok(EBADF)
-    })?;
-    l.func_wrap(M, "fd_fdstat_get", |mut c: C<'_>, fd: i32, ret: u32| {
-        if !(0..=2).contains(&fd) {
-            return Ok(EBADF);
-        }
-        // filetype character device (2), no flags, no rights beyond the
-        // ones the guest already uses through the calls above.
-        let mut stat = [0u8; 24];
-        stat[0] = 2;
-        errno(write(&mut c, ret, &stat))
-    })?;
+    l.func_wrap(module, "fd_close", |_c: C<'_>, _fd: i32| Ok(EBADF))?;
     l.func_wrap(
-        M,
+        module,
+        "fd_prestat_get",
+        |_c: C<'_>, _fd: i32, _ret: u32| {
+            // No preopened directories: libc stops looking at the first EBADF.
+            Ok(EBADF)
+        },
+    )?;
+    l.func_wrap(
+        module,
+        "fd_fdstat_get",
+        |mut c: C<'_>, fd: i32, ret: u32| {
+            if !(0..=2).contains(&fd) {
+                return Ok(EBADF);
+            }
+            // filetype character device (2), no flags, no rights beyond the
+            // ones the guest already uses through the calls above.
+            let mut stat = [0u8; 24];
+            stat[0] = 2;
+            errno(write(&mut c, ret, &stat))
+        },
+    )?;
+    l.func_wrap(
+        module,
         "environ_sizes_get",
         |mut c: C<'_>, count: u32, size: u32| {
             errno(write_u32(&mut c, count, 0).and_then(|()| write_u32(&mut c, size, 0)))
         },
     )?;
-    l.func_wrap(M, "environ_get", |_c: C<'_>, _env: u32, _buf: u32| {
+    l.func_wrap(module, "environ_get", |_c: C<'_>, _env: u32, _buf: u32| {
         Ok(SUCCESS)
     })?;
     l.func_wrap(
-        M,
+        module,
         "args_sizes_get",
         |mut c: C<'_>, count: u32, size: u32| {
             errno(write_u32(&mut c, count, 0).and_then(|()| write_u32(&mut c, size, 0)))
         },
     )?;
-    l.func_wrap(M, "args_get", |_c: C<'_>, _argv: u32, _buf: u32| {
+    l.func_wrap(module, "args_get", |_c: C<'_>, _argv: u32, _buf: u32| {
         Ok(SUCCESS)
     })?;
     l.func_wrap(
-        M,
+        module,
         "clock_time_get",
         |mut c: C<'_>, id: i32, _precision: i64, ret: u32| {
             let Some(now) = clock(id) else {
@@ -98,13 +116,17 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             errno(write_u64(&mut c, ret, now))
         },
     )?;
-    l.func_wrap(M, "clock_res_get", |mut c: C<'_>, id: i32, ret: u32| {
-        if clock(id).is_none() {
-            return Ok(EINVAL);
-        }
-        errno(write_u64(&mut c, ret, 1_000))
-    })?;
-    l.func_wrap(M, "random_get", |mut c: C<'_>, buf: u32, len: u32| {
+    l.func_wrap(
+        module,
+        "clock_res_get",
+        |mut c: C<'_>, id: i32, ret: u32| {
+            if clock(id).is_none() {
+                return Ok(EINVAL);
+            }
+            errno(write_u64(&mut c, ret, 1_000))
+        },
+    )?;
+    l.func_wrap(module, "random_get", |mut c: C<'_>, buf: u32, len: u32| {
         let mut bytes = vec![0u8; (len as usize).min(1 << 20)];
         if bytes.len() != len as usize {
             return Ok(EINVAL);
@@ -112,13 +134,15 @@ pub(super) fn add(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
         errno(write(&mut c, buf, &bytes))
     })?;
-    l.func_wrap(M, "sched_yield", |_c: C<'_>| Ok(SUCCESS))?;
+    l.func_wrap(module, "sched_yield", |_c: C<'_>| Ok(SUCCESS))?;
     l.func_wrap(
-        M,
+        module,
         "proc_exit",
         |mut c: C<'_>, code: i32| -> wasmtime::Result<()> {
             c.data_mut().exited = Some(code);
-            Err(wasmtime::format_err!("guest called proc_exit({code})"))
+            Err(wasmtime::format_err!(
+                "the module exited (proc_exit({code}))"
+            ))
         },
     )?;
     Ok(())
@@ -157,6 +181,11 @@ fn fd_write(c: &mut C<'_>, fd: i32, iovs: u32, n: u32, ret: u32) -> HostResult {
     let line = String::from_utf8_lossy(&text);
     let line = line.trim_end_matches('\n');
     if !line.is_empty() {
+        if c.data().start_log.is_some() {
+            let stream = if fd == 1 { "stdout" } else { "stderr" };
+            let line = line.to_string();
+            c.data_mut().note_start_log(stream, &line);
+        }
         let filter = c.data().plugin.name.as_str();
         if fd == 1 {
             tracing::info!(target: "flashgate::wasm", filter, stream = "stdout", "{line}");

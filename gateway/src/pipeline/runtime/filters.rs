@@ -18,6 +18,10 @@ pub struct Built {
     pub wasm: Option<Arc<WasmFilter>>,
 }
 
+/// The running config and its Wasm filters by name (what a reload may
+/// keep).
+pub type Running<'a> = (&'a Config, &'a [(String, Arc<WasmFilter>)]);
+
 /// Whether built Wasm filters poll their module files for hot reload.
 /// `flashgate check` builds to find errors and must leave nothing behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,13 +32,38 @@ pub enum Watch {
 
 /// Builds every filter of `config` in order; the first failure is the
 /// error, at `filters[N].native`, `.config` or `.wasm`.
-pub fn build_all(config: &Config, watch: Watch) -> Result<Vec<Built>, ConfigError> {
+///
+/// A Wasm filter of `previous` (the running config's, on a reload) whose
+/// entry is the same and whose module file did not change is kept as it
+/// is, instances and all: as in Envoy, an unchanged VM is not started
+/// again (`on_vm_start` runs once), and its state and ticks go on.
+pub fn build_all(
+    config: &Config,
+    watch: Watch,
+    previous: Option<Running<'_>>,
+) -> Result<Vec<Built>, ConfigError> {
     config
         .filters
         .iter()
         .enumerate()
-        .map(|(i, f)| build(f, &format!("filters[{i}]"), watch))
+        .map(|(i, f)| match previous.and_then(|p| unchanged(f, p)) {
+            Some(wasm) => Ok(Built {
+                name: f.name.clone(),
+                factory: wasm.clone(),
+                wasm: Some(wasm),
+            }),
+            None => build(f, &format!("filters[{i}]"), watch),
+        })
         .collect()
+}
+
+/// The running filter for `f`, if its entry and module file are as they
+/// were.
+fn unchanged(f: &FilterConfig, (config, running): Running<'_>) -> Option<Arc<WasmFilter>> {
+    f.wasm.as_ref()?;
+    config.filters.iter().find(|old| *old == f)?;
+    let (_, wasm) = running.iter().find(|(name, _)| *name == f.name)?;
+    wasm.file_unchanged().then(|| wasm.clone())
 }
 
 /// Builds one entry; `p` is its key path. Loading a Wasm module compiles
@@ -58,15 +87,22 @@ pub fn build(f: &FilterConfig, p: &str, watch: Watch) -> Result<Built, ConfigErr
                 ConfigError::at(format!("{p}.{key}"), e.to_string())
             }),
         (None, Some(path)) => {
-            let wasm =
-                WasmFilter::load(&f.name, path, &f.config, limits(f), f.fail).map_err(|e| {
-                    let key = if matches!(e, FilterError::Config(_)) {
-                        "config"
-                    } else {
-                        "wasm"
-                    };
-                    ConfigError::at(format!("{p}.{key}"), e.to_string())
-                })?;
+            let wasm = WasmFilter::load_with_root_id(
+                &f.name,
+                &f.root_id,
+                path,
+                &f.config,
+                limits(f),
+                f.fail,
+            )
+            .map_err(|e| {
+                let key = if matches!(e, FilterError::Config(_)) {
+                    "config"
+                } else {
+                    "wasm"
+                };
+                ConfigError::at(format!("{p}.{key}"), e.to_string())
+            })?;
             let limit = usize::try_from(f.body_limit.0).unwrap_or(usize::MAX);
             let mut wasm = wasm.with_body_limit(limit);
             if !f.bodies {
@@ -104,7 +140,7 @@ mod tests {
 
     fn built(extra: &str) -> Result<Vec<Built>, ConfigError> {
         let c = Config::parse(&format!("{BASE}{extra}")).expect("valid shape");
-        build_all(&c, Watch::Never)
+        build_all(&c, Watch::Never, None)
     }
 
     #[test]

@@ -94,8 +94,13 @@ struct Fallible {
 }
 
 impl Fallible {
-    fn build(config: &Config, watch: filters::Watch) -> Result<Fallible, ConfigError> {
-        let filters = filters::build_all(config, watch)?;
+    fn build(
+        config: &Config,
+        watch: filters::Watch,
+        previous: Option<&Runtime>,
+    ) -> Result<Fallible, ConfigError> {
+        let previous = previous.map(|p| (&*p.config, &p.wasm[..]));
+        let filters = filters::build_all(config, watch, previous)?;
         let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
         Ok(Fallible { filters, jwt })
     }
@@ -110,7 +115,7 @@ impl Runtime {
     /// filters, then `[jwt]`, the order of their sections in validation.
     pub fn check(config: &Config) -> Result<(), ConfigError> {
         crate::edge::tls::Certs::load_listeners(config)?;
-        Fallible::build(config, filters::Watch::Never)?;
+        Fallible::build(config, filters::Watch::Never, None)?;
         Ok(())
     }
 
@@ -127,7 +132,8 @@ impl Runtime {
         previous: Option<&Runtime>,
     ) -> Result<Runtime, ConfigError> {
         // What can fail first, so a refused config starts no health check.
-        let Fallible { filters, jwt } = Fallible::build(&config, filters::Watch::AsConfigured)?;
+        let Fallible { filters, jwt } =
+            Fallible::build(&config, filters::Watch::AsConfigured, previous)?;
         let clusters: Vec<Arc<Cluster>> = config
             .upstreams
             .iter()
