@@ -590,3 +590,100 @@ pub enum RequestRead {
     /// The temp file failed.
     Spool(std::io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Size;
+
+    fn spooler(memory: u64, temp_max: u64, metrics: &Metrics) -> Arc<Spooler> {
+        let cfg = BufferingConfig {
+            memory: Size(memory),
+            temp_dir: None,
+            temp_max: Size(temp_max),
+        };
+        Arc::new(Spooler::new(&cfg, metrics))
+    }
+
+    async fn read_all(reader: SpoolReader) -> Vec<u8> {
+        reader.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    /// Memory first, then the file, read back in order; the temp bytes
+    /// leave the budget with the reader.
+    #[tokio::test]
+    async fn spills_to_a_file_in_order() {
+        let metrics = Metrics::new();
+        let sp = spooler(4096, 1 << 20, &metrics);
+        let (mut spool, reader) = Spool::new(sp, Direction::Request);
+        let mut want = Vec::new();
+        for i in 0..10u8 {
+            let piece = vec![i; 1500];
+            want.extend_from_slice(&piece);
+            assert!(matches!(
+                spool.push(Bytes::from(piece), false).await.unwrap(),
+                Push::Stored
+            ));
+        }
+        spool.finish(None);
+        assert_eq!(reader.size_hint().exact(), Some(15_000));
+        assert_eq!(metrics.spool_temp_bytes.get(), 15_000 - 3000);
+        assert_eq!(read_all(reader).await, want);
+        assert_eq!(metrics.spool_temp_bytes.get(), 0);
+    }
+
+    /// Past the temp cap a piece is refused without waiting, or waits for
+    /// the reader; nothing is lost or reordered.
+    #[tokio::test]
+    async fn past_the_cap_it_streams() {
+        let metrics = Metrics::new();
+        let sp = spooler(4096, 4096, &metrics);
+        let (mut spool, mut reader) = Spool::new(sp, Direction::Response);
+        let piece = |b: u8| Bytes::from(vec![b; 4000]);
+        assert!(matches!(
+            spool.push(piece(1), false).await.unwrap(),
+            Push::Stored
+        ));
+        assert!(matches!(
+            spool.push(piece(2), false).await.unwrap(),
+            Push::Stored
+        ));
+        assert!(matches!(
+            spool.push(piece(3), false).await.unwrap(),
+            Push::Full(_)
+        ));
+        assert_eq!(
+            metrics.spool_temp_full.get(),
+            0,
+            "not counted when given back"
+        );
+        let writer = tokio::spawn(async move {
+            for b in 3..6 {
+                spool.push(piece(b), true).await.unwrap();
+            }
+            spool.finish(None);
+        });
+        let mut got = Vec::new();
+        while let Some(frame) = reader.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        writer.await.unwrap();
+        let want: Vec<u8> = (1..6).flat_map(|b| vec![b; 4000]).collect();
+        assert_eq!(got, want);
+        assert!(metrics.spool_temp_full.get() >= 1);
+        drop(reader);
+        assert_eq!(metrics.spool_temp_bytes.get(), 0);
+    }
+
+    /// A reader that goes away stops the writer.
+    #[tokio::test]
+    async fn an_abandoned_spool_stops_its_writer() {
+        let metrics = Metrics::new();
+        let (mut spool, reader) = Spool::new(spooler(4096, 1 << 20, &metrics), Direction::Response);
+        drop(reader);
+        assert!(matches!(
+            spool.push(Bytes::from_static(b"x"), true).await.unwrap(),
+            Push::Abandoned
+        ));
+    }
+}

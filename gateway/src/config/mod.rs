@@ -304,6 +304,42 @@ mod tests {
     }
 
     #[test]
+    fn edge_defence_keys_default_and_refuse_with_their_paths() {
+        let c = Config::parse(BASE).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.send_timeout, Dur(std::time::Duration::from_secs(60)));
+        assert_eq!(l.body_read_timeout, Dur(std::time::Duration::from_secs(60)));
+        assert_eq!(
+            l.stream_idle_timeout,
+            Dur(std::time::Duration::from_secs(60))
+        );
+        assert!(c.routes[0].buffer_requests && c.routes[0].buffer_responses);
+        assert_eq!(c.routes[0].escaped_slashes, EscapedSlashes::Reject);
+        assert_eq!(c.buffering.memory, Size(64 << 10));
+        assert_eq!(
+            err("[buffering]\nmemory = \"1KiB\"\n").path,
+            "buffering.memory"
+        );
+        assert_eq!(
+            err("[buffering]\ntemp_dir = \"/nonexistent/flashgate\"\n").path,
+            "buffering.temp_dir"
+        );
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nescaped_slashes = \"decode\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].escaped_slashes");
+        let e = Config::parse(&BASE.replacen(
+            "[[listeners]]",
+            "[[listeners]]\nsend_timeout = \"0s\"",
+            1,
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "listeners[0].send_timeout");
+    }
+
+    #[test]
     fn unknown_key_has_its_path() {
         let e = Config::parse(&BASE.replace(
             "upstream = \"catalog\"",
