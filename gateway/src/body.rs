@@ -18,6 +18,7 @@ use crate::edge::conn_clock::ActiveRequest;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::otel::RequestSpan;
 use crate::spool::{SpoolReader, Spooler};
+use crate::upstream::share::ShareGuard;
 use crate::upstream::InFlight;
 
 pub struct ProxyBody {
@@ -38,6 +39,9 @@ pub struct ProxyBody {
     /// Set for an upstream body on a route that buffers responses: past
     /// [`crate::spool::HANDOFF`] bytes the rest is read ahead.
     spooler: Option<Arc<Spooler>>,
+    /// The client's share of a streaming route's cluster, held as long as
+    /// the upstream body is.
+    share: Option<ShareGuard>,
     sent: u64,
     ended: bool,
 }
@@ -69,6 +73,7 @@ impl ProxyBody {
             log: None,
             span: None,
             spooler: None,
+            share: None,
             sent: 0,
             ended: false,
         }
@@ -84,6 +89,7 @@ impl ProxyBody {
             log: None,
             span: None,
             spooler: None,
+            share: None,
             sent: 0,
             ended: false,
         }
@@ -110,6 +116,7 @@ impl ProxyBody {
             log: None,
             span: None,
             spooler: None,
+            share: None,
             sent: 0,
             ended: false,
         }
@@ -205,8 +212,16 @@ impl ProxyBody {
         self.release();
     }
 
+    /// Keeps `share` until the upstream body is done.
+    pub fn hold_share(&mut self, share: ShareGuard) {
+        if !self.ended && self.in_flight.is_some() {
+            self.share = Some(share);
+        }
+    }
+
     fn release(&mut self) {
         self.in_flight = None;
+        self.share = None;
         self.chain = None;
         self.request = None;
     }

@@ -47,6 +47,8 @@ pub enum ProxyError {
     SpoolFailed,
     #[error("the upstream cluster is at its concurrency limit")]
     Overflow,
+    #[error("this client holds its share of the cluster's streaming requests")]
+    ClientShare,
     #[error("the upstream refused the connection")]
     ConnectRefused,
     #[error("connecting to the upstream failed")]
@@ -77,6 +79,7 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
+            ProxyError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
             // As Envoy answers a failed Wasm filter (`wasm_fail_stream`).
             ProxyError::FilterFailed | ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             // As Envoy answers a response past a buffering filter's limit.
@@ -112,6 +115,7 @@ impl ProxyError {
             ProxyError::UpstreamBodyFailed => "upstream_body_failed",
             ProxyError::SpoolFailed => "spool_failed",
             ProxyError::Overflow => "upstream_overflow",
+            ProxyError::ClientShare => "client_share",
             ProxyError::ConnectRefused => "connect_refused",
             ProxyError::ConnectFailed => "connect_failed",
             ProxyError::ConnectTimeout => "connect_timeout",

@@ -191,12 +191,21 @@ async fn upstream_idle(admin: std::net::SocketAddr) -> bool {
 /// A client that asks for `path` with a tiny receive buffer and never
 /// reads the answer.
 async fn never_reads(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+    never_reads_with(addr, path, "").await
+}
+
+/// [`never_reads`] with extra header lines (each ending in CRLF).
+async fn never_reads_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &str,
+) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(
         &mut s,
-        format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nhost: a\r\n{headers}\r\n").as_bytes(),
     )
     .await
     .unwrap();
@@ -410,5 +419,73 @@ async fn http2_zero_window_streams_hold_no_slot_and_are_reset() {
         || async { flashgate_tests::metric(admin, "flashgate_spool_temp_bytes").await == 0.0 },
     )
     .await;
+    drop(held);
+}
+
+/// On a route that streams, one client (by its resolved address, here
+/// from a trusted `x-forwarded-for`) holds at most its share of the
+/// cluster's slots; others are served.
+#[tokio::test]
+async fn a_slow_client_gets_only_its_share_of_streaming_slots() {
+    let origin = big_and_small().await;
+    let cfg = slots_config(
+        origin.addr,
+        4,
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        "buffer_responses = false",
+    )
+    .replace(
+        "max_concurrent_requests = 4",
+        "max_concurrent_requests = 4\nmax_streaming_per_client = 2",
+    );
+    let gw = gateway(&cfg).await;
+    let addr = gw.addr("public").unwrap();
+    let attacker = "x-forwarded-for: 192.0.2.66\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(never_reads_with(addr, "/big", attacker).await);
+    }
+    let admin = gw.admin_addr();
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "the two streaming reads hold their slots",
+        || async move {
+            let status = flashgate_tests::get(&format!("http://{admin}/admin/status"))
+                .await
+                .json();
+            status["clusters"][0]["endpoints"][0]["in_flight"] == 2
+        },
+    )
+    .await;
+    // A third from the same client is refused at once.
+    let out = raw::exchange(
+        addr,
+        format!("GET /big HTTP/1.1\r\nhost: a\r\n{attacker}connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        raw::status(&out),
+        Some(429),
+        "{}",
+        &out[..out.len().min(300)]
+    );
+    assert!(
+        out.contains("client_share"),
+        "{}",
+        &out[..out.len().min(300)]
+    );
+    // Everyone else gets the remaining slots.
+    let client = flashgate_tests::client();
+    for i in 0..30 {
+        let got = send_with(
+            &client,
+            Request::get(format!("http://{addr}/small"))
+                .header("x-forwarded-for", format!("198.51.100.{}", i % 5 + 1))
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+    }
     drop(held);
 }

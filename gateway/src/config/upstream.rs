@@ -38,6 +38,11 @@ pub struct UpstreamConfig {
     /// Requests in flight to this cluster at most; more get 503 at once.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// Requests to this cluster that stream (their route opts out of
+    /// buffering) one client address may have in flight at once (429
+    /// above). Default: a tenth of `max_concurrent_requests`, at least 1.
+    #[serde(default)]
+    pub max_streaming_per_client: Option<usize>,
     /// Idle keep-alive connections kept per endpoint.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_endpoint: usize,
@@ -147,6 +152,15 @@ fn default_max_ejection_percent() -> u32 {
 }
 
 impl UpstreamConfig {
+    /// `max_streaming_per_client` with its default applied.
+    pub fn streaming_per_client(&self) -> usize {
+        self.max_streaming_per_client
+            .unwrap_or(self.max_concurrent_requests / 10)
+            .max(1)
+    }
+}
+
+impl UpstreamConfig {
     /// Checks this entry's own keys; `p` is its key path (`upstreams[N]`).
     pub(super) fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
@@ -192,6 +206,12 @@ impl UpstreamConfig {
         if self.max_concurrent_requests == 0 {
             return Err(ConfigError::at(
                 format!("{p}.max_concurrent_requests"),
+                "must be above zero",
+            ));
+        }
+        if self.max_streaming_per_client == Some(0) {
+            return Err(ConfigError::at(
+                format!("{p}.max_streaming_per_client"),
                 "must be above zero",
             ));
         }

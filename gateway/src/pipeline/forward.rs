@@ -44,6 +44,16 @@ pub async fn send(
     if let Err(e) = prefetch(&mut body, ctx.listener.header_read_timeout.0).await {
         return respond::error(e, &ctx.request_id);
     }
+    // A request that streams holds its slot at the client's pace: one
+    // client gets only its share of them.
+    let share = if route.buffer_requests && route.buffer_responses {
+        None
+    } else {
+        match route.cluster.shares.take(ctx.client_ip) {
+            Some(share) => Some(share),
+            None => return respond::error(ProxyError::ClientShare, &ctx.request_id),
+        }
+    };
     let up = head_for_upstream(ctx, head);
     let replay = ctx.replay.take();
     let sent = forward(
@@ -55,7 +65,11 @@ pub async fn send(
         &mut ctx.timing,
     )
     .await;
-    answered(ctx, sent)
+    let mut resp = answered(ctx, sent);
+    if let Some(share) = share {
+        resp.body_mut().hold_share(share);
+    }
+    resp
 }
 
 /// Reads the client's body in before an upstream slot is taken (memory,

@@ -8,6 +8,7 @@
 pub mod connect;
 mod health;
 pub mod pool;
+pub mod share;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -86,6 +87,8 @@ pub struct Cluster {
     lb: LbPolicy,
     rr: AtomicUsize,
     limiter: Arc<Semaphore>,
+    /// Each client's share of the slots for streaming requests.
+    pub shares: Arc<share::ClientShares>,
     outlier: OutlierConfig,
     epoch: Instant,
     pub duration: Histogram,
@@ -191,6 +194,7 @@ impl Cluster {
             lb: cfg.lb,
             rr: AtomicUsize::new(0),
             limiter: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            shares: share::ClientShares::new(cfg.streaming_per_client()),
             outlier: cfg.outlier.clone(),
             epoch: Instant::now(),
             metrics,
