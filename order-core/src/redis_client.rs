@@ -41,7 +41,7 @@ pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Connections per node. `WAIT` (replicated acknowledgement) blocks its
 /// connection until the replicas answer; lanes let that many wait at once.
-const LANES: usize = 4;
+const LANES: usize = 16;
 
 /// How calls are bounded.
 #[derive(Clone, Copy, Debug)]

@@ -199,7 +199,7 @@ impl RedisCluster {
     /// node says `cluster_state:ok` and every replica's link is up.
     pub fn start_with(spec: ClusterSpec) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..spec.masters * (1 + spec.replicas))
-            .map(|_| RedisServer::spawn(free_port(), spec.durability, true, spec.debug))
+            .map(|_| RedisServer::spawn(free_cluster_port(), spec.durability, true, spec.debug))
             .collect();
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
@@ -344,6 +344,18 @@ impl RedisCluster {
     /// Seed URLs, the form the `redis` crate's cluster client takes.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// A free port for a cluster node: at most 55535 (the node's cluster bus
+/// listens on port + 10000, and redis-server refuses to start otherwise)
+/// with its bus port free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p <= 55535 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
     }
 }
 
