@@ -8,10 +8,13 @@
 -- KEYS[5] fg:{sku}:order:<id>   the order record (hash)
 -- KEYS[6] fg:{sku}:txn:<txn>    -> order id, or "!fenced" after a rollback
 -- KEYS[7] fg:{sku}:pending      zset of pending order ids by deadline
--- ARGV: order_id, sku, user, qty, per_user_limit, txn, now_ms, expires_ms, idem_key
+-- ARGV: order_id, sku, user, qty, per_user_limit, txn, now_ms, expires_ms, idem_key,
+--       touch_replay ("1" under replicated acks: see the REPLAY branch)
 --
 -- Returns {"CREATED"} | {"REPLAY", order_id} | {"SOLDOUT"} | {"LIMIT"} | {"FENCED"}.
--- Checks run before any write, so a refusal changes nothing.
+-- Checks run before any write, so a refusal changes nothing. A second run of
+-- the same command (a retry after a lost reply or a failover) finds its own
+-- idempotency key and answers REPLAY with its own order id: never deducts twice.
 
 local txn = redis.call('GET', KEYS[6])
 if txn == '!fenced' then
@@ -21,6 +24,12 @@ if txn == '!fenced' then
 end
 local existing = redis.call('GET', KEYS[3])
 if existing then
+  if ARGV[10] == '1' then
+    -- Write the key again (same value): this moves the caller's replication
+    -- offset past the replayed order's writes, so the WAIT behind this
+    -- script confirms that order is on a replica before it is answered.
+    redis.call('SET', KEYS[3], existing)
+  end
   return {'REPLAY', existing}
 end
 local qty = tonumber(ARGV[4])

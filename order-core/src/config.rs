@@ -7,6 +7,10 @@
 //! admin_token = "change-me"
 //! [redis]
 //! url = "redis://127.0.0.1:6379/"      # or cluster = ["redis://...", ...]
+//! timeout = "500ms"                    # one attempt
+//! retry_budget = "2s"                  # all attempts of one call
+//! # replicas_ack = 1                   # default: 1 on a Cluster with replicas
+//! replicas_ack_timeout = "200ms"
 //! [rocketmq]
 //! namesrv = "127.0.0.1:9876"
 //! topic = "orders"
@@ -53,6 +57,42 @@ pub struct Config {
 pub struct RedisConfig {
     pub url: Option<String>,
     pub cluster: Option<Vec<String>>,
+    /// One attempt of one call (connect or reply); then the slot map is
+    /// read again and the call retried.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: String,
+    /// All attempts of one call together; then 503.
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget: String,
+    /// Replicas that must confirm a write (`WAIT`) before it is
+    /// acknowledged. Absent: 1 on a Cluster whose every master has a
+    /// replica at start, otherwise 0 (off).
+    pub replicas_ack: Option<u32>,
+    /// How long `WAIT` waits; must leave room within `timeout`.
+    #[serde(default = "default_ack_timeout")]
+    pub replicas_ack_timeout: String,
+}
+
+fn default_redis_timeout() -> String {
+    "500ms".into()
+}
+fn default_retry_budget() -> String {
+    "2s".into()
+}
+fn default_ack_timeout() -> String {
+    "200ms".into()
+}
+
+/// The most `redis.replicas_ack` may ask for.
+pub const MAX_REPLICAS_ACK: u32 = 16;
+
+/// `[redis]`, parsed and checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedisTiming {
+    pub timeout: Duration,
+    pub retry_budget: Duration,
+    pub replicas_ack: Option<u32>,
+    pub replicas_ack_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +195,7 @@ impl Config {
             return Err("admin_token: must not be empty".into());
         }
         self.redis_target()?;
+        self.redis_timing()?;
         if self.rocketmq.as_ref().is_some_and(|m| m.namesrv.is_empty()) {
             return Err("rocketmq.namesrv: must not be empty".into());
         }
@@ -190,6 +231,36 @@ impl Config {
             (None, Some(c)) if !c.is_empty() => Ok(RedisTarget::Cluster(c.clone())),
             _ => Err("redis: set exactly one of `url` or a non-empty `cluster`".into()),
         }
+    }
+
+    pub fn redis_timing(&self) -> Result<RedisTiming, String> {
+        let r = &self.redis;
+        let timeout = parse_duration(&r.timeout).map_err(|e| format!("redis.timeout: {e}"))?;
+        if timeout.is_zero() {
+            return Err("redis.timeout: must be more than 0".into());
+        }
+        let retry_budget =
+            parse_duration(&r.retry_budget).map_err(|e| format!("redis.retry_budget: {e}"))?;
+        if retry_budget < timeout {
+            return Err("redis.retry_budget: must be at least redis.timeout".into());
+        }
+        if r.replicas_ack.is_some_and(|n| n > MAX_REPLICAS_ACK) {
+            return Err(format!("redis.replicas_ack: must be 0-{MAX_REPLICAS_ACK}"));
+        }
+        let replicas_ack_timeout = parse_duration(&r.replicas_ack_timeout)
+            .map_err(|e| format!("redis.replicas_ack_timeout: {e}"))?;
+        if replicas_ack_timeout.is_zero() || replicas_ack_timeout >= timeout {
+            return Err(
+                "redis.replicas_ack_timeout: must be more than 0 and less than redis.timeout"
+                    .into(),
+            );
+        }
+        Ok(RedisTiming {
+            timeout,
+            retry_budget,
+            replicas_ack: r.replicas_ack,
+            replicas_ack_timeout,
+        })
     }
 
     pub fn queue_wait(&self) -> Result<Duration, String> {
@@ -249,5 +320,40 @@ mod tests {
         assert!(e.starts_with("expiry.window"), "{e}");
         let e = Config::parse(&OK.replace("url", "cluster = []\n#")).unwrap_err();
         assert!(e.starts_with("redis"), "{e}");
+    }
+
+    #[test]
+    fn redis_timing_defaults_and_errors_name_the_key() {
+        let t = Config::parse(OK).unwrap().redis_timing().unwrap();
+        assert_eq!(t.timeout, Duration::from_millis(500));
+        assert_eq!(t.retry_budget, Duration::from_secs(2));
+        assert_eq!(t.replicas_ack, None);
+        let with =
+            |extra: &str| Config::parse(&OK.replace("[rocketmq]", &format!("{extra}\n[rocketmq]")));
+        assert_eq!(
+            with("replicas_ack = 1")
+                .unwrap()
+                .redis_timing()
+                .unwrap()
+                .replicas_ack,
+            Some(1)
+        );
+        for (extra, key) in [
+            ("replicas_ack = 99", "redis.replicas_ack:"),
+            ("replicas_ack = -1", "redis.replicas_ack"),
+            ("timeout = \"0ms\"", "redis.timeout:"),
+            ("retry_budget = \"100ms\"", "redis.retry_budget:"),
+            (
+                "replicas_ack_timeout = \"1s\"",
+                "redis.replicas_ack_timeout:",
+            ),
+            (
+                "replicas_ack_timeout = \"soon\"",
+                "redis.replicas_ack_timeout:",
+            ),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert!(e.starts_with(key), "{extra}: {e}");
+        }
     }
 }

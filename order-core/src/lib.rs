@@ -19,6 +19,8 @@ pub mod hooks;
 pub mod http;
 pub mod model;
 pub mod publish;
+#[cfg(feature = "redis")]
+pub mod redis_client;
 pub mod service;
 pub mod sink;
 pub mod store;

@@ -20,8 +20,10 @@ use order_core::http::Api;
 use order_core::publish::local::LocalQueue;
 use order_core::publish::rocketmq::{MqRuntime, MqSettings, RocketMqPublisher};
 use order_core::publish::Publisher;
+use order_core::redis_client::{RedisClient, Settings};
 use order_core::service::{Core, Limits};
 use order_core::sink::DeadLetters;
+use order_core::store::redis::{Ack, RedisStore};
 use order_core::store::Store;
 
 #[derive(Parser)]
@@ -161,13 +163,50 @@ fn main() -> Result<()> {
     })
 }
 
-async fn run(c: Config) -> Result<()> {
-    let store: Arc<dyn Store> = match c.redis_target().map_err(|e| anyhow!(e))? {
-        RedisTarget::Single(url) => Arc::new(order_core::store::redis::connect_single(&url).await?),
-        RedisTarget::Cluster(urls) => {
-            Arc::new(order_core::store::redis::connect_cluster(&urls).await?)
-        }
+/// How often the cluster's replicas are counted again.
+const TOPOLOGY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The Redis store with the `[redis]` settings; replicated acks on by
+/// default on a Cluster whose every slot range has a replica.
+async fn redis_store(c: &Config) -> Result<RedisStore> {
+    let timing = c.redis_timing().map_err(|e| anyhow!(e))?;
+    let settings = Settings {
+        timeout: timing.timeout,
+        budget: timing.retry_budget,
     };
+    let client = match c.redis_target().map_err(|e| anyhow!(e))? {
+        RedisTarget::Single(url) => RedisClient::single(&url, settings).await,
+        RedisTarget::Cluster(urls) => RedisClient::cluster(&urls, settings).await,
+    }
+    .map_err(|e| anyhow!(e))?;
+    client
+        .read_topology()
+        .await
+        .map_err(|e| anyhow!("read the cluster's topology (CLUSTER NODES): {e}"))?;
+    let replicas = match timing.replicas_ack {
+        Some(n) => n,
+        None => match client.min_replicas() {
+            Some(n) if n > 0 => 1,
+            Some(_) => {
+                tracing::warn!("redis cluster has a master without a replica: acknowledged orders are on one master only (replicas_ack = 0)");
+                0
+            }
+            None => 0,
+        },
+    };
+    let ack = Ack {
+        replicas,
+        timeout: timing.replicas_ack_timeout,
+    };
+    tracing::info!(replicas_ack = ack.replicas, timeout = ?settings.timeout, budget = ?settings.budget, "redis store");
+    Ok(order_core::store::redis::new_store(client, ack))
+}
+
+async fn run(c: Config) -> Result<()> {
+    let redis = redis_store(&c).await?;
+    // Keeps the replica counts fresh (a replica that rejoins counts again).
+    let _topology = redis.client().spawn_topology_watch(TOPOLOGY_EVERY);
+    let store: Arc<dyn Store> = Arc::new(redis);
     let publisher: Arc<dyn Publisher> = match &c.rocketmq {
         Some(m) => Arc::new(
             RocketMqPublisher::start(

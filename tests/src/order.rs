@@ -43,7 +43,10 @@ pub enum RedisAt {
 #[derive(Clone, Debug)]
 pub struct CoreSetup {
     pub redis: RedisAt,
+    /// Empty: no `[rocketmq]` (orders go to the in-process queue).
     pub namesrv: String,
+    /// More `[redis]` keys, as TOML lines.
+    pub redis_extra: String,
     pub topic: String,
     pub per_user: u32,
     pub expiry: String,
@@ -56,6 +59,7 @@ impl CoreSetup {
         CoreSetup {
             redis,
             namesrv,
+            redis_extra: String::new(),
             topic: "orders".into(),
             per_user: 1,
             expiry: "15m".into(),
@@ -89,15 +93,22 @@ impl CoreFiles {
                     .join(", ")
             ),
         };
+        let rocketmq = if setup.namesrv.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "[rocketmq]\nnamesrv = \"{}\"\ntopic = \"{}\"\n",
+                setup.namesrv, setup.topic
+            )
+        };
         let text = format!(
             "listen = \"127.0.0.1:{port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\
-             [redis]\n{redis}\n\
-             [rocketmq]\nnamesrv = \"{ns}\"\ntopic = \"{topic}\"\n\
+             [redis]\n{redis}\n{redis_extra}\n\
+             {rocketmq}\
              [limits]\nper_user = {per_user}\n\
              [expiry]\nwindow = \"{expiry}\"\nsweep_every = \"{sweep}\"\n\
              [consumer]\nsink = \"{sink}\"\ndlq = \"{dlq}\"\nmax_attempts = {attempts}\n",
-            ns = setup.namesrv,
-            topic = setup.topic,
+            redis_extra = setup.redis_extra,
             per_user = setup.per_user,
             expiry = setup.expiry,
             sweep = setup.sweep_every,

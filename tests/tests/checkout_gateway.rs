@@ -321,3 +321,86 @@ async fn a_dribbled_checkout_body_gets_408_after_body_timeout() {
     assert!(answer.contains("body_timeout"), "{answer}");
     assert_eq!(up.hits(), 0);
 }
+
+/// A core that answers `503 {"error": code}` to the first `failures`
+/// checkouts, then 201.
+async fn failing_core(code: &'static str, failures: usize) -> Upstream {
+    let n = Arc::new(AtomicUsize::new(0));
+    Upstream::start(move |_| {
+        let n = n.clone();
+        async move {
+            if n.fetch_add(1, Ordering::SeqCst) < failures {
+                let mut r = reply(503, format!(r#"{{"error":"{code}","detail":"x"}}"#));
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("1"));
+                r
+            } else {
+                reply(201, r#"{"order":{"id":"a.1"}}"#)
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_checkout_the_core_answers_unavailable_is_retried_within_the_budget() {
+    let auth = (
+        "authorization",
+        format!("Bearer {}", token("erin", SECRET, 60)),
+    );
+    let key = ("idempotency-key", "k-erin".to_string());
+    let body = r#"{"sku":"a","qty":1}"#;
+
+    // Two 503s (a failover's detection window), then the order: the buyer
+    // sees only the order.
+    let core = failing_core("unavailable", 2).await;
+    let gw = gateway(&config(&[core.addr], 1)).await;
+    let base = gw.addr("public").unwrap();
+    let got = post(base, "/checkout", &[auth.clone(), key.clone()], body).await;
+    assert_eq!(got.status, 201, "{}", got.text());
+    assert_eq!(core.hits(), 3);
+    let metrics = send(
+        Request::get(format!("http://{}/metrics", gw.admin_addr()))
+            .body(flashgate_tests::empty())
+            .unwrap(),
+    )
+    .await
+    .text();
+    assert!(
+        metrics.contains(
+            "flashgate_checkout_unavailable_retries_total{outcome=\"retried\",route=\"checkout\"} 2"
+        ) && metrics.contains(
+            "flashgate_checkout_unavailable_retries_total{outcome=\"recovered\",route=\"checkout\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // Without a key: never repeated.
+    let core = failing_core("unavailable", 1).await;
+    let gw = gateway(&config(&[core.addr], 1)).await;
+    let base = gw.addr("public").unwrap();
+    let got = post(base, "/checkout", std::slice::from_ref(&auth), body).await;
+    assert_eq!(got.status, 503);
+    assert_eq!(core.hits(), 1);
+
+    // `busy` is the core shedding load: not repeated either, and the
+    // core's answer reaches the buyer as it was.
+    let core = failing_core("busy", 1).await;
+    let gw = gateway(&config(&[core.addr], 1)).await;
+    let base = gw.addr("public").unwrap();
+    let got = post(base, "/checkout", &[auth.clone(), key.clone()], body).await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"], "busy");
+    assert_eq!(got.header("retry-after"), Some("1"));
+    assert_eq!(core.hits(), 1);
+
+    // Still down when the budget (1.5 s: 100 + 200 + 400 ms of waits fit,
+    // the next 800 would not) is spent: the 503 goes to the buyer.
+    let core = failing_core("unavailable", usize::MAX).await;
+    let gw = gateway(&config(&[core.addr], 1)).await;
+    let base = gw.addr("public").unwrap();
+    let got = post(base, "/checkout", &[auth, key], body).await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"], "unavailable");
+    assert_eq!(core.hits(), 4);
+}

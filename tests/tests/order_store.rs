@@ -17,7 +17,7 @@ use std::sync::Arc;
 use flashgate_tests::redis::{RedisCluster, RedisServer};
 use order_core::model::{new_order_id, now_ms, CheckoutCmd, Outcome, Sku, StockInfo, TxnVerdict};
 use order_core::store::memory::MemoryStore;
-use order_core::store::redis::{connect_cluster, connect_single};
+use order_core::store::redis::{connect_cluster, connect_single, Ack};
 use order_core::store::{Precheck, Released, Store};
 
 fn cmd(sku: &Sku, user: &str, key: &str, txn: &str, expires_ms: u64) -> CheckoutCmd {
@@ -183,5 +183,5 @@ async fn scripts_on_redis_cluster() {
         .await
         .unwrap();
     let urls = cluster.urls();
-    store_contract(async || Arc::new(connect_cluster(&urls).await.unwrap())).await;
+    store_contract(async || Arc::new(connect_cluster(&urls, Ack::OFF).await.unwrap())).await;
 }

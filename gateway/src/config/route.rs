@@ -133,6 +133,16 @@ pub struct CheckoutRouteConfig {
     /// 408 instead of holding a critical request open.
     #[serde(default = "default_checkout_body_timeout")]
     pub body_timeout: Dur,
+    /// How long the gateway keeps retrying a checkout that carries an
+    /// `Idempotency-Key` and that the core answered `503 unavailable`
+    /// (Redis or the broker failing over; the key makes a repeat return
+    /// the same order). `"0s"` turns it off.
+    #[serde(default = "default_checkout_retry_budget")]
+    pub retry_unavailable: Dur,
+}
+
+fn default_checkout_retry_budget() -> Dur {
+    Dur(Duration::from_millis(1500))
 }
 
 fn default_checkout_body_timeout() -> Dur {
@@ -159,6 +169,12 @@ impl CheckoutRouteConfig {
             return Err(ConfigError::at(
                 format!("{p}.body_timeout"),
                 "must be more than 0 and at most 1h",
+            ));
+        }
+        if self.retry_unavailable.0 > Duration::from_secs(30) {
+            return Err(ConfigError::at(
+                format!("{p}.retry_unavailable"),
+                "must be at most 30s (the buyer is waiting)",
             ));
         }
         Ok(())

@@ -35,6 +35,11 @@ pub struct Metrics {
     /// pool reuse: 1 - connections / requests.
     pub upstream_connections: IntCounterVec,
     pub upstream_retries: IntCounterVec,
+    /// Checkouts the core answered 503 `unavailable`, retried with their
+    /// `Idempotency-Key`, by route and outcome (`retried`: one more
+    /// attempt; `recovered`: a retry got another answer; `exhausted`: the
+    /// budget ran out and the 503 went to the buyer).
+    pub checkout_retries: IntCounterVec,
     /// Requests refused because the cluster was at `max_concurrent_requests`.
     pub upstream_overflow: IntCounterVec,
     /// Requests routed to all endpoints because none was available.
@@ -153,6 +158,11 @@ impl Metrics {
                 &["cluster"],
             ),
             upstream_retries: counter("upstream_retries_total", "Retried upstream attempts.", &["cluster"]),
+            checkout_retries: counter(
+                "checkout_unavailable_retries_total",
+                "Checkouts answered 503 unavailable by the core and retried with their Idempotency-Key, by outcome (retried, recovered, exhausted).",
+                &["route", "outcome"],
+            ),
             upstream_overflow: counter(
                 "upstream_overflow_total",
                 "Requests refused with 503 because the cluster was at max_concurrent_requests.",

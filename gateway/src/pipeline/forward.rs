@@ -56,15 +56,12 @@ pub async fn send(
     };
     let up = head_for_upstream(ctx, head);
     let replay = ctx.replay.take();
-    let sent = forward(
-        &route.cluster,
-        up,
-        body,
-        replay,
-        ctx.verdict.as_ref(),
-        &mut ctx.timing,
-    )
-    .await;
+    let (cluster, verdict) = (&route.cluster, ctx.verdict.as_ref());
+    let sent = match &route.checkout {
+        // Retries a failover's 503 within its budget (admission/checkout.rs).
+        Some(c) => Box::pin(c.send(cluster, up, body, replay, verdict, &mut ctx.timing)).await,
+        None => forward(cluster, up, body, replay, verdict, &mut ctx.timing).await,
+    };
     let mut resp = answered(ctx, sent);
     if let Some(share) = share {
         resp.body_mut().hold_share(share);

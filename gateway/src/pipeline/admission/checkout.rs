@@ -11,6 +11,14 @@
 //!   that a request carrying an `Idempotency-Key` can be retried after a
 //!   reset: the core answers a repeat with the same order. Without the key
 //!   a POST is never retried once sent (only a refused connect is).
+//! - A checkout with an `Idempotency-Key` that the core answers `503`
+//!   `{"error":"unavailable"}` (Redis or the broker failing over: nothing
+//!   deducted, or an outcome the key settles) is sent again after 100 ms,
+//!   then 200, 400 ... until `retry_unavailable` (default 1.5 s) is spent:
+//!   most buyers caught in a failover's detection window get their answer
+//!   instead of a 503. `busy` (the core's own queue full) is not retried:
+//!   more load is what it refuses. Counted in
+//!   `flashgate_checkout_unavailable_retries_total{route,outcome}`.
 //! - Never cached: the core marks every answer `cache-control: no-store`,
 //!   and a checkout route must be `priority = "critical"` (validated), so
 //!   overload shedding keeps its capacity.
@@ -18,20 +26,24 @@
 //! Its settings, and their checks, are `config::CheckoutRouteConfig`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderName, HeaderValue, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
+use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 
+use crate::body::ProxyBody;
 use crate::config::CheckoutRouteConfig;
-use crate::edge::request_body::LimitedBody;
+use crate::edge::request_body::{BodyVerdict, LimitedBody};
 use crate::error::ProxyError;
+use crate::observe::access_log::UpstreamTiming;
+use crate::pipeline::forward::{forward, Sent, UpstreamHead};
 use crate::respond::Refusal;
-use crate::upstream::UpstreamBody;
+use crate::upstream::{Cluster, UpstreamBody};
 
 /// Most SKUs flagged at once; beyond that expired flags are dropped first,
 /// then all (a flag is only an optimisation: the core decides).
@@ -41,7 +53,15 @@ const MAX_FLAGS: usize = 10_000;
 pub struct Checkout {
     config: CheckoutRouteConfig,
     sold_out: Mutex<HashMap<String, Instant>>,
+    /// `retried`, `recovered`, `exhausted` (see the module docs).
+    retries: Option<[IntCounter; 3]>,
 }
+
+/// The first wait before a retry of a 503 `unavailable`; doubled each time.
+const FIRST_RETRY_WAIT: Duration = Duration::from_millis(100);
+
+/// Most of a core's 503 body the gateway reads to see its error code.
+const MAX_ERROR_BODY: usize = 4096;
 
 /// A checkout request that may go upstream.
 pub struct Prepared {
@@ -56,11 +76,96 @@ struct SkuOnly {
     sku: String,
 }
 
+/// The core's error answer, `{"error": "...", ...}`.
+#[derive(Deserialize)]
+struct ErrorOnly {
+    error: String,
+}
+
 impl Checkout {
     pub fn new(config: &CheckoutRouteConfig) -> Checkout {
         Checkout {
             config: config.clone(),
             sold_out: Mutex::new(HashMap::new()),
+            retries: None,
+        }
+    }
+
+    /// Counts retries of 503 `unavailable` in `counters` for `route`.
+    pub fn with_retry_metrics(mut self, counters: &IntCounterVec, route: &str) -> Checkout {
+        self.retries = Some(
+            ["retried", "recovered", "exhausted"].map(|o| counters.with_label_values(&[route, o])),
+        );
+        self
+    }
+
+    fn count(&self, outcome: usize) {
+        if let Some(c) = &self.retries {
+            c[outcome].inc();
+        }
+    }
+
+    /// Sends a checkout with [`forward`], and again while the core answers
+    /// 503 `unavailable` and the budget lasts. Only checkouts that carry
+    /// an `Idempotency-Key` (`replay` is their body) are retried.
+    pub async fn send(
+        &self,
+        cluster: &Arc<Cluster>,
+        up: UpstreamHead,
+        body: UpstreamBody,
+        replay: Option<Bytes>,
+        verdict: Option<&BodyVerdict>,
+        timing: &mut UpstreamTiming,
+    ) -> Sent {
+        let budget = self.config.retry_unavailable.0;
+        let Some(bytes) = replay.clone().filter(|_| !budget.is_zero()) else {
+            return forward(cluster, up, body, replay, verdict, timing).await;
+        };
+        let until = Instant::now() + budget;
+        let mut wait = FIRST_RETRY_WAIT;
+        let mut body = Some(body);
+        let mut retried = false;
+        loop {
+            let head = UpstreamHead {
+                method: up.method.clone(),
+                path: up.path.clone(),
+                headers: up.headers.clone(),
+            };
+            let this = body
+                .take()
+                .unwrap_or_else(|| Either::Right(Either::Left(Full::new(bytes.clone()))));
+            let (resp, endpoint) =
+                forward(cluster, head, this, Some(bytes.clone()), verdict, timing).await?;
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE {
+                if retried {
+                    self.count(1);
+                }
+                return Ok((resp, endpoint));
+            }
+            // Read the (small) error body to tell `unavailable` from `busy`;
+            // the answer is rebuilt from it when it goes to the buyer.
+            let (parts, b) = resp.into_parts();
+            let read = Limited::new(b, MAX_ERROR_BODY).collect().await;
+            let Ok(read) = read else {
+                return Err(ProxyError::UpstreamReset);
+            };
+            let text = read.to_bytes();
+            let resp = Response::from_parts(parts, ProxyBody::full(text.clone()));
+            let unavailable =
+                serde_json::from_slice::<ErrorOnly>(&text).is_ok_and(|e| e.error == "unavailable");
+            if !unavailable {
+                return Ok((resp, endpoint));
+            }
+            if Instant::now() + wait > until {
+                if retried {
+                    self.count(2);
+                }
+                return Ok((resp, endpoint));
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            retried = true;
+            self.count(0);
         }
     }
 
@@ -144,7 +249,6 @@ impl Checkout {
 mod tests {
     use super::*;
     use crate::config::Dur;
-    use std::time::Duration;
 
     #[test]
     fn a_409_flags_the_sku_until_the_ttl_or_a_201() {
@@ -152,6 +256,7 @@ mod tests {
             sold_out_ttl: Dur(Duration::from_millis(50)),
             max_body_bytes: 1024,
             body_timeout: Dur(Duration::from_secs(10)),
+            retry_unavailable: Dur(Duration::ZERO),
         });
         c.observe(Some("a"), StatusCode::CONFLICT);
         assert!(c.is_sold_out("a"));

@@ -183,6 +183,10 @@ impl Runtime {
                 })
                 .collect();
             let name = r.display_name();
+            let checkout = r.checkout.as_ref().map(|c| {
+                crate::pipeline::admission::checkout::Checkout::new(c)
+                    .with_retry_metrics(&metrics.checkout_retries, &name)
+            });
             routes.push(Route {
                 cache: r.cache.as_ref().map(|c| cache.route(&name, c)),
                 latency: metrics.request_duration.with_label_values(&[&name]),
@@ -198,10 +202,7 @@ impl Runtime {
                 buffer_responses: r.buffer_responses,
                 cluster,
                 filters: FilterChain::new(chain),
-                checkout: r
-                    .checkout
-                    .as_ref()
-                    .map(crate::pipeline::admission::checkout::Checkout::new),
+                checkout,
             });
         }
         let router = Router::new(routes.iter().enumerate().map(|(i, r)| {
