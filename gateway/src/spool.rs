@@ -20,7 +20,6 @@
 //!   upstream slot is taken, each read bounded by `body_read_timeout`.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -36,7 +35,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use crate::config::BufferingConfig;
 use crate::observe::metrics::Metrics;
@@ -221,10 +219,7 @@ impl Spool {
                 direction,
                 spilled: false,
             },
-            SpoolReader {
-                shared,
-                reading: None,
-            },
+            SpoolReader { shared },
         )
     }
 
@@ -252,7 +247,11 @@ impl Spool {
                         self.note_full();
                     }
                     st.in_memory += len;
-                    st.memory.push_back(data);
+                    // A copy: the piece is usually a slice of the upstream
+                    // connection's read buffer, and holding the slice
+                    // would hold the whole buffer (hundreds of KiB) for as
+                    // long as the client takes.
+                    st.memory.push_back(Bytes::copy_from_slice(&data));
                     wake(&mut st);
                     return Ok(Push::Stored);
                 }
@@ -275,30 +274,20 @@ impl Spool {
             let created = existing.is_none();
             let (file, at) = match existing {
                 Some(f) => f,
-                None => {
-                    // The first spill: the file is created outside the
-                    // lock (a filesystem call).
-                    let dir = self.spooler.dir.clone();
-                    match tokio::task::spawn_blocking(move || create_temp(&dir)).await {
-                        Ok(Ok(f)) => (Arc::new(f), 0),
-                        failed => {
-                            self.spooler.temp_bytes.sub(len as i64);
-                            return Err(match failed {
-                                Ok(Err(e)) => e,
-                                Err(e) => std::io::Error::other(e),
-                                Ok(Ok(_)) => unreachable!(),
-                            });
-                        }
+                // The first spill: the file is created outside the lock.
+                None => match create_temp(&self.spooler.dir) {
+                    Ok(f) => (Arc::new(f), 0),
+                    Err(e) => {
+                        self.spooler.temp_bytes.sub(len as i64);
+                        return Err(e);
                     }
-                }
+                },
             };
-            let writer = file.clone();
-            let wrote = tokio::task::spawn_blocking(move || writer.write_all_at(&data, at)).await;
-            if let Some(e) = match wrote {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(e) => Some(std::io::Error::other(e)),
-            } {
+            // Written in place, as nginx writes its temp files: a write to
+            // the page cache costs microseconds, less than handing it to a
+            // blocking thread (whose stacks and malloc arenas cost memory
+            // under a flood of slow readers).
+            if let Err(e) = file.write_all_at(&data, at) {
                 self.spooler.temp_bytes.sub(len as i64);
                 return Err(e);
             }
@@ -353,8 +342,6 @@ fn wake(st: &mut State) {
 /// The reading side of a [`Spool`]: a body.
 pub struct SpoolReader {
     shared: Arc<Shared>,
-    /// A read from the temp file under way.
-    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
 }
 
 impl Drop for SpoolReader {
@@ -383,19 +370,9 @@ impl Body for SpoolReader {
     type Error = SpoolError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, SpoolError>>> {
-        if let Some(reading) = &mut self.reading {
-            let got = match Pin::new(reading).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Ok(bytes))) => Ok(bytes),
-                Poll::Ready(Ok(Err(e))) => Err(SpoolError(format!("spool read: {e}"))),
-                Poll::Ready(Err(e)) => Err(SpoolError(format!("spool read: {e}"))),
-            };
-            self.reading = None;
-            return Poll::Ready(Some(got.map(Frame::data)));
-        }
         let mut st = self.shared.state.lock().expect("spool lock");
         if let Some(bytes) = st.memory.pop_front() {
             st.in_memory -= bytes.len();
@@ -409,19 +386,18 @@ impl Body for SpoolReader {
             .filter(|f| st.read < f.written)
             .map(|f| (f.file.clone(), f.written));
         if let Some((file, written)) = unread {
-            {
-                let at = st.read;
-                let len = (written - at).min(FILE_CHUNK);
-                st.read += len;
-                drop(st);
-                self.reading = Some(tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, at)?;
-                    Ok(Bytes::from(buf))
-                }));
-                self.shared.room.notify_one();
-                return self.poll_frame(cx);
-            }
+            let at = st.read;
+            let len = (written - at).min(FILE_CHUNK);
+            st.read += len;
+            drop(st);
+            self.shared.room.notify_one();
+            // Read in place, as written: from the page cache, mostly.
+            let mut buf = vec![0u8; len as usize];
+            let got = file
+                .read_exact_at(&mut buf, at)
+                .map(|()| Frame::data(Bytes::from(buf)))
+                .map_err(|e| SpoolError(format!("spool read: {e}")));
+            return Poll::Ready(Some(got));
         }
         match st.end.take() {
             Some(End::Trailers(Some(t))) => {
@@ -441,9 +417,6 @@ impl Body for SpoolReader {
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.reading.is_some() {
-            return false;
-        }
         let st = self.shared.state.lock().expect("spool lock");
         st.memory.is_empty()
             && st.file.as_ref().is_none_or(|f| st.read >= f.written)
@@ -455,7 +428,7 @@ impl Body for SpoolReader {
     /// sends after buffering a chunked upload.
     fn size_hint(&self) -> SizeHint {
         let st = self.shared.state.lock().expect("spool lock");
-        if self.reading.is_some() || !matches!(st.end, Some(End::Trailers(None))) {
+        if !matches!(st.end, Some(End::Trailers(None))) {
             return SizeHint::default();
         }
         let in_file = st.file.as_ref().map_or(0, |f| f.written - st.read);
