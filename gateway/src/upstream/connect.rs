@@ -40,6 +40,12 @@ pub async fn connect(addr: &str, timeout: Duration, purpose: Use) -> Result<Send
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
+        // hyper's default lets the read buffer grow to about 400 KiB; the
+        // body frames handed on are slices of it, so a slow client whose
+        // unsent frames sit in its connection's write queue would keep
+        // that whole buffer alive. 64 KiB reads are as fast for bodies
+        // (nginx reads upstreams in 4-8 KiB buffers).
+        .max_buf_size(64 << 10)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| {
