@@ -33,6 +33,9 @@ pub struct ProxyBody {
     log: Option<Box<AccessRecord>>,
     /// The request's span (`[tracing]`), ended at the same moment.
     span: Option<Box<RequestSpan>>,
+    /// Anything else that must live exactly as long as the response (the
+    /// overload gate's upstream slot).
+    keep: Option<Box<dyn Send>>,
     sent: u64,
     ended: bool,
 }
@@ -60,6 +63,7 @@ impl ProxyBody {
             request: None,
             log: None,
             span: None,
+            keep: None,
             sent: 0,
             ended: false,
         }
@@ -74,6 +78,7 @@ impl ProxyBody {
             request: None,
             log: None,
             span: None,
+            keep: None,
             sent: 0,
             ended: false,
         }
@@ -99,6 +104,7 @@ impl ProxyBody {
             request: None,
             log: None,
             span: None,
+            keep: None,
             sent: 0,
             ended: false,
         }
@@ -147,6 +153,13 @@ impl ProxyBody {
         }
     }
 
+    /// Keeps `guard` alive until this body is done.
+    pub fn keep(&mut self, guard: Box<dyn Send>) {
+        if !self.ended {
+            self.keep = Some(guard);
+        }
+    }
+
     /// Writes `record` to the access log when this body is done.
     pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
         self.log = Some(record);
@@ -168,6 +181,7 @@ impl ProxyBody {
 
     fn release(&mut self) {
         self.in_flight = None;
+        self.keep = None;
         self.chain = None;
         self.request = None;
     }

@@ -49,6 +49,14 @@ pub enum ProxyError {
     UpstreamReset,
     #[error("the protocol upgrade could not be passed to the upstream")]
     UpgradeFailed,
+    #[error("the gateway is overloaded and sheds this route's requests for now")]
+    Overloaded,
+    #[error("no upstream slot became free in time")]
+    QueueTimeout,
+    #[error("too many requests are waiting for this upstream")]
+    QueueFull,
+    #[error("the upstream's circuit breaker is open")]
+    BreakerOpen,
 }
 
 impl ProxyError {
@@ -64,7 +72,11 @@ impl ProxyError {
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
             ProxyError::FilterFailed => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overflow
+            | ProxyError::Overloaded
+            | ProxyError::QueueTimeout
+            | ProxyError::QueueFull
+            | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectRefused
             | ProxyError::ConnectFailed
             | ProxyError::UpstreamReset
@@ -96,6 +108,10 @@ impl ProxyError {
             ProxyError::Timeout => "upstream_timeout",
             ProxyError::UpstreamReset => "upstream_reset",
             ProxyError::UpgradeFailed => "upgrade_failed",
+            ProxyError::Overloaded => "overloaded",
+            ProxyError::QueueTimeout => "queue_timeout",
+            ProxyError::QueueFull => "queue_full",
+            ProxyError::BreakerOpen => "breaker_open",
         }
     }
 

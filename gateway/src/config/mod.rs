@@ -28,6 +28,7 @@ pub mod filter;
 pub mod jwt;
 pub mod listener;
 pub mod otlp;
+pub mod overload;
 pub mod route;
 pub mod units;
 pub mod upstream;
@@ -43,6 +44,7 @@ pub use filter::FilterConfig;
 pub use jwt::{JwtConfig, JwtKey, DEFAULT_USER_HEADER};
 pub use listener::{CertPair, ListenerConfig, TlsConfig};
 pub use otlp::TracingConfig;
+pub use overload::{AdaptiveConfig, BreakerConfig, FallbackConfig, OverloadConfig};
 pub use route::{CheckoutRouteConfig, RouteConfig};
 pub use units::{Dur, Rate, Size};
 pub use upstream::{HealthConfig, LbPolicy, OutlierConfig, UpstreamConfig};
@@ -95,6 +97,9 @@ pub struct Config {
     /// OpenTelemetry span export (OTLP/HTTP); absent = none.
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
+    /// Load level, shedding and adaptive concurrency (on by default).
+    #[serde(default)]
+    pub overload: OverloadConfig,
 }
 
 impl Config {
@@ -247,6 +252,7 @@ impl Config {
         if let Some(t) = &self.tracing {
             t.validate()?;
         }
+        self.overload.validate()?;
         Ok(())
     }
 }

@@ -36,6 +36,10 @@ pub struct RouteConfig {
     /// Cache this route's responses (see `docs/cache.md`).
     #[serde(default)]
     pub cache: Option<RouteCacheConfig>,
+    /// The answer a request of this route gets when overload sheds it (or
+    /// its cluster's breaker is open), instead of a 503.
+    #[serde(default)]
+    pub fallback: Option<super::FallbackConfig>,
 }
 
 fn default_prefix() -> String {
@@ -81,6 +85,9 @@ impl RouteConfig {
         }
         if let Some(c) = &self.cache {
             c.validate(p)?;
+        }
+        if let Some(f) = &self.fallback {
+            f.validate(&format!("{p}.fallback"))?;
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Body;
 
+use super::admission::shed;
 use super::runtime::Route;
 use super::{upgrade, RequestCtx};
 use crate::body::ProxyBody;
@@ -37,6 +38,11 @@ pub async fn send(
     if let Err(e) = prefetch(&mut body, ctx.listener.header_read_timeout.0).await {
         return respond::error(e, &ctx.request_id);
     }
+    // The cluster's overload gate: a slot by priority, or the fallback.
+    let permit = match shed::slot(route, ctx.deprioritized).await {
+        Ok(p) => p,
+        Err(why) => return shed::refused(ctx, route, why),
+    };
     let up = head_for_upstream(ctx, head);
     let replay = ctx.replay.take();
     let sent = forward(
@@ -48,7 +54,9 @@ pub async fn send(
         &mut ctx.timing,
     )
     .await;
-    answered(ctx, sent)
+    let mut resp = answered(ctx, sent);
+    shed::hold(permit, &mut resp);
+    resp
 }
 
 /// What [`forward`] comes back with: the response and the endpoint that

@@ -1,0 +1,178 @@
+//! A cluster's concurrency limit learned from its latency, gradient style
+//! (Netflix concurrency-limits' `Gradient2`): once per tick the limit is
+//! multiplied by `tolerance x baseline / latency` (at most 1) and, when
+//! the cluster used at least half of it, grows by its square root.
+//!
+//! The baseline is the fastest call seen over the last one to two
+//! `baseline_window`s. Under load some calls still find the origin idle,
+//! so the fastest call keeps telling the no-load latency without ever
+//! draining the cluster to measure it (Envoy's gradient controller lowers
+//! its limit to the minimum for that, which answers bursts of 503s every
+//! interval: envoy#8337, #18152). When the origin itself gets slower the
+//! old minimum ages out and the limit recovers.
+
+use std::time::{Duration, Instant};
+
+use crate::config::AdaptiveConfig;
+
+/// Latencies below this are never a reason to lower the limit: on a fast
+/// (loopback, same-rack) origin the ratio of two sub-millisecond calls is
+/// scheduling noise, not queueing.
+pub const LATENCY_FLOOR: Duration = Duration::from_millis(5);
+
+/// How fast the limit moves towards its new value per tick.
+const SMOOTHING: f64 = 0.2;
+
+pub struct Adaptive {
+    limit: f64,
+    min: f64,
+    max: f64,
+    tolerance: f64,
+    window: Duration,
+    /// Fastest call of the current and the previous window.
+    fastest: [Option<Duration>; 2],
+    window_start: Instant,
+}
+
+/// What one tick saw of a cluster's calls.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sample {
+    /// Mean latency of the successful calls of the tick.
+    pub mean: Option<Duration>,
+    pub fastest: Option<Duration>,
+    /// Most calls in flight at once during the tick.
+    pub max_in_flight: usize,
+}
+
+impl Adaptive {
+    pub fn new(cfg: &AdaptiveConfig, hard_cap: usize) -> Adaptive {
+        let max = hard_cap.max(1) as f64;
+        let min = (cfg.min_limit as f64).min(max);
+        Adaptive {
+            limit: (cfg.initial_limit as f64).clamp(min, max),
+            min,
+            max,
+            tolerance: cfg.tolerance,
+            window: cfg.baseline_window.0,
+            fastest: [None, None],
+            window_start: Instant::now(),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit as usize
+    }
+
+    /// The no-load latency as far as it is known (never below the floor).
+    pub fn baseline(&self) -> Option<Duration> {
+        let b = match self.fastest {
+            [Some(a), Some(b)] => a.min(b),
+            [a, b] => a.or(b)?,
+        };
+        Some(b.max(LATENCY_FLOOR))
+    }
+
+    /// One tick's update.
+    pub fn update(&mut self, s: Sample, now: Instant) {
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= self.window * 2 {
+            self.fastest = [None, None];
+            self.window_start = now;
+        } else if elapsed >= self.window {
+            self.fastest = [None, self.fastest[0]];
+            self.window_start = now;
+        }
+        if let Some(f) = s.fastest {
+            self.fastest[0] = Some(self.fastest[0].map_or(f, |m| m.min(f)));
+        }
+        let (Some(mean), Some(baseline)) = (s.mean, self.baseline()) else {
+            return;
+        };
+        let mean = mean.max(LATENCY_FLOOR).as_secs_f64();
+        let gradient = (self.tolerance * baseline.as_secs_f64() / mean).clamp(0.5, 1.0);
+        // Grow only when the limit is what holds the cluster back: an idle
+        // cluster would otherwise learn a limit it never tried.
+        let grow = if s.max_in_flight as f64 * 2.0 >= self.limit {
+            self.limit.sqrt()
+        } else {
+            0.0
+        };
+        let target = self.limit * gradient + grow;
+        self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(self.min, self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> AdaptiveConfig {
+        AdaptiveConfig {
+            initial_limit: 20,
+            min_limit: 2,
+            ..AdaptiveConfig::default()
+        }
+    }
+
+    fn tick(a: &mut Adaptive, ms: u64, busy: bool, now: Instant) {
+        let d = Duration::from_millis(ms);
+        a.update(
+            Sample {
+                mean: Some(d),
+                fastest: Some(d),
+                max_in_flight: if busy { a.limit() } else { 0 },
+            },
+            now,
+        );
+    }
+
+    #[test]
+    fn follows_a_step_in_latency_both_ways() {
+        let mut a = Adaptive::new(&cfg(), 1000);
+        let mut now = Instant::now();
+        for _ in 0..50 {
+            tick(&mut a, 20, true, now);
+        }
+        let calm = a.limit();
+        assert!(calm > 40, "grows while used and fast: {calm}");
+        // The origin slows down fivefold: the limit falls at once ...
+        for _ in 0..20 {
+            tick(&mut a, 100, true, now);
+        }
+        let slow = a.limit();
+        assert!(slow < calm / 2, "{slow} vs {calm}");
+        // ... and once the old baseline aged out it grows again.
+        now += Duration::from_secs(25);
+        for _ in 0..50 {
+            now += Duration::from_millis(100);
+            tick(&mut a, 100, true, now);
+        }
+        assert!(a.limit() > slow, "{} vs {slow}", a.limit());
+        // Back to fast: it keeps growing.
+        let before = a.limit();
+        for _ in 0..20 {
+            tick(&mut a, 20, true, now);
+        }
+        assert!(a.limit() > before);
+    }
+
+    #[test]
+    fn idle_clusters_do_not_grow_and_limits_stay_in_bounds() {
+        let mut a = Adaptive::new(&cfg(), 30);
+        let now = Instant::now();
+        for _ in 0..50 {
+            tick(&mut a, 1, false, now);
+        }
+        assert_eq!(a.limit(), 20);
+        for _ in 0..50 {
+            tick(&mut a, 1, true, now);
+        }
+        assert_eq!(a.limit(), 30);
+        // Far slower than the baseline: down to where the halving meets
+        // the growth (sqrt), near min_limit.
+        for _ in 0..200 {
+            tick(&mut a, 10_000, true, now);
+        }
+        assert!(a.limit() <= 4, "{}", a.limit());
+    }
+}
