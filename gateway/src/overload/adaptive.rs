@@ -3,6 +3,11 @@
 //! multiplied by `tolerance x baseline / latency` (at most 1) and, when
 //! the cluster used at least half of it, grows by its square root.
 //!
+//! The tick's latency is its fastest tenth ([`Latencies::low`]), not its
+//! mean: a queue at the origin delays every call, the fastest too, while a
+//! cluster that serves fast and slow paths at once (a cache hit next to a
+//! search) keeps a fast tenth and is not mistaken for a queueing one.
+//!
 //! The baseline is the fastest call seen over the last one to two
 //! `baseline_window`s. Under load some calls still find the origin idle,
 //! so the fastest call keeps telling the no-load latency without ever
@@ -34,10 +39,62 @@ pub struct Adaptive {
     window_start: Instant,
 }
 
+/// The latencies of one tick's successful calls, in logarithmic buckets
+/// (100 us x 1.25^k, up to about 30 s).
+#[derive(Clone, Copy)]
+pub struct Latencies {
+    counts: [u32; BUCKETS],
+    n: u32,
+}
+
+const BUCKETS: usize = 56;
+/// Calls a tick needs before its latency says anything.
+const MIN_CALLS: u32 = 3;
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            counts: [0; BUCKETS],
+            n: 0,
+        }
+    }
+}
+
+impl Latencies {
+    pub fn add(&mut self, d: Duration) {
+        let units = d.as_micros() as f64 / 100.0;
+        let k = if units <= 1.0 {
+            0
+        } else {
+            ((units.ln() / 1.25f64.ln()) as usize + 1).min(BUCKETS - 1)
+        };
+        self.counts[k] += 1;
+        self.n += 1;
+    }
+
+    /// The upper bound of the bucket holding the fastest tenth's slowest
+    /// call; `None` below [`MIN_CALLS`] calls.
+    pub fn low(&self) -> Option<Duration> {
+        if self.n < MIN_CALLS {
+            return None;
+        }
+        let want = self.n.div_ceil(10);
+        let mut seen = 0;
+        for (k, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                let us = 100.0 * 1.25f64.powi(k as i32);
+                return Some(Duration::from_micros(us as u64));
+            }
+        }
+        None
+    }
+}
+
 /// What one tick saw of a cluster's calls.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Sample {
-    /// Mean latency of the successful calls of the tick.
+    /// The tick's latency: its fastest tenth of successful calls.
     pub mean: Option<Duration>,
     pub fastest: Option<Duration>,
     /// Most calls in flight at once during the tick.
@@ -65,11 +122,15 @@ impl Adaptive {
 
     /// The no-load latency as far as it is known (never below the floor).
     pub fn baseline(&self) -> Option<Duration> {
-        let b = match self.fastest {
-            [Some(a), Some(b)] => a.min(b),
-            [a, b] => a.or(b)?,
-        };
-        Some(b.max(LATENCY_FLOOR))
+        Some(self.fastest()?.max(LATENCY_FLOOR))
+    }
+
+    /// The fastest call of the last one to two windows, as measured.
+    pub fn fastest(&self) -> Option<Duration> {
+        match self.fastest {
+            [Some(a), Some(b)] => Some(a.min(b)),
+            [a, b] => a.or(b),
+        }
     }
 
     /// One tick's update.
@@ -154,6 +215,25 @@ mod tests {
             tick(&mut a, 20, true, now);
         }
         assert!(a.limit() > before);
+    }
+
+    #[test]
+    fn the_fast_tenth_ignores_slow_paths_but_not_a_queue() {
+        let mut mixed = Latencies::default();
+        for i in 0..100 {
+            mixed.add(Duration::from_millis(if i % 2 == 0 { 1 } else { 300 }));
+        }
+        let low = mixed.low().unwrap();
+        assert!(low <= Duration::from_micros(1300), "{low:?}");
+        let mut queued = Latencies::default();
+        for i in 0..100 {
+            queued.add(Duration::from_millis(60 + i));
+        }
+        let low = queued.low().unwrap();
+        assert!(low >= Duration::from_millis(60) && low <= Duration::from_millis(90), "{low:?}");
+        let mut few = Latencies::default();
+        few.add(Duration::from_millis(1));
+        assert_eq!(few.low(), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use filters::Priority;
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 
-use super::adaptive::{Adaptive, Sample};
+use super::adaptive::{Adaptive, Latencies, Sample};
 use super::breaker::{self, Breaker};
 use crate::config::{OverloadConfig, UpstreamConfig};
 use crate::observe::metrics::Metrics;
@@ -79,8 +79,7 @@ struct Window {
     arrivals: u64,
     calls: u64,
     failed: u64,
-    rtt_sum: Duration,
-    rtt_n: u32,
+    latencies: Latencies,
     fastest: Option<Duration>,
     max_in_flight: usize,
     max_wait: Duration,
@@ -157,7 +156,7 @@ pub struct Signals {
     pub utilization: f64,
     /// The longest wait for a slot (granted, timed out or still waiting).
     pub queue_delay: Duration,
-    /// Mean latency over the no-load baseline.
+    /// The tick's latency (fastest tenth) over the no-load baseline.
     pub latency_ratio: f64,
     pub calls: u64,
     pub failed: u64,
@@ -293,8 +292,7 @@ impl Gate {
             if failed {
                 w.failed += 1;
             } else {
-                w.rtt_sum += took;
-                w.rtt_n += 1;
+                w.latencies.add(took);
                 w.fastest = Some(w.fastest.map_or(took, |f| f.min(took)));
             }
             // Freed slots go to the highest priority first.
@@ -347,7 +345,7 @@ impl Gate {
             .max()
             .unwrap_or_default();
         let w = std::mem::take(&mut s.window);
-        let mean = (w.rtt_n > 0).then(|| w.rtt_sum / w.rtt_n);
+        let mean = w.latencies.low();
         if let Some(a) = s.adaptive.as_mut() {
             a.update(
                 Sample {
@@ -364,6 +362,11 @@ impl Gate {
             .as_ref()
             .and_then(Adaptive::baseline)
             .unwrap_or(super::adaptive::LATENCY_FLOOR);
+        let fastest = s
+            .adaptive
+            .as_ref()
+            .and_then(Adaptive::fastest)
+            .unwrap_or_default();
         s.window.max_in_flight = s.total();
         drop(s);
         self.limit_gauge.set(limit as i64);
@@ -372,7 +375,10 @@ impl Gate {
         }
         let rate = w.arrivals as f64 / tick.as_secs_f64();
         Signals {
-            utilization: rate * baseline.as_secs_f64() / limit as f64,
+            // The measured fastest call, not the floored baseline: the
+            // demand of a fast origin is small, and overstating it would
+            // shed for nothing.
+            utilization: rate * fastest.as_secs_f64() / limit as f64,
             queue_delay: w.max_wait.max(oldest),
             latency_ratio: mean.map_or(0.0, |m| {
                 m.max(super::adaptive::LATENCY_FLOOR).as_secs_f64() / baseline.as_secs_f64()
