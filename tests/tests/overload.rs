@@ -120,9 +120,11 @@ async fn forced_level_is_off_by_default_needs_the_token_and_expires() {
     assert_eq!(s["overload"]["forced"]["level"], 2);
     assert_eq!(metric(gw.admin_addr(), "flashgate_load_level").await, 2.0);
     // It expires by itself ...
-    wait_until(Duration::from_secs(20), "the forced level expires", || async {
-        level(&gw).await == 0
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the forced level expires",
+        || async { level(&gw).await == 0 },
+    )
     .await;
     assert!(status(&gw).await["overload"]["forced"].is_null());
     // ... or is cleared.
@@ -175,7 +177,9 @@ async fn sheddable_degrades_in_order_stale_fallback_503_and_critical_is_kept() {
     assert_eq!(get(&url(&gw, "/other")).await.status, 200);
     // A cached sheddable copy keeps being served.
     assert_eq!(
-        get(&url(&gw, "/cached/a")).await.header("x-flashgate-degraded"),
+        get(&url(&gw, "/cached/a"))
+            .await
+            .header("x-flashgate-degraded"),
         Some("stale")
     );
 
@@ -202,10 +206,22 @@ async fn sheddable_degrades_in_order_stale_fallback_503_and_critical_is_kept() {
 
     let admin = gw.admin_addr();
     for (labels, at_least) in [
-        ("priority=\"sheddable\",reason=\"stale\",route=\"cached\"", 2.0),
-        ("priority=\"sheddable\",reason=\"fallback\",route=\"reco\"", 1.0),
-        ("priority=\"sheddable\",reason=\"level\",route=\"browse\"", 1.0),
-        ("priority=\"normal\",reason=\"level\",route=\"default\"", 1.0),
+        (
+            "priority=\"sheddable\",reason=\"stale\",route=\"cached\"",
+            2.0,
+        ),
+        (
+            "priority=\"sheddable\",reason=\"fallback\",route=\"reco\"",
+            1.0,
+        ),
+        (
+            "priority=\"sheddable\",reason=\"level\",route=\"browse\"",
+            1.0,
+        ),
+        (
+            "priority=\"normal\",reason=\"level\",route=\"default\"",
+            1.0,
+        ),
     ] {
         let m = metric(admin, &format!("flashgate_shed_total{{{labels}}}")).await;
         assert!(m >= at_least, "{labels}: {m}");
@@ -222,7 +238,12 @@ async fn sheddable_degrades_in_order_stale_fallback_503_and_critical_is_kept() {
 
 /// Sends `path` in a loop from `clients` tasks until `stop`, pausing a
 /// little between requests so that instant 503s do not spin the CPU.
-fn flood(gw: &Gateway, path: &str, clients: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+fn flood(
+    gw: &Gateway,
+    path: &str,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..clients)
         .map(|_| {
             let u = url(gw, path);
@@ -256,9 +277,11 @@ async fn a_saturated_origin_raises_the_level_checkout_keeps_its_share_and_all_re
     assert_eq!(get(&format!("http://{admin}/readyz")).await.status, 200);
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = flood(&gw, "/browse", 24, stop.clone());
-    wait_until(Duration::from_secs(20), "the level rises to 2 or more", || async {
-        level(&gw).await >= 2
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the level rises to 2 or more",
+        || async { level(&gw).await >= 2 },
+    )
     .await;
     // Checkout keeps succeeding while browse is shed.
     let mut ok = 0;
@@ -282,7 +305,10 @@ async fn a_saturated_origin_raises_the_level_checkout_keeps_its_share_and_all_re
             last = l;
         }
     }
-    assert!(changes <= 1, "the level flapped {changes} times under steady load");
+    assert!(
+        changes <= 1,
+        "the level flapped {changes} times under steady load"
+    );
     // Critical for longer than unready_after: readiness off, liveness on.
     if last == 3 {
         wait_until(Duration::from_secs(20), "readyz fails", || async {
@@ -296,9 +322,11 @@ async fn a_saturated_origin_raises_the_level_checkout_keeps_its_share_and_all_re
     for t in tasks {
         t.await.unwrap();
     }
-    wait_until(Duration::from_secs(30), "the level falls back to 0", || async {
-        level(&gw).await == 0
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the level falls back to 0",
+        || async { level(&gw).await == 0 },
+    )
     .await;
     wait_until(Duration::from_secs(20), "readyz recovers", || async {
         get(&format!("http://{admin}/readyz")).await.status == 200
@@ -334,9 +362,11 @@ async fn the_adaptive_limit_follows_a_step_in_upstream_latency() {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = flood(&gw, "/", 32, stop.clone());
-    wait_until(Duration::from_secs(30), "the limit grows while used", || async {
-        limit(&gw).await >= 24
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the limit grows while used",
+        || async { limit(&gw).await >= 24 },
+    )
     .await;
     // Ten times slower: the limit falls ...
     o.delay_ms.store(100, Ordering::SeqCst);
@@ -353,7 +383,14 @@ async fn the_adaptive_limit_follows_a_step_in_upstream_latency() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(metric(gw.admin_addr(), "flashgate_adaptive_limit{cluster=\"origin\"}").await >= 2.0);
+    assert!(
+        metric(
+            gw.admin_addr(),
+            "flashgate_adaptive_limit{cluster=\"origin\"}"
+        )
+        .await
+            >= 2.0
+    );
 }
 
 #[tokio::test]
@@ -398,7 +435,14 @@ async fn a_breaker_opens_answers_the_fallback_half_opens_and_closes() {
     .await;
     let r = get(&url(&gw, "/")).await;
     assert_eq!(r.text(), "origin /");
-    assert!(metric(gw.admin_addr(), "flashgate_shed_total{priority=\"normal\",reason=\"fallback\",route=\"default\"}").await >= 1.0);
+    assert!(
+        metric(
+            gw.admin_addr(),
+            "flashgate_shed_total{priority=\"normal\",reason=\"fallback\",route=\"default\"}"
+        )
+        .await
+            >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -417,10 +461,88 @@ async fn degrade_recommendations_sees_the_load_level() {
     let r = get(&url(&gw, "/recommendations")).await;
     assert_eq!(r.text(), "origin /recommendations", "calm: left alone");
     force(&gw, r#"{"level": 1, "for": "60s"}"#, true).await;
-    assert_eq!(get(&url(&gw, "/recommendations")).await.text(), "origin /recommendations");
+    assert_eq!(
+        get(&url(&gw, "/recommendations")).await.text(),
+        "origin /recommendations"
+    );
     force(&gw, r#"{"level": 2, "for": "60s"}"#, true).await;
     let r = get(&url(&gw, "/recommendations")).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-degraded"), Some("1"));
     assert_eq!(r.json(), serde_json::json!({"items": []}));
+}
+
+#[tokio::test]
+async fn strip_heavy_fields_strips_at_its_level_only() {
+    let up = Upstream::start(|_req: http::Request<hyper::body::Incoming>| async {
+        let mut r = reply(
+            200,
+            r#"{"id":1,"name":"Runner","reviews":[{"stars":5}],"related":[{"id":2,"reviews":[]}]}"#,
+        );
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        r
+    })
+    .await;
+    let wasm = wasm_plugin("strip_heavy_fields");
+    let text = Cfg::new(&[up.addr])
+        .route("filters = [\"strip\"]")
+        .section(format!(
+            "[[filters]]\nname = \"strip\"\nwasm = \"{}\"\nconfig = '{{\"min_level\": 1, \"fields\": [\"reviews\"]}}'\n\
+             [overload]\nallow_forced_level = true",
+            wasm.display()
+        ))
+        .build();
+    let gw = gateway(&text).await;
+    let calm = get(&url(&gw, "/products/1")).await;
+    assert!(calm.header("x-stripped").is_none());
+    assert_eq!(calm.json()["reviews"][0]["stars"], 5, "calm: untouched");
+    force(&gw, r#"{"level": 1, "for": "60s"}"#, true).await;
+    let r = get(&url(&gw, "/products/1")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-stripped"), Some("1"));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"id": 1, "name": "Runner", "related": [{"id": 2}]})
+    );
+}
+
+#[tokio::test]
+async fn checkout_guard_admits_only_queued_buyers_above_its_level() {
+    let o = origin(16, 0).await;
+    let wasm = wasm_plugin("checkout_guard");
+    let text = Cfg::new(&[o.up.addr])
+        .route("priority = \"critical\"\nfilters = [\"guard\"]")
+        .section(format!(
+            "[[filters]]\nname = \"guard\"\nwasm = \"{}\"\nconfig = '{{\"min_level\": 2, \"session_cookie\": \"fg_room\"}}'\n\
+             [overload]\nallow_forced_level = true",
+            wasm.display()
+        ))
+        .build();
+    let gw = gateway(&text).await;
+    let checkout = url(&gw, "/checkout");
+    let anonymous = || get(&checkout);
+    let queued = || {
+        send(
+            Request::get(&checkout)
+                .header("cookie", "a=1; fg_room=ticket")
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    assert_eq!(
+        anonymous().await.text(),
+        "origin /checkout",
+        "calm: everyone"
+    );
+    force(&gw, r#"{"level": 1, "for": "60s"}"#, true).await;
+    assert_eq!(anonymous().await.status, 200);
+    force(&gw, r#"{"level": 2, "for": "60s"}"#, true).await;
+    let r = anonymous().await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-checkout-guard"), Some("1"));
+    assert_eq!(r.header("retry-after"), Some("5"));
+    let r = queued().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "origin /checkout");
 }

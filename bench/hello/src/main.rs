@@ -70,7 +70,8 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let content_type = HeaderValue::from_static("text/plain");
 
     let delay = std::time::Duration::from_millis(cli.delay_ms);
-    let slots = (cli.slots > 0).then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(cli.slots)));
+    let slots =
+        (cli.slots > 0).then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(cli.slots)));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);

@@ -115,7 +115,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             } else if !shared.overload.ready() {
                 // Critical for `overload.unready_after`: the balancer sends
                 // new clients elsewhere; liveness stays up.
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "overloaded\n")
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "overloaded\n",
+                )
             } else {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             }

@@ -199,7 +199,12 @@ impl Cache {
     /// Any copy L1 holds for this request, fresh or stale within its
     /// windows, without going anywhere else: what overload shedding serves
     /// instead of sending the request upstream (`x-cache: HIT` or `STALE`).
-    pub fn peek(&self, rc: &Arc<RouteCache>, head: &Parts, host: &str) -> Option<Response<ProxyBody>> {
+    pub fn peek(
+        &self,
+        rc: &Arc<RouteCache>,
+        head: &Parts,
+        host: &str,
+    ) -> Option<Response<ProxyBody>> {
         if head.method != Method::GET
             || policy::request_bypass(&head.method, &head.headers, false, &rc.policy).is_some()
         {

@@ -481,3 +481,79 @@ impl BreakerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, TEST_BASE};
+
+    fn err(extra: &str) -> String {
+        Config::parse(&format!("{TEST_BASE}{extra}"))
+            .expect_err("config should be refused")
+            .path
+    }
+
+    #[test]
+    fn defaults_are_on_and_valid() {
+        let c = Config::parse(TEST_BASE).unwrap();
+        assert!(c.overload.enabled);
+        assert!(!c.overload.allow_forced_level);
+        assert!(c.upstreams[0].adaptive.enabled);
+        assert!(c.upstreams[0].breaker.is_none());
+        assert!(c.routes[0].fallback.is_none());
+    }
+
+    #[test]
+    fn keys_are_checked_at_their_paths() {
+        assert_eq!(
+            err("[overload]\nutilization = [1.0, 0.5, 2.0]\n"),
+            "overload.utilization"
+        );
+        assert_eq!(
+            err("[overload]\nqueue_delay = [\"0ms\", \"1s\", \"2s\"]\n"),
+            "overload.queue_delay"
+        );
+        assert_eq!(
+            err("[overload]\nshares = { critical = 0.9, normal = 0.2 }\n"),
+            "overload.shares"
+        );
+        assert_eq!(
+            err("[overload]\nmax_wait = { sheddable = \"0s\" }\n"),
+            "overload.max_wait.sheddable"
+        );
+        assert_eq!(
+            err("[overload]\ndebug_header = \"bad header\"\n"),
+            "overload.debug_header"
+        );
+        assert_eq!(err("[overload]\nbogus = 1\n"), "overload.bogus");
+        let route = "[[routes]]\npath_prefix = \"/r\"\nupstream = \"catalog\"\n";
+        assert_eq!(
+            err(&format!("{route}fallback = {{ status = 100 }}\n")),
+            "routes[1].fallback.status"
+        );
+        assert_eq!(
+            err(&format!(
+                "{route}fallback = {{ headers = {{ \"bad name\" = \"x\" }} }}\n"
+            )),
+            "routes[1].fallback.headers.bad name"
+        );
+        let up = "[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\"]\n";
+        assert_eq!(
+            err(&format!("{up}adaptive = {{ min_limit = 0 }}\n")),
+            "upstreams[1].adaptive.min_limit"
+        );
+        assert_eq!(
+            err(&format!(
+                "{up}adaptive = {{ initial_limit = 2, min_limit = 4 }}\n"
+            )),
+            "upstreams[1].adaptive.initial_limit"
+        );
+        assert_eq!(
+            err(&format!("{up}breaker = {{ error_ratio = 0.0 }}\n")),
+            "upstreams[1].breaker.error_ratio"
+        );
+        assert_eq!(
+            err(&format!("{up}breaker = {{ half_open_probes = 0 }}\n")),
+            "upstreams[1].breaker.half_open_probes"
+        );
+    }
+}

@@ -210,8 +210,7 @@ impl UpstreamConfig {
         if let Some(h) = &self.health {
             h.validate(&format!("{p}.health"))?;
         }
-        self.adaptive
-            .validate(&format!("{p}.adaptive"))?;
+        self.adaptive.validate(&format!("{p}.adaptive"))?;
         if let Some(b) = &self.breaker {
             b.validate(&format!("{p}.breaker"))?;
         }

@@ -159,7 +159,8 @@ impl Adaptive {
             0.0
         };
         let target = self.limit * gradient + grow;
-        self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(self.min, self.max);
+        self.limit =
+            (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(self.min, self.max);
     }
 }
 
@@ -230,7 +231,10 @@ mod tests {
             queued.add(Duration::from_millis(60 + i));
         }
         let low = queued.low().unwrap();
-        assert!(low >= Duration::from_millis(60) && low <= Duration::from_millis(90), "{low:?}");
+        assert!(
+            low >= Duration::from_millis(60) && low <= Duration::from_millis(90),
+            "{low:?}"
+        );
         let mut few = Latencies::default();
         few.add(Duration::from_millis(1));
         assert_eq!(few.low(), None);

@@ -129,7 +129,10 @@ impl Breaker {
                 inner.probes_ok += 1;
                 if inner.probes_ok >= self.cfg.half_open_probes {
                     inner.state = State::Closed;
-                    inner.buckets.iter_mut().for_each(|b| *b = Bucket::default());
+                    inner
+                        .buckets
+                        .iter_mut()
+                        .for_each(|b| *b = Bucket::default());
                     tracing::info!("circuit breaker closed");
                 }
             }
@@ -151,7 +154,11 @@ impl Breaker {
         b.failed += u32::from(failed);
         b.slow += u32::from(took >= self.cfg.slow_call.0);
         let (mut calls, mut failed_n, mut slow) = (0u32, 0u32, 0u32);
-        for b in inner.buckets.iter().filter(|b| second - b.second < n as u64) {
+        for b in inner
+            .buckets
+            .iter()
+            .filter(|b| second - b.second < n as u64)
+        {
             calls += b.calls;
             failed_n += b.failed;
             slow += b.slow;

@@ -149,6 +149,14 @@ impl Drop for Permit {
     }
 }
 
+/// Sends granted permits; a waiter gone meanwhile drops its permit, which
+/// frees the slot again.
+fn hand_over(handed: Vec<(oneshot::Sender<Permit>, Permit)>) {
+    for (tx, permit) in handed {
+        let _ = tx.send(permit);
+    }
+}
+
 /// One tick's summary of a gate, for the load level.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Signals {
@@ -174,7 +182,11 @@ impl Gate {
             built_from: (u.clone(), o.clone()),
             hard_cap: u.max_concurrent_requests,
             shares: [o.shares.critical, o.shares.normal, o.shares.sheddable],
-            max_wait: [o.max_wait.critical.0, o.max_wait.normal.0, o.max_wait.sheddable.0],
+            max_wait: [
+                o.max_wait.critical.0,
+                o.max_wait.normal.0,
+                o.max_wait.sheddable.0,
+            ],
             lifo_after: o.lifo_after.0,
             max_queue: o.max_queue,
             state: Mutex::new(State {
@@ -236,23 +248,36 @@ impl Gate {
             None => None,
         };
         let p = index(priority);
-        let rx = {
+        let (rx, handed) = {
             let mut s = self.lock();
             s.window.arrivals += 1;
+            // Free slots go to those already waiting first (their queue may
+            // also hold only requests whose clients left).
+            let handed = if self.may_take(&s, p) && s.queued() > 0 {
+                self.dispatch(&mut s)
+            } else {
+                Vec::new()
+            };
             let ahead = s.queues[..=p].iter().flatten().any(|q| !q.is_empty());
             // At the hard cap the cluster's own limit answers 503 at once
             // (`upstream_overflow`), as without overload protection.
             if !ahead && self.may_take(&s, p) || s.total() >= self.hard_cap {
-                return Ok(self.grant(&mut s, p, pass));
+                let permit = self.grant(&mut s, p, pass);
+                drop(s);
+                hand_over(handed);
+                return Ok(permit);
             }
             if s.queued() >= self.max_queue {
+                drop(s);
+                hand_over(handed);
                 return Err(Refused::Full);
             }
             let (tx, rx) = oneshot::channel();
             let since = Instant::now();
             s.queues[p][usize::from(deprioritized)].push_back(Waiter { tx, since });
-            rx
+            (rx, handed)
         };
+        hand_over(handed);
         let since = Instant::now();
         let waited = tokio::time::timeout(self.max_wait[p], rx).await;
         let wait = since.elapsed();
@@ -283,8 +308,7 @@ impl Gate {
     }
 
     fn release(self: &Arc<Gate>, p: usize, took: Duration, failed: bool) {
-        let mut handed = Vec::new();
-        {
+        let handed = {
             let mut s = self.lock();
             s.in_flight[p] = s.in_flight[p].saturating_sub(1);
             let w = &mut s.window;
@@ -295,42 +319,46 @@ impl Gate {
                 w.latencies.add(took);
                 w.fastest = Some(w.fastest.map_or(took, |f| f.min(took)));
             }
-            // Freed slots go to the highest priority first.
-            let now = Instant::now();
-            for q in 0..3 {
-                for d in 0..2 {
-                    while !s.queues[q][d].is_empty() && self.may_take(&s, q) {
-                        let queue = &mut s.queues[q][d];
-                        let lifo = queue
-                            .front()
-                            .is_some_and(|w| now.duration_since(w.since) >= self.lifo_after);
-                        let waiter = if lifo {
-                            queue.pop_back()
-                        } else {
-                            queue.pop_front()
-                        };
-                        let Some(waiter) = waiter else { break };
-                        if waiter.tx.is_closed() {
-                            continue;
-                        }
-                        let wait = now.duration_since(waiter.since);
-                        s.window.max_wait = s.window.max_wait.max(wait);
-                        let permit = self.grant(&mut s, q, None);
-                        handed.push((waiter.tx, permit));
+            self.dispatch(&mut s)
+        };
+        hand_over(handed);
+    }
+
+    /// Gives free slots to waiters, highest priority first; waiters whose
+    /// clients left are dropped on the way. The permits are sent by
+    /// [`hand_over`], outside the lock.
+    fn dispatch(self: &Arc<Gate>, s: &mut State) -> Vec<(oneshot::Sender<Permit>, Permit)> {
+        let mut handed = Vec::new();
+        let now = Instant::now();
+        for q in 0..3 {
+            for d in 0..2 {
+                while !s.queues[q][d].is_empty() && self.may_take(s, q) {
+                    let queue = &mut s.queues[q][d];
+                    let lifo = queue
+                        .front()
+                        .is_some_and(|w| now.duration_since(w.since) >= self.lifo_after);
+                    let waiter = if lifo {
+                        queue.pop_back()
+                    } else {
+                        queue.pop_front()
+                    };
+                    let Some(waiter) = waiter else { break };
+                    if waiter.tx.is_closed() {
+                        continue;
                     }
+                    let wait = now.duration_since(waiter.since);
+                    s.window.max_wait = s.window.max_wait.max(wait);
+                    let permit = self.grant(s, q, None);
+                    handed.push((waiter.tx, permit));
                 }
             }
         }
-        // Sent outside the lock: a waiter gone meanwhile drops the permit,
-        // which comes back here.
-        for (tx, permit) in handed {
-            let _ = tx.send(permit);
-        }
+        handed
     }
 
     /// Ends a tick: updates the limit and the gauges, drops waiters whose
     /// clients left, and returns what the load level reads.
-    pub fn tick(&self, tick: Duration) -> Signals {
+    pub fn tick(self: &Arc<Gate>, tick: Duration) -> Signals {
         let now = Instant::now();
         let mut s = self.lock();
         for q in s.queues.iter_mut().flatten() {
@@ -368,7 +396,10 @@ impl Gate {
             .and_then(Adaptive::fastest)
             .unwrap_or_default();
         s.window.max_in_flight = s.total();
+        // A limit that grew frees slots without a release.
+        let handed = self.dispatch(&mut s);
         drop(s);
+        hand_over(handed);
         self.limit_gauge.set(limit as i64);
         if let Some(b) = &self.breaker {
             self.breaker_gauge.set(b.state().code());

@@ -50,7 +50,10 @@ pub async fn serve(
     let replay = ctx.replay.take();
     // The fill takes its slot from the cluster's overload gate when it
     // goes upstream; a refusal is the fill's error (stale-if-error applies).
-    let gate = route.gate.clone().map(|g| (g, route.priority, ctx.deprioritized));
+    let gate = route
+        .gate
+        .clone()
+        .map(|g| (g, route.priority, ctx.deprioritized));
     let fetch = move || async move {
         let permit = match gate {
             Some((g, priority, deprioritized)) => Some(

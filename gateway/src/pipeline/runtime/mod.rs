@@ -19,12 +19,12 @@ use ::filters::{FilterChain, FilterFactory, Priority};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::cache::{Cache, RouteCache};
-use crate::respond::Fallback;
 use crate::config::{Config, ConfigError};
 use crate::observe::metrics::Metrics;
 use crate::overload::gate::Gate;
 use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
+use crate::respond::Fallback;
 use crate::upstream::Cluster;
 
 pub struct Route {
