@@ -1,7 +1,8 @@
 //! A cluster's concurrency limit learned from its latency, gradient style
 //! (Netflix concurrency-limits' `Gradient2`): once per tick the limit is
 //! multiplied by `tolerance x baseline / latency` (at most 1) and, when
-//! the cluster used at least half of it, grows by its square root.
+//! the cluster used at least half of it, grows by its square root. It
+//! grows at once and falls smoothed (20 % of the way per tick).
 //!
 //! The tick's latency is its fastest tenth ([`Latencies::low`]), not its
 //! mean: a queue at the origin delays every call, the fastest too, while a
@@ -158,9 +159,15 @@ impl Adaptive {
         } else {
             0.0
         };
-        let target = self.limit * gradient + grow;
-        self.limit =
-            (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(self.min, self.max);
+        // Up at once while latency is fine (a fast origin behind a cold
+        // limit must not queue for seconds), down smoothed.
+        self.limit = if gradient >= 1.0 {
+            self.limit + grow
+        } else {
+            let target = self.limit * gradient + grow;
+            self.limit * (1.0 - SMOOTHING) + target * SMOOTHING
+        }
+        .clamp(self.min, self.max);
     }
 }
 
@@ -190,7 +197,7 @@ mod tests {
 
     #[test]
     fn follows_a_step_in_latency_both_ways() {
-        let mut a = Adaptive::new(&cfg(), 1000);
+        let mut a = Adaptive::new(&cfg(), 1_000_000);
         let mut now = Instant::now();
         for _ in 0..50 {
             tick(&mut a, 20, true, now);

@@ -157,6 +157,42 @@ fn hand_over(handed: Vec<(oneshot::Sender<Permit>, Permit)>) {
     }
 }
 
+/// What [`Gate::try_acquire`] comes back with.
+pub enum Try {
+    Granted(Permit),
+    Wait(Waiting),
+    Refused(Refused),
+}
+
+/// A request in a gate's queue.
+pub struct Waiting {
+    gate: Arc<Gate>,
+    rx: oneshot::Receiver<Permit>,
+    pass: Option<breaker::Pass>,
+    max_wait: Duration,
+    since: Instant,
+}
+
+impl Waiting {
+    /// Waits for a freed slot, at most the priority's `max_wait`.
+    pub async fn wait(self) -> Result<Permit, Refused> {
+        let waited = tokio::time::timeout(self.max_wait, self.rx).await;
+        let wait = self.since.elapsed();
+        self.gate.queue_time.observe(wait.as_secs_f64());
+        match waited {
+            Ok(Ok(mut permit)) => {
+                permit.pass = self.pass;
+                Ok(permit)
+            }
+            _ => {
+                let mut s = self.gate.lock();
+                s.window.max_wait = s.window.max_wait.max(wait);
+                Err(Refused::QueueTimeout)
+            }
+        }
+    }
+}
+
 /// One tick's summary of a gate, for the load level.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Signals {
@@ -238,61 +274,63 @@ impl Gate {
     }
 
     /// Takes a slot, waiting for one within the priority's `max_wait`.
+    /// The common case (a free slot) is synchronous; only a wait is boxed,
+    /// so the future every upstream request carries stays small.
     pub async fn acquire(
         self: &Arc<Gate>,
         priority: Priority,
         deprioritized: bool,
     ) -> Result<Permit, Refused> {
+        match self.try_acquire(priority, deprioritized) {
+            Try::Granted(p) => Ok(p),
+            Try::Refused(r) => Err(r),
+            Try::Wait(w) => Box::pin(w.wait()).await,
+        }
+    }
+
+    /// A slot now, a place in the queue, or a refusal.
+    pub fn try_acquire(self: &Arc<Gate>, priority: Priority, deprioritized: bool) -> Try {
         let pass = match &self.breaker {
-            Some(b) => Some(b.try_pass().ok_or(Refused::Breaker)?),
+            Some(b) => match b.try_pass() {
+                Some(pass) => Some(pass),
+                None => return Try::Refused(Refused::Breaker),
+            },
             None => None,
         };
         let p = index(priority);
-        let (rx, handed) = {
-            let mut s = self.lock();
-            s.window.arrivals += 1;
-            // Free slots go to those already waiting first (their queue may
-            // also hold only requests whose clients left).
-            let handed = if self.may_take(&s, p) && s.queued() > 0 {
-                self.dispatch(&mut s)
-            } else {
-                Vec::new()
-            };
-            let ahead = s.queues[..=p].iter().flatten().any(|q| !q.is_empty());
-            // At the hard cap the cluster's own limit answers 503 at once
-            // (`upstream_overflow`), as without overload protection.
-            if !ahead && self.may_take(&s, p) || s.total() >= self.hard_cap {
-                let permit = self.grant(&mut s, p, pass);
-                drop(s);
-                hand_over(handed);
-                return Ok(permit);
-            }
-            if s.queued() >= self.max_queue {
-                drop(s);
-                hand_over(handed);
-                return Err(Refused::Full);
-            }
+        let mut s = self.lock();
+        s.window.arrivals += 1;
+        // Free slots go to those already waiting first (their queue may
+        // also hold only requests whose clients left).
+        let handed = if s.queued() > 0 && self.may_take(&s, p) {
+            self.dispatch(&mut s)
+        } else {
+            Vec::new()
+        };
+        let ahead = s.queues[..=p].iter().flatten().any(|q| !q.is_empty());
+        // At the hard cap the cluster's own limit answers 503 at once
+        // (`upstream_overflow`), as without overload protection.
+        let out = if !ahead && self.may_take(&s, p) || s.total() >= self.hard_cap {
+            Try::Granted(self.grant(&mut s, p, pass))
+        } else if s.queued() >= self.max_queue {
+            Try::Refused(Refused::Full)
+        } else {
             let (tx, rx) = oneshot::channel();
             let since = Instant::now();
             s.queues[p][usize::from(deprioritized)].push_back(Waiter { tx, since });
-            (rx, handed)
+            Try::Wait(Waiting {
+                gate: self.clone(),
+                rx,
+                pass,
+                max_wait: self.max_wait[p],
+                since,
+            })
         };
-        hand_over(handed);
-        let since = Instant::now();
-        let waited = tokio::time::timeout(self.max_wait[p], rx).await;
-        let wait = since.elapsed();
-        self.queue_time.observe(wait.as_secs_f64());
-        match waited {
-            Ok(Ok(mut permit)) => {
-                permit.pass = pass;
-                Ok(permit)
-            }
-            _ => {
-                let mut s = self.lock();
-                s.window.max_wait = s.window.max_wait.max(wait);
-                Err(Refused::QueueTimeout)
-            }
+        drop(s);
+        if !handed.is_empty() {
+            hand_over(handed);
         }
+        out
     }
 
     fn grant(self: &Arc<Gate>, s: &mut State, p: usize, pass: Option<breaker::Pass>) -> Permit {
