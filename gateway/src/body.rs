@@ -41,7 +41,10 @@ pub struct ProxyBody {
     spooler: Option<Arc<Spooler>>,
     /// The client's share of a streaming route's cluster, held as long as
     /// the upstream body is.
-    share: Option<ShareGuard>,
+    share: Option<Box<ShareGuard>>,
+    /// Anything else that must live exactly as long as the response (the
+    /// overload gate's upstream slot).
+    keep: Option<Box<dyn Send>>,
     sent: u64,
     ended: bool,
 }
@@ -74,6 +77,7 @@ impl ProxyBody {
             span: None,
             spooler: None,
             share: None,
+            keep: None,
             sent: 0,
             ended: false,
         }
@@ -90,6 +94,7 @@ impl ProxyBody {
             span: None,
             spooler: None,
             share: None,
+            keep: None,
             sent: 0,
             ended: false,
         }
@@ -117,6 +122,7 @@ impl ProxyBody {
             span: None,
             spooler: None,
             share: None,
+            keep: None,
             sent: 0,
             ended: false,
         }
@@ -171,9 +177,16 @@ impl ProxyBody {
         let (Some(spooler), Some(in_flight)) = (self.spooler.take(), self.in_flight.take()) else {
             return;
         };
+        // The overload gate's slot and the client's share go with the
+        // upstream leg: a slow client holds neither.
+        let leg = UpstreamLeg {
+            in_flight,
+            _keep: self.keep.take(),
+            _share: self.share.take(),
+        };
         let placeholder = Inner::Full(Full::new(Bytes::new()));
         if let Inner::Upstream(body) = std::mem::replace(&mut self.inner, placeholder) {
-            self.inner = Inner::Spooled(crate::spool::read_ahead(body, in_flight, spooler));
+            self.inner = Inner::Spooled(crate::spool::read_ahead(body, leg, spooler));
         }
     }
 
@@ -190,6 +203,13 @@ impl ProxyBody {
     pub fn hold(&mut self, request: ActiveRequest) {
         if !self.ended {
             self.request = Some(request);
+        }
+    }
+
+    /// Keeps `guard` alive until this body is done.
+    pub fn keep(&mut self, guard: Box<dyn Send>) {
+        if !self.ended {
+            self.keep = Some(guard);
         }
     }
 
@@ -215,15 +235,31 @@ impl ProxyBody {
     /// Keeps `share` until the upstream body is done.
     pub fn hold_share(&mut self, share: ShareGuard) {
         if !self.ended && self.in_flight.is_some() {
-            self.share = Some(share);
+            self.share = Some(Box::new(share));
         }
     }
 
     fn release(&mut self) {
         self.in_flight = None;
         self.share = None;
+        self.keep = None;
         self.chain = None;
         self.request = None;
+    }
+}
+
+/// What the read-ahead task holds while it reads an upstream body: the
+/// endpoint's slot and connection, and what else lives as long as the
+/// upstream leg (the overload gate's slot, the client's share).
+struct UpstreamLeg {
+    in_flight: InFlight,
+    _keep: Option<Box<dyn Send>>,
+    _share: Option<Box<ShareGuard>>,
+}
+
+impl crate::spool::Slot for UpstreamLeg {
+    fn complete(self) {
+        self.in_flight.complete();
     }
 }
 

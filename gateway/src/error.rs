@@ -61,6 +61,14 @@ pub enum ProxyError {
     UpstreamReset,
     #[error("the protocol upgrade could not be passed to the upstream")]
     UpgradeFailed,
+    #[error("the gateway is overloaded and sheds this route's requests for now")]
+    Overloaded,
+    #[error("no upstream slot became free in time")]
+    QueueTimeout,
+    #[error("too many requests are waiting for this upstream")]
+    QueueFull,
+    #[error("the upstream's circuit breaker is open")]
+    BreakerOpen,
 }
 
 impl ProxyError {
@@ -81,7 +89,12 @@ impl ProxyError {
             ProxyError::SoldOut => StatusCode::CONFLICT,
             ProxyError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
             // As Envoy answers a failed Wasm filter (`wasm_fail_stream`).
-            ProxyError::FilterFailed | ProxyError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::FilterFailed
+            | ProxyError::Overflow
+            | ProxyError::Overloaded
+            | ProxyError::QueueTimeout
+            | ProxyError::QueueFull
+            | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
             // As Envoy answers a response past a buffering filter's limit.
             ProxyError::ResponseTooLarge | ProxyError::SpoolFailed => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -122,6 +135,10 @@ impl ProxyError {
             ProxyError::Timeout => "upstream_timeout",
             ProxyError::UpstreamReset => "upstream_reset",
             ProxyError::UpgradeFailed => "upgrade_failed",
+            ProxyError::Overloaded => "overloaded",
+            ProxyError::QueueTimeout => "queue_timeout",
+            ProxyError::QueueFull => "queue_full",
+            ProxyError::BreakerOpen => "breaker_open",
         }
     }
 

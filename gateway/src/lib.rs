@@ -12,7 +12,8 @@
 //! - [`body`] and [`respond`]: the response body and the one builder of
 //!   the gateway's own answers;
 //! - [`cache`]: the shared response cache;
-//! - [`overload`]: load level and shedding (to come);
+//! - [`overload`]: the load level, shedding, adaptive concurrency and
+//!   circuit breakers;
 //! - [`pipeline`]: one request's way through the phases, and the
 //!   [`pipeline::runtime::Runtime`] that one config builds;
 //! - [`admin`] and [`demo`]: the admin listener and the embedded default.
@@ -73,6 +74,8 @@ pub struct Shared {
     pub certs: Vec<Arc<edge::tls::CertStore>>,
     /// The span exporter (`[tracing]`), built at start; `None` without one.
     pub otel: Option<observe::otel::Otel>,
+    /// The load level and readiness (`[overload]`); outlives reloads.
+    pub overload: Arc<overload::Overload>,
 }
 
 /// The settings fixed when the gateway started: a reload that changes
@@ -206,6 +209,23 @@ pub enum StartError {
     },
 }
 
+/// Updates the load level and the clusters' learned limits every
+/// [`overload::TICK`], as long as the gateway exists.
+async fn overload_ticks(shared: std::sync::Weak<Shared>) {
+    let mut every = tokio::time::interval(overload::TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let runtime = shared.runtime.load();
+        shared
+            .overload
+            .tick(&runtime.config.overload, &runtime.gates);
+    }
+}
+
 /// A running gateway: its bound addresses and the handle to stop it.
 pub struct Gateway {
     pub shared: Arc<Shared>,
@@ -284,6 +304,7 @@ impl Gateway {
             None => None,
         };
         let shared = Arc::new(Shared {
+            overload: overload::Overload::new(&metrics),
             otel,
             certs,
             bound: bound_config,
@@ -299,6 +320,7 @@ impl Gateway {
             runtime: tokio::runtime::Handle::current(),
             h2: Default::default(),
         }));
+        tokio::spawn(overload_ticks(Arc::downgrade(&shared)));
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();

@@ -207,6 +207,11 @@ async fn run_demo(
          metrics                   http://{admin}/metrics\n  \
          reload (token)            curl -X POST -H 'authorization: Bearer {token}' http://{admin}/admin/reload\n\
          \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
+         \noverload it (recommendations turn into a placeholder; watch load_level in the status):\n  \
+         wrk -t2 -c128 -d30s http://{public}/recommendations?product=1\n\
+         \nforce a load level for a drill (60 s), then look:\n  \
+         curl -X POST -H 'authorization: Bearer {token}' -d '{{\"level\": 2, \"for\": \"60s\"}}' http://{admin}/admin/load-level\n  \
+         curl -i http://{public}/recommendations?product=1\n\
          \n{checkout}\
          \nCtrl-C stops it.",
         checkout = gateway::demo::checkout::instructions(public, order_core.addr),

@@ -113,6 +113,49 @@ pub fn local(local: filters::LocalResponse, request_id: &HeaderValue) -> Respons
     resp
 }
 
+/// A route's `fallback`: the operator's static answer for a request that
+/// overload protection does not send upstream. Built once per config;
+/// marked `x-flashgate-degraded: fallback` and never cached downstream.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl Fallback {
+    /// From a validated `fallback` table.
+    pub fn new(c: &crate::config::FallbackConfig) -> Fallback {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &c.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(DEGRADED.clone(), HeaderValue::from_static("fallback"));
+        Fallback {
+            status: StatusCode::from_u16(c.status).unwrap_or(StatusCode::OK),
+            headers,
+            body: c.body.clone().into(),
+        }
+    }
+
+    pub fn answer(&self) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::full(self.body.clone()));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.clone();
+        resp
+    }
+}
+
+/// Set on answers overload protection gave instead of the upstream's:
+/// `stale` (a cached copy) or `fallback` (the route's `fallback`).
+pub static DEGRADED: HeaderName = HeaderName::from_static("x-flashgate-degraded");
+
 #[cfg(test)]
 mod tests {
     use super::*;

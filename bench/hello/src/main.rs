@@ -36,6 +36,14 @@ struct Cli {
     /// Size of the response body in bytes.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
+    /// Capacity-limited origin: each request takes this long ...
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// ... and at most this many are served at once; the rest wait in
+    /// line (0: no limit). With `--delay-ms 20 --slots 4` the origin serves
+    /// 200 req/s, the overload benchmark's shape (`bench/overload`).
+    #[arg(long, default_value_t = 0)]
+    slots: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +69,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let body = Bytes::from(vec![b'x'; cli.body_bytes]);
     let content_type = HeaderValue::from_static("text/plain");
 
+    let delay = std::time::Duration::from_millis(cli.delay_ms);
+    let slots =
+        (cli.slots > 0).then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(cli.slots)));
+
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);
 
@@ -77,11 +89,22 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         let body = body.clone();
         let content_type = content_type.clone();
+        let slots = slots.clone();
         let service = service_fn(move |_req: Request<Incoming>| {
             let mut resp = Response::new(Full::new(body.clone()));
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, content_type.clone());
-            async move { Ok::<_, Infallible>(resp) }
+            let slots = slots.clone();
+            async move {
+                let _slot = match &slots {
+                    Some(s) => s.acquire().await.ok(),
+                    None => None,
+                };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 
 use crate::Shared;
 
+mod load_level;
+
 type AdminResponse = Response<Full<Bytes>>;
 
 pub async fn serve(
@@ -110,6 +112,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
         (&Method::GET, "/readyz") => {
             if shared.draining.load(Ordering::Relaxed) {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if !shared.overload.ready() {
+                // Critical for `overload.unready_after`: the balancer sends
+                // new clients elsewhere; liveness stays up.
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "overloaded\n",
+                )
             } else {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             }
@@ -141,10 +151,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             Some(resp) => resp,
             None => cache_purge(&shared, req).await,
         },
+        (&Method::POST, "/admin/load-level") => match refusal(&shared, &req) {
+            Some(resp) => resp,
+            None => load_level::force(&shared, req).await,
+        },
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload"
-            | "/admin/cache/purge",
+            | "/admin/cache/purge" | "/admin/load-level",
         ) => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
@@ -235,13 +249,19 @@ fn status(shared: &Shared) -> serde_json::Value {
                     json!({"address": addr, "healthy": healthy, "ejected": ejected, "in_flight": in_flight})
                 })
                 .collect();
-            json!({"name": &*c.name, "endpoints": endpoints})
+            let overload = runtime
+                .gates
+                .iter()
+                .find(|g| *g.cluster == *c.name)
+                .map(|g| g.status());
+            json!({"name": &*c.name, "endpoints": endpoints, "overload": overload})
         })
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "draining": shared.draining.load(Ordering::Relaxed),
-        "load_level": 0,
+        "load_level": shared.overload.level(),
+        "overload": shared.overload.status(),
         "config_file": shared.config_path.as_ref().map(|p| p.display().to_string()),
         "routes": routes,
         "clusters": clusters,

@@ -196,6 +196,43 @@ impl Cache {
         (l1, l2)
     }
 
+    /// Any copy L1 holds for this request, fresh or stale within its
+    /// windows, without going anywhere else: what overload shedding serves
+    /// instead of sending the request upstream (`x-cache: HIT` or `STALE`).
+    pub fn peek(
+        &self,
+        rc: &Arc<RouteCache>,
+        head: &Parts,
+        host: &str,
+    ) -> Option<Response<ProxyBody>> {
+        if head.method != Method::GET
+            || policy::request_bypass(&head.method, &head.headers, false, &rc.policy).is_some()
+        {
+            return None;
+        }
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let base = key::base(host, path, &rc.policy.key_headers, &head.headers);
+        let now = now_ms();
+        let mut record = self.inner.l1.get(&base, now);
+        if let Some(Record::Vary(v)) = &record {
+            let key = key::variant(&base, &v.names, &head.headers);
+            record = self.inner.l1.get(&key, now);
+        }
+        match record {
+            Some(Record::Response(e)) if e.matches_variant(&head.headers) => {
+                match e.freshness(now) {
+                    Freshness::Fresh => Some(respond(&e, "HIT", now)),
+                    Freshness::Stale { .. } => {
+                        rc.stale.inc();
+                        Some(respond(&e, "STALE", now))
+                    }
+                    Freshness::Dead => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
     /// Phase one of a request on a caching route, synchronous and cheap: a
     /// fresh L1 hit is answered here; everything else needs the upstream
     /// request (or may) and continues in [`Pending::resolve`].

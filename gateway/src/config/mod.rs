@@ -29,6 +29,7 @@ pub mod filter;
 pub mod jwt;
 pub mod listener;
 pub mod otlp;
+pub mod overload;
 pub mod route;
 pub mod units;
 pub mod upstream;
@@ -45,6 +46,7 @@ pub use filter::FilterConfig;
 pub use jwt::{JwtConfig, JwtKey, DEFAULT_USER_HEADER};
 pub use listener::{CertPair, ListenerConfig, TlsConfig};
 pub use otlp::TracingConfig;
+pub use overload::{AdaptiveConfig, BreakerConfig, FallbackConfig, OverloadConfig};
 pub use route::{CheckoutRouteConfig, EscapedSlashes, RouteConfig};
 pub use units::{Dur, Rate, Size};
 pub use upstream::{HealthConfig, LbPolicy, OutlierConfig, UpstreamConfig};
@@ -100,6 +102,9 @@ pub struct Config {
     /// Request and response bodies held between client and upstream.
     #[serde(default)]
     pub buffering: BufferingConfig,
+    /// Load level, shedding and adaptive concurrency (on by default).
+    #[serde(default)]
+    pub overload: OverloadConfig,
 }
 
 impl Config {
@@ -253,6 +258,7 @@ impl Config {
         if let Some(t) = &self.tracing {
             t.validate()?;
         }
+        self.overload.validate()?;
         Ok(())
     }
 }

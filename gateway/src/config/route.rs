@@ -56,6 +56,10 @@ pub struct RouteConfig {
     /// its own connection. `false` for server-sent events and long polls.
     #[serde(default = "yes")]
     pub buffer_responses: bool,
+    /// The answer a request of this route gets when overload sheds it (or
+    /// its cluster's breaker is open), instead of a 503.
+    #[serde(default)]
+    pub fallback: Option<super::FallbackConfig>,
 }
 
 fn yes() -> bool {
@@ -113,6 +117,9 @@ impl RouteConfig {
         }
         if let Some(c) = &self.cache {
             c.validate(p)?;
+        }
+        if let Some(f) = &self.fallback {
+            f.validate(&format!("{p}.fallback"))?;
         }
         Ok(())
     }

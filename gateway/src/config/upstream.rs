@@ -53,6 +53,12 @@ pub struct UpstreamConfig {
     pub health: Option<HealthConfig>,
     #[serde(default)]
     pub outlier: OutlierConfig,
+    /// The cluster's concurrency limit learned from latency (on by default).
+    #[serde(default)]
+    pub adaptive: super::AdaptiveConfig,
+    /// A circuit breaker (absent: none).
+    #[serde(default)]
+    pub breaker: Option<super::BreakerConfig>,
 }
 
 fn default_connect_timeout() -> Dur {
@@ -223,6 +229,10 @@ impl UpstreamConfig {
         }
         if let Some(h) = &self.health {
             h.validate(&format!("{p}.health"))?;
+        }
+        self.adaptive.validate(&format!("{p}.adaptive"))?;
+        if let Some(b) = &self.breaker {
+            b.validate(&format!("{p}.breaker"))?;
         }
         self.outlier.validate(&format!("{p}.outlier"))
     }

@@ -35,6 +35,9 @@ pub const PRODUCTS: u32 = 300;
 /// How long the recommendations endpoint takes, on purpose.
 pub const RECOMMENDATION_DELAY: Duration = Duration::from_millis(250);
 
+/// Recommendations served at once (the rest wait): 32 per second at most.
+pub const RECOMMENDATION_SLOTS: usize = 8;
+
 /// The demo config with the shop upstream pointed at `origin`.
 pub fn config(origin: SocketAddr) -> Config {
     let mut config = Config::parse(DEMO_CONFIG).expect("the embedded demo config is valid");
@@ -187,6 +190,11 @@ async fn origin(
             )
         }
         "/recommendations" => {
+            // The recommendation service serves a few at a time: under a
+            // flood its line grows, and the gateway's load level with it.
+            static SLOTS: tokio::sync::Semaphore =
+                tokio::sync::Semaphore::const_new(RECOMMENDATION_SLOTS);
+            let _slot = SLOTS.acquire().await;
             tokio::time::sleep(RECOMMENDATION_DELAY).await;
             let seed = query_param(query, "product").and_then(lookup).unwrap_or(1);
             let items: Vec<_> = (1..=4)

@@ -38,6 +38,8 @@ pub struct AccessRecord {
     /// Time to the response head.
     pub head: Duration,
     pub timing: UpstreamTiming,
+    /// The load level when the request was admitted.
+    pub load_level: u8,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -64,6 +66,7 @@ impl AccessRecord {
             total_ms = ms(self.started.elapsed()),
             upstream_connect_ms = self.timing.connect.map(ms),
             upstream_first_byte_ms = self.timing.first_byte.map(ms),
+            load_level = self.load_level,
             request_id = self.request_id.to_str().unwrap_or("-"),
         );
     }

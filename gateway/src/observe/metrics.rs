@@ -3,8 +3,8 @@
 //! once when config loads, so a request does not hash label values for them.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets from 0.5 ms to 10 s: a cache hit and a slow checkout both
@@ -63,6 +63,16 @@ pub struct Metrics {
     /// reached (they stream at the reader's pace from then on).
     pub spool_temp_full: IntCounter,
     pub cache: crate::observe::cache_metrics::CacheMetrics,
+    /// The load level in effect (0 calm .. 3 critical).
+    pub load_level: IntGauge,
+    /// Requests shed by overload, by route, priority and reason.
+    pub shed: IntCounterVec,
+    /// Each cluster's concurrency limit in effect (learned or the hard cap).
+    pub adaptive_limit: IntGaugeVec,
+    /// Each cluster's breaker: 0 closed, 1 open, 2 half open.
+    pub breaker_state: IntGaugeVec,
+    /// Time requests waited for an upstream slot, by cluster.
+    pub queue_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -200,6 +210,31 @@ impl Metrics {
                 &["listener", "result"],
             ),
             cache: crate::observe::cache_metrics::CacheMetrics::register(&registry),
+            load_level: reg(
+                &registry,
+                IntGauge::new("load_level", "The load level in effect: 0 calm, 1 elevated, 2 high, 3 critical.")
+                    .expect("valid metric"),
+            ),
+            shed: counter(
+                "shed_total",
+                "Requests answered by overload protection instead of the upstream, by route, priority and reason (stale, fallback, level, queue_timeout, queue_full, breaker_open).",
+                &["route", "priority", "reason"],
+            ),
+            adaptive_limit: gauge(
+                "adaptive_limit",
+                "The cluster's concurrency limit in effect (learned from latency, or max_concurrent_requests).",
+                &["cluster"],
+            ),
+            breaker_state: gauge(
+                "breaker_state",
+                "The cluster's circuit breaker: 0 closed, 1 open, 2 half open.",
+                &["cluster"],
+            ),
+            queue_seconds: histogram(
+                "queue_seconds",
+                "Time requests waited for an upstream slot in the gateway, by cluster.",
+                &["cluster"],
+            ),
             registry,
         }
     }

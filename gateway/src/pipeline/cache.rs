@@ -11,6 +11,7 @@ use hyper::body::Body;
 
 use std::sync::Arc;
 
+use super::admission::shed;
 use super::forward::{forward, head_for_upstream, prefetch};
 use super::runtime::Route;
 use super::RequestCtx;
@@ -47,11 +48,27 @@ pub async fn serve(
     let cluster = route.cluster.clone();
     let verdict = ctx.verdict.clone();
     let replay = ctx.replay.take();
+    // The fill takes its slot from the cluster's overload gate when it
+    // goes upstream; a refusal is the fill's error (stale-if-error applies).
+    let gate = route
+        .gate
+        .clone()
+        .map(|g| (g, route.priority, ctx.deprioritized));
     let fetch = move || async move {
+        let permit = match gate {
+            Some((g, priority, deprioritized)) => Some(
+                g.acquire(priority, deprioritized)
+                    .await
+                    .map_err(|why| why.error())?,
+            ),
+            None => None,
+        };
         let mut timing = UpstreamTiming::default();
-        forward(&cluster, up, body, replay, verdict.as_ref(), &mut timing)
+        let mut resp = forward(&cluster, up, body, replay, verdict.as_ref(), &mut timing)
             .await
-            .map(|(r, _)| r)
+            .map(|(r, _)| r)?;
+        shed::hold(permit, &mut resp);
+        Ok(resp)
     };
     // Boxed: a miss waits for L2 or the origin anyway, and the fill's
     // state machine is large; unboxed, every request of the route would

@@ -52,9 +52,8 @@ pub async fn on_request(
         client_ip: ctx.client_ip,
         route: route.name.clone(),
         priority: route.priority,
-        // The overload phase will set it; until then every filter sees a
-        // calm gateway.
-        load_level: 0,
+        // As the admission phase saw it (`overload`).
+        load_level: ctx.load_level,
         request_id: ctx.request_id.clone(),
         end_of_stream: body.is_end_stream(),
     };

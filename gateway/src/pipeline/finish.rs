@@ -1,8 +1,8 @@
 //! The exit: every request ends here, however it ends (answered by the
 //! upstream, the cache or a filter, refused by a phase, or reset by a
 //! filter), so its metrics, its access-log line and its span are recorded
-//! in one place. The overload feedback (how long the request took) will
-//! join them here.
+//! in one place. (The overload feedback rides on the response body with
+//! the upstream slot: see `overload::gate::Permit`.)
 
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::sync::Arc;
@@ -26,6 +26,10 @@ pub const RESET_STATUS: http::StatusCode = match http::StatusCode::from_u16(444)
     Err(_) => http::StatusCode::INTERNAL_SERVER_ERROR,
 };
 
+/// On answers to requests that carried `[overload] debug_header`.
+pub static LOAD_LEVEL_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-flashgate-load-level");
+
 /// Turns the pipeline's outcome into the answer and records it. `Err`
 /// when a filter reset the stream: hyper then aborts the exchange.
 pub fn finish(
@@ -36,10 +40,15 @@ pub fn finish(
     let mut resp = match outcome {
         Continue(resp) => resp,
         Break(Stop::Refuse(refusal)) => respond::refusal(refusal, &ctx.request_id),
+        Break(Stop::Answer(resp)) => *resp,
         Break(Stop::Reset) => return Err(reset(ctx, head)),
     };
     resp.headers_mut()
         .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if ctx.debug_level {
+        resp.headers_mut()
+            .insert(LOAD_LEVEL_HEADER.clone(), u16::from(ctx.load_level).into());
+    }
     let status = resp.status();
     count(&ctx, status);
     if ctx.runtime.config.log.access_log {
@@ -128,5 +137,6 @@ fn access_record(
         started: ctx.started,
         head: ctx.started.elapsed(),
         timing: ctx.timing,
+        load_level: ctx.load_level,
     })
 }

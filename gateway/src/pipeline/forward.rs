@@ -14,6 +14,7 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Body;
 
+use super::admission::shed;
 use super::runtime::Route;
 use super::{upgrade, RequestCtx};
 use crate::body::ProxyBody;
@@ -54,6 +55,11 @@ pub async fn send(
             None => return respond::error(ProxyError::ClientShare, &ctx.request_id),
         }
     };
+    // The cluster's overload gate: a slot by priority, or the fallback.
+    let permit = match shed::slot(route, ctx.deprioritized).await {
+        Ok(p) => p,
+        Err(why) => return shed::refused(ctx, route, why),
+    };
     let up = head_for_upstream(ctx, head);
     let replay = ctx.replay.take();
     let (cluster, verdict) = (&route.cluster, ctx.verdict.as_ref());
@@ -66,6 +72,7 @@ pub async fn send(
     if let Some(share) = share {
         resp.body_mut().hold_share(share);
     }
+    shed::hold(permit, &mut resp);
     resp
 }
 

@@ -57,6 +57,9 @@ pub enum Stop {
     /// A filter reset the stream: no answer at all (an HTTP/2
     /// `RST_STREAM`, or an HTTP/1.1 connection closed without a response).
     Reset,
+    /// Answered without the filters and the upstream: a copy from the
+    /// cache or the route's fallback, given by overload shedding.
+    Answer(Box<Response<ProxyBody>>),
 }
 
 /// What one request accumulates on its way through the phases. Borrowed
@@ -96,6 +99,15 @@ pub struct RequestCtx<'a> {
     /// The endpoint that answered.
     pub endpoint: Option<Arc<Endpoint>>,
     pub timing: UpstreamTiming,
+    /// The load level when the request was admitted: what filters read as
+    /// `flashgate.load_level` and the access log writes.
+    pub load_level: u8,
+    /// Set by bot rules (`deprioritize`): shed before the other requests
+    /// of its priority.
+    pub deprioritized: bool,
+    /// The request carried `[overload] debug_header`: the answer gets
+    /// `x-flashgate-load-level`.
+    pub debug_level: bool,
 }
 
 impl<'a> RequestCtx<'a> {
@@ -125,6 +137,9 @@ impl<'a> RequestCtx<'a> {
             filters: None,
             endpoint: None,
             timing: UpstreamTiming::default(),
+            load_level: 0,
+            deprioritized: false,
+            debug_level: false,
         }
     }
 }

@@ -3,13 +3,16 @@
 //! priorities are per route; before filters, the cache and the upstream,
 //! so that refused traffic costs no filter time and no upstream slot.
 //!
-//! Today admission is the checkout gate ([`checkout`]): identity required,
+//! Today admission is overload shedding by load level and priority
+//! ([`shed`]), then the checkout gate ([`checkout`]): identity required,
 //! the edge's sold-out flag, and the body read whole so that an
-//! `Idempotency-Key` makes a retry safe. Bot rules, rate limits, the
-//! waiting room and overload shedding take their places here, in that
-//! order: the cheapest and most certain refusals first.
+//! `Idempotency-Key` makes a retry safe. Bot rules, rate limits and the
+//! waiting room take their places before shedding: the cheapest and most
+//! certain refusals first (a bot rule's `deprioritize` sets
+//! `RequestCtx::deprioritized`, which shedding reads).
 
 pub mod checkout;
+pub mod shed;
 
 use std::ops::ControlFlow::{self, Break, Continue};
 
@@ -31,6 +34,7 @@ pub async fn admit(
     head: &Parts,
     body: LimitedBody,
 ) -> ControlFlow<Stop, UpstreamBody> {
+    shed::check(ctx, route, head)?;
     let Some(checkout) = &route.checkout else {
         return Continue(Either::Left(body));
     };

@@ -21,8 +21,10 @@ use prometheus::{Histogram, IntCounter, IntCounterVec};
 use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
 use crate::observe::metrics::Metrics;
+use crate::overload::gate::Gate;
 use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
+use crate::respond::Fallback;
 use crate::upstream::Cluster;
 
 pub struct Route {
@@ -44,6 +46,10 @@ pub struct Route {
     pub checkout: Option<crate::pipeline::admission::checkout::Checkout>,
     /// Set on routes with `cache = {...}`.
     pub cache: Option<Arc<RouteCache>>,
+    /// The cluster's overload gate; `None` with `[overload] enabled = false`.
+    pub gate: Option<Arc<Gate>>,
+    /// What overload answers instead of a 503 (`fallback = {...}`).
+    pub fallback: Option<Fallback>,
     pub latency: Histogram,
     /// `flashgate_requests_total{route, status}` handles by status code,
     /// resolved on first use: a request does not hash label values.
@@ -76,6 +82,9 @@ pub struct Runtime {
     router: Router<usize>,
     pub routes: Vec<Route>,
     pub clusters: Vec<Arc<Cluster>>,
+    /// One overload gate per cluster, in the same order (empty with
+    /// `[overload] enabled = false`).
+    pub gates: Vec<Arc<Gate>>,
     /// The Wasm filters by name, for their metrics on `/metrics`.
     pub wasm: Vec<(String, Arc<WasmFilter>)>,
     /// The JWT verifier when `[jwt]` is set.
@@ -144,6 +153,26 @@ impl Runtime {
                     .unwrap_or_else(|| Cluster::new(u, metrics.clone()))
             })
             .collect();
+        // Kept over a reload, with what they learned, while neither their
+        // cluster nor `[overload]` changed.
+        let gates: Vec<Arc<Gate>> = if config.overload.enabled {
+            config
+                .upstreams
+                .iter()
+                .map(|u| {
+                    previous
+                        .and_then(|p| {
+                            p.gates
+                                .iter()
+                                .find(|g| g.built_from.0 == *u && g.built_from.1 == config.overload)
+                        })
+                        .cloned()
+                        .unwrap_or_else(|| Gate::new(u, &config.overload, metrics))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let cache = match previous {
             Some(p) if p.cache.same_config(&config.cache, config.redis.as_ref()) => p.cache.clone(),
             _ => Arc::new(
@@ -187,7 +216,10 @@ impl Runtime {
                 crate::pipeline::admission::checkout::Checkout::new(c)
                     .with_retry_metrics(&metrics.checkout_retries, &name)
             });
+            let gate = gates.iter().find(|g| *g.cluster == *r.upstream).cloned();
             routes.push(Route {
+                gate,
+                fallback: r.fallback.as_ref().map(Fallback::new),
                 cache: r.cache.as_ref().map(|c| cache.route(&name, c)),
                 latency: metrics.request_duration.with_label_values(&[&name]),
                 by_status: (100..600).map(|_| OnceLock::new()).collect(),
@@ -220,6 +252,7 @@ impl Runtime {
             router,
             routes,
             clusters,
+            gates,
             wasm,
             cache,
         })
