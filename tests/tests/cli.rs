@@ -197,6 +197,47 @@ async fn demo_serves_the_shop() {
         .await
         .text()
         .contains("flashgate_requests_total{route=\"catalog\",status=\"200\"} 2"));
+    // Degradation, as the banner shows it: a forced level turns the
+    // recommendations into the placeholder, and back when cleared.
+    let admin = url_of("admin status").replace("/admin/status", "");
+    let reco = url_of("slow recommendations");
+    let force = lines
+        .iter()
+        .find(|l| l.contains("/admin/load-level"))
+        .unwrap_or_else(|| panic!("no forced-level command in {lines:?}"));
+    assert!(force.contains("demo-token"), "{force}");
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("wrk ") && l.contains("/recommendations")));
+    let set_level = |level: &'static str| {
+        let admin = admin.clone();
+        async move {
+            flashgate_tests::send(
+                http::Request::post(format!("{admin}/admin/load-level"))
+                    .header("authorization", "Bearer demo-token")
+                    .body(flashgate_tests::full(level))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let normal = get(&reco).await;
+    assert_eq!(normal.status, 200);
+    assert!(normal.header("x-flashgate-degraded").is_none());
+    assert_eq!(set_level(r#"{"level": 2, "for": "60s"}"#).await.status, 200);
+    let degraded = get(&reco).await;
+    assert_eq!(degraded.header("x-flashgate-degraded"), Some("fallback"));
+    assert_eq!(degraded.json()["degraded"], true);
+    assert_eq!(set_level(r#"{"level": null}"#).await.status, 200);
+    wait_until(
+        Duration::from_secs(30),
+        "recommendations back to normal",
+        || {
+            let reco = reco.clone();
+            async move { get(&reco).await.header("x-flashgate-degraded").is_none() }
+        },
+    )
+    .await;
     child.signal("TERM");
     let exit = child
         .wait_exit(Duration::from_secs(10))
