@@ -515,7 +515,8 @@ async fn checkout_guard_admits_only_queued_buyers_above_its_level() {
         .route("priority = \"critical\"\nfilters = [\"guard\"]")
         .section(format!(
             "[[filters]]\nname = \"guard\"\nwasm = \"{}\"\nconfig = '{{\"min_level\": 2, \"session_cookie\": \"fg_room\"}}'\n\
-             [overload]\nallow_forced_level = true",
+             [overload]\nallow_forced_level = true\n\
+             [jwt]\nalgorithm = \"HS256\"\nsecret = \"guard-test-secret-0123\"\n",
             wasm.display()
         ))
         .build();
@@ -545,4 +546,36 @@ async fn checkout_guard_admits_only_queued_buyers_above_its_level() {
     let r = queued().await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "origin /checkout");
+    // A verified JWT lets a buyer through too; a forged identity header
+    // (the gateway drops it) does not.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "alice", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"guard-test-secret-0123"),
+    )
+    .unwrap();
+    let r = send(
+        Request::get(&checkout)
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "verified: {}", r.text());
+    let r = send(
+        Request::get(&checkout)
+            .header("x-user-id", "mallory")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        r.status, 503,
+        "a forged identity header is not a verified JWT"
+    );
 }
