@@ -188,6 +188,55 @@ async fn upstream_idle(admin: std::net::SocketAddr) -> bool {
     status["clusters"][0]["endpoints"][0]["in_flight"] == 0
 }
 
+/// Waits until the cluster's slot is back and `n` answers have gone to
+/// temp files in all: the attacker's answer is read ahead, not held.
+async fn slot_back_and_spooled(admin: std::net::SocketAddr, n: u32) {
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "the upstream slot given back",
+        || upstream_idle(admin),
+    )
+    .await;
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        &format!("answer {n} read ahead into a temp file"),
+        || async move {
+            flashgate_tests::metric(
+                admin,
+                "flashgate_bodies_spooled_total{direction=\"response\",to=\"file\"}",
+            )
+            .await
+                >= f64::from(n)
+        },
+    )
+    .await;
+}
+
+/// Waits until every temp file of the spools is gone.
+async fn temp_bytes_given_back(admin: std::net::SocketAddr) {
+    flashgate_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "temp bytes given back",
+        || async { flashgate_tests::metric(admin, "flashgate_spool_temp_bytes").await == 0.0 },
+    )
+    .await;
+}
+
+/// `n` ordinary requests from another client, every one answered 200.
+async fn others_are_served(addr: std::net::SocketAddr, n: usize) {
+    let client = flashgate_tests::client();
+    for i in 0..n {
+        let got = send_with(
+            &client,
+            Request::get(format!("http://{addr}/small"))
+                .body(flashgate_tests::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+    }
+}
+
 /// A client that asks for `path` with a tiny receive buffer and never
 /// reads the answer.
 async fn never_reads(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
@@ -227,37 +276,9 @@ async fn slow_readers_hold_no_upstream_slot_and_are_cut_by_send_timeout() {
     let mut attackers = Vec::new();
     for n in 1..=6 {
         attackers.push(never_reads(addr, "/big").await);
-        flashgate_tests::wait_until(
-            std::time::Duration::from_secs(30),
-            "the upstream slot given back",
-            || upstream_idle(admin),
-        )
-        .await;
-        flashgate_tests::wait_until(
-            std::time::Duration::from_secs(30),
-            &format!("big answer {n} spooled to a file"),
-            || async move {
-                flashgate_tests::metric(
-                    admin,
-                    "flashgate_bodies_spooled_total{direction=\"response\",to=\"file\"}",
-                )
-                .await
-                    >= n as f64
-            },
-        )
-        .await;
+        slot_back_and_spooled(admin, n).await;
     }
-    let client = flashgate_tests::client();
-    for i in 0..50 {
-        let got = send_with(
-            &client,
-            Request::get(format!("http://{addr}/small"))
-                .body(flashgate_tests::empty())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(got.status, 200, "request {i}: {}", got.text());
-    }
+    others_are_served(addr, 50).await;
     // The readers are cut once their writes have waited send_timeout
     // (counted first: reading here would let their writes go through).
     flashgate_tests::wait_until(
@@ -279,12 +300,7 @@ async fn slow_readers_hold_no_upstream_slot_and_are_cut_by_send_timeout() {
             "attacker {i} still connected after its send timeout"
         );
     }
-    flashgate_tests::wait_until(
-        std::time::Duration::from_secs(30),
-        "temp bytes given back",
-        || async { flashgate_tests::metric(admin, "flashgate_spool_temp_bytes").await == 0.0 },
-    )
-    .await;
+    temp_bytes_given_back(admin).await;
 }
 
 /// Slow request bodies: a client that sends a body slowly holds no
@@ -369,37 +385,9 @@ async fn http2_zero_window_streams_hold_no_slot_and_are_reset() {
         .expect("a response head");
         assert_eq!(resp.status(), 200);
         held.push(resp);
-        flashgate_tests::wait_until(
-            std::time::Duration::from_secs(30),
-            "the upstream slot given back",
-            || upstream_idle(admin),
-        )
-        .await;
-        flashgate_tests::wait_until(
-            std::time::Duration::from_secs(30),
-            &format!("answer {n} read ahead into a file"),
-            || async move {
-                flashgate_tests::metric(
-                    admin,
-                    "flashgate_bodies_spooled_total{direction=\"response\",to=\"file\"}",
-                )
-                .await
-                    >= n as f64
-            },
-        )
-        .await;
+        slot_back_and_spooled(admin, n).await;
     }
-    let client = flashgate_tests::client();
-    for i in 0..50 {
-        let got = send_with(
-            &client,
-            Request::get(format!("http://{addr}/small"))
-                .body(flashgate_tests::empty())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(got.status, 200, "request {i}: {}", got.text());
-    }
+    others_are_served(addr, 50).await;
     flashgate_tests::wait_until(
         std::time::Duration::from_secs(60),
         "the six stalled streams reset by stream_idle_timeout",
@@ -413,12 +401,7 @@ async fn http2_zero_window_streams_hold_no_slot_and_are_reset() {
         },
     )
     .await;
-    flashgate_tests::wait_until(
-        std::time::Duration::from_secs(30),
-        "temp bytes given back",
-        || async { flashgate_tests::metric(admin, "flashgate_spool_temp_bytes").await == 0.0 },
-    )
-    .await;
+    temp_bytes_given_back(admin).await;
     drop(held);
 }
 
