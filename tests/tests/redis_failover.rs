@@ -265,23 +265,28 @@ async fn drill(how: Failure) {
         BUYERS - STOCK as usize
     );
     assert_eq!(stock(core.addr, sku).await, (0, STOCK));
+    all_readable(core.addr, &orders, "order lost after the failover").await;
+    drop(core);
+}
+
+/// Every order in `ids` can be read back from the core (`what` says what a
+/// missing one means).
+async fn all_readable<'a>(
+    core: std::net::SocketAddr,
+    ids: impl IntoIterator<Item = &'a String>,
+    what: &str,
+) {
     let http = client();
-    for id in &orders {
+    for id in ids {
         let got = flashgate_tests::send_with(
             &http,
-            http::Request::get(format!("http://{}/orders/{id}", core.addr))
+            http::Request::get(format!("http://{core}/orders/{id}"))
                 .body(flashgate_tests::empty())
                 .unwrap(),
         )
         .await;
-        assert_eq!(
-            got.status,
-            200,
-            "order {id} lost after the failover: {}",
-            got.text()
-        );
+        assert_eq!(got.status, 200, "{what}: {id}: {}", got.text());
     }
-    drop(core);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -402,22 +407,7 @@ async fn no_order_is_acknowledged_before_its_replica_has_it() {
     // Every order acknowledged with replicas_ack is there, and stock and
     // orders still add up (nothing sold twice).
     acknowledged.extend(with_ack.iter().filter_map(|r| r.1.clone()));
-    let http = client();
-    for id in &acknowledged {
-        let got = flashgate_tests::send_with(
-            &http,
-            http::Request::get(format!("http://{}/orders/{id}", core.addr))
-                .body(flashgate_tests::empty())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(
-            got.status,
-            200,
-            "acknowledged order {id} lost: {}",
-            got.text()
-        );
-    }
+    all_readable(core.addr, &acknowledged, "acknowledged order lost").await;
     let (left, orders) = stock(core.addr, acked).await;
     assert_eq!(left + orders, STOCK, "stock and orders of {acked}");
     assert!(orders as usize >= acknowledged.len());

@@ -70,12 +70,23 @@ impl HttpCallout for GatewayCallout {
     }
 }
 
-async fn send(cluster: Arc<Cluster>, req: CalloutRequest) -> Result<CalloutResponse, CalloutError> {
-    let failed = |what: &str| CalloutError::Failed(format!("{what} (cluster {})", cluster.name));
+/// A callout's failure, naming its cluster.
+fn failure(cluster: &Cluster, what: &str) -> CalloutError {
+    CalloutError::Failed(format!("{what} (cluster {})", cluster.name))
+}
+
+/// A slot in the callout's cluster (callouts obey its concurrency limit
+/// like requests) and the endpoint to call.
+fn admit(cluster: &Cluster) -> Result<(tokio::sync::OwnedSemaphorePermit, usize), CalloutError> {
     let permit = cluster
         .try_admit()
-        .ok_or_else(|| failed("cluster at its concurrency limit"))?;
-    let i = cluster.pick(&[]);
+        .ok_or_else(|| failure(cluster, "cluster at its concurrency limit"))?;
+    Ok((permit, cluster.pick(&[])))
+}
+
+async fn send(cluster: Arc<Cluster>, req: CalloutRequest) -> Result<CalloutResponse, CalloutError> {
+    let failed = |what: &str| failure(&cluster, what);
+    let (permit, i) = admit(&cluster)?;
     let endpoint = cluster.endpoints[i].clone();
     let in_flight = cluster.start(i, None);
     let mut conn = cluster.connection(i).await.map_err(|e| failed(e.code()))?;
@@ -119,11 +130,8 @@ async fn send_grpc(
     req: CalloutRequest,
     conns: H2Connections,
 ) -> Result<CalloutResponse, CalloutError> {
-    let failed = |what: &str| CalloutError::Failed(format!("{what} (cluster {})", cluster.name));
-    let permit = cluster
-        .try_admit()
-        .ok_or_else(|| failed("cluster at its concurrency limit"))?;
-    let i = cluster.pick(&[]);
+    let failed = |what: &str| failure(&cluster, what);
+    let (permit, i) = admit(&cluster)?;
     let endpoint = cluster.endpoints[i].clone();
     let _in_flight = cluster.start(i, Some(permit));
     let mut sender = conns.get(&endpoint.addr).await.map_err(|e| failed(&e))?;
