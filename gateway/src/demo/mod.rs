@@ -22,7 +22,9 @@ use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+pub mod banner;
 pub mod checkout;
+pub mod wasm;
 
 use crate::config::Config;
 
