@@ -514,3 +514,58 @@ pub fn wasm_plugin(crate_name: &str) -> PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+/// A system tool the tests drive (`chromium`, `promtool`), found on `PATH`
+/// or in `/usr/bin`, else installed with apt when running as root (as
+/// tests/run.sh installs redis). `None`, after a loud message, when it is
+/// missing and cannot be installed: the caller skips its check.
+pub fn system_tool(names: &[&str], package: &str) -> Option<PathBuf> {
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let find = || {
+        names.iter().find_map(|n| {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+                .map(|d| d.join(n))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let installed = root
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    match find() {
+        Some(p) if installed => Some(p),
+        _ => {
+            eprintln!(
+                "\n!!! SKIPPED: {} is missing and `apt-get install {package}` {} !!!\n",
+                names[0],
+                if root { "failed" } else { "needs root" }
+            );
+            None
+        }
+    }
+}
+
+/// The cargo target dir this test binary was built in (for artifacts such
+/// as screenshots).
+pub fn target_dir() -> PathBuf {
+    flashgate_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>/flashgate")
+        .to_path_buf()
+}
