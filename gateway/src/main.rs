@@ -100,12 +100,13 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 
 /// Each file is validated, then everything it names is built and dropped
 /// (`Runtime::check`), so a file that `check` accepts is one `run` starts
-/// with, short of ports being free and Redis being there.
+/// with, short of ports being free and Redis being there. A valid file gets
+/// one line saying what it sets up (`Config::summary`).
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for f in files {
-        match Config::load(f).and_then(|c| Runtime::check(&c)) {
-            Ok(_) => println!("{}: ok", f.display()),
+        match Config::load(f).and_then(|c| Runtime::check(&c).map(|_| c)) {
+            Ok(c) => println!("{}: ok: {}", f.display(), c.summary()),
             Err(e) => {
                 eprintln!("{}: {e}", f.display());
                 ok = false;

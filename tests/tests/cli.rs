@@ -35,10 +35,26 @@ fn check_accepts_every_shipped_config() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
-        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        stdout.lines().filter(|l| l.contains(": ok: ")).count(),
         files.len(),
         "{stdout}"
     );
+    // One line each, saying what the file sets up.
+    let demo = stdout
+        .lines()
+        .find(|l| l.contains("demo.toml: ok: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    for part in [
+        "1 listener (public 127.0.0.1:8080)",
+        "5 routes (recommendations, catalog, product-pages, storefront, checkout)",
+        "1 filter (security-headers native headers)",
+        "2 upstreams with 2 endpoints",
+        "2 cached routes",
+        "1 checkout route",
+        "JWT HS256",
+    ] {
+        assert!(demo.contains(part), "{part:?} in {demo}");
+    }
 }
 
 #[test]
