@@ -569,3 +569,61 @@ pub fn target_dir() -> PathBuf {
         .expect("target/<profile>/flashgate")
         .to_path_buf()
 }
+
+/// `flashgate demo` started as a new user would (on free ports, without
+/// TLS), with its banner.
+pub struct Demo {
+    pub proc: Proc,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub banner: Vec<String>,
+}
+
+impl Demo {
+    /// Starts the demo with its admin listener on `admin` (e.g.
+    /// `127.0.0.1:0`) and waits for its banner.
+    pub async fn start(admin: &str) -> Demo {
+        use std::io::{BufRead, BufReader};
+        let mut proc = Proc::spawn(
+            Command::new(flashgate_bin())
+                .args([
+                    "demo",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin",
+                    admin,
+                    "--origin",
+                    "127.0.0.1:0",
+                    "--no-tls",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let stdout = proc.0.stdout.take().expect("piped stdout");
+        let banner = tokio::task::spawn_blocking(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .take_while(|l| !l.contains("Ctrl-C"))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("reading the banner");
+        let addr_of = |label: &str| -> SocketAddr {
+            banner
+                .iter()
+                .find(|l| l.contains(label))
+                .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+                .and_then(|u| u.trim_start_matches("http://").split('/').next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {label} address in {banner:?}"))
+        };
+        let (public, admin) = (addr_of("a product (JSON)"), addr_of("live dashboard"));
+        Demo {
+            proc,
+            public,
+            admin,
+            banner,
+        }
+    }
+}

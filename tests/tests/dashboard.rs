@@ -4,10 +4,9 @@
 //! screenshot is kept at `<target dir>/dashboard/admin-ui.png`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,48 +14,9 @@ use std::time::{Duration, Instant};
 use flashgate_tests::*;
 use serde_json::Value;
 
-/// Starts the demo on free ports (admin on `admin`); its public and admin
-/// addresses.
 async fn demo(admin: &str) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = Proc::spawn(
-        Command::new(flashgate_bin())
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                admin,
-                "--origin",
-                "127.0.0.1:0",
-                "--no-tls",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take_while(|l| !l.contains("Ctrl-C"))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    let addr_of = |label: &str| -> SocketAddr {
-        lines
-            .iter()
-            .find(|l| l.contains(label))
-            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
-            .and_then(|u| u.trim_start_matches("http://").split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no {label} address in {lines:?}"))
-    };
-    (
-        child,
-        addr_of("a product (JSON)"),
-        addr_of("live dashboard"),
-    )
+    let d = Demo::start(admin).await;
+    (d.proc, d.public, d.admin)
 }
 
 /// Requests from a few tasks until the flag drops: catalog hits (cache,

@@ -96,6 +96,11 @@ pub fn capabilities(a: &Addrs) -> Vec<Capability> {
             "HTTP/2 200",
         ),
         cap(
+            "the shop's drop page: its Buy button posts to the gateway's checkout (open it in a browser)",
+            format!("curl -s http://{p}/drop/demo-sneaker"),
+            "id=\"buy\"",
+        ),
+        cap(
             "checkout through the gateway (JWT checked at the edge; in-process order core, NOT durable)",
             checkout::buy_command(p),
             "201 Created",
