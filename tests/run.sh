@@ -9,7 +9,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flashgate-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 apt_missing=()
-for tool in redis-server:redis-server nginx:nginx wrk:wrk; do
+# chromium (the dashboard test) and promtool (the alert rules check) too.
+for tool in redis-server:redis-server nginx:nginx wrk:wrk chromium:chromium promtool:prometheus; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || apt_missing+=("${tool##*:}")
 done
 if [ ${#apt_missing[@]} -gt 0 ]; then

@@ -100,12 +100,13 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 
 /// Each file is validated, then everything it names is built and dropped
 /// (`Runtime::check`), so a file that `check` accepts is one `run` starts
-/// with, short of ports being free and Redis being there.
+/// with, short of ports being free and Redis being there. A valid file gets
+/// one line saying what it sets up (`Config::summary`).
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for f in files {
-        match Config::load(f).and_then(|c| Runtime::check(&c)) {
-            Ok(_) => println!("{}: ok", f.display()),
+        match Config::load(f).and_then(|c| Runtime::check(&c).map(|_| c)) {
+            Ok(c) => println!("{}: ok: {}", f.display(), c.summary()),
             Err(e) => {
                 eprintln!("{}: {e}", f.display());
                 ok = false;
@@ -182,49 +183,31 @@ async fn run_demo(
             .listeners
             .push(demo_tls_listener(&config.listeners[0], addr)?);
     }
+    let wasm = demo::wasm::install(&mut config, &demo_tmp_dir())?;
     init_logging(&config.log);
-    let token = config.admin.token.clone().unwrap_or_default();
+    let admin_token = config.admin.token.clone().unwrap_or_default();
     let gw = Gateway::start(config, None).await?;
     let public = gw
         .addr("public")
         .context("demo config has a public listener")?;
-    let admin = gw.admin_addr();
-    let tls_line = match gw.addr("public-tls") {
-        Some(a) => format!(
-            "\n  over TLS (self-signed)    https://localhost:{}/products/1  (curl -k)",
-            a.port()
-        ),
-        None => String::new(),
-    };
-    println!(
-        "flashgate demo is running (not durable: everything lives in this process)\n\
-         \n  shop through the gateway  http://{public}/\n  \
-         a product (JSON)          http://{public}/products/1{tls_line}\n  \
-         a product page (HTML)     http://{public}/shop/1\n  \
-         slow recommendations      http://{public}/recommendations?product=1\n  \
-         demo origin (direct)      http://{origin}/\n  \
-         admin status              http://{admin}/admin/status\n  \
-         metrics                   http://{admin}/metrics\n  \
-         reload (token)            curl -X POST -H 'authorization: Bearer {token}' http://{admin}/admin/reload\n\
-         \nload it:\n  wrk -t2 -c64 -d10s http://{public}/products/1\n\
-         \noverload it (recommendations turn into a placeholder; watch load_level in the status):\n  \
-         wrk -t2 -c128 -d30s http://{public}/recommendations?product=1\n\
-         \nforce a load level for a drill (60 s), then look:\n  \
-         curl -X POST -H 'authorization: Bearer {token}' -d '{{\"level\": 2, \"for\": \"60s\"}}' http://{admin}/admin/load-level\n  \
-         curl -i http://{public}/recommendations?product=1\n\
-         \n{checkout}\
-         \nCtrl-C stops it.",
-        checkout = gateway::demo::checkout::instructions(public, order_core.addr),
-    );
+    let banner = demo::banner::render(&demo::banner::Addrs {
+        public,
+        tls: gw.addr("public-tls"),
+        admin: gw.admin_addr(),
+        origin,
+        core: order_core.addr,
+        admin_token,
+        wasm,
+    });
+    println!("{banner}");
     let result = serve_until_signal(gw).await;
-    if tls.is_some() {
-        let _ = std::fs::remove_dir_all(demo_tls_dir());
-    }
+    let _ = std::fs::remove_dir_all(demo_tmp_dir());
     result
 }
 
-/// Where the demo writes its certificate; removed when the demo stops.
-fn demo_tls_dir() -> PathBuf {
+/// Where the demo writes its certificate and Wasm module; removed when the
+/// demo stops.
+fn demo_tmp_dir() -> PathBuf {
     std::env::temp_dir().join(format!("flashgate-demo-{}", std::process::id()))
 }
 
@@ -236,7 +219,7 @@ fn demo_tls_listener(
     addr: SocketAddr,
 ) -> anyhow::Result<gateway::config::ListenerConfig> {
     use gateway::config::{CertPair, Dur, TlsConfig};
-    let dir = demo_tls_dir();
+    let dir = demo_tmp_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (cert, key) = gateway::edge::tls::self_signed(&["localhost", "127.0.0.1"])
         .context("generating the demo's self-signed certificate")?;

@@ -514,3 +514,116 @@ pub fn wasm_plugin(crate_name: &str) -> PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+/// A system tool the tests drive (`chromium`, `promtool`), found on `PATH`
+/// or in `/usr/bin`, else installed with apt when running as root (as
+/// tests/run.sh installs redis). `None`, after a loud message, when it is
+/// missing and cannot be installed: the caller skips its check.
+pub fn system_tool(names: &[&str], package: &str) -> Option<PathBuf> {
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let find = || {
+        names.iter().find_map(|n| {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+                .map(|d| d.join(n))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let installed = root
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    match find() {
+        Some(p) if installed => Some(p),
+        _ => {
+            eprintln!(
+                "\n!!! SKIPPED: {} is missing and `apt-get install {package}` {} !!!\n",
+                names[0],
+                if root { "failed" } else { "needs root" }
+            );
+            None
+        }
+    }
+}
+
+/// The cargo target dir this test binary was built in (for artifacts such
+/// as screenshots).
+pub fn target_dir() -> PathBuf {
+    flashgate_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>/flashgate")
+        .to_path_buf()
+}
+
+/// `flashgate demo` started as a new user would (on free ports, without
+/// TLS), with its banner.
+pub struct Demo {
+    pub proc: Proc,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub banner: Vec<String>,
+}
+
+impl Demo {
+    /// Starts the demo with its admin listener on `admin` (e.g.
+    /// `127.0.0.1:0`) and waits for its banner.
+    pub async fn start(admin: &str) -> Demo {
+        use std::io::{BufRead, BufReader};
+        let mut proc = Proc::spawn(
+            Command::new(flashgate_bin())
+                .args([
+                    "demo",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin",
+                    admin,
+                    "--origin",
+                    "127.0.0.1:0",
+                    "--no-tls",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let stdout = proc.0.stdout.take().expect("piped stdout");
+        let banner = tokio::task::spawn_blocking(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .take_while(|l| !l.contains("Ctrl-C"))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("reading the banner");
+        let addr_of = |label: &str| -> SocketAddr {
+            banner
+                .iter()
+                .find(|l| l.contains(label))
+                .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+                .and_then(|u| u.trim_start_matches("http://").split('/').next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {label} address in {banner:?}"))
+        };
+        let (public, admin) = (addr_of("a product (JSON)"), addr_of("live dashboard"));
+        Demo {
+            proc,
+            public,
+            admin,
+            banner,
+        }
+    }
+}

@@ -1,9 +1,12 @@
 //! The admin listener: health, readiness, metrics, status and the mutating
 //! calls. It is a separate port, on loopback by default, so that neither the
 //! public internet nor the proxy's own load can reach or starve it.
-//! Mutating calls need `authorization: Bearer <admin.token>`.
+//! Mutating calls need `authorization: Bearer <admin.token>`; the
+//! dashboard's data (`/admin/ui/data`) needs it too unless the caller is on
+//! loopback.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,6 +22,10 @@ use tokio::sync::watch;
 use crate::Shared;
 
 mod load_level;
+pub mod traffic;
+mod ui;
+
+use traffic::Traffic;
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -27,8 +34,22 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let traffic = Arc::new(Traffic::default());
+    {
+        let (shared, traffic, mut shutdown) = (shared.clone(), traffic.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(traffic::INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => traffic.sample(&shared),
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(_) => {
@@ -39,8 +60,9 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let shared = shared.clone();
+        let traffic = traffic.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
+            let service = service_fn(move |req| handle(shared.clone(), traffic.clone(), peer, req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
@@ -103,7 +125,26 @@ fn refusal(shared: &Shared, req: &Request<Incoming>) -> Option<AdminResponse> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResponse, Infallible> {
+/// `None` when the caller may read the dashboard: on loopback, or with the
+/// admin token; otherwise the refusal.
+fn view_refusal(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Option<AdminResponse> {
+    if peer.ip().to_canonical().is_loopback() {
+        None
+    } else {
+        refusal(shared, req)
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    traffic: Arc<Traffic>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
     let resp = match (req.method(), path.as_str()) {
         // Liveness: answering at all is the signal; it never fails for
@@ -133,7 +174,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
             text.extend_from_slice(crate::observe::metrics::render_wasm(&runtime.wasm).as_bytes());
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
-        (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared)),
+        (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared, &traffic)),
+        // The page holds no data (it is the same for everyone); the data
+        // it polls is the status above.
+        (&Method::GET, "/admin/ui") => ui::page(),
+        (&Method::GET, "/admin/ui/data") => match view_refusal(&shared, peer, &req) {
+            Some(resp) => resp,
+            None => json_reply(StatusCode::OK, status(&shared, &traffic)),
+        },
         (&Method::POST, "/admin/reload") => match refusal(&shared, &req) {
             Some(resp) => resp,
             None => match shared.reload().await {
@@ -158,7 +206,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<AdminResp
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload"
-            | "/admin/cache/purge" | "/admin/load-level",
+            | "/admin/cache/purge" | "/admin/load-level" | "/admin/ui" | "/admin/ui/data",
         ) => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
@@ -222,7 +270,10 @@ async fn cache_purge(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
     )
 }
 
-fn status(shared: &Shared) -> serde_json::Value {
+/// What `/admin/status` and the dashboard's data answer: the config in
+/// effect, the load level, the upstreams' endpoints and, under `traffic`,
+/// the latest second's sample with rates over the last ten seconds.
+fn status(shared: &Shared, traffic: &Traffic) -> serde_json::Value {
     let runtime = shared.runtime.load();
     let routes: Vec<_> = runtime
         .routes
@@ -266,6 +317,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         "routes": routes,
         "clusters": clusters,
         "filters": runtime.config.filters.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        "traffic": traffic.snapshot(),
     })
 }
 

@@ -31,6 +31,7 @@ pub mod listener;
 pub mod otlp;
 pub mod overload;
 pub mod route;
+mod summary;
 pub mod units;
 pub mod upstream;
 

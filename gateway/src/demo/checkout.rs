@@ -55,14 +55,28 @@ pub fn demo_token(user: &str) -> String {
     .unwrap_or_default()
 }
 
-/// The lines `flashgate demo` prints about checkout.
-pub fn instructions(public: SocketAddr, core: SocketAddr) -> String {
+/// The banner's checkout: buys one `demo-sneaker` as `demo-user-1`.
+pub fn buy_command(public: SocketAddr) -> String {
+    buy(public, "buy-1")
+}
+
+/// The same buyer again with a new idempotency key: over the per-user limit.
+pub fn buy_again_command(public: SocketAddr) -> String {
+    buy(public, "buy-2")
+}
+
+fn buy(public: SocketAddr, key: &str) -> String {
     let token = demo_token("demo-user-1");
     format!(
-        "checkout (order core in process, NOT durable; {DEMO_STOCK} x {DEMO_SKU}):\n  \
-         curl -i -X POST http://{public}/checkout -H 'authorization: Bearer {token}' \
-         -H 'idempotency-key: buy-1' -H 'content-type: application/json' \
-         -d '{{\"sku\":\"{DEMO_SKU}\",\"qty\":1}}'\n  \
-         stock: curl -H 'authorization: Bearer {DEMO_CORE_TOKEN}' http://{core}/admin/stock/{DEMO_SKU}\n"
+        "curl -i -X POST http://{public}/checkout -H 'authorization: Bearer {token}' \
+         -H 'idempotency-key: {key}' -H 'content-type: application/json' \
+         -d '{{\"sku\":\"{DEMO_SKU}\",\"qty\":1}}'"
+    )
+}
+
+/// The banner's stock query on the order core's admin API.
+pub fn stock_command(core: SocketAddr) -> String {
+    format!(
+        "curl -s -H 'authorization: Bearer {DEMO_CORE_TOKEN}' http://{core}/admin/stock/{DEMO_SKU}"
     )
 }

@@ -22,7 +22,10 @@ use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+pub mod banner;
 pub mod checkout;
+pub mod shop;
+pub mod wasm;
 
 use crate::config::Config;
 
@@ -79,38 +82,36 @@ fn product(id: u32) -> serde_json::Value {
 struct Catalog {
     products: Vec<Bytes>,
     pages: Vec<Bytes>,
+    home: Bytes,
+}
+
+/// The products `/` shows.
+const HOME_PRODUCTS: u32 = 24;
+
+fn card(p: &serde_json::Value) -> shop::Card<'_> {
+    shop::Card {
+        id: p["id"].as_u64().unwrap_or(0) as u32,
+        name: p["name"].as_str().unwrap_or(""),
+        price_cents: p["price_cents"].as_u64().unwrap_or(0),
+        in_stock: p["in_stock"].as_bool() == Some(true),
+    }
 }
 
 impl Catalog {
     fn new() -> Catalog {
+        let all: Vec<serde_json::Value> = (1..=PRODUCTS).map(product).collect();
+        let home_cards: Vec<shop::Card<'_>> =
+            all.iter().take(HOME_PRODUCTS as usize).map(card).collect();
         Catalog {
-            products: (1..=PRODUCTS)
-                .map(|id| Bytes::from(product(id).to_string()))
+            products: all.iter().map(|p| Bytes::from(p.to_string())).collect(),
+            pages: all
+                .iter()
+                .map(|p| Bytes::from(shop::product(&card(p))))
                 .collect(),
-            pages: (1..=PRODUCTS)
-                .map(|id| Bytes::from(product_page(id)))
-                .collect(),
+            home: Bytes::from(shop::home(&home_cards)),
         }
     }
 }
-
-fn product_page(id: u32) -> String {
-    let p = product(id);
-    format!(
-        "<!doctype html><html><head><title>{name}</title><link rel=\"stylesheet\" href=\"/static/app.css\"></head>\
-         <body><h1>{name}</h1><p class=\"price\">${dollars}.{cents:02}</p><p>{stock}</p>\
-         <div id=\"reco\" data-product=\"{id}\"></div><script src=\"/static/app.js\"></script></body></html>\n",
-        name = p["name"].as_str().unwrap_or(""),
-        dollars = p["price_cents"].as_u64().unwrap_or(0) / 100,
-        cents = p["price_cents"].as_u64().unwrap_or(0) % 100,
-        stock = if p["in_stock"].as_bool() == Some(true) { "In stock" } else { "Sold out" },
-    )
-}
-
-const APP_CSS: &str =
-    "body{font-family:sans-serif;max-width:40em;margin:2em auto}.price{font-size:2em}\n";
-const APP_JS: &str = "fetch('/recommendations?product='+document.getElementById('reco').dataset.product)\
-.then(r=>r.json()).then(j=>{document.getElementById('reco').textContent='You may also like: '+j.items.map(p=>p.name).join(', ')});\n";
 
 fn respond(
     status: StatusCode,
@@ -154,19 +155,19 @@ async fn origin(
     };
     let resp = match path {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/" => {
-            let items: String = (1..=50)
-                .map(|id| {
-                    format!(
-                        "<li><a href=\"/shop/{id}\">{}</a></li>",
-                        product(id)["name"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
+        "/" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            catalog.home.clone(),
+        ),
+        "/drop/demo-sneaker" => {
+            // A buyer of its own per page: each visitor can buy one pair.
+            static BUYERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let n = BUYERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                format!("<!doctype html><html><head><title>flashgate demo shop</title></head><body><h1>Demo shop</h1><ul>{items}</ul></body></html>\n"),
+                shop::drop_page(&format!("web-buyer-{n}")),
             )
         }
         "/products" => {
@@ -206,8 +207,8 @@ async fn origin(
                 json!({"items": items}).to_string(),
             )
         }
-        "/static/app.css" => respond(StatusCode::OK, "text/css", APP_CSS),
-        "/static/app.js" => respond(StatusCode::OK, "application/javascript", APP_JS),
+        "/static/app.css" => respond(StatusCode::OK, "text/css", shop::APP_CSS),
+        "/static/app.js" => respond(StatusCode::OK, "application/javascript", shop::APP_JS),
         _ => {
             if let Some(id) = path.strip_prefix("/products/").and_then(lookup) {
                 respond(

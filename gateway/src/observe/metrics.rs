@@ -263,6 +263,12 @@ impl Metrics {
         })
     }
 
+    /// Every metric family, for readers in the process (the admin
+    /// dashboard's sampler) that need values rather than text.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
