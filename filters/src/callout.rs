@@ -77,11 +77,14 @@ pub fn set_http_callout(callout: Arc<dyn HttpCallout>) {
     *CALLOUT.write().unwrap_or_else(|e| e.into_inner()) = Some(callout);
 }
 
+// Used by the Wasm host only (feature `wasm`).
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 fn registered() -> Option<Arc<dyn HttpCallout>> {
     CALLOUT.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Starts a callout bounded by `timeout`.
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 pub(crate) fn start(req: CalloutRequest, timeout: Duration) -> Result<CalloutFuture, CalloutError> {
     let callout = registered().ok_or_else(|| CalloutError::UnknownCluster(req.cluster.clone()))?;
     let fut = callout.call(req)?;
@@ -95,6 +98,7 @@ pub(crate) fn start(req: CalloutRequest, timeout: Duration) -> Result<CalloutFut
 
 /// Starts a root context's callout bounded by `timeout`; `deliver` gets
 /// its answer, on a runtime thread.
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 pub(crate) fn start_detached(
     req: CalloutRequest,
     timeout: Duration,

@@ -20,6 +20,7 @@ mod body;
 pub mod callout;
 mod chain;
 pub mod native;
+#[cfg(feature = "wasm")]
 pub mod wasm;
 
 pub use body::{BodyStop, FilteredBody};

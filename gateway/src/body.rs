@@ -273,7 +273,18 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
-            Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                // Before the hand-off, on a route that buffers: a frame is
+                // a slice of the upstream connection's read buffer, and a
+                // client that reads nothing keeps it queued in its
+                // connection's write buffer, holding the whole read buffer
+                // long after the connection went back to the pool. A copy
+                // of the few KiB before the hand-off holds only itself.
+                Poll::Ready(Some(Ok(frame))) if this.spooler.is_some() => {
+                    Poll::Ready(Some(Ok(frame.map_data(|d| Bytes::copy_from_slice(&d)))))
+                }
+                polled => polled.map_err(Into::into),
+            },
             Inner::Filtered(body) => Pin::new(body.as_mut()).poll_frame(cx).map_err(Into::into),
             Inner::Full(full) => Pin::new(full)
                 .poll_frame(cx)

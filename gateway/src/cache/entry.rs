@@ -242,7 +242,10 @@ impl Record {
                 let sie_ms = r.u64()?;
                 let fill_ms = r.u32()?;
                 let nvary = r.u16()?;
-                let mut vary = Vec::with_capacity(nvary as usize);
+                // Counts come from bytes someone else may have written:
+                // room only for what the bytes left could hold (a vary
+                // entry takes 3 bytes at least, a header 6).
+                let mut vary = Vec::with_capacity((nvary as usize).min(r.0.len() / 3));
                 for _ in 0..nvary {
                     let name = HeaderName::from_bytes(&r.name()?).ok()?;
                     let value = match r.u8()? {
@@ -253,11 +256,14 @@ impl Record {
                     vary.push((name, value));
                 }
                 let nheaders = r.u16()?;
-                let mut headers = HeaderMap::with_capacity(nheaders as usize);
+                // `with_capacity` and `append` panic past the map's largest
+                // size (32,768 entries), which a u16 count can ask for.
+                let mut headers =
+                    HeaderMap::try_with_capacity((nheaders as usize).min(r.0.len() / 6)).ok()?;
                 for _ in 0..nheaders {
                     let name = HeaderName::from_bytes(&r.name()?).ok()?;
                     let value = HeaderValue::from_maybe_shared(r.value()?).ok()?;
-                    headers.append(name, value);
+                    headers.try_append(name, value).ok()?;
                 }
                 let body = std::mem::take(r.0);
                 Some(Record::Response(Arc::new(Entry {
@@ -444,5 +450,36 @@ mod tests {
         h.remove("x-absent");
         h.insert("accept-encoding", HeaderValue::from_static("br"));
         assert!(!e.matches_variant(&h));
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/cache_entry.rs): a header
+    /// count above what a `HeaderMap` can hold panicked in
+    /// `with_capacity` (and in `append` past 32,768 names); such bytes
+    /// are a miss, not a crash.
+    #[test]
+    fn header_counts_past_the_map_limit_decode_to_none() {
+        let head = |nheaders: u16| {
+            let mut b = BytesMut::new();
+            b.put_slice(MAGIC);
+            b.put_u8(1);
+            b.put_u16_le(200);
+            for _ in 0..4 {
+                b.put_u64_le(1);
+            }
+            b.put_u32_le(0);
+            b.put_u16_le(0);
+            b.put_u16_le(nheaders);
+            b
+        };
+        let mut few = head(u16::MAX);
+        put_name(&mut few, b"age");
+        put_value(&mut few, b"3");
+        assert!(Record::decode(few.freeze()).is_none());
+        let mut many = head(u16::MAX);
+        for i in 0..40_000 {
+            put_name(&mut many, format!("h{i}").as_bytes());
+            put_value(&mut many, b"v");
+        }
+        assert!(Record::decode(many.freeze()).is_none());
     }
 }

@@ -12,8 +12,9 @@ use super::{ConfigError, Size};
 #[serde(deny_unknown_fields)]
 pub struct BufferingConfig {
     /// Bytes of one body held in memory; the rest goes to a temp file.
-    /// 64 KiB: nginx's default `proxy_buffers` (8 x 4-8 KiB) plus its
-    /// busy buffers are of this order, and most API and HTML answers fit.
+    /// 32 KiB: nginx's default `proxy_buffers` (8 x 4 KiB) on x86-64.
+    /// Each slow reader holds this much: more would make a flood of them
+    /// cost more than it does nginx; most API answers still fit whole.
     #[serde(default = "default_memory")]
     pub memory: Size,
     /// Where temp files go (created and unlinked at once, so nothing is
@@ -40,7 +41,7 @@ impl Default for BufferingConfig {
 }
 
 fn default_memory() -> Size {
-    Size(64 << 10)
+    Size(32 << 10)
 }
 
 fn default_temp_max() -> Size {

@@ -322,7 +322,7 @@ mod tests {
         );
         assert!(c.routes[0].buffer_requests && c.routes[0].buffer_responses);
         assert_eq!(c.routes[0].escaped_slashes, EscapedSlashes::Reject);
-        assert_eq!(c.buffering.memory, Size(64 << 10));
+        assert_eq!(c.buffering.memory, Size(32 << 10));
         assert_eq!(
             err("[buffering]\nmemory = \"1KiB\"\n").path,
             "buffering.memory"

@@ -15,6 +15,7 @@
 //! [`handle`] is the whole order on one screen.
 
 pub mod admission;
+pub mod authority;
 pub mod cache;
 pub mod callout;
 pub mod filters;

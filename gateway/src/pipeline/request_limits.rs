@@ -14,6 +14,7 @@ use http::request::Parts;
 use http::{header, HeaderValue, Uri, Version};
 use hyper::body::Incoming;
 
+use super::authority::valid_authority;
 use super::route::router::normalize_path;
 use super::{RequestCtx, Stop};
 use crate::edge::request_body::LimitedBody;
@@ -137,48 +138,6 @@ fn settle_host(head: &mut Parts) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// `host[:port]` as RFC 3986 allows it in `Host`, without userinfo: a
-/// registered name (letters, digits, `-._~`), an IPv4 address or a
-/// bracketed IPv6 literal, and an optional decimal port. Stricter than
-/// the RFC (no percent-encoding or sub-delims in names), as nginx is:
-/// nothing a real host name needs is refused, and nothing that could be
-/// read two ways by an origin or a cache gets through.
-pub fn valid_authority(raw: &[u8]) -> bool {
-    let (host, port) = if raw.first() == Some(&b'[') {
-        let Some(end) = raw.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let literal = &raw[1..end];
-        if literal.is_empty()
-            || !literal
-                .iter()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
-            return false;
-        }
-        (&raw[..=end], &raw[end + 1..])
-    } else {
-        let colon = raw.iter().position(|&b| b == b':').unwrap_or(raw.len());
-        let host = &raw[..colon];
-        if host.is_empty()
-            || !host
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
-        {
-            return false;
-        }
-        (host, &raw[colon..])
-    };
-    debug_assert!(!host.is_empty());
-    match port.split_first() {
-        None => true,
-        Some((b':', digits)) => {
-            !digits.is_empty() && digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit)
-        }
-        Some(_) => false,
-    }
-}
-
 /// Rewrites the URI's path to its normalized form, keeping the query.
 fn normalize_request_path(uri: &mut Uri) -> Result<(), ProxyError> {
     let normalized = match normalize_path(uri.path()).ok_or(ProxyError::BadPath)? {
@@ -216,36 +175,6 @@ mod tests {
         let ok: Uri = "/a?b=c".parse().unwrap();
         assert!(check_uri(&ok, 6).is_ok());
         assert_eq!(check_uri(&ok, 5), Err(ProxyError::UriTooLong));
-    }
-
-    #[test]
-    fn authorities() {
-        for ok in [
-            "shop.example",
-            "Shop.Example:8443",
-            "127.0.0.1",
-            "[::1]:80",
-            "a_b-c~d.",
-        ] {
-            assert!(valid_authority(ok.as_bytes()), "{ok}");
-        }
-        for bad in [
-            "",
-            ":80",
-            "a b",
-            "evil.example/x?@probe",
-            "user@shop.example",
-            "shop.example:",
-            "shop.example:8o",
-            "shop.example:123456",
-            "[::1",
-            "[]",
-            "[::1]x",
-            "a%2eb",
-            "a,b",
-        ] {
-            assert!(!valid_authority(bad.as_bytes()), "{bad:?}");
-        }
     }
 
     fn parts(req: http::request::Builder) -> Parts {

@@ -40,12 +40,14 @@ pub async fn connect(addr: &str, timeout: Duration, purpose: Use) -> Result<Send
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
-        // hyper's default lets the read buffer grow to about 400 KiB; the
-        // body frames handed on are slices of it, so a slow client whose
-        // unsent frames sit in its connection's write queue would keep
-        // that whole buffer alive. 64 KiB reads are as fast for bodies
-        // (nginx reads upstreams in 4-8 KiB buffers).
-        .max_buf_size(64 << 10)
+        // hyper's default lets the read buffer grow to about 400 KiB, and
+        // a connection keeps the largest size it reached while it idles in
+        // the pool: after a flood of large answers (slow readers among
+        // them) every pooled connection would hold that much. 16 KiB reads
+        // still move bodies at memory speed (nginx reads upstreams in
+        // 4-8 KiB buffers), and 16 KiB is also the largest response head
+        // an upstream may send (nginx's default `proxy_buffer_size`: 4 KiB).
+        .max_buf_size(16 << 10)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| {
