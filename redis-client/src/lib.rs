@@ -619,7 +619,11 @@ pub async fn subscribe(
                         }
                     }
                 };
-                tracing::warn!(url, why, "redis pub/sub connection given up; trying the next seed");
+                tracing::warn!(
+                    url,
+                    why,
+                    "redis pub/sub connection given up; trying the next seed"
+                );
             }
             Ok(Err(e)) => tracing::debug!(url, error = %e, "redis pub/sub connect failed"),
             Err(_) => tracing::debug!(url, "redis pub/sub connect timed out"),
@@ -662,10 +666,12 @@ fn source(target: &Target, settings: Settings) -> Result<Source, Error> {
 }
 
 async fn connect_lanes(source: &Source, settings: Settings) -> Result<Vec<Conn>, RedisError> {
-    futures_util::future::join_all((0..settings.lanes.max(1)).map(|_| connect_one(source, settings)))
-        .await
-        .into_iter()
-        .collect()
+    futures_util::future::join_all(
+        (0..settings.lanes.max(1)).map(|_| connect_one(source, settings)),
+    )
+    .await
+    .into_iter()
+    .collect()
 }
 
 async fn connect_one(source: &Source, settings: Settings) -> Result<Conn, RedisError> {
