@@ -10,7 +10,9 @@
 //! - `consumer` (feature `rocketmq`): the idempotent order consumer.
 //!
 //! Features `redis` and `rocketmq` (default) compile the production back
-//! ends; without them the crate is the demo core only.
+//! ends; without them the crate is the demo core only. The Redis client
+//! (timeouts, slot-map refresh, retries, replicated acks' topology) is the
+//! workspace crate `flashgate-redis`, shared with the gateway's cache.
 
 pub mod config;
 pub mod demo;
@@ -19,8 +21,6 @@ pub mod hooks;
 pub mod http;
 pub mod model;
 pub mod publish;
-#[cfg(feature = "redis")]
-pub mod redis_client;
 pub mod service;
 pub mod sink;
 pub mod store;

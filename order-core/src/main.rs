@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
+use flashgate_redis::{RedisClient, Settings};
 use order_core::config::{Config, RedisTarget};
 use order_core::consumer::{self, ConsumerSettings};
 use order_core::http::Api;
 use order_core::publish::local::LocalQueue;
 use order_core::publish::rocketmq::{MqRuntime, MqSettings, RocketMqPublisher};
 use order_core::publish::Publisher;
-use order_core::redis_client::{RedisClient, Settings};
 use order_core::service::{Core, Limits};
 use order_core::sink::DeadLetters;
 use order_core::store::redis::{Ack, RedisStore};
@@ -173,6 +173,7 @@ async fn redis_store(c: &Config) -> Result<RedisStore> {
     let settings = Settings {
         timeout: timing.timeout,
         budget: timing.retry_budget,
+        ..Settings::default()
     };
     let client = match c.redis_target().map_err(|e| anyhow!(e))? {
         RedisTarget::Single(url) => RedisClient::single(&url, settings).await,

@@ -16,8 +16,13 @@ use crate::{full, send_with, Got, Proc};
 
 pub const ADMIN_TOKEN: &str = "core-token";
 
-/// The `order-core` binary next to the test binary (tests/run.sh builds it).
+/// The `order-core` binary next to the test binary (tests/run.sh builds it),
+/// or `$FLASHGATE_ORDER_CORE_BIN`.
 pub fn order_core_bin() -> PathBuf {
+    // Another build of the core (a release build for measured drills).
+    if let Some(bin) = std::env::var_os("FLASHGATE_ORDER_CORE_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let bin = exe
         .parent()

@@ -16,6 +16,13 @@
 //!
 //! Buyers retry a 503 with the same Idempotency-Key, as the gateway and a
 //! well-behaved client do.
+//!
+//! The gateway's cache L2 on the same kind of cluster (it uses the same
+//! Redis client as the core), with the master of a cached key's slot
+//! killed and hung: every request is answered (the cache fails open to the
+//! origin while L2 is unreachable), L2 hits resume between two gateways
+//! after the promotion, and the fleet's fill lock still holds a stampede
+//! to one origin request.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +33,9 @@ use flashgate_tests::order::{
     checkout, set_stock, start_core, stock, CoreFiles, CoreProc, CoreSetup, RedisAt,
 };
 use flashgate_tests::redis::{ClusterSpec, Durability, RedisCluster};
-use flashgate_tests::{client, free_port, HttpClient};
+use flashgate_tests::{
+    client, free_port, gateway, metric, reply, send, Cfg, Gateway, HttpClient, Upstream,
+};
 
 /// How long a hung master sleeps: far longer than detection + promotion
 /// (~3-5 s with a 2 s node timeout), so a core that waits for it to wake
@@ -411,4 +420,212 @@ async fn no_order_is_acknowledged_before_its_replica_has_it() {
     let (left, orders) = stock(core.addr, acked).await;
     assert_eq!(left + orders, STOCK, "stock and orders of {acked}");
     assert!(orders as usize >= acknowledged.len());
+}
+
+/// The cache's Host: the L2 key of `/p` is `flashgate:cache:{shop.test/p}:e`.
+const HOST: &str = "shop.test";
+
+/// L2 hits must resume within this long after the promotion was seen.
+const L2_BACK_AFTER_PROMOTION: Duration = Duration::from_secs(10);
+
+/// Cached paths whose L2 keys live on `master` (as node `via` sees it).
+fn paths_on(cluster: &RedisCluster, master: usize, via: usize, tag: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("/{tag}/{i}"))
+        .filter(|p| {
+            let slot = cluster.slot_of(&format!("{HOST}{p}"));
+            cluster
+                .shard_of(slot, via)
+                .is_some_and(|(m, _)| m == master)
+        })
+        .take(n)
+        .collect()
+}
+
+async fn fetch(gw: &Gateway, path: &str) -> flashgate_tests::Got {
+    send(
+        http::Request::get(format!("http://{}{path}", gw.addr("public").unwrap()))
+            .header("host", HOST)
+            .body(flashgate_tests::empty())
+            .unwrap(),
+    )
+    .await
+}
+
+/// Origin requests per path; paths under `/slow/` answer after 300 ms (so
+/// a stampede overlaps one fill).
+#[derive(Clone, Default)]
+struct OriginHits(Arc<Mutex<std::collections::HashMap<String, usize>>>);
+
+impl OriginHits {
+    fn get(&self, path: &str) -> usize {
+        self.0.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+async fn counting_origin() -> (Upstream, OriginHits) {
+    let hits = OriginHits::default();
+    let h = hits.clone();
+    let up = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
+        let h = h.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            *h.0.lock().unwrap().entry(path.clone()).or_default() += 1;
+            if path.starts_with("/slow/") {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let mut r = reply(200, path);
+            r.headers_mut()
+                .insert("cache-control", "public, max-age=600".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    (up, hits)
+}
+
+/// The L2 drill: two gateways with the default `[redis]` settings on a
+/// 3+3 cluster, clients fetching new paths through both all along, and
+/// the master of the probed keys' slots failed.
+async fn l2_drill(how: Failure) {
+    let mut cluster = start_cluster().await;
+    let (up, hits) = counting_origin().await;
+    let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let cfg = Cfg::new(&[up.addr])
+        .upstream("max_concurrent_requests = 4096")
+        .route("cache = { ttl = \"600s\" }\n")
+        // A 1 s attempt: a busy 2-core box must not time out a healthy
+        // call, or a gateway would fill on its own and the lock check fail.
+        .section(format!(
+            "[redis]\ncluster = [{}]\ntimeout = \"1s\"\n",
+            seeds.join(", ")
+        ))
+        .build();
+    let a = Arc::new(gateway(&cfg).await);
+    let b = Arc::new(gateway(&cfg).await);
+
+    // The shard to fail: the one serving the first probe path.
+    let via0 = 0;
+    let first = format!("{HOST}/probe/0");
+    let (master, replicas) = cluster
+        .shard_of(cluster.slot_of(&first), via0)
+        .expect("a master serves the slot");
+    let replica = replicas[0];
+    let via = (0..cluster.nodes.len())
+        .find(|&i| i != master && i != replica)
+        .unwrap();
+    let probes = paths_on(&cluster, master, via, "probe", 200);
+    let slow = paths_on(&cluster, master, via, "slow", 1).remove(0);
+    let slot = cluster.slot_of(&format!("{HOST}{}", probes[0]));
+
+    // L2 is shared before the failure.
+    assert_eq!(fetch(&a, &probes[0]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(fetch(&b, &probes[0]).await.header("x-cache"), Some("HIT"));
+    assert_eq!(hits.get(&probes[0]), 1);
+
+    // Clients: new paths (misses: L2 get, lock, set) through both gateways.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let gw = if w % 2 == 0 { a.clone() } else { b.clone() };
+        let (stop, sent, bad) = (stop.clone(), sent.clone(), bad.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let path = format!("/load/{w}/{i}");
+                let got = fetch(&gw, &path).await;
+                sent.fetch_add(1, Ordering::SeqCst);
+                if got.status != 200 || got.text() != path {
+                    bad.lock()
+                        .unwrap()
+                        .push(format!("{path}: {} {}", got.status, got.text()));
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let failed_at = Instant::now();
+    match how {
+        Failure::Kill => tokio::task::block_in_place(|| cluster.nodes[master].stop()),
+        Failure::Hang => tokio::task::block_in_place(|| cluster.nodes[master].hang_for(HANG_SECS)),
+    }
+    let promoted_at = promoted(&cluster, slot, replica, via, Duration::from_secs(60)).await;
+
+    // L2 hits resume: a key filled through one gateway is a hit in the
+    // other (whose L1 never saw it), both ways.
+    let deadline = promoted_at + L2_BACK_AFTER_PROMOTION;
+    let mut probes = probes.into_iter().skip(1);
+    let mut back_at = Vec::new();
+    for (filler, reader) in [(&a, &b), (&b, &a)] {
+        loop {
+            let p = probes.next().expect("enough probe paths");
+            let filled = fetch(filler, &p).await;
+            assert_eq!(filled.status, 200, "{p}: {}", filled.text());
+            if fetch(reader, &p).await.header("x-cache") == Some("HIT") {
+                back_at.push(Instant::now());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no L2 hit within {L2_BACK_AFTER_PROMOTION:?} of the promotion"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "L2 drill {how:?}: promotion seen {:?} after the failure; L2 hits back {:?} / {:?} after it",
+        promoted_at - failed_at,
+        back_at[0].saturating_duration_since(promoted_at),
+        back_at[1].saturating_duration_since(promoted_at),
+    );
+
+    // The fleet's fill lock holds a stampede on the new master to one
+    // origin request.
+    let stampede: Vec<_> = (0..100)
+        .map(|i| {
+            let gw = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let slow = slow.clone();
+            tokio::spawn(async move { fetch(&gw, &slow).await })
+        })
+        .collect();
+    for t in stampede {
+        let got = t.await.expect("stampede request");
+        assert_eq!((got.status, got.text()), (200, slow.clone()));
+    }
+    assert_eq!(
+        hits.get(&slow),
+        1,
+        "one origin request for the fleet's stampede"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("client");
+    }
+    assert!(
+        bad.lock().unwrap().is_empty(),
+        "answers: {:?}",
+        bad.lock().unwrap()
+    );
+    assert!(sent.load(Ordering::SeqCst) > 100, "the clients kept going");
+    let errors = metric(a.admin_addr(), "flashgate_cache_l2_errors_total").await
+        + metric(b.admin_addr(), "flashgate_cache_l2_errors_total").await;
+    assert!(
+        errors > 0.0,
+        "the gateways saw L2 fail (the drill reached it)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_l2_survives_the_master_killed() {
+    l2_drill(Failure::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_l2_survives_the_master_hung() {
+    l2_drill(Failure::Hang).await;
 }

@@ -6,20 +6,25 @@
 //! slot. Channels: `<prefix>fill:<cache key>` announces a finished fill,
 //! `<prefix>purge` carries purges to every gateway's L1.
 //!
-//! Every operation is bounded by `redis.timeout`; a failure marks L2 down
-//! for `redis.retry_interval`, during which the cache goes on without it
-//! (L1, in-process single flight, the origin). The connections reconnect
-//! by themselves: the single-server client is the crate's
-//! `ConnectionManager`, the cluster client is made again after a failure.
+//! Calls go through the product's one Redis client (`flashgate-redis`), so
+//! a failover costs the cache what it costs the checkout: each attempt is
+//! bounded by `redis.timeout`, a timeout or a moved slot rebuilds the
+//! connections from the seeds (a fresh slot map), and a call is tried
+//! again within `redis.retry_budget`. A call that still fails marks L2
+//! down for `redis.retry_interval`, during which the cache goes on without
+//! it (L1, in-process single flight, the origin): L2 costs cache hits,
+//! never answers. The client is lazy, so a gateway starts while Redis is
+//! down. Every step here is safe to repeat: `GET`, a `SET` of a whole
+//! entry, `SET NX` for the lock, a compare-and-delete unlock, `PUBLISH`
+//! (a second fill notice only wakes waiters again), `UNLINK`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flashgate_redis::{Conn, RedisClient, Settings, Subscription, Target};
 use prometheus::{IntCounterVec, IntGauge};
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue};
 
 use super::entry::{now_ms, Record};
@@ -30,94 +35,39 @@ use crate::config::RedisConfig;
 const UNLOCK: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
-enum Conn {
-    Single(ConnectionManager),
-    /// Boxed: built once, and much larger than the single-server handle.
-    Cluster(Box<ClusterConn>),
-}
-
-struct ClusterConn {
-    client: redis::cluster::ClusterClient,
-    conn: Mutex<Option<ClusterConnection>>,
-}
-
-impl ClusterConn {
-    /// The shared cluster connection, made on first use and again after a
-    /// failure (it is created eagerly by the crate, which fails while the
-    /// cluster is down).
-    async fn connection(&self) -> redis::RedisResult<ClusterConnection> {
-        let existing = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match existing {
-            Some(c) => Ok(c),
-            None => {
-                let c = self.client.get_async_connection().await?;
-                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-                Ok(c)
-            }
-        }
-    }
-}
-
 /// Why an L2 call did not give an answer (already counted and logged).
 #[derive(Debug)]
 pub struct Unavailable;
 
 pub struct L2 {
-    conn: Conn,
+    client: RedisClient,
+    /// Where Redis is, for the pub/sub connection.
+    target: Target,
     prefix: String,
-    timeout: Duration,
     retry_interval: Duration,
     down_until_ms: AtomicU64,
     up: AtomicBool,
     errors: IntCounterVec,
     up_gauge: IntGauge,
-    /// Seed URLs for the pub/sub connection.
-    pub(super) pubsub_urls: Vec<String>,
 }
 
 impl L2 {
     pub fn new(c: &RedisConfig, errors: IntCounterVec, up_gauge: IntGauge) -> Result<L2, String> {
-        let timeout = c.timeout.0;
-        let (conn, pubsub_urls) = match &c.url {
-            Some(url) => {
-                let client =
-                    redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                let manager = ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| format!("redis.url: {e}"))?;
-                (Conn::Single(manager), vec![url.clone()])
-            }
-            None => {
-                let client = redis::cluster::ClusterClient::builder(c.cluster.clone())
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .retries(1)
-                    .build()
-                    .map_err(|e| format!("redis.cluster: {e}"))?;
-                (
-                    Conn::Cluster(Box::new(ClusterConn {
-                        client,
-                        conn: Mutex::new(None),
-                    })),
-                    c.cluster.clone(),
-                )
-            }
+        let (target, path) = match &c.url {
+            Some(url) => (Target::Single(url.clone()), "redis.url"),
+            None => (Target::Cluster(c.cluster.clone()), "redis.cluster"),
         };
+        let client = RedisClient::lazy(&target, settings(c)).map_err(|e| format!("{path}: {e}"))?;
         up_gauge.set(1);
         Ok(L2 {
-            conn,
+            client,
+            target,
             prefix: c.key_prefix.clone(),
-            timeout,
             retry_interval: c.retry_interval.0,
             down_until_ms: AtomicU64::new(0),
             up: AtomicBool::new(true),
             errors,
             up_gauge,
-            pubsub_urls,
         })
     }
 
@@ -132,10 +82,6 @@ impl L2 {
             now_ms() + self.retry_interval.as_millis() as u64,
             Ordering::Relaxed,
         );
-        if let Conn::Cluster(c) = &self.conn {
-            // Made again on next use; the old one may be wedged.
-            *c.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
         if self.up.swap(false, Ordering::Relaxed) {
             self.up_gauge.set(0);
             tracing::warn!(op, error = %err, retry_in = ?self.retry_interval, "redis unavailable: the cache goes on without L2 (L1 and in-process single flight stay on)");
@@ -149,32 +95,32 @@ impl L2 {
         }
     }
 
-    /// Runs one command within the timeout, with failure accounting.
+    /// Runs one command through the client (timeouts, refresh, retries),
+    /// with failure accounting.
     async fn query<T: FromRedisValue>(
         &self,
         op: &'static str,
         cmd: &Cmd,
     ) -> Result<T, Unavailable> {
-        let run = async {
-            match &self.conn {
-                Conn::Single(m) => cmd.query_async::<T>(&mut m.clone()).await,
-                Conn::Cluster(cluster) => {
-                    let mut c = cluster.connection().await?;
-                    cmd.query_async::<T>(&mut c).await
-                }
-            }
-        };
-        match tokio::time::timeout(self.timeout, run).await {
-            Ok(Ok(v)) => {
+        let result = self
+            .client
+            .run(|mut c| async move { cmd.query_async::<T>(&mut c).await })
+            .await;
+        self.settle(op, result)
+    }
+
+    fn settle<T>(
+        &self,
+        op: &'static str,
+        result: Result<T, flashgate_redis::Failure>,
+    ) -> Result<T, Unavailable> {
+        match result {
+            Ok(v) => {
                 self.succeeded();
                 Ok(v)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.failed(op, &e);
-                Err(Unavailable)
-            }
-            Err(_) => {
-                self.failed(op, &format_args!("timed out after {:?}", self.timeout));
                 Err(Unavailable)
             }
         }
@@ -324,57 +270,49 @@ impl L2 {
     /// per node). Purges are rare admin calls; KEYS blocks each master for
     /// the time it takes to walk its keys.
     async fn keys_matching(&self, pattern: &[u8]) -> Result<Vec<Vec<u8>>, Unavailable> {
-        match &self.conn {
-            Conn::Single(_) => {
-                let mut cursor: u64 = 0;
-                let mut out = Vec::new();
-                loop {
-                    let (next, keys): (u64, Vec<Vec<u8>>) = self
-                        .query(
-                            "purge",
-                            redis::cmd("SCAN")
-                                .arg(cursor)
-                                .arg("MATCH")
-                                .arg(pattern)
-                                .arg("COUNT")
-                                .arg(1000),
-                        )
-                        .await?;
-                    out.extend(keys);
-                    if next == 0 {
-                        return Ok(out);
-                    }
-                    cursor = next;
+        if !self.client.is_cluster() {
+            let mut cursor: u64 = 0;
+            let mut out = Vec::new();
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                    .query(
+                        "purge",
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000),
+                    )
+                    .await?;
+                out.extend(keys);
+                if next == 0 {
+                    return Ok(out);
                 }
-            }
-            Conn::Cluster(cluster) => {
-                use redis::cluster_routing::{
-                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
-                };
-                let run = async {
-                    let mut c = cluster.connection().await?;
-                    let all_masters = RoutingInfo::MultiNode((
-                        MultipleNodeRoutingInfo::AllMasters,
-                        Some(ResponsePolicy::CombineArrays),
-                    ));
-                    let keys = c
-                        .route_command(redis::cmd("KEYS").arg(pattern).clone(), all_masters)
-                        .await?;
-                    Ok::<_, redis::RedisError>(Vec::<Vec<u8>>::from_redis_value(keys)?)
-                };
-                match tokio::time::timeout(self.timeout * 4, run).await {
-                    Ok(Ok(keys)) => Ok(keys),
-                    Ok(Err(e)) => {
-                        self.failed("purge", &e);
-                        Err(Unavailable)
-                    }
-                    Err(_) => {
-                        self.failed("purge", &"timed out");
-                        Err(Unavailable)
-                    }
-                }
+                cursor = next;
             }
         }
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+        let keys = self
+            .client
+            .run(|c| async move {
+                let Conn::Cluster(mut c) = c else {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "KEYS on all masters needs a cluster connection",
+                    )));
+                };
+                let all_masters = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::CombineArrays),
+                ));
+                let keys = c
+                    .route_command(redis::cmd("KEYS").arg(pattern).clone(), all_masters)
+                    .await?;
+                Vec::<Vec<u8>>::from_redis_value(keys).map_err(redis::RedisError::from)
+            })
+            .await;
+        self.settle("purge", keys)
     }
 }
 
@@ -425,54 +363,45 @@ pub enum Message {
     Purged(Purge),
 }
 
-/// Keeps one pub/sub connection subscribed to the fill and purge channels,
-/// reconnecting (to the next seed for a Cluster) whenever it drops.
-/// Ends when `on_message` returns false (the cache is gone).
+/// Keeps one pub/sub connection subscribed to the fill and purge channels
+/// (the shared client's [`flashgate_redis::subscribe`]: it moves to the
+/// next seed when its node dies or hangs). Ends when `on_message` returns
+/// false (the cache is gone).
 pub async fn listen(l2: Arc<L2>, on_message: impl Fn(Message) -> bool + Send + 'static) {
-    use futures_util::StreamExt;
     let fill_prefix = l2.fill_channel_prefix();
-    let fill_pattern = format!("{fill_prefix}*");
     let purge_channel = l2.purge_channel();
-    let mut seed = 0;
-    loop {
-        let url = &l2.pubsub_urls[seed % l2.pubsub_urls.len()];
-        seed += 1;
-        let connected = async {
-            let client = redis::Client::open(url.as_str())?;
-            let mut ps = client.get_async_pubsub().await?;
-            ps.psubscribe(&fill_pattern).await?;
-            ps.subscribe(&purge_channel).await?;
-            Ok::<_, redis::RedisError>(ps)
-        };
-        match tokio::time::timeout(l2.timeout.max(Duration::from_secs(1)), connected).await {
-            Ok(Ok(ps)) => {
-                tracing::debug!(url, "cache pub/sub subscribed");
-                let mut stream = ps.into_on_message();
-                while let Some(msg) = stream.next().await {
-                    let channel: Vec<u8> = msg.get_channel().unwrap_or_default();
-                    let message = if let Some(key) = channel.strip_prefix(fill_prefix.as_bytes()) {
-                        Message::Filled(Bytes::copy_from_slice(key))
-                    } else if channel == purge_channel.as_bytes() {
-                        match Purge::decode(msg.get_payload_bytes()) {
-                            Some(p) => Message::Purged(p),
-                            None => continue,
-                        }
-                    } else {
-                        continue;
-                    };
-                    if !on_message(message) {
-                        return;
-                    }
+    let what = Subscription {
+        channels: vec![purge_channel.clone().into_bytes()],
+        patterns: vec![format!("{fill_prefix}*").into_bytes()],
+    };
+    flashgate_redis::subscribe(
+        &l2.target,
+        &what,
+        l2.client.settings(),
+        |channel, payload| {
+            let message = if let Some(key) = channel.strip_prefix(fill_prefix.as_bytes()) {
+                Message::Filled(Bytes::copy_from_slice(key))
+            } else if channel == purge_channel.as_bytes() {
+                match Purge::decode(payload) {
+                    Some(p) => Message::Purged(p),
+                    None => return true,
                 }
-                tracing::warn!(
-                    url,
-                    "cache pub/sub connection lost; waiters poll until it is back"
-                );
-            }
-            Ok(Err(e)) => tracing::debug!(url, error = %e, "cache pub/sub connect failed"),
-            Err(_) => tracing::debug!(url, "cache pub/sub connect timed out"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                return true;
+            };
+            on_message(message)
+        },
+    )
+    .await
+}
+
+/// The client's bounds from `[redis]`. One lane: the cache sends no
+/// blocking command, and one multiplexed connection per node carries it.
+fn settings(c: &RedisConfig) -> Settings {
+    Settings {
+        timeout: c.timeout.0,
+        budget: c.retry_budget(),
+        lanes: 1,
     }
 }
 

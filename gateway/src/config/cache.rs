@@ -73,6 +73,12 @@ pub struct RedisConfig {
     /// request at most this much before the cache goes on without L2.
     #[serde(default = "default_redis_timeout")]
     pub timeout: Dur,
+    /// All attempts of one operation together (after a timeout or a moved
+    /// slot the client reads the slot map again and retries). Absent: the
+    /// same as `timeout`, one attempt; the refresh then runs in the
+    /// background for the next operation.
+    #[serde(default)]
+    pub retry_budget: Option<Dur>,
     /// After a failed operation L2 is skipped this long, so an outage does
     /// not cost every request a timeout; then the next request probes it.
     #[serde(default = "default_retry_interval")]
@@ -172,6 +178,11 @@ impl CacheConfig {
 }
 
 impl RedisConfig {
+    /// `retry_budget`, or `timeout` when it is not set.
+    pub fn retry_budget(&self) -> std::time::Duration {
+        self.retry_budget.map_or(self.timeout.0, |b| b.0)
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         match (&self.url, self.cluster.is_empty()) {
             (Some(_), false) => {
@@ -204,6 +215,12 @@ impl RedisConfig {
         }
         if self.timeout.0.is_zero() {
             return Err(ConfigError::at("redis.timeout", "must be above zero"));
+        }
+        if self.retry_budget() < self.timeout.0 {
+            return Err(ConfigError::at(
+                "redis.retry_budget",
+                "must be at least `timeout` (one attempt)",
+            ));
         }
         if self.retry_interval.0.is_zero() {
             return Err(ConfigError::at(
@@ -342,6 +359,12 @@ mod tests {
         assert_eq!(
             path_of_error("[redis]\nurl = \"redis://a:1/\"\nkey_prefix = \"x{y}\"\n"),
             "redis.key_prefix"
+        );
+        assert_eq!(
+            path_of_error(
+                "[redis]\nurl = \"redis://a:1/\"\ntimeout = \"300ms\"\nretry_budget = \"100ms\"\n"
+            ),
+            "redis.retry_budget"
         );
     }
 }

@@ -20,7 +20,7 @@ use crate::error::CoreError;
 use crate::model::{
     sku_of_order, CheckoutCmd, Order, OrderStatus, Outcome, Sku, StockInfo, TxnVerdict,
 };
-use crate::redis_client::{Conn, Failure, RedisClient, Settings};
+use flashgate_redis::{Conn, Failure, RedisClient, Settings};
 
 /// Where the SKUs with stock are listed, for the expiry sweep. Not tagged:
 /// it is read on its own, never inside a script.

@@ -1,5 +1,13 @@
-//! The Redis client of the order core: one server or a Redis Cluster, with
-//! the failover behaviour a sale needs.
+//! flashgate's one Redis client: one server or a Redis Cluster, with the
+//! failover behaviour a sale needs.
+//!
+//! Its place: every part of the product that talks to Redis goes through
+//! this crate, so all of them behave the same when a master dies or hangs
+//! and its replica is promoted. Today that is the order core's store
+//! (`order-core`, feature `redis`) and the gateway's cache L2
+//! (`gateway::cache::l2`); the fleet rate limits and waiting-room counters
+//! are meant to use it too. The crate knows nothing of either side: each
+//! builds a [`Target`] and [`Settings`] from its own `[redis]` section.
 //!
 //! The `redis` crate's cluster connection refreshes its slot map on `MOVED`
 //! and `READONLY` only. A master that *hangs* (a stalled disk, a long fork,
@@ -17,14 +25,18 @@
 //! - until [`Settings::budget`] is spent; then the last error is returned,
 //!   saying whether an attempt may have run ([`Failure::maybe_ran`]).
 //!
-//! Retrying is only right for steps that are idempotent. Every step of the
-//! store is (see docs/checkout.md, "Failover"): reads, `SET`, and scripts
-//! that check before they write (`checkout.lua` answers a second run of the
-//! same transaction with `REPLAY` of its own order).
+//! Retrying is only right for steps that are idempotent; callers pass only
+//! such steps to [`RedisClient::run`] (the order core's argument is in
+//! docs/checkout.md, "Failover"; the cache's steps are reads, `SET`s of a
+//! whole entry, a `SET NX` lock and a compare-and-delete unlock).
 //!
 //! Calls are spread over a few connections ("lanes") per node: `WAIT`
 //! blocks the connection it runs on, so with one multiplexed connection a
 //! slow replica would stall every other call of the process behind it.
+//!
+//! Pub/sub needs a connection of its own: [`subscribe`] keeps one to a
+//! seed, pings it, and moves to the next seed when it drops or stops
+//! answering (a hung node keeps its sockets open).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,8 +51,9 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RetryMethod, Valu
 /// at once: a refresh opens connections to every node.
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Connections per node. `WAIT` (replicated acknowledgement) blocks its
-/// connection until the replicas answer; lanes let that many wait at once.
+/// Connections per node by default. `WAIT` (replicated acknowledgement)
+/// blocks its connection until the replicas answer; lanes let that many
+/// wait at once.
 const LANES: usize = 16;
 
 /// How calls are bounded.
@@ -51,6 +64,9 @@ pub struct Settings {
     pub timeout: Duration,
     /// All attempts of one call together.
     pub budget: Duration,
+    /// Multiplexed connections per node (at least 1). Only callers that
+    /// send blocking commands (`WAIT`) need more than one.
+    pub lanes: usize,
 }
 
 impl Default for Settings {
@@ -58,6 +74,7 @@ impl Default for Settings {
         Settings {
             timeout: Duration::from_millis(500),
             budget: Duration::from_secs(2),
+            lanes: LANES,
         }
     }
 }
@@ -228,43 +245,86 @@ pub fn key_slot(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// Where Redis is: one server or the seed nodes of a Cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `redis://host:port/db`.
+    Single(String),
+    /// Seed node URLs; the client learns the other nodes from them.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// The URLs a dedicated connection (pub/sub) may use, in turn.
+    pub fn seeds(&self) -> Vec<String> {
+        match self {
+            Target::Single(url) => vec![url.clone()],
+            Target::Cluster(urls) => urls.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Single(url) => f.write_str(url),
+            Target::Cluster(urls) => write!(f, "cluster {urls:?}"),
+        }
+    }
+}
+
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("redis {target}: {source}")]
+    Invalid { target: Target, source: RedisError },
+    #[error("connect to redis {target}: {source}")]
+    Connect { target: Target, source: RedisError },
+}
+
 impl RedisClient {
     /// A client of one redis-server. Fails if it cannot be reached now.
-    pub async fn single(url: &str, settings: Settings) -> Result<RedisClient, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis url {url}: {e}"))?;
-        Self::start(Source::Single(client), url.to_string(), settings).await
+    pub async fn single(url: &str, settings: Settings) -> Result<RedisClient, Error> {
+        Self::connect(&Target::Single(url.to_string()), settings).await
     }
 
     /// A client of a Redis Cluster from seed URLs. Fails if no seed answers.
-    pub async fn cluster(urls: &[String], settings: Settings) -> Result<RedisClient, String> {
-        let client = redis::cluster::ClusterClient::builder(urls.to_vec())
-            .connection_timeout(settings.timeout)
-            .response_timeout(settings.timeout)
-            // Retries are ours (`run`): the crate's would go to the same
-            // frozen node without reading the slot map again.
-            .retries(0)
-            .build()
-            .map_err(|e| format!("cluster seeds {urls:?}: {e}"))?;
-        Self::start(
-            Source::Cluster(Box::new(client)),
-            format!("{urls:?}"),
-            settings,
-        )
-        .await
+    pub async fn cluster(urls: &[String], settings: Settings) -> Result<RedisClient, Error> {
+        Self::connect(&Target::Cluster(urls.to_vec()), settings).await
     }
 
-    async fn start(
-        source: Source,
-        describe: String,
-        settings: Settings,
-    ) -> Result<RedisClient, String> {
+    /// A client of `target`, connected now. Fails if Redis cannot be
+    /// reached (the order core does not start without its store).
+    pub async fn connect(target: &Target, settings: Settings) -> Result<RedisClient, Error> {
+        let source = source(target, settings)?;
         let conns = connect_lanes(&source, settings)
             .await
-            .map_err(|e| format!("connect to redis {describe}: {e}"))?;
-        Ok(RedisClient {
+            .map_err(|source| Error::Connect {
+                target: target.clone(),
+                source,
+            })?;
+        Ok(Self::with_lanes(source, target, settings, conns))
+    }
+
+    /// A client of `target` that connects on its first call (and again on
+    /// any later call while it cannot), so a caller that can go on without
+    /// Redis (the cache) starts while Redis is down. Fails only on a URL
+    /// that does not parse.
+    pub fn lazy(target: &Target, settings: Settings) -> Result<RedisClient, Error> {
+        let source = source(target, settings)?;
+        Ok(Self::with_lanes(source, target, settings, Vec::new()))
+    }
+
+    fn with_lanes(
+        source: Source,
+        target: &Target,
+        settings: Settings,
+        conns: Vec<Conn>,
+    ) -> RedisClient {
+        RedisClient {
             inner: Arc::new(Inner {
                 source,
-                describe,
+                describe: target.to_string(),
                 settings,
                 lanes: Mutex::new(Arc::new(Lanes {
                     generation: 0,
@@ -275,7 +335,7 @@ impl RedisClient {
                 stats: Stats::default(),
                 topology: Mutex::new(None),
             }),
-        })
+        }
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -357,16 +417,20 @@ impl RedisClient {
         }))
     }
 
-    /// A connection of the current generation, lanes taken in turn.
-    fn conn(&self) -> (u64, Conn) {
+    /// A connection of the current generation, lanes taken in turn;
+    /// `None` while a lazy client has not connected yet.
+    fn conn(&self) -> (u64, Option<Conn>) {
         let lanes = self
             .inner
             .lanes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        if lanes.conns.is_empty() {
+            return (lanes.generation, None);
+        }
         let i = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % lanes.conns.len();
-        (lanes.generation, lanes.conns[i].clone())
+        (lanes.generation, Some(lanes.conns[i].clone()))
     }
 
     /// Runs `op` (one attempt on the connection it is given) until it
@@ -388,7 +452,18 @@ impl RedisClient {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let limit = settings.timeout.min(left.max(Duration::from_millis(1)));
-            let (error, timed_out) = match tokio::time::timeout(limit, op(conn)).await {
+            let connected = conn.is_some();
+            let attempt = async {
+                match conn {
+                    Some(conn) => op(conn).await,
+                    None => Err(RedisError::from((
+                        ErrorKind::Io,
+                        "not connected",
+                        "the last connection attempt failed".to_string(),
+                    ))),
+                }
+            };
+            let (error, timed_out) = match tokio::time::timeout(limit, attempt).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => {
                     let t = e.is_timeout();
@@ -406,8 +481,17 @@ impl RedisClient {
             if timed_out {
                 self.inner.stats.timeouts.fetch_add(1, Ordering::Relaxed);
             }
-            maybe_ran |= may_have_run(&error) || timed_out;
-            if !(timed_out || retryable(&error)) || Instant::now() >= deadline {
+            // Without a connection nothing was sent.
+            maybe_ran |= connected && (may_have_run(&error) || timed_out);
+            let worth_retrying = timed_out || !connected || retryable(&error);
+            if !worth_retrying || Instant::now() >= deadline {
+                if worth_retrying {
+                    // The budget is spent, but the next call should find
+                    // fresh connections (a budget of one attempt would
+                    // otherwise never refresh).
+                    let client = self.clone();
+                    tokio::spawn(async move { client.refresh(generation).await });
+                }
                 return Err(Failure {
                     error,
                     maybe_ran,
@@ -468,6 +552,86 @@ impl RedisClient {
     }
 }
 
+/// How often [`subscribe`] checks that its connection still answers.
+const PUBSUB_PING_EVERY: Duration = Duration::from_secs(1);
+
+/// What [`subscribe`] listens to.
+#[derive(Clone, Debug, Default)]
+pub struct Subscription {
+    pub channels: Vec<Vec<u8>>,
+    pub patterns: Vec<Vec<u8>>,
+}
+
+/// Keeps one pub/sub connection subscribed to `what`, calling
+/// `on_message(channel, payload)` for each message, until it returns false.
+///
+/// In a Redis Cluster a `PUBLISH` reaches every node, so any seed will do.
+/// The connection moves to the next seed when it drops (a killed node) or
+/// when a `PING` on it gets no answer within `settings.timeout` (at least
+/// 1 s): a hung node keeps its sockets open and would deliver nothing
+/// until it wakes. Messages published while no connection is up are lost;
+/// callers must not depend on them (the cache's waiters poll).
+pub async fn subscribe(
+    target: &Target,
+    what: &Subscription,
+    settings: Settings,
+    mut on_message: impl FnMut(&[u8], &[u8]) -> bool,
+) {
+    use futures_util::StreamExt;
+    let seeds = target.seeds();
+    let patience = settings.timeout.max(Duration::from_secs(1));
+    let mut seed = 0;
+    loop {
+        let url = &seeds[seed % seeds.len()];
+        seed += 1;
+        let connected = async {
+            let client = redis::Client::open(url.as_str())?;
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
+            if !what.patterns.is_empty() {
+                sink.psubscribe(&what.patterns).await?;
+            }
+            if !what.channels.is_empty() {
+                sink.subscribe(&what.channels).await?;
+            }
+            Ok::<_, RedisError>((sink, stream))
+        };
+        match tokio::time::timeout(patience, connected).await {
+            Ok(Ok((mut sink, mut stream))) => {
+                tracing::debug!(url, "redis pub/sub subscribed");
+                let mut ping = tokio::time::interval(PUBSUB_PING_EVERY);
+                ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ping.tick().await;
+                let why = loop {
+                    tokio::select! {
+                        msg = stream.next() => {
+                            let Some(msg) = msg else { break "connection lost" };
+                            let channel: Vec<u8> = msg.get_channel().unwrap_or_default();
+                            if !on_message(&channel, msg.get_payload_bytes()) {
+                                return;
+                            }
+                        }
+                        _ = ping.tick() => {
+                            match tokio::time::timeout(patience, sink.ping::<Value>()).await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(_)) => break "ping failed",
+                                Err(_) => break "no answer to ping",
+                            }
+                        }
+                    }
+                };
+                tracing::warn!(
+                    url,
+                    why,
+                    "redis pub/sub connection given up; trying the next seed"
+                );
+            }
+            Ok(Err(e)) => tracing::debug!(url, error = %e, "redis pub/sub connect failed"),
+            Err(_) => tracing::debug!(url, "redis pub/sub connect timed out"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Whether a failed attempt may have executed on a server.
 fn may_have_run(e: &RedisError) -> bool {
     if e.is_connection_refusal() {
@@ -481,11 +645,33 @@ fn retryable(e: &RedisError) -> bool {
     !matches!(e.retry_method(), RetryMethod::NoRetry) || e.is_connection_refusal()
 }
 
+fn source(target: &Target, settings: Settings) -> Result<Source, Error> {
+    let invalid = |source| Error::Invalid {
+        target: target.clone(),
+        source,
+    };
+    Ok(match target {
+        Target::Single(url) => Source::Single(redis::Client::open(url.as_str()).map_err(invalid)?),
+        Target::Cluster(urls) => Source::Cluster(Box::new(
+            redis::cluster::ClusterClient::builder(urls.clone())
+                .connection_timeout(settings.timeout)
+                .response_timeout(settings.timeout)
+                // Retries are ours (`run`): the crate's would go to the same
+                // frozen node without reading the slot map again.
+                .retries(0)
+                .build()
+                .map_err(invalid)?,
+        )),
+    })
+}
+
 async fn connect_lanes(source: &Source, settings: Settings) -> Result<Vec<Conn>, RedisError> {
-    futures_util::future::join_all((0..LANES).map(|_| connect_one(source, settings)))
-        .await
-        .into_iter()
-        .collect()
+    futures_util::future::join_all(
+        (0..settings.lanes.max(1)).map(|_| connect_one(source, settings)),
+    )
+    .await
+    .into_iter()
+    .collect()
 }
 
 async fn connect_one(source: &Source, settings: Settings) -> Result<Conn, RedisError> {
