@@ -441,3 +441,38 @@ async fn redis_down_closed_refuses() {
     let (after, _gw) = redis_killed("closed").await;
     assert_eq!(after, [503; 6]);
 }
+
+#[tokio::test]
+async fn limits_reload_with_the_config_and_keep_state_when_unchanged() {
+    let up = Upstream::fixed("ok").await;
+    let dir = std::env::temp_dir().join(format!("flashgate-rl-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gw.toml");
+    let with = |burst: u32, extra: &str| {
+        Cfg::new(&[up.addr])
+            .route(format!(
+                "rate_limit = {{ per_ip = {{ rate = \"1/m\", burst = {burst} }} }}"
+            ))
+            .section(extra)
+            .build()
+    };
+    std::fs::write(&path, with(2, "")).unwrap();
+    let gw = Gateway::start(
+        flashgate_tests::Config::load(&path).unwrap(),
+        Some(path.clone()),
+    )
+    .await
+    .unwrap();
+    let addr = gw.addr("public").unwrap();
+    assert_eq!(statuses(addr, "/", &[], 3).await, [200, 200, 429]);
+    // Another route added: this route's limit is the same, so is its state.
+    let other = "[[routes]]\nname = \"other\"\npath_prefix = \"/other\"\nupstream = \"origin\"";
+    std::fs::write(&path, with(2, other)).unwrap();
+    gw.shared.reload().await.unwrap();
+    assert_eq!(statuses(addr, "/", &[], 1).await, [429]);
+    // A changed limit starts with its full (new) burst.
+    std::fs::write(&path, with(4, other)).unwrap();
+    gw.shared.reload().await.unwrap();
+    assert_eq!(statuses(addr, "/", &[], 5).await, [200, 200, 200, 200, 429]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -40,6 +40,9 @@ use fleet::Fleet;
 use hot::Hot;
 use local::{Decision, Direct, Key, KeyCount, Keyed};
 
+/// Most bytes of a header value used as a `per_header` key.
+const MAX_HEADER_KEY: usize = 256;
+
 /// `RateLimit-Policy`: the limit's quota and window.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// `RateLimit`: what is left of it and when it comes back.
@@ -314,8 +317,12 @@ impl RouteLimits {
                     Some(u) => Key::Text(u.into()),
                     None => continue,
                 },
+                // Cut: a key's memory stays small whatever the client sends.
                 Source::Header(h) => match head.headers.get(h) {
-                    Some(v) => Key::Text(String::from_utf8_lossy(v.as_bytes()).into()),
+                    Some(v) => {
+                        let v = &v.as_bytes()[..v.len().min(MAX_HEADER_KEY)];
+                        Key::Text(String::from_utf8_lossy(v).into())
+                    }
                     None => continue,
                 },
             };
