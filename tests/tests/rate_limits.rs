@@ -476,3 +476,49 @@ async fn limits_reload_with_the_config_and_keep_state_when_unchanged() {
     assert_eq!(statuses(addr, "/", &[], 5).await, [200, 200, 200, 200, 429]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `flashgate check` (the built binary) refuses bad rate limit keys with
+/// their key paths.
+#[test]
+fn flashgate_check_names_rate_limit_keys() {
+    let dir = std::env::temp_dir().join(format!("flashgate-rl-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = Cfg::new(&["127.0.0.1:9".parse().unwrap()]);
+    let cases = [
+        (
+            base.clone()
+                .route("rate_limit = { per_ip = \"5/fortnight\" }"),
+            "routes[0].rate_limit.per_ip",
+        ),
+        (
+            base.clone()
+                .route("rate_limit = { per_ip = \"5/s\", scope = \"fleet\" }"),
+            "routes[0].rate_limit.scope",
+        ),
+        (
+            base.clone()
+                .route("rate_limit = { hot = { body_field = \"sku\", rate = \"1/s\" } }"),
+            "routes[0].rate_limit.hot.body_field",
+        ),
+        (
+            base.clone().section("[rate_limit]\nmax_keys = 0"),
+            "rate_limit.max_keys",
+        ),
+    ];
+    for (i, (cfg, expected)) in cases.iter().enumerate() {
+        let file = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&file, cfg.build()).unwrap();
+        let out = std::process::Command::new(flashgate_tests::flashgate_bin())
+            .arg("check")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
