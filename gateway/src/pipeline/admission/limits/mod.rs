@@ -442,7 +442,7 @@ fn push_escaped(out: &mut String, s: &str) {
 /// limit's `RateLimit-Policy`, and `RateLimit` with nothing left until then.
 fn refusal(p: &Policy, retry: Duration) -> Refusal {
     let secs = retry.as_secs_f64().ceil().max(1.0).min(f64::from(u32::MAX)) as u32;
-    let now = HeaderValue::from_str(&format!("\"{}\";r=0;t={secs}", p.name))
+    let now = HeaderValue::try_from(format!("\"{}\";r=0;t={secs}", p.name))
         .expect("a token name and numbers");
     Refusal::new(ProxyError::RateLimited)
         .retry_after(secs)
