@@ -69,6 +69,12 @@ pub enum ProxyError {
     QueueFull,
     #[error("the upstream's circuit breaker is open")]
     BreakerOpen,
+    #[error("too many requests: a rate limit of this route is spent (see retry-after and the RateLimit fields)")]
+    RateLimited,
+    #[error(
+        "the fleet rate limit cannot be checked (Redis unreachable) and is configured to refuse"
+    )]
+    RateLimitUnavailable,
 }
 
 impl ProxyError {
@@ -87,14 +93,15 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
-            ProxyError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ClientShare | ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             // As Envoy answers a failed Wasm filter (`wasm_fail_stream`).
             ProxyError::FilterFailed
             | ProxyError::Overflow
             | ProxyError::Overloaded
             | ProxyError::QueueTimeout
             | ProxyError::QueueFull
-            | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::BreakerOpen
+            | ProxyError::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             // As Envoy answers a response past a buffering filter's limit.
             ProxyError::ResponseTooLarge | ProxyError::SpoolFailed => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -139,6 +146,8 @@ impl ProxyError {
             ProxyError::QueueTimeout => "queue_timeout",
             ProxyError::QueueFull => "queue_full",
             ProxyError::BreakerOpen => "breaker_open",
+            ProxyError::RateLimited => "rate_limited",
+            ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
         }
     }
 

@@ -60,6 +60,14 @@ impl From<ProxyError> for Refusal {
     }
 }
 
+/// The JSON body of every answer the gateway makes itself.
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+}
+
 /// Builds the answer for `refusal` (see the module docs for its shape).
 pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody> {
     let Refusal {
@@ -67,12 +75,16 @@ pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody
         retry_after,
         headers,
     } = refusal;
-    let body = serde_json::json!({
-        "error": error.code(),
-        "message": error.to_string(),
-        "request_id": request_id.to_str().unwrap_or(""),
-    });
-    let mut resp = Response::new(ProxyBody::full(body.to_string()));
+    // Serialized from borrowed fields, not a `json!` map: refusals (a
+    // flood's 429s) are made at the rate the flood arrives.
+    let message = error.to_string();
+    let body = serde_json::to_vec(&Body {
+        error: error.code(),
+        message: &message,
+        request_id: request_id.to_str().unwrap_or(""),
+    })
+    .unwrap_or_default();
+    let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = error.status();
     let h = resp.headers_mut();
     h.reserve(6 + headers.len());

@@ -30,6 +30,7 @@ pub mod jwt;
 pub mod listener;
 pub mod otlp;
 pub mod overload;
+pub mod rate_limit;
 pub mod route;
 mod summary;
 pub mod units;
@@ -48,6 +49,9 @@ pub use jwt::{JwtConfig, JwtKey, DEFAULT_USER_HEADER};
 pub use listener::{CertPair, ListenerConfig, TlsConfig};
 pub use otlp::TracingConfig;
 pub use overload::{AdaptiveConfig, BreakerConfig, FallbackConfig, OverloadConfig};
+pub use rate_limit::{
+    HeaderLimit, HotLimit, HotSource, LimitSpec, RateLimitConfig, RedisDown, RouteRateLimit, Scope,
+};
 pub use route::{CheckoutRouteConfig, EscapedSlashes, RouteConfig};
 pub use units::{Dur, Rate, Size};
 pub use upstream::{HealthConfig, LbPolicy, OutlierConfig, UpstreamConfig};
@@ -106,6 +110,9 @@ pub struct Config {
     /// Load level, shedding and adaptive concurrency (on by default).
     #[serde(default)]
     pub overload: OverloadConfig,
+    /// Rate limits' shared settings (key cap, fleet mode).
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Config {
@@ -241,6 +248,17 @@ impl Config {
                     ));
                 }
             }
+            // A fleet limit's state lives in Redis.
+            if r.rate_limit
+                .as_ref()
+                .is_some_and(|l| l.scope == Scope::Fleet)
+                && self.redis.is_none()
+            {
+                return Err(ConfigError::at(
+                    format!("{p}.rate_limit.scope"),
+                    "\"fleet\" needs a [redis] section (the fleet's shared state)",
+                ));
+            }
             // The checkout's user comes only from a verified subject.
             if r.checkout.is_some() && self.jwt.is_none() {
                 return Err(ConfigError::at(
@@ -260,6 +278,7 @@ impl Config {
             t.validate()?;
         }
         self.overload.validate()?;
+        self.rate_limit.validate()?;
         Ok(())
     }
 }

@@ -60,6 +60,9 @@ pub struct RouteConfig {
     /// its cluster's breaker is open), instead of a 503.
     #[serde(default)]
     pub fallback: Option<super::FallbackConfig>,
+    /// Rate limits (see `config::rate_limit` and `docs/rate-limits.md`).
+    #[serde(default)]
+    pub rate_limit: Option<super::RouteRateLimit>,
 }
 
 fn yes() -> bool {
@@ -120,6 +123,9 @@ impl RouteConfig {
         }
         if let Some(f) = &self.fallback {
             f.validate(&format!("{p}.fallback"))?;
+        }
+        if let Some(l) = &self.rate_limit {
+            l.validate(&format!("{p}.rate_limit"), self.checkout.is_some())?;
         }
         Ok(())
     }

@@ -73,6 +73,15 @@ pub struct Metrics {
     pub breaker_state: IntGaugeVec,
     /// Time requests waited for an upstream slot, by cluster.
     pub queue_seconds: HistogramVec,
+    /// Rate limit decisions, by route, limit (`per_ip`, `per_user`,
+    /// `per_header`, `route`, `hot`) and outcome (`allowed`, `limited`).
+    pub rate_limit_decisions: IntCounterVec,
+    /// Keys tracked by the keyed local limits (cap: `rate_limit.max_keys`).
+    pub rate_limit_keys: IntGauge,
+    /// Fleet limit calls to Redis that failed, by cause (`timeout`, `error`).
+    pub rate_limit_redis_errors: IntCounterVec,
+    /// 1 while fleet limits reach Redis, 0 while they follow `redis_down`.
+    pub rate_limit_redis_up: IntGauge,
 }
 
 impl Metrics {
@@ -234,6 +243,32 @@ impl Metrics {
                 "queue_seconds",
                 "Time requests waited for an upstream slot in the gateway, by cluster.",
                 &["cluster"],
+            ),
+            rate_limit_decisions: counter(
+                "rate_limit_decisions_total",
+                "Rate limit decisions, by route, limit (per_ip, per_user, per_header, route, hot) and outcome (allowed, limited).",
+                &["route", "limit", "outcome"],
+            ),
+            rate_limit_keys: reg(
+                &registry,
+                IntGauge::new(
+                    "rate_limit_keys",
+                    "Keys tracked by the keyed local rate limits (cap: rate_limit.max_keys; beyond it new keys share an overflow budget).",
+                )
+                .expect("valid metric"),
+            ),
+            rate_limit_redis_errors: counter(
+                "rate_limit_redis_errors_total",
+                "Fleet rate limit calls to Redis that failed, by cause (timeout, error).",
+                &["cause"],
+            ),
+            rate_limit_redis_up: reg(
+                &registry,
+                IntGauge::new(
+                    "rate_limit_redis_up",
+                    "1 while fleet rate limits reach Redis, 0 while they follow rate_limit.redis_down.",
+                )
+                .expect("valid metric"),
             ),
             registry,
         }

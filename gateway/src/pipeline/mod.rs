@@ -81,6 +81,8 @@ pub struct RequestCtx<'a> {
     pub request_id: HeaderValue,
     /// The request carried a verified JWT.
     pub identified: bool,
+    /// The verified JWT subject (for per-user rate limits).
+    pub user: Option<String>,
     /// The request's server span when an exporter is on.
     pub span: Option<RequestSpan>,
     /// The routing host (empty before routing).
@@ -129,6 +131,7 @@ impl<'a> RequestCtx<'a> {
             client_ip: conn.peer.ip(),
             request_id: HeaderValue::from_static(""),
             identified: false,
+            user: None,
             span: None,
             host: String::new(),
             route: None,

@@ -69,6 +69,8 @@ pub struct Prepared {
     /// The body again, when an `Idempotency-Key` makes a retry safe.
     pub replay: Option<Bytes>,
     pub sku: Option<String>,
+    /// The body as read (for a hot-item limit on one of its fields).
+    pub bytes: Bytes,
 }
 
 #[derive(Deserialize)]
@@ -211,9 +213,10 @@ impl Checkout {
             .contains_key("idempotency-key")
             .then(|| bytes.clone());
         Ok(Prepared {
-            body: Either::Right(Either::Left(Full::new(bytes))),
+            body: Either::Right(Either::Left(Full::new(bytes.clone()))),
             replay,
             sku,
+            bytes,
         })
     }
 

@@ -6,12 +6,14 @@
 //! Today admission is overload shedding by load level and priority
 //! ([`shed`]), then the checkout gate ([`checkout`]): identity required,
 //! the edge's sold-out flag, and the body read whole so that an
-//! `Idempotency-Key` makes a retry safe. Bot rules, rate limits and the
-//! waiting room take their places before shedding: the cheapest and most
-//! certain refusals first (a bot rule's `deprioritize` sets
-//! `RequestCtx::deprioritized`, which shedding reads).
+//! `Idempotency-Key` makes a retry safe. Rate limits ([`limits`]) come
+//! before shedding: the cheapest and most certain refusals first (a hot
+//! limit on a checkout body field waits for the body). Bot rules and the
+//! waiting room take their places there too (a bot rule's `deprioritize`
+//! sets `RequestCtx::deprioritized`, which shedding reads).
 
 pub mod checkout;
+pub mod limits;
 pub mod shed;
 
 use std::ops::ControlFlow::{self, Break, Continue};
@@ -34,6 +36,11 @@ pub async fn admit(
     head: &Parts,
     body: LimitedBody,
 ) -> ControlFlow<Stop, UpstreamBody> {
+    if let Some(l) = &route.limits {
+        if let Err(refusal) = l.check(ctx.client_ip, ctx.user.as_deref(), head).await {
+            return Break(Stop::Refuse(refusal));
+        }
+    }
     shed::check(ctx, route, head)?;
     let Some(checkout) = &route.checkout else {
         return Continue(Either::Left(body));
@@ -43,6 +50,11 @@ pub async fn admit(
     // dearer).
     match Box::pin(checkout.prepare(head, body, ctx.identified)).await {
         Ok(p) => {
+            if let Some(l) = &route.limits {
+                if let Err(refusal) = l.check_body(&p.bytes).await {
+                    return Break(Stop::Refuse(refusal));
+                }
+            }
             ctx.sku = p.sku;
             ctx.replay = p.replay;
             Continue(p.body)

@@ -34,11 +34,12 @@ pub fn identify(ctx: &mut RequestCtx<'_>, head: &mut Parts) {
     });
     // The JWT subject becomes the user header; a user header the client
     // sent never passes, verified token or not (see `jwt`).
-    ctx.identified = match &ctx.runtime.jwt {
-        Some(v) => matches!(v.identify(&mut head.headers), Ok(Some(_))),
+    ctx.user = match &ctx.runtime.jwt {
+        Some(v) => v.identify(&mut head.headers).ok().flatten(),
         None => {
             jwt::strip_user_header(&mut head.headers);
-            false
+            None
         }
     };
+    ctx.identified = ctx.user.is_some();
 }

@@ -22,6 +22,7 @@ use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
 use crate::observe::metrics::Metrics;
 use crate::overload::gate::Gate;
+use crate::pipeline::admission::limits::{Limiter, RouteLimits};
 use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
 use crate::respond::Fallback;
@@ -50,6 +51,8 @@ pub struct Route {
     pub gate: Option<Arc<Gate>>,
     /// What overload answers instead of a 503 (`fallback = {...}`).
     pub fallback: Option<Fallback>,
+    /// Set on routes with `rate_limit = {...}`.
+    pub limits: Option<Arc<RouteLimits>>,
     pub latency: Histogram,
     /// `flashgate_requests_total{route, status}` handles by status code,
     /// resolved on first use: a request does not hash label values.
@@ -94,6 +97,9 @@ pub struct Runtime {
     pub cache: Arc<Cache>,
     /// Bodies read ahead of a slow side (`[buffering]`).
     pub spooler: Arc<crate::spool::Spooler>,
+    /// The rate limits' shared state, when a route has `rate_limit`:
+    /// carried over by reloads that keep `[rate_limit]` and `[redis]`.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 /// The parts of a runtime that can fail to build from a valid config.
@@ -184,6 +190,22 @@ impl Runtime {
                 )?,
             ),
         };
+        let limiter = if config.routes.iter().any(|r| r.rate_limit.is_some()) {
+            match previous
+                .and_then(|p| p.limiter.clone())
+                .filter(|l| l.same_config(&config))
+            {
+                Some(l) => Some(l),
+                None => Some(
+                    Limiter::new(&config, metrics).map_err(|message| ConfigError {
+                        path: "redis".into(),
+                        message,
+                    })?,
+                ),
+            }
+        } else {
+            None
+        };
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
         let mut wasm = Vec::new();
         for built in filters {
@@ -217,7 +239,17 @@ impl Runtime {
                     .with_retry_metrics(&metrics.checkout_retries, &name)
             });
             let gate = gates.iter().find(|g| *g.cluster == *r.upstream).cloned();
+            let limits = match (&limiter, &r.rate_limit) {
+                (Some(l), Some(c)) => {
+                    let before = previous
+                        .and_then(|p| p.routes.iter().find(|pr| *pr.name == *name))
+                        .and_then(|pr| pr.limits.as_ref());
+                    Some(l.route(&name, c, metrics, before))
+                }
+                _ => None,
+            };
             routes.push(Route {
+                limits,
                 gate,
                 fallback: r.fallback.as_ref().map(Fallback::new),
                 cache: r.cache.as_ref().map(|c| cache.route(&name, c)),
@@ -246,6 +278,7 @@ impl Runtime {
         }));
         let spooler = Arc::new(crate::spool::Spooler::new(&config.buffering, metrics));
         Ok(Runtime {
+            limiter,
             spooler,
             jwt,
             config: Arc::new(config),
