@@ -100,6 +100,9 @@ pub struct Failure {
     /// (`MOVED`, `CLUSTERDOWN`, connection refused) did not run.
     pub maybe_ran: bool,
     pub attempts: u32,
+    /// Whether the last attempt ran out of time (rather than being
+    /// refused or dropped): what callers count as a timeout.
+    pub timed_out: bool,
 }
 
 impl std::fmt::Display for Failure {
@@ -496,6 +499,7 @@ impl RedisClient {
                     error,
                     maybe_ran,
                     attempts,
+                    timed_out,
                 });
             }
             tracing::debug!(error = %error, attempts, "redis call failed; refreshing and retrying");
@@ -510,6 +514,7 @@ impl RedisClient {
                     error,
                     maybe_ran,
                     attempts,
+                    timed_out,
                 });
             }
         }

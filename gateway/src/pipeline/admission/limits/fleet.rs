@@ -4,23 +4,26 @@
 //! on the same key, so together they admit the configured rate.
 //!
 //! This is the one place the rate limits talk to Redis, behind one call
-//! ([`Fleet::gcra`]); the connection is made as the cache's L2 makes its
-//! own (one server through `ConnectionManager`, or a Cluster client made
-//! again after a failure), from the same `[redis]` section.
+//! ([`Fleet::gcra`]), through the product's one Redis client
+//! (`flashgate-redis`, as the cache's L2 and the order core): after a
+//! timeout, a dropped connection or `MOVED`/`CLUSTERDOWN`/`TRYAGAIN` it
+//! reads the slot map again, so a failover costs the limits about the
+//! cluster's promotion time, not the old master's hang.
 //!
-//! Every call is bounded by `redis.timeout`. After a failure Redis is not
+//! Every call is bounded by `redis.timeout`: one attempt, and a refused
+//! one (`MOVED`, `TRYAGAIN`: it did not run) is tried again within it. A
+//! timed-out attempt is not retried, since the script may have taken a
+//! cell. After a failure Redis is not
 //! asked for `redis.retry_interval` (an outage must not cost every request
 //! a timeout); meanwhile the limits follow `rate_limit.redis_down`. Each
 //! change between reachable and not is logged once and shown by
 //! `flashgate_rate_limit_redis_up`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use flashgate_redis::{RedisClient, Settings, Target};
 use prometheus::{IntCounter, IntGauge};
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
 
 use crate::config::{RedisConfig, RedisDown};
 
@@ -36,18 +39,9 @@ pub struct Gcra {
 #[derive(Debug)]
 pub struct FleetDown;
 
-enum Conn {
-    Single(ConnectionManager),
-    Cluster {
-        client: Box<redis::cluster::ClusterClient>,
-        conn: Mutex<Option<ClusterConnection>>,
-    },
-}
-
 pub struct Fleet {
-    conn: Conn,
+    client: RedisClient,
     script: redis::Script,
-    timeout: Duration,
     retry_interval: Duration,
     /// Since `epoch`, in ms: Redis is not asked before then.
     down_until_ms: AtomicU64,
@@ -66,38 +60,21 @@ impl Fleet {
         metrics: &crate::observe::metrics::Metrics,
     ) -> Result<Fleet, String> {
         let timeout = c.timeout.0;
-        let conn = match &c.url {
-            Some(url) => {
-                let client =
-                    redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                Conn::Single(
-                    ConnectionManager::new_lazy_with_config(client, config)
-                        .map_err(|e| format!("redis.url: {e}"))?,
-                )
-            }
-            None => Conn::Cluster {
-                client: Box::new(
-                    redis::cluster::ClusterClient::builder(c.cluster.clone())
-                        .connection_timeout(timeout)
-                        .response_timeout(timeout)
-                        .retries(1)
-                        .build()
-                        .map_err(|e| format!("redis.cluster: {e}"))?,
-                ),
-                conn: Mutex::new(None),
-            },
+        let (target, path) = match &c.url {
+            Some(url) => (Target::Single(url.clone()), "redis.url"),
+            None => (Target::Cluster(c.cluster.clone()), "redis.cluster"),
         };
+        let settings = Settings {
+            timeout,
+            budget: timeout,
+            lanes: 1,
+        };
+        let client = RedisClient::lazy(&target, settings).map_err(|e| format!("{path}: {e}"))?;
         let errors = &metrics.rate_limit_redis_errors;
         metrics.rate_limit_redis_up.set(1);
         Ok(Fleet {
-            conn,
+            client,
             script: redis::Script::new(include_str!("gcra.lua")),
-            timeout,
             retry_interval: c.retry_interval.0,
             down_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -122,35 +99,21 @@ impl Fleet {
     /// `emission` is the rate's period / count, `burst` the cells that may
     /// pass at once.
     pub async fn gcra(&self, key: &str, emission: Duration, burst: u32) -> Result<Gcra, FleetDown> {
-        let mut invocation = self.script.key(key);
-        invocation
-            .arg(emission.as_micros().max(1) as u64)
-            .arg(burst);
-        let run = async {
-            match &self.conn {
-                Conn::Single(m) => {
-                    invocation
-                        .invoke_async::<(i64, i64, i64, i64)>(&mut m.clone())
-                        .await
-                }
-                Conn::Cluster { client, conn } => {
-                    let existing = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let mut c = match existing {
-                        Some(c) => c,
-                        None => {
-                            let c = client.get_async_connection().await?;
-                            *conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-                            c
-                        }
-                    };
-                    invocation
-                        .invoke_async::<(i64, i64, i64, i64)>(&mut c)
-                        .await
-                }
-            }
-        };
-        match tokio::time::timeout(self.timeout, run).await {
-            Ok(Ok((allowed, remaining, retry_us, _reset_us))) => {
+        let emission_us = emission.as_micros().max(1) as u64;
+        let script = &self.script;
+        let result = self
+            .client
+            .run(|mut c| async move {
+                script
+                    .key(key)
+                    .arg(emission_us)
+                    .arg(burst)
+                    .invoke_async::<(i64, i64, i64, i64)>(&mut c)
+                    .await
+            })
+            .await;
+        match result {
+            Ok((allowed, remaining, retry_us, _reset_us)) => {
                 self.succeeded();
                 Ok(Gcra {
                     allowed: allowed == 1,
@@ -158,14 +121,13 @@ impl Fleet {
                     retry_after: Duration::from_micros(retry_us.max(0) as u64),
                 })
             }
-            Ok(Err(e)) => {
-                self.errors.inc();
-                self.failed(&e);
-                Err(FleetDown)
-            }
-            Err(_) => {
-                self.timeouts.inc();
-                self.failed(&format_args!("timed out after {:?}", self.timeout));
+            Err(failure) => {
+                if failure.timed_out {
+                    self.timeouts.inc();
+                } else {
+                    self.errors.inc();
+                }
+                self.failed(&failure);
                 Err(FleetDown)
             }
         }
@@ -176,10 +138,6 @@ impl Fleet {
             self.now_ms() + self.retry_interval.as_millis() as u64,
             Ordering::Relaxed,
         );
-        if let Conn::Cluster { conn, .. } = &self.conn {
-            // Made again on next use; the old one may be wedged.
-            *conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
         if self.up.swap(false, Ordering::Relaxed) {
             self.up_gauge.set(0);
             tracing::warn!(error = %err, redis_down = ?self.mode, retry_in = ?self.retry_interval,
