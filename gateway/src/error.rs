@@ -69,6 +69,14 @@ pub enum ProxyError {
     QueueFull,
     #[error("the upstream's circuit breaker is open")]
     BreakerOpen,
+    #[error("this client is refused by a bot rule")]
+    BotBlocked,
+    #[error("too many requests from this client; slow down")]
+    BotTarpit,
+    #[error("this client must solve the proof-of-work challenge first")]
+    ChallengeRequired,
+    #[error("the challenge answer is wrong, expired or for another client")]
+    ChallengeFailed,
 }
 
 impl ProxyError {
@@ -87,7 +95,10 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
-            ProxyError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ClientShare | ProxyError::BotTarpit => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BotBlocked
+            | ProxyError::ChallengeRequired
+            | ProxyError::ChallengeFailed => StatusCode::FORBIDDEN,
             // As Envoy answers a failed Wasm filter (`wasm_fail_stream`).
             ProxyError::FilterFailed
             | ProxyError::Overflow
@@ -139,6 +150,10 @@ impl ProxyError {
             ProxyError::QueueTimeout => "queue_timeout",
             ProxyError::QueueFull => "queue_full",
             ProxyError::BreakerOpen => "breaker_open",
+            ProxyError::BotBlocked => "bot_blocked",
+            ProxyError::BotTarpit => "bot_tarpit",
+            ProxyError::ChallengeRequired => "challenge_required",
+            ProxyError::ChallengeFailed => "challenge_failed",
         }
     }
 

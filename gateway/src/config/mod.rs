@@ -23,6 +23,7 @@
 //! Every key and its default is documented in `docs/config.md`.
 
 pub mod admin;
+pub mod bot;
 pub mod buffering;
 pub mod cache;
 pub mod filter;
@@ -40,6 +41,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use admin::{AdminConfig, LogConfig, LogFormat, ShutdownConfig};
+pub use bot::{BotAction, BotRuleConfig, ChallengeConfig, ShapeConfig};
 pub use buffering::BufferingConfig;
 pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
 pub use filter::FilterConfig;
@@ -105,6 +107,12 @@ pub struct Config {
     /// Load level, shedding and adaptive concurrency (on by default).
     #[serde(default)]
     pub overload: OverloadConfig,
+    /// Bot rules, in the order they are tried (see `docs/bot-rules.md`).
+    #[serde(default)]
+    pub bot_rules: Vec<BotRuleConfig>,
+    /// The proof-of-work challenge of `action = "challenge"` rules.
+    #[serde(default)]
+    pub challenge: ChallengeConfig,
 }
 
 impl Config {
@@ -259,6 +267,18 @@ impl Config {
             t.validate()?;
         }
         self.overload.validate()?;
+        let mut rule_names = HashSet::new();
+        for (i, r) in self.bot_rules.iter().enumerate() {
+            let p = format!("bot_rules[{i}]");
+            r.validate(&p)?;
+            if !rule_names.insert(r.name.as_str()) {
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate bot rule name {:?}", r.name),
+                ));
+            }
+        }
+        self.challenge.validate()?;
         Ok(())
     }
 }

@@ -73,6 +73,12 @@ pub struct Metrics {
     pub breaker_state: IntGaugeVec,
     /// Time requests waited for an upstream slot, by cluster.
     pub queue_seconds: HistogramVec,
+    /// Bot rule matches, by route, rule and outcome (the action taken:
+    /// `block`, `tarpit`, `tarpit_full`, `challenge`, `cleared`,
+    /// `deprioritize`, `log`).
+    pub bot_decisions: IntCounterVec,
+    /// Proof-of-work challenges by event (`issued`, `passed`, `failed`).
+    pub challenges: IntCounterVec,
 }
 
 impl Metrics {
@@ -234,6 +240,16 @@ impl Metrics {
                 "queue_seconds",
                 "Time requests waited for an upstream slot in the gateway, by cluster.",
                 &["cluster"],
+            ),
+            bot_decisions: counter(
+                "bot_decisions_total",
+                "Bot rule matches, by route, rule and outcome (block, tarpit, tarpit_full, challenge, cleared, deprioritize, log).",
+                &["route", "rule", "outcome"],
+            ),
+            challenges: counter(
+                "challenges_total",
+                "Proof-of-work challenges, by event (issued, passed: exchanged for a clearance cookie, failed: a wrong or stale answer).",
+                &["event"],
             ),
             registry,
         }

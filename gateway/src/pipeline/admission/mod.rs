@@ -6,11 +6,14 @@
 //! Today admission is overload shedding by load level and priority
 //! ([`shed`]), then the checkout gate ([`checkout`]): identity required,
 //! the edge's sold-out flag, and the body read whole so that an
-//! `Idempotency-Key` makes a retry safe. Bot rules, rate limits and the
-//! waiting room take their places before shedding: the cheapest and most
-//! certain refusals first (a bot rule's `deprioritize` sets
+//! `Idempotency-Key` makes a retry safe. Bot rules ([`bots`], with the
+//! proof-of-work [`challenge`]) come first; rate limits and the waiting
+//! room take their places before shedding: the cheapest and most certain
+//! refusals first (a bot rule's `deprioritize` sets
 //! `RequestCtx::deprioritized`, which shedding reads).
 
+pub mod bots;
+pub mod challenge;
 pub mod checkout;
 pub mod shed;
 
@@ -34,6 +37,9 @@ pub async fn admit(
     head: &Parts,
     body: LimitedBody,
 ) -> ControlFlow<Stop, UpstreamBody> {
+    // Bot rules first: a bot's request uses no rate budget and does not
+    // count as demand, and `deprioritize` must be set before shedding.
+    bots::check(ctx, route, head).await?;
     shed::check(ctx, route, head)?;
     let Some(checkout) = &route.checkout else {
         return Continue(Either::Left(body));

@@ -22,6 +22,7 @@ use crate::cache::{Cache, RouteCache};
 use crate::config::{Config, ConfigError};
 use crate::observe::metrics::Metrics;
 use crate::overload::gate::Gate;
+use crate::pipeline::admission::bots::Bots;
 use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
 use crate::respond::Fallback;
@@ -94,12 +95,15 @@ pub struct Runtime {
     pub cache: Arc<Cache>,
     /// Bodies read ahead of a slow side (`[buffering]`).
     pub spooler: Arc<crate::spool::Spooler>,
+    /// `[[bot_rules]]`, built (see `pipeline::admission::bots`).
+    pub bots: Bots,
 }
 
 /// The parts of a runtime that can fail to build from a valid config.
 struct Fallible {
     filters: Vec<filters::Built>,
     jwt: Option<JwtVerifier>,
+    bots: Bots,
 }
 
 impl Fallible {
@@ -111,7 +115,8 @@ impl Fallible {
         let previous = previous.map(|p| (&*p.config, &p.wasm[..]));
         let filters = filters::build_all(config, watch, previous)?;
         let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
-        Ok(Fallible { filters, jwt })
+        let bots = Bots::build(config, watch == filters::Watch::AsConfigured)?;
+        Ok(Fallible { filters, jwt, bots })
     }
 }
 
@@ -141,7 +146,7 @@ impl Runtime {
         previous: Option<&Runtime>,
     ) -> Result<Runtime, ConfigError> {
         // What can fail first, so a refused config starts no health check.
-        let Fallible { filters, jwt } =
+        let Fallible { filters, jwt, bots } =
             Fallible::build(&config, filters::Watch::AsConfigured, previous)?;
         let clusters: Vec<Arc<Cluster>> = config
             .upstreams
@@ -247,6 +252,7 @@ impl Runtime {
         let spooler = Arc::new(crate::spool::Spooler::new(&config.buffering, metrics));
         Ok(Runtime {
             spooler,
+            bots,
             jwt,
             config: Arc::new(config),
             router,
