@@ -3,12 +3,15 @@
 //! of condition (user agent, missing headers, IP lists inline and from a
 //! file reloaded on change, request shape, a trusted proxy's JA4), and
 //! the proof-of-work challenge solved by this test, with refusals for a
-//! wrong nonce and for expired or moved cookies.
+//! wrong nonce and for expired or moved cookies; the JA4 of curl's and
+//! python's ClientHello as flashgate computes it against an independent
+//! implementation (tests/ja4_reference.py) on the captured bytes.
 //!
 //! Client addresses other than loopback come through `x-forwarded-for`
 //! with loopback as the trusted proxy. No assertion depends on a race:
 //! the tarpit's cap is filled before the request that must find it full.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flashgate_tests::*;
@@ -447,4 +450,159 @@ async fn a_clearance_cookie_expires() {
             == 403
     })
     .await;
+}
+
+/// A TCP relay in front of `target` that keeps what each client sent
+/// (its first 64 KiB): the ClientHello's bytes as they went to the
+/// gateway.
+async fn relay(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let index = {
+                    let mut k = kept.lock().unwrap();
+                    k.push(Vec::new());
+                    k.len() - 1
+                };
+                let up = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        {
+                            let mut k = kept.lock().unwrap();
+                            let mine = &mut k[index];
+                            if mine.len() < 64 * 1024 {
+                                mine.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The JA4 of `hello` by the independent reference (tests/ja4_reference.py).
+fn reference_ja4(hello: &[u8]) -> String {
+    let hex: String = hello.iter().map(|b| format!("{b:02x}")).collect();
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/ja4_reference.py"))
+        .arg(hex)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// What the gateway computed for a connection: the test-host guest
+/// copies `flashgate.ja4` into `x-prop-ja4`, which the echo upstream
+/// sends back.
+fn gateway_ja4(echoed: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(echoed).unwrap_or_else(|e| panic!("{e}: {echoed}"));
+    v["headers"]["x-prop-ja4"]
+        .as_str()
+        .unwrap_or("<missing>")
+        .to_string()
+}
+
+#[tokio::test]
+async fn ja4_of_real_tls_clients_matches_the_reference() {
+    let dir = flashgate_tests::tls::temp_dir("ja4");
+    let cert = flashgate_tests::tls::write_cert(&dir, "a", &["a.test"]);
+    let up = Upstream::echo().await;
+    let listener = format!(
+        "[listeners.tls]\ncerts = [{{ cert = \"{}\", key = \"{}\" }}]",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let route = format!(
+        "filters = [\"props\"]\n[[filters]]\nname = \"props\"\nwasm = \"{}\"\ntimeout = \"2s\"",
+        wasm_plugin("test_host").display()
+    );
+    let gw = gateway(&edge::config(up.addr, &listener, &route)).await;
+    let (front, seen) = relay(gw.addr("public").unwrap()).await;
+    let port = front.port();
+
+    // curl (OpenSSL, ALPN h2 + http/1.1, SNI).
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sk", "--max-time", "20", "--resolve"])
+            .arg(format!("a.test:{port}:127.0.0.1"))
+            .arg(format!("https://a.test:{port}/who"))
+            .args(["-H", "x-test: props"])
+            .output()
+            .expect("curl runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_gateway = gateway_ja4(&String::from_utf8_lossy(&out.stdout));
+    let hello = seen.lock().unwrap()[0].clone();
+    let expected = reference_ja4(&hello);
+    assert!(expected.starts_with("t1"), "{expected}");
+    println!("curl: JA4 {expected}");
+    assert_eq!(by_gateway, expected, "curl");
+
+    // python's ssl module (no ALPN), as a plain HTTP/1.1 client.
+    let script = format!(
+        "import socket, ssl\n\
+         c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE\n\
+         s = c.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='a.test')\n\
+         s.sendall(b'GET /who HTTP/1.1\\r\\nHost: a.test\\r\\nx-test: props\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         data = b''\n\
+         while True:\n    chunk = s.recv(65536)\n    if not chunk: break\n    data += chunk\n\
+         print(data.split(b'\\r\\n\\r\\n', 1)[1].decode())\n"
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_gateway = gateway_ja4(&String::from_utf8_lossy(&out.stdout));
+    let hello = seen.lock().unwrap()[1].clone();
+    let expected = reference_ja4(&hello);
+    assert!(expected.contains("00_"), "no ALPN: {expected}");
+    println!("python ssl: JA4 {expected}");
+    assert_eq!(by_gateway, expected, "python ssl");
 }

@@ -17,9 +17,11 @@ pub fn identify(ctx: &mut RequestCtx<'_>, head: &mut Parts) {
     ctx.client_ip =
         client_ip::resolve(conn.peer.ip(), &head.headers, &ctx.listener.trusted_proxies);
     ctx.request_id = headers::ensure_request_id(&mut head.headers);
-    // A JA4 fingerprint only from a proxy we trust (its TLS ended there).
+    // The JA4 fingerprint: a trusted proxy's (the client's TLS ended
+    // there), else our own TLS listener's; a client's header never.
     let from_proxy = client_ip::is_trusted(conn.peer.ip(), &ctx.listener.trusted_proxies);
-    ctx.ja4 = crate::pipeline::admission::bots::ja4_from_proxy(&mut head.headers, from_proxy);
+    ctx.ja4 = crate::pipeline::admission::bots::ja4_from_proxy(&mut head.headers, from_proxy)
+        .or_else(|| conn.ja4.clone());
     // With an exporter the request's server span starts here, as a child
     // of the client's traceparent; its context is what the upstream gets.
     // Without one the traceparent is continued on the way out.
