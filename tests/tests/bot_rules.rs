@@ -606,3 +606,142 @@ async fn ja4_of_real_tls_clients_matches_the_reference() {
     println!("python ssl: JA4 {expected}");
     assert_eq!(by_gateway, expected, "python ssl");
 }
+
+// ---- JWT: ES256, JWKS by kid (reloaded), nbf, identity = "required" ----
+
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A P-256 key: its PKCS#8 PEM (to sign with) and its JWK (to verify).
+fn es256_key(kid: &str) -> (rcgen::KeyPair, serde_json::Value) {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = kp.public_key_raw();
+    assert_eq!(raw.len(), 65, "uncompressed point");
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+        "x": b64url(&raw[1..33]), "y": b64url(&raw[33..]),
+    });
+    (kp, jwk)
+}
+
+fn es256_token(kp: &rcgen::KeyPair, kid: Option<&str>, sub: &str, nbf_in: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = kid.map(String::from);
+    jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"sub": sub, "exp": now + 600, "nbf": now + nbf_in}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+async fn as_user(gw: &Gateway, token: Option<&str>) -> Got {
+    let mut req = Request::get(format!("http://{}/account", gw.addr("public").unwrap()));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    send(req.body(empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn es256_tokens_from_a_jwks_that_rotates_with_nbf_on_a_route_that_requires_them() {
+    let dir = std::env::temp_dir().join(format!("fg-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = dir.join("jwks.json");
+    let (k1, jwk1) = es256_key("k1");
+    let (k2, jwk2) = es256_key("k2");
+    std::fs::write(&jwks, serde_json::json!({"keys": [jwk1]}).to_string()).unwrap();
+    let up = Upstream::echo().await;
+    let text = Cfg::new(&[up.addr])
+        .route("identity = \"required\"")
+        .section(format!(
+            "[jwt]\nalgorithm = \"ES256\"\njwks_file = \"{}\"",
+            jwks.display()
+        ))
+        .build();
+    let gw = gateway(&text).await;
+
+    let got = as_user(&gw, Some(&es256_token(&k1, Some("k1"), "alice", 0))).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["headers"]["x-user-id"], "alice");
+    // No token: 401 with the bearer challenge, nothing upstream.
+    let hits = up.hits();
+    let got = as_user(&gw, None).await;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(got.json()["error"], "unauthenticated");
+    // Not valid before an hour from now.
+    let got = as_user(&gw, Some(&es256_token(&k1, Some("k1"), "alice", 3600))).await;
+    assert_eq!(got.status, 401);
+    assert_eq!(
+        got.header("www-authenticate"),
+        Some("Bearer error=\"invalid_token\"")
+    );
+    // No kid, or a kid the JWKS does not have yet.
+    assert_eq!(
+        as_user(&gw, Some(&es256_token(&k1, None, "alice", 0)))
+            .await
+            .status,
+        401
+    );
+    let rotated = es256_token(&k2, Some("k2"), "bob", 0);
+    assert_eq!(as_user(&gw, Some(&rotated)).await.status, 401);
+    // A key signed by k2 under k1's kid.
+    assert_eq!(
+        as_user(&gw, Some(&es256_token(&k2, Some("k1"), "bob", 0)))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        up.hits(),
+        hits,
+        "refused requests never reached the upstream"
+    );
+    // The issuer rotates: k2 appears in the file, and works without a reload.
+    std::fs::write(&jwks, serde_json::json!({"keys": [jwk1, jwk2]}).to_string()).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the JWKS file's new key applies",
+        || async { as_user(&gw, Some(&rotated)).await.status == 200 },
+    )
+    .await;
+
+    // ES256 with one PEM public key.
+    let pem = dir.join("es256.pem");
+    std::fs::write(&pem, k1.public_key_pem()).unwrap();
+    let text = Cfg::new(&[up.addr])
+        .route("identity = \"required\"")
+        .section(format!(
+            "[jwt]\nalgorithm = \"ES256\"\npublic_key = \"{}\"",
+            pem.display()
+        ))
+        .build();
+    let gw2 = gateway(&text).await;
+    let got = as_user(&gw2, Some(&es256_token(&k1, None, "carol", 0))).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["headers"]["x-user-id"], "carol");
+    assert_eq!(
+        as_user(&gw2, Some(&es256_token(&k2, None, "carol", 0)))
+            .await
+            .status,
+        401
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -248,6 +248,12 @@ impl Config {
                     ));
                 }
             }
+            if r.identity == route::Identity::Required && self.jwt.is_none() {
+                return Err(ConfigError::at(
+                    format!("{p}.identity"),
+                    "\"required\" needs a [jwt] section to verify tokens with",
+                ));
+            }
             // The checkout's user comes only from a verified subject.
             if r.checkout.is_some() && self.jwt.is_none() {
                 return Err(ConfigError::at(
@@ -519,6 +525,27 @@ mod tests {
         assert_eq!(e.path, "jwt.algorithm");
         let e = err("[jwt]\nalgorithm = \"RS256\"\n");
         assert_eq!(e.path, "jwt.public_key");
+        let e = err("[jwt]\nalgorithm = \"ES256\"\n");
+        assert_eq!(e.path, "jwt.public_key");
+        let e =
+            err("[jwt]\nalgorithm = \"ES256\"\npublic_key = \"k.pem\"\njwks_file = \"k.json\"\n");
+        assert_eq!(e.path, "jwt.jwks_file");
+        Config::parse(&format!(
+            "{BASE}[jwt]\nalgorithm = \"ES256\"\njwks_file = \"k.json\"\n"
+        ))
+        .unwrap();
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nidentity = \"required\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].identity");
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nidentity = \"maybe\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].identity");
         let e = err(
             "[jwt]\nalgorithm = \"HS256\"\nsecret = \"0123456789abcdef\"\nuser_header = \"bad name\"\n",
         );

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 use super::challenge::{self, Binding, Challenger};
 use crate::config::{BotAction, BotRuleConfig, Config, ConfigError, ShapeConfig};
 use crate::error::ProxyError;
-use crate::pipeline::runtime::Route;
+use crate::pipeline::runtime::{file_watch, Route};
 use crate::pipeline::{RequestCtx, Stop};
 use crate::respond::{self, Refusal};
 
@@ -429,17 +429,11 @@ impl Shape {
     }
 }
 
-/// An `ip_file`: CIDRs read at build time and again whenever the file's
-/// modification time or length changes (polled every second by a task
-/// that ends with the runtime). A file that stops parsing keeps the last
-/// good list, with a warning.
+/// An `ip_file`: CIDRs read at build time and again whenever the file
+/// changes (see `runtime::file_watch`).
 struct IpFile {
-    path: PathBuf,
     nets: ArcSwap<Vec<IpNet>>,
 }
-
-/// How often an `ip_file` is looked at for changes.
-const IP_FILE_POLL: Duration = Duration::from_secs(1);
 
 impl IpFile {
     fn open(path: PathBuf, key: &str, watch: bool) -> Result<Arc<IpFile>, ConfigError> {
@@ -448,50 +442,17 @@ impl IpFile {
         let nets = parse_ip_list(&text)
             .map_err(|m| ConfigError::at(key, format!("{}: {m}", path.display())))?;
         let file = Arc::new(IpFile {
-            path,
             nets: ArcSwap::from_pointee(nets),
         });
         if watch {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(watch_file(Arc::downgrade(&file), stamp(&file.path)));
-            }
+            file_watch::watch(&file, path, "bot rule ip_file", |f: &IpFile, text| {
+                let nets = parse_ip_list(text)?;
+                let n = nets.len();
+                f.nets.store(Arc::new(nets));
+                Ok(n)
+            });
         }
         Ok(file)
-    }
-}
-
-fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
-async fn watch_file(file: Weak<IpFile>, mut last: Option<(SystemTime, u64)>) {
-    let mut tick = tokio::time::interval(IP_FILE_POLL);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(file) = file.upgrade() else {
-            return;
-        };
-        let now = stamp(&file.path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match tokio::fs::read_to_string(&file.path).await {
-            Ok(text) => match parse_ip_list(&text) {
-                Ok(nets) => {
-                    tracing::info!(path = %file.path.display(), entries = nets.len(), "bot rule ip_file reloaded");
-                    file.nets.store(Arc::new(nets));
-                }
-                Err(m) => {
-                    tracing::warn!(path = %file.path.display(), "bot rule ip_file not reloaded (the last list stays): {m}")
-                }
-            },
-            Err(e) => {
-                tracing::warn!(path = %file.path.display(), "bot rule ip_file not readable (the last list stays): {e}")
-            }
-        }
     }
 }
 

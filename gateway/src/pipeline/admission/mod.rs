@@ -40,6 +40,13 @@ pub async fn admit(
     // Bot rules first: a bot's request uses no rate budget and does not
     // count as demand, and `deprioritize` must be set before shedding.
     bots::check(ctx, route, head).await?;
+    // `identity = "required"`: no verified token, no further (checkout
+    // routes check it in their own gate).
+    if route.identity_required && !ctx.identified {
+        return Break(Stop::Refuse(crate::pipeline::identity::unauthenticated(
+            &head.headers,
+        )));
+    }
     shed::check(ctx, route, head)?;
     let Some(checkout) = &route.checkout else {
         return Continue(Either::Left(body));

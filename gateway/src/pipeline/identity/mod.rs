@@ -47,3 +47,16 @@ pub fn identify(ctx: &mut RequestCtx<'_>, head: &mut Parts) {
         }
     };
 }
+
+/// The `401` for a route that needs an identity the request does not
+/// have: `www-authenticate: Bearer` (RFC 6750), with
+/// `error="invalid_token"` when a token was sent but did not verify.
+pub fn unauthenticated(headers: &http::HeaderMap) -> crate::respond::Refusal {
+    let challenge = if headers.contains_key(http::header::AUTHORIZATION) {
+        http::HeaderValue::from_static("Bearer error=\"invalid_token\"")
+    } else {
+        http::HeaderValue::from_static("Bearer")
+    };
+    crate::respond::Refusal::new(crate::error::ProxyError::Unauthenticated)
+        .header(http::header::WWW_AUTHENTICATE, challenge)
+}

@@ -10,6 +10,7 @@
 //! check` runs it after `Config::load`, so a file that parses but does not
 //! build is reported with its key path as before.
 
+pub mod file_watch;
 pub mod filters;
 
 use std::sync::{Arc, OnceLock};
@@ -35,6 +36,8 @@ pub struct Route {
     pub priority: Priority,
     /// `Upgrade` requests (WebSocket) are passed through.
     pub websocket: bool,
+    /// `identity = "required"`: 401 without a verified token.
+    pub identity_required: bool,
     /// Paths with `%2F` or `%5C` are forwarded, not refused.
     pub keep_escaped_slashes: bool,
     /// Request bodies are read in before an upstream slot is taken.
@@ -114,7 +117,11 @@ impl Fallible {
     ) -> Result<Fallible, ConfigError> {
         let previous = previous.map(|p| (&*p.config, &p.wasm[..]));
         let filters = filters::build_all(config, watch, previous)?;
-        let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|j| JwtVerifier::build(j, watch == filters::Watch::AsConfigured))
+            .transpose()?;
         let bots = Bots::build(config, watch == filters::Watch::AsConfigured)?;
         Ok(Fallible { filters, jwt, bots })
     }
@@ -234,6 +241,7 @@ impl Runtime {
                 path_prefix: r.path_prefix.clone(),
                 priority: r.priority,
                 websocket: r.websocket,
+                identity_required: r.identity == crate::config::route::Identity::Required,
                 keep_escaped_slashes: r.escaped_slashes == crate::config::EscapedSlashes::Keep,
                 buffer_requests: r.buffer_requests,
                 buffer_responses: r.buffer_responses,
@@ -293,6 +301,9 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.path, "jwt.public_key");
         assert!(e.message.contains("/nonexistent/key.pem"), "{e}");
+        let e = check("[jwt]\nalgorithm = \"ES256\"\njwks_file = \"/nonexistent/jwks.json\"\n")
+            .unwrap_err();
+        assert_eq!(e.path, "jwt.jwks_file");
         let e = check(
             "[[listeners]]\nname = \"tls\"\nlisten = \"127.0.0.1:8443\"\n\
              [listeners.tls]\ncerts = [{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }]\n",
