@@ -528,6 +528,8 @@ mod tests {
             route: "r".into(),
             priority: Priority::Normal,
             load_level: 0,
+            bot_score: 99,
+            ja4: None,
             request_id: http::HeaderValue::from_static("id"),
             end_of_stream: true,
         }

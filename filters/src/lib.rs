@@ -187,6 +187,10 @@ pub struct StreamInfo {
     pub priority: Priority,
     /// The gateway's current load level (0 = calm; higher = more loaded).
     pub load_level: u8,
+    /// 1 (automated) to 99 (human), from the gateway's bot rules.
+    pub bot_score: u8,
+    /// The client's JA4 TLS fingerprint, when the gateway knows it.
+    pub ja4: Option<Arc<str>>,
     /// The request id (the `x-request-id` header's value).
     pub request_id: http::HeaderValue,
     /// No body follows the head being filtered (the gateway sets it before

@@ -69,6 +69,8 @@ fn info(load_level: u8) -> StreamInfo {
         route: "products".into(),
         priority: Priority::Sheddable,
         load_level,
+        bot_score: 99,
+        ja4: None,
         request_id: http::HeaderValue::from_static("req-1"),
         end_of_stream: true,
     }
@@ -160,35 +162,39 @@ fn add_headers_refuses_bad_config() {
 
 // ---- bot-score -------------------------------------------------------------
 
+fn scored(score: u8) -> StreamInfo {
+    StreamInfo {
+        bot_score: score,
+        ja4: Some("t13d1516h2_8daaf6152771_02713d6af862".into()),
+        ..info(0)
+    }
+}
+
 #[tokio::test]
-async fn bot_score_scores_and_counts() {
+async fn bot_score_passes_the_hosts_score_on_and_counts() {
     let f = load("bot-score", "bot_score", "");
     let c = chain(&f);
-    let cases: &[(&[(&str, &str)], &str)] = &[
-        (&[], "60"), // no user-agent (40) + no accept-language (20)
-        (
-            &[("user-agent", "curl/8.0"), ("accept-language", "en")],
-            "60",
-        ),
-        (
-            &[
-                ("user-agent", "Mozilla/5.0 Firefox"),
-                ("accept-language", "de"),
-            ],
-            "0",
-        ),
-        // A client cannot choose its own score.
-        (&[("user-agent", "Mozilla/5.0"), ("x-bot-score", "0")], "20"),
+    // (host score, what the client sent) -> what the upstream gets: the
+    // host's, never the client's.
+    type Case<'a> = (u8, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (99, &[("user-agent", "Mozilla/5.0")], "99"),
+        (1, &[("user-agent", "curl/8.0")], "1"),
+        (15, &[("x-bot-score", "99")], "15"),
     ];
-    for (headers, want) in cases {
+    for (score, headers, want) in cases {
         let mut req = request(headers);
         let mut s = c.start();
-        assert!(s.on_request(&mut req, &info(0)).await.unwrap().is_none());
+        assert!(s
+            .on_request(&mut req, &scored(*score))
+            .await
+            .unwrap()
+            .is_none());
         assert_eq!(h(&req.headers, "x-bot-score"), *want, "{headers:?}");
         assert_eq!(req.headers.get_all("x-bot-score").iter().count(), 1);
     }
-    assert_eq!(counter(&f, "bot_score_scored_total"), 4);
-    assert_eq!(counter(&f, "bot_score_bots_total"), 2);
+    assert_eq!(counter(&f, "bot_score_scored_total"), 3);
+    assert_eq!(counter(&f, "bot_score_bots_total"), 2, "below 30");
     let hist = f
         .metrics()
         .snapshot()
@@ -198,22 +204,25 @@ async fn bot_score_scores_and_counts() {
     let MetricValue::Histogram { count, sum, .. } = hist.value else {
         panic!("histogram expected")
     };
-    assert_eq!((count, sum), (4, 140));
+    assert_eq!((count, sum), (3, 115));
 }
 
 #[tokio::test]
-async fn bot_score_blocks_at_threshold() {
-    let f = load("bot-score-block", "bot_score", r#"{"block_at": 50}"#);
+async fn bot_score_blocks_below_its_threshold() {
+    let f = load("bot-score-block", "bot_score", r#"{"block_below": 30}"#);
     let mut req = request(&[("user-agent", "python-requests/2.31")]);
     let mut s = chain(&f).start();
     let local = s
-        .on_request(&mut req, &info(0))
+        .on_request(&mut req, &scored(5))
         .await
         .unwrap()
         .expect("blocked");
     assert_eq!(local.status, StatusCode::FORBIDDEN);
-    assert_eq!(h(&local.headers, "x-bot-score"), "80");
+    assert_eq!(h(&local.headers, "x-bot-score"), "5");
     assert_eq!(&local.body[..], b"automated traffic is not allowed\n");
+    let mut req = request(&[("user-agent", "python-requests/2.31")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &scored(50)).await.unwrap().is_none());
 }
 
 // ---- degrade-recommendations ----------------------------------------------
@@ -288,6 +297,17 @@ async fn properties() {
     assert_eq!(h(hs, "x-prop-custom"), "v1");
     assert_eq!(h(hs, "x-pseudo-path"), "/products/42?color=red");
     assert_eq!(h(hs, "x-pseudo-method"), "GET");
+    // The bot rules' score and the JA4 fingerprint (absent: `<none>`).
+    assert_eq!(h(hs, "x-prop-bot-score"), "99");
+    assert_eq!(h(hs, "x-prop-ja4"), "<none>");
+    let mut req = request(&[("x-test", "props")]);
+    let mut s = chain(&f).start();
+    assert!(s.on_request(&mut req, &scored(7)).await.unwrap().is_none());
+    assert_eq!(h(&req.headers, "x-prop-bot-score"), "7");
+    assert_eq!(
+        h(&req.headers, "x-prop-ja4"),
+        "t13d1516h2_8daaf6152771_02713d6af862"
+    );
 }
 
 #[tokio::test]

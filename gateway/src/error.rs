@@ -75,6 +75,14 @@ pub enum ProxyError {
         "the fleet rate limit cannot be checked (Redis unreachable) and is configured to refuse"
     )]
     RateLimitUnavailable,
+    #[error("this client is refused by a bot rule")]
+    BotBlocked,
+    #[error("too many requests from this client; slow down")]
+    BotTarpit,
+    #[error("this client must solve the proof-of-work challenge first")]
+    ChallengeRequired,
+    #[error("the challenge answer is wrong, expired or for another client")]
+    ChallengeFailed,
 }
 
 impl ProxyError {
@@ -93,7 +101,12 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
-            ProxyError::ClientShare | ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ClientShare | ProxyError::RateLimited | ProxyError::BotTarpit => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::BotBlocked
+            | ProxyError::ChallengeRequired
+            | ProxyError::ChallengeFailed => StatusCode::FORBIDDEN,
             // As Envoy answers a failed Wasm filter (`wasm_fail_stream`).
             ProxyError::FilterFailed
             | ProxyError::Overflow
@@ -148,6 +161,10 @@ impl ProxyError {
             ProxyError::BreakerOpen => "breaker_open",
             ProxyError::RateLimited => "rate_limited",
             ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
+            ProxyError::BotBlocked => "bot_blocked",
+            ProxyError::BotTarpit => "bot_tarpit",
+            ProxyError::ChallengeRequired => "challenge_required",
+            ProxyError::ChallengeFailed => "challenge_failed",
         }
     }
 

@@ -32,6 +32,13 @@ pub struct Refusal {
     pub retry_after: Option<u32>,
     /// Extra header fields of this refusal.
     pub headers: HeaderMap,
+    /// More members of the JSON body (a challenge's token and
+    /// difficulty), beside `error`, `message` and `request_id`.
+    pub details: Option<serde_json::Map<String, serde_json::Value>>,
+    /// An HTML page instead of the JSON body, for a browser (the
+    /// proof-of-work challenge): same status and headers, `content-type:
+    /// text/html`.
+    pub page: Option<bytes::Bytes>,
 }
 
 impl Refusal {
@@ -40,7 +47,21 @@ impl Refusal {
             error,
             retry_after: None,
             headers: HeaderMap::new(),
+            details: None,
+            page: None,
         }
+    }
+
+    pub fn detail(mut self, name: &str, value: serde_json::Value) -> Refusal {
+        self.details
+            .get_or_insert_with(Default::default)
+            .insert(name.into(), value);
+        self
+    }
+
+    pub fn page(mut self, html: impl Into<bytes::Bytes>) -> Refusal {
+        self.page = Some(html.into());
+        self
     }
 
     pub fn retry_after(mut self, seconds: u32) -> Refusal {
@@ -74,21 +95,47 @@ pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody
         error,
         retry_after,
         headers,
+        details,
+        page,
     } = refusal;
-    // Serialized from borrowed fields, not a `json!` map: refusals (a
-    // flood's 429s) are made at the rate the flood arrives.
-    let message = error.to_string();
-    let body = serde_json::to_vec(&Body {
-        error: error.code(),
-        message: &message,
-        request_id: request_id.to_str().unwrap_or(""),
-    })
-    .unwrap_or_default();
-    let mut resp = Response::new(ProxyBody::full(body));
+    let (body, content_type) = match page {
+        Some(html) => (
+            ProxyBody::full(html),
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        ),
+        None => {
+            let message = error.to_string();
+            let request_id = request_id.to_str().unwrap_or("");
+            // Serialized from borrowed fields, not a `json!` map: refusals
+            // (a flood's 429s) are made at the rate the flood arrives. Only
+            // the few with details (a challenge) build a map.
+            let body = match details {
+                None => serde_json::to_vec(&Body {
+                    error: error.code(),
+                    message: &message,
+                    request_id,
+                }),
+                Some(more) => {
+                    let mut obj = serde_json::Map::with_capacity(3 + more.len());
+                    obj.insert("error".into(), error.code().into());
+                    obj.insert("message".into(), message.into());
+                    obj.insert("request_id".into(), request_id.into());
+                    obj.extend(more);
+                    serde_json::to_vec(&obj)
+                }
+            }
+            .unwrap_or_default();
+            (
+                ProxyBody::full(body),
+                HeaderValue::from_static("application/json"),
+            )
+        }
+    };
+    let mut resp = Response::new(body);
     *resp.status_mut() = error.status();
     let h = resp.headers_mut();
     h.reserve(6 + headers.len());
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_TYPE, content_type);
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-flashgate-error", HeaderValue::from_static(error.code()));
     let retry_after = retry_after
@@ -105,6 +152,18 @@ pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody
             h.insert(name, value);
         }
     }
+    resp
+}
+
+/// An answer without a body that is not a refusal (a challenge answer
+/// exchanged for its clearance cookie): `status`, `headers`, and
+/// `cache-control: no-store`.
+pub fn empty(status: StatusCode, headers: HeaderMap) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(bytes::Bytes::new()));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

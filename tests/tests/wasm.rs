@@ -111,14 +111,23 @@ async fn degrade_recommendations_answers_locally_at_its_level() {
 
 #[tokio::test]
 async fn bot_score_reaches_the_upstream_and_metrics() {
+    // The host's score (`flashgate.bot_score`): curl matches a bot rule
+    // (log, score 50), the browser none (99).
     let echo = Upstream::echo().await;
-    let gw = gateway(&with_filter(echo.addr, "bot_score", "", "")).await;
+    let gw = gateway(&with_filter(
+        echo.addr,
+        "bot_score",
+        "",
+        "[[bot_rules]]\nname = \"curl\"\nuser_agent = [\"^curl/\"]\naction = \"log\"",
+    ))
+    .await;
     let base = format!("http://{}", gw.addr("public").unwrap());
     let browser = send(
         Request::get(format!("{base}/"))
             .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
             .header("accept-language", "en")
             .header("accept", "text/html")
+            .header("x-bot-score", "1")
             .body(empty())
             .unwrap(),
     )
@@ -127,24 +136,14 @@ async fn bot_score_reaches_the_upstream_and_metrics() {
     let bot = send(
         Request::get(format!("{base}/"))
             .header("user-agent", "curl/8.0")
+            .header("x-bot-score", "99")
             .body(empty())
             .unwrap(),
     )
     .await
     .json();
-    let score = |v: &serde_json::Value| {
-        v["headers"]["x-bot-score"]
-            .as_str()
-            .unwrap()
-            .parse::<u32>()
-            .unwrap()
-    };
-    assert!(
-        score(&bot) > score(&browser),
-        "bot {} vs browser {}",
-        score(&bot),
-        score(&browser)
-    );
+    assert_eq!(browser["headers"]["x-bot-score"], "99");
+    assert_eq!(bot["headers"]["x-bot-score"], "50");
     let metrics = get(&format!("http://{}/metrics", gw.admin_addr()))
         .await
         .text();

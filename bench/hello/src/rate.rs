@@ -72,6 +72,9 @@ struct Cli {
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
+    /// The `user-agent` sent (a bot flood is told from shoppers by it).
+    #[arg(long, default_value = "bench-rate")]
+    user_agent: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(run(target.clone(), plan))?;
+        .block_on(run(target.clone(), plan, &cli.user_agent))?;
     if let Some(e) = &report.first_error {
         eprintln!("bench-rate: first error: {e}");
     }
@@ -475,6 +478,7 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
 struct Template {
     uri: Uri,
     host: HeaderValue,
+    user_agent: HeaderValue,
 }
 
 impl Template {
@@ -484,7 +488,7 @@ impl Template {
         *req.uri_mut() = self.uri.clone();
         req.headers_mut().insert(header::HOST, self.host.clone());
         req.headers_mut()
-            .insert(header::USER_AGENT, HeaderValue::from_static("bench-rate"));
+            .insert(header::USER_AGENT, self.user_agent.clone());
         req
     }
 }
@@ -523,7 +527,7 @@ async fn exchange(conn: &mut Conn, req: Request<Empty<Bytes>>) -> anyhow::Result
     Ok(status)
 }
 
-async fn run(target: Target, plan: Plan) -> anyhow::Result<Report> {
+async fn run(target: Target, plan: Plan, user_agent: &str) -> anyhow::Result<Report> {
     let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
         .with_context(|| format!("resolving {}", target.host))?
@@ -532,6 +536,7 @@ async fn run(target: Target, plan: Plan) -> anyhow::Result<Report> {
     let template = std::sync::Arc::new(Template {
         uri: target.path.parse().context("request path")?,
         host: HeaderValue::from_str(&target.authority).context("Host header")?,
+        user_agent: HeaderValue::from_str(user_agent).context("--user-agent")?,
     });
     // All connections first: connecting is not part of any request.
     let mut conns = Vec::new();

@@ -318,6 +318,10 @@ pub(crate) fn refresh_info(dst: &mut StreamInfo, src: &StreamInfo) {
     dst.client_ip = src.client_ip;
     dst.priority = src.priority;
     dst.load_level = src.load_level;
+    dst.bot_score = src.bot_score;
+    if dst.ja4 != src.ja4 {
+        dst.ja4 = src.ja4.clone();
+    }
     dst.end_of_stream = src.end_of_stream;
     if !Arc::ptr_eq(&dst.route, &src.route) {
         dst.route = src.route.clone();

@@ -16,14 +16,19 @@ pub const DEFAULT_USER_HEADER: &str = "x-user-id";
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// `"HS256"` or `"RS256"`.
+    /// `"HS256"`, `"RS256"` or `"ES256"`: the one algorithm accepted.
     pub algorithm: String,
     /// HS256: the shared secret.
     #[serde(default)]
     pub secret: Option<String>,
-    /// RS256: path of the issuer's public key (PEM).
+    /// RS256 / ES256: path of the issuer's public key (PEM).
     #[serde(default)]
     pub public_key: Option<PathBuf>,
+    /// RS256 / ES256: a JWKS file (`{"keys": [...]}`) instead of one key:
+    /// a token's `kid` picks its key; read again when the file changes,
+    /// so an issuer's key rotation needs no reload.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
     /// Required `iss`, if set.
     #[serde(default)]
     pub issuer: Option<String>,
@@ -46,6 +51,10 @@ pub enum JwtKey<'a> {
     Hs256Secret(&'a str),
     /// RS256 and the PEM file of the issuer's public key.
     Rs256PublicKey(&'a Path),
+    /// ES256 (P-256) and the PEM file of the issuer's public key.
+    Es256PublicKey(&'a Path),
+    /// RS256 or ES256 (the algorithm named) with keys from a JWKS file.
+    Jwks(&'a str, &'a Path),
 }
 
 impl JwtConfig {
@@ -62,14 +71,22 @@ impl JwtConfig {
                 .ok_or_else(|| {
                     ConfigError::at("jwt.secret", "HS256 needs a secret of at least 16 bytes")
                 }),
-            "RS256" => self
-                .public_key
-                .as_deref()
-                .map(JwtKey::Rs256PublicKey)
-                .ok_or_else(|| ConfigError::at("jwt.public_key", "RS256 needs a public key")),
+            alg @ ("RS256" | "ES256") => match (&self.public_key, &self.jwks_file) {
+                (Some(_), Some(_)) => Err(ConfigError::at(
+                    "jwt.jwks_file",
+                    "set public_key or jwks_file, not both",
+                )),
+                (None, Some(jwks)) => Ok(JwtKey::Jwks(alg, jwks)),
+                (Some(pem), None) if alg == "RS256" => Ok(JwtKey::Rs256PublicKey(pem)),
+                (Some(pem), None) => Ok(JwtKey::Es256PublicKey(pem)),
+                (None, None) => Err(ConfigError::at(
+                    "jwt.public_key",
+                    format!("{alg} needs a public key (public_key or jwks_file)"),
+                )),
+            },
             other => Err(ConfigError::at(
                 "jwt.algorithm",
-                format!("{other:?} is not supported (HS256 or RS256)"),
+                format!("{other:?} is not supported (HS256, RS256 or ES256)"),
             )),
         }
     }

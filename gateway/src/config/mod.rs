@@ -23,6 +23,7 @@
 //! Every key and its default is documented in `docs/config.md`.
 
 pub mod admin;
+pub mod bot;
 pub mod buffering;
 pub mod cache;
 pub mod filter;
@@ -42,6 +43,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use admin::{AdminConfig, LogConfig, LogFormat, ShutdownConfig};
+pub use bot::{BotAction, BotRuleConfig, ChallengeConfig, ShapeConfig};
 pub use buffering::BufferingConfig;
 pub use cache::{CacheConfig, RedisConfig, RouteCacheConfig};
 pub use filter::FilterConfig;
@@ -113,6 +115,12 @@ pub struct Config {
     /// Rate limits' shared settings (key cap, fleet mode).
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    /// Bot rules, in the order they are tried (see `docs/bot-rules.md`).
+    #[serde(default)]
+    pub bot_rules: Vec<BotRuleConfig>,
+    /// The proof-of-work challenge of `action = "challenge"` rules.
+    #[serde(default)]
+    pub challenge: ChallengeConfig,
 }
 
 impl Config {
@@ -259,6 +267,12 @@ impl Config {
                     "\"fleet\" needs a [redis] section (the fleet's shared state)",
                 ));
             }
+            if r.identity == route::Identity::Required && self.jwt.is_none() {
+                return Err(ConfigError::at(
+                    format!("{p}.identity"),
+                    "\"required\" needs a [jwt] section to verify tokens with",
+                ));
+            }
             // The checkout's user comes only from a verified subject.
             if r.checkout.is_some() && self.jwt.is_none() {
                 return Err(ConfigError::at(
@@ -279,6 +293,18 @@ impl Config {
         }
         self.overload.validate()?;
         self.rate_limit.validate()?;
+        let mut rule_names = HashSet::new();
+        for (i, r) in self.bot_rules.iter().enumerate() {
+            let p = format!("bot_rules[{i}]");
+            r.validate(&p)?;
+            if !rule_names.insert(r.name.as_str()) {
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate bot rule name {:?}", r.name),
+                ));
+            }
+        }
+        self.challenge.validate()?;
         Ok(())
     }
 }
@@ -519,6 +545,27 @@ mod tests {
         assert_eq!(e.path, "jwt.algorithm");
         let e = err("[jwt]\nalgorithm = \"RS256\"\n");
         assert_eq!(e.path, "jwt.public_key");
+        let e = err("[jwt]\nalgorithm = \"ES256\"\n");
+        assert_eq!(e.path, "jwt.public_key");
+        let e =
+            err("[jwt]\nalgorithm = \"ES256\"\npublic_key = \"k.pem\"\njwks_file = \"k.json\"\n");
+        assert_eq!(e.path, "jwt.jwks_file");
+        Config::parse(&format!(
+            "{BASE}[jwt]\nalgorithm = \"ES256\"\njwks_file = \"k.json\"\n"
+        ))
+        .unwrap();
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nidentity = \"required\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].identity");
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nidentity = \"maybe\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].identity");
         let e = err(
             "[jwt]\nalgorithm = \"HS256\"\nsecret = \"0123456789abcdef\"\nuser_header = \"bad name\"\n",
         );

@@ -63,6 +63,21 @@ pub struct RouteConfig {
     /// Rate limits (see `config::rate_limit` and `docs/rate-limits.md`).
     #[serde(default)]
     pub rate_limit: Option<super::RouteRateLimit>,
+    /// `"required"`: a request without a valid bearer token gets `401`
+    /// with `www-authenticate` (needs `[jwt]`). `"optional"` (the
+    /// default): a verified subject is forwarded, a missing one is not
+    /// refused. Checkout routes always require one.
+    #[serde(default)]
+    pub identity: Identity,
+}
+
+/// `routes[].identity`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    Required,
+    #[default]
+    Optional,
 }
 
 fn yes() -> bool {

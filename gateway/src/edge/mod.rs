@@ -10,6 +10,7 @@
 
 pub mod conn_clock;
 pub mod framing;
+pub mod ja4;
 pub mod limits;
 pub mod proxy_protocol;
 pub mod request_body;
@@ -64,6 +65,9 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
+    /// The JA4 fingerprint of the client's ClientHello (TLS listeners;
+    /// see [`ja4`]).
+    pub ja4: Option<Arc<str>>,
     /// The listener's settings: trusted proxies and request limits.
     pub config: Arc<ListenerConfig>,
     /// Requests in flight and the header read / idle clocks.

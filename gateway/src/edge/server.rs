@@ -250,14 +250,19 @@ impl<A: App> Listener<A> {
                 prefix,
                 inner: stream,
             };
-            return Box::pin(
-                self.serve_http(&settings, io, h2, client, proxied_by, "http", http_from),
-            )
+            return Box::pin(self.serve_http(
+                &settings,
+                io,
+                h2,
+                Peer {
+                    client,
+                    proxied_by,
+                    ja4: None,
+                },
+                "http",
+                http_from,
+            ))
             .await;
-        };
-        let io = Rewind {
-            prefix,
-            inner: stream,
         };
         // Boxed: the handshake's state (a whole rustls connection) would
         // otherwise stay part of the task's size for its whole life. The
@@ -266,11 +271,23 @@ impl<A: App> Listener<A> {
         // (the task, serving, parking, closing) then holds a pointer, not
         // a copy of the rustls state each.
         let handshake = Box::pin(async move {
-            let accepted = tokio::time::timeout(*handshake_timeout, acceptor.accept(io)).await;
-            accepted.map(|r| r.map(Box::new))
+            tokio::time::timeout(*handshake_timeout, async move {
+                // The ClientHello is read ahead for its JA4 fingerprint
+                // (rustls does not expose it), then put back for rustls.
+                let mut stream = stream;
+                let (hello, ja4) =
+                    super::ja4::read_hello(&mut stream, bytes::BytesMut::from(&prefix[..])).await?;
+                let io = Rewind {
+                    prefix: hello,
+                    inner: stream,
+                };
+                let tls = acceptor.accept(io).await?;
+                Ok::<_, std::io::Error>((Box::new(tls), ja4.map(Arc::<str>::from)))
+            })
+            .await
         });
         match handshake.await {
-            Ok(Ok(tls)) => {
+            Ok(Ok((tls, ja4))) => {
                 // ALPN decides; a client that offered none speaks HTTP/1.1.
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let http_from = Instant::now();
@@ -278,8 +295,12 @@ impl<A: App> Listener<A> {
                     prefix: Bytes::new(),
                     inner: tls,
                 };
-                Box::pin(self.serve_http(&settings, io, h2, client, proxied_by, "https", http_from))
-                    .await
+                let from = Peer {
+                    client,
+                    proxied_by,
+                    ja4,
+                };
+                Box::pin(self.serve_http(&settings, io, h2, from, "https", http_from)).await
             }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -297,11 +318,15 @@ impl<A: App> Listener<A> {
         settings: &Settings,
         mut io: Rewind<I>,
         h2: bool,
-        client: SocketAddr,
-        proxied_by: Option<SocketAddr>,
+        from: Peer,
         scheme: &'static str,
         http_from: Instant,
     ) {
+        let Peer {
+            client,
+            proxied_by,
+            ja4,
+        } = from;
         // HTTP/1.1 owes its first head from the start; HTTP/2 starts idle.
         let clock = ConnClock::new(!h2);
         let conn = Arc::new(ConnInfo {
@@ -309,6 +334,7 @@ impl<A: App> Listener<A> {
             proxied_by,
             listener: self.name.clone(),
             scheme,
+            ja4,
             config: settings.cfg.clone(),
             clock: clock.clone(),
             tunnel: Default::default(),
@@ -719,6 +745,14 @@ async fn sniff_h2(stream: &mut TcpStream, prefix: Bytes) -> std::io::Result<(boo
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+/// Who is at the other end of a connection.
+struct Peer {
+    client: SocketAddr,
+    proxied_by: Option<SocketAddr>,
+    /// The client's JA4 fingerprint (TLS listeners).
+    ja4: Option<Arc<str>>,
 }
 
 /// A stream with bytes already read from it (past a PROXY header, or read

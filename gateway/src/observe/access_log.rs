@@ -40,6 +40,10 @@ pub struct AccessRecord {
     pub timing: UpstreamTiming,
     /// The load level when the request was admitted.
     pub load_level: u8,
+    /// The bot rules' score (1 automated .. 99 human).
+    pub bot_score: u8,
+    /// The client's JA4 fingerprint, when known.
+    pub ja4: Option<Arc<str>>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -67,6 +71,8 @@ impl AccessRecord {
             upstream_connect_ms = self.timing.connect.map(ms),
             upstream_first_byte_ms = self.timing.first_byte.map(ms),
             load_level = self.load_level,
+            bot_score = self.bot_score,
+            ja4 = self.ja4.as_deref().unwrap_or("-"),
             request_id = self.request_id.to_str().unwrap_or("-"),
         );
     }

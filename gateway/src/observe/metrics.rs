@@ -82,6 +82,12 @@ pub struct Metrics {
     pub rate_limit_redis_errors: IntCounterVec,
     /// 1 while fleet limits reach Redis, 0 while they follow `redis_down`.
     pub rate_limit_redis_up: IntGauge,
+    /// Bot rule matches, by route, rule and outcome (the action taken:
+    /// `block`, `tarpit`, `tarpit_full`, `challenge`, `cleared`,
+    /// `deprioritize`, `log`).
+    pub bot_decisions: IntCounterVec,
+    /// Proof-of-work challenges by event (`issued`, `passed`, `failed`).
+    pub challenges: IntCounterVec,
 }
 
 impl Metrics {
@@ -269,6 +275,16 @@ impl Metrics {
                     "1 while fleet rate limits reach Redis, 0 while they follow rate_limit.redis_down.",
                 )
                 .expect("valid metric"),
+            ),
+            bot_decisions: counter(
+                "bot_decisions_total",
+                "Bot rule matches, by route, rule and outcome (block, tarpit, tarpit_full, challenge, cleared, deprioritize, log).",
+                &["route", "rule", "outcome"],
+            ),
+            challenges: counter(
+                "challenges_total",
+                "Proof-of-work challenges, by event (issued, passed: exchanged for a clearance cookie, failed: a wrong or stale answer).",
+                &["event"],
             ),
             registry,
         }

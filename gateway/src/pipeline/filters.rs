@@ -54,6 +54,9 @@ pub async fn on_request(
         priority: route.priority,
         // As the admission phase saw it (`overload`).
         load_level: ctx.load_level,
+        // As the bot rules scored it (`admission::bots`).
+        bot_score: ctx.bot_score,
+        ja4: ctx.ja4.clone(),
         request_id: ctx.request_id.clone(),
         end_of_stream: body.is_end_stream(),
     };

@@ -138,5 +138,7 @@ fn access_record(
         head: ctx.started.elapsed(),
         timing: ctx.timing,
         load_level: ctx.load_level,
+        bot_score: ctx.bot_score,
+        ja4: ctx.ja4.clone(),
     })
 }

@@ -111,6 +111,12 @@ pub struct RequestCtx<'a> {
     /// The request carried `[overload] debug_header`: the answer gets
     /// `x-flashgate-load-level`.
     pub debug_level: bool,
+    /// 1 (automated) to 99 (human), from the bot rules that applied: what
+    /// filters read as `flashgate.bot_score` and the access log writes.
+    pub bot_score: u8,
+    /// The client's JA4 TLS fingerprint, when known (from a trusted
+    /// proxy's header).
+    pub ja4: Option<Arc<str>>,
 }
 
 impl<'a> RequestCtx<'a> {
@@ -144,6 +150,8 @@ impl<'a> RequestCtx<'a> {
             load_level: 0,
             deprioritized: false,
             debug_level: false,
+            bot_score: admission::bots::HUMAN,
+            ja4: None,
         }
     }
 }

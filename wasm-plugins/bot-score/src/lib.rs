@@ -1,18 +1,24 @@
-//! `bot-score`: scores each request from its headers and tells the rest of
-//! the pipeline (and the upstream) through the request header `x-bot-score`.
+//! `bot-score`: passes the gateway's bot score on to the upstream in the
+//! request header `x-bot-score`, counts it, and optionally answers 403
+//! below a threshold.
 //!
-//! Points (configurable, JSON plugin configuration, every key optional):
+//! The score is the host's, not a guess of this guest: flashgate's bot
+//! rules score every request from 1 (automated) to 99 (human), as
+//! Cloudflare defines it, and expose it as the property
+//! `flashgate.bot_score` (8-byte little-endian integer; see
+//! `docs/bot-rules.md`). A host without that property gives no score: the
+//! header is then removed and nothing is blocked.
+//!
+//! Configuration (JSON, every key optional):
 //!
 //! ```json
-//! {"missing_user_agent": 40, "missing_accept_language": 20,
-//!  "bot_user_agent": 60, "bot_user_agents": ["curl", "python-requests"],
-//!  "block_at": 0}
+//! {"block_below": 0, "bot_below": 30}
 //! ```
 //!
-//! The score is the sum of the matching rules, capped at 100. When
-//! `block_at` is above zero and the score reaches it, the request is
-//! answered locally with 403. Metrics: the counter `bot_score_scored_total`,
-//! the counter `bot_score_bots_total` (score >= 50) and the histogram
+//! With `block_below` above zero, a request scoring below it is answered
+//! locally with 403. Metrics: the counter `bot_score_scored_total`, the
+//! counter `bot_score_bots_total` (score below `bot_below`, 30 by default:
+//! Cloudflare's "likely automated" band) and the histogram
 //! `bot_score_score`.
 
 use proxy_wasm::hostcalls;
@@ -24,38 +30,15 @@ use std::rc::Rc;
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 struct Config {
-    missing_user_agent: u32,
-    missing_accept_language: u32,
-    bot_user_agent: u32,
-    bot_user_agents: Vec<String>,
-    block_at: u32,
+    block_below: u64,
+    bot_below: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            missing_user_agent: 40,
-            missing_accept_language: 20,
-            bot_user_agent: 60,
-            bot_user_agents: [
-                "bot",
-                "crawler",
-                "spider",
-                "curl",
-                "wget",
-                "python-requests",
-                "python-urllib",
-                "go-http-client",
-                "scrapy",
-                "headlesschrome",
-                "phantomjs",
-                "httpclient",
-                "okhttp",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-            block_at: 0,
+            block_below: 0,
+            bot_below: 30,
         }
     }
 }
@@ -84,12 +67,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         if let Some(bytes) = self.get_plugin_configuration() {
             match serde_json::from_slice::<Config>(&bytes) {
-                Ok(mut config) => {
-                    for ua in &mut config.bot_user_agents {
-                        *ua = ua.to_ascii_lowercase();
-                    }
-                    self.config = Rc::new(config);
-                }
+                Ok(config) => self.config = Rc::new(config),
                 Err(e) => {
                     log::error!("bot-score: invalid configuration: {e}");
                     return false;
@@ -133,40 +111,34 @@ struct Stream {
 
 impl Context for Stream {}
 
-impl Stream {
-    fn score(&self) -> u32 {
-        let c = &self.config;
-        let mut score = 0;
-        match self.get_http_request_header("user-agent") {
-            None => score += c.missing_user_agent,
-            Some(ua) if ua.trim().is_empty() => score += c.missing_user_agent,
-            Some(ua) => {
-                let ua = ua.to_ascii_lowercase();
-                if c.bot_user_agents.iter().any(|b| ua.contains(b.as_str())) {
-                    score += c.bot_user_agent;
-                }
-            }
-        }
-        if self.get_http_request_header("accept-language").is_none() {
-            score += c.missing_accept_language;
-        }
-        score.min(100)
+/// The property's value: an 8-byte little-endian integer (flashgate's
+/// encoding), or a decimal string from hosts that write numbers as text.
+fn score(bytes: &[u8]) -> Option<u64> {
+    match <[u8; 8]>::try_from(bytes) {
+        Ok(b) => Some(u64::from_le_bytes(b)),
+        Err(_) => std::str::from_utf8(bytes).ok()?.trim().parse().ok(),
     }
 }
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let score = self.score();
-        // The client must not be able to pick its own score.
+        let Some(score) = self
+            .get_property(vec!["flashgate", "bot_score"])
+            .and_then(|b| score(&b))
+        else {
+            // The client must never pick its own score.
+            self.set_http_request_header("x-bot-score", None);
+            return Action::Continue;
+        };
         self.set_http_request_header("x-bot-score", Some(&score.to_string()));
         if let Some(m) = &self.metrics {
             let _ = hostcalls::increment_metric(m.scored, 1);
-            if score >= 50 {
+            if score < self.config.bot_below {
                 let _ = hostcalls::increment_metric(m.bots, 1);
             }
-            let _ = hostcalls::record_metric(m.score, u64::from(score));
+            let _ = hostcalls::record_metric(m.score, score);
         }
-        if self.config.block_at > 0 && score >= self.config.block_at {
+        if self.config.block_below > 0 && score < self.config.block_below {
             self.send_http_response(
                 403,
                 vec![

@@ -288,6 +288,14 @@ impl Stream {
             text(self.get_property(vec!["test", "custom"])),
         );
         set(
+            "x-prop-bot-score",
+            int(self.get_property(vec!["flashgate", "bot_score"])),
+        );
+        set(
+            "x-prop-ja4",
+            text(self.get_property(vec!["flashgate", "ja4"])),
+        );
+        set(
             "x-pseudo-path",
             self.get_http_request_header(":path").unwrap_or_default(),
         );

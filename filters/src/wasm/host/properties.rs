@@ -78,6 +78,8 @@ pub(crate) fn lookup(s: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
     let info = &st.info;
     match segs.as_slice() {
         ["flashgate", "load_level"] => Some(int(u64::from(info.load_level))),
+        ["flashgate", "bot_score"] => Some(int(u64::from(info.bot_score))),
+        ["flashgate", "ja4"] => info.ja4.as_ref().map(|f| f.as_bytes().to_vec()),
         ["flashgate", "route"] => Some(info.route.as_bytes().to_vec()),
         ["flashgate", "priority"] => Some(info.priority.as_str().as_bytes().to_vec()),
         ["flashgate", "request_id"] | ["request", "id"] => {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
@@ -180,8 +180,7 @@ impl Checkout {
         identified: bool,
     ) -> Result<Prepared, Refusal> {
         if !identified {
-            return Err(Refusal::new(ProxyError::Unauthenticated)
-                .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+            return Err(crate::pipeline::identity::unauthenticated(&head.headers));
         }
         let read = tokio::time::timeout(
             self.config.body_timeout.0,

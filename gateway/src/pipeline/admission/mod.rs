@@ -6,12 +6,15 @@
 //! Today admission is overload shedding by load level and priority
 //! ([`shed`]), then the checkout gate ([`checkout`]): identity required,
 //! the edge's sold-out flag, and the body read whole so that an
-//! `Idempotency-Key` makes a retry safe. Rate limits ([`limits`]) come
-//! before shedding: the cheapest and most certain refusals first (a hot
-//! limit on a checkout body field waits for the body). Bot rules and the
-//! waiting room take their places there too (a bot rule's `deprioritize`
-//! sets `RequestCtx::deprioritized`, which shedding reads).
+//! `Idempotency-Key` makes a retry safe. Bot rules ([`bots`], with the
+//! proof-of-work [`challenge`]) come first, then rate limits ([`limits`]),
+//! both before shedding: the cheapest and most certain refusals first (a
+//! hot limit on a checkout body field waits for the body; a bot rule's
+//! `deprioritize` sets `RequestCtx::deprioritized`, which shedding reads).
+//! The waiting room takes its place there too.
 
+pub mod bots;
+pub mod challenge;
 pub mod checkout;
 pub mod limits;
 pub mod shed;
@@ -36,6 +39,16 @@ pub async fn admit(
     head: &Parts,
     body: LimitedBody,
 ) -> ControlFlow<Stop, UpstreamBody> {
+    // Bot rules first: a bot's request uses no rate budget and does not
+    // count as demand, and `deprioritize` must be set before shedding.
+    bots::check(ctx, route, head).await?;
+    // `identity = "required"`: no verified token, no further (checkout
+    // routes check it in their own gate).
+    if route.identity_required && !ctx.identified {
+        return Break(Stop::Refuse(crate::pipeline::identity::unauthenticated(
+            &head.headers,
+        )));
+    }
     if let Some(l) = &route.limits {
         if let Err(refusal) = l.check(ctx.client_ip, ctx.user.as_deref(), head).await {
             return Break(Stop::Refuse(refusal));

@@ -1,15 +1,24 @@
 //! Client identity from a JWT (`[jwt]`): the gateway verifies
-//! `authorization: Bearer <token>` (HS256 with a shared secret, or RS256
-//! with the issuer's public key) and forwards the verified subject to the
-//! upstream as `x-user-id`.
+//! `authorization: Bearer <token>` (HS256 with a shared secret, RS256 or
+//! ES256 with the issuer's public key, or keys from a JWKS file picked by
+//! the token's `kid`) and forwards the verified subject to the upstream
+//! as `x-user-id`. `exp` is required and `nbf` honoured (5 s leeway).
 //!
 //! The user header is trusted by the order core, so the gateway owns it:
 //! whatever a client sends under that name is removed on every request,
 //! verified or not. Only a subject this gateway verified reaches the core.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
+use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+
+use crate::pipeline::runtime::file_watch;
 
 use crate::config::{ConfigError, JwtConfig, JwtKey, DEFAULT_USER_HEADER};
 
@@ -29,34 +38,118 @@ struct Claims {
 
 /// A verifier built from a validated `[jwt]`.
 pub struct JwtVerifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     pub user_header: HeaderName,
+}
+
+enum Keys {
+    One(DecodingKey),
+    Jwks(Arc<Jwks>),
+}
+
+/// A JWKS file's keys by `kid`, swapped whole when the file changes.
+struct Jwks {
+    alg: Algorithm,
+    keys: ArcSwap<HashMap<String, DecodingKey>>,
+}
+
+/// The keys of a JWKS document with a `kid` and of the configured
+/// algorithm's family (RSA for RS256, EC for ES256); others are skipped.
+fn parse_jwks(text: &str, alg: Algorithm) -> Result<HashMap<String, DecodingKey>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = &jwk.common.key_id else {
+            continue;
+        };
+        let family = matches!(
+            (&jwk.algorithm, alg),
+            (
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_),
+                Algorithm::RS256
+            ) | (
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_),
+                Algorithm::ES256
+            )
+        );
+        if !family {
+            continue;
+        }
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
+        keys.insert(kid.clone(), key);
+    }
+    Ok(keys)
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| {
+        ConfigError::at(
+            "jwt.public_key",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })
 }
 
 impl JwtVerifier {
     /// Builds the verifier, reading an RS256 key file; errors name the
     /// `jwt.*` key. Built once per config, by the runtime.
     pub fn new(c: &JwtConfig) -> Result<JwtVerifier, ConfigError> {
-        let (alg, key) = match c.key()? {
+        Self::build(c, false)
+    }
+
+    /// [`new`](Self::new), and with `watch` a JWKS file is read again
+    /// when it changes (needs a tokio runtime).
+    pub fn build(c: &JwtConfig, watch: bool) -> Result<JwtVerifier, ConfigError> {
+        let (alg, keys) = match c.key()? {
             JwtKey::Hs256Secret(secret) => (
                 Algorithm::HS256,
-                DecodingKey::from_secret(secret.as_bytes()),
+                Keys::One(DecodingKey::from_secret(secret.as_bytes())),
             ),
             JwtKey::Rs256PublicKey(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    ConfigError::at(
-                        "jwt.public_key",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                let key = DecodingKey::from_rsa_pem(&read_pem(path)?).map_err(|e| {
                     ConfigError::at(
                         "jwt.public_key",
                         format!("not an RSA public key (PEM): {e}"),
                     )
                 })?;
-                (Algorithm::RS256, key)
+                (Algorithm::RS256, Keys::One(key))
+            }
+            JwtKey::Es256PublicKey(path) => {
+                let key = DecodingKey::from_ec_pem(&read_pem(path)?).map_err(|e| {
+                    ConfigError::at("jwt.public_key", format!("not an EC public key (PEM): {e}"))
+                })?;
+                (Algorithm::ES256, Keys::One(key))
+            }
+            JwtKey::Jwks(name, path) => {
+                let alg = if name == "ES256" {
+                    Algorithm::ES256
+                } else {
+                    Algorithm::RS256
+                };
+                let at = |m: String| ConfigError::at("jwt.jwks_file", m);
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?;
+                let keys =
+                    parse_jwks(&text, alg).map_err(|m| at(format!("{}: {m}", path.display())))?;
+                let jwks = Arc::new(Jwks {
+                    alg,
+                    keys: ArcSwap::from_pointee(keys),
+                });
+                if watch {
+                    file_watch::watch(
+                        &jwks,
+                        path.to_path_buf(),
+                        "jwt jwks_file",
+                        |j: &Jwks, text| {
+                            let new = parse_jwks(text, j.alg)?;
+                            let n = new.len();
+                            j.keys.store(Arc::new(new));
+                            Ok(n)
+                        },
+                    );
+                }
+                (alg, Keys::Jwks(jwks))
             }
         };
         let user_header = c.user_header()?;
@@ -64,6 +157,7 @@ impl JwtVerifier {
         // classic "alg: none" / HS-with-public-key confusion).
         let mut validation = Validation::new(alg);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if let Some(iss) = &c.issuer {
             validation.set_issuer(&[iss]);
@@ -73,7 +167,7 @@ impl JwtVerifier {
             None => validation.validate_aud = false,
         }
         Ok(JwtVerifier {
-            key,
+            keys,
             validation,
             user_header,
         })
@@ -96,8 +190,22 @@ impl JwtVerifier {
             })
             .map(str::trim)
             .ok_or_else(|| IdentityError::Invalid("not a bearer token".into()))?;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        let invalid = |e: jsonwebtoken::errors::Error| IdentityError::Invalid(e.to_string());
+        let data = match &self.keys {
+            Keys::One(key) => jsonwebtoken::decode::<Claims>(token, key, &self.validation),
+            Keys::Jwks(jwks) => {
+                let kid = jsonwebtoken::decode_header(token)
+                    .map_err(invalid)?
+                    .kid
+                    .ok_or_else(|| IdentityError::Invalid("the token names no kid".into()))?;
+                let keys = jwks.keys.load();
+                let key = keys
+                    .get(&kid)
+                    .ok_or_else(|| IdentityError::Invalid(format!("unknown kid {kid:?}")))?;
+                jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            }
+        }
+        .map_err(invalid)?;
         let sub = data.claims.sub;
         let value = HeaderValue::from_str(&sub)
             .ok()
@@ -126,6 +234,7 @@ mod tests {
             algorithm: "HS256".into(),
             secret: Some(SECRET.into()),
             public_key: None,
+            jwks_file: None,
             issuer: Some("shop".into()),
             audience: None,
             user_header: DEFAULT_USER_HEADER.into(),
@@ -194,6 +303,7 @@ mod tests {
             algorithm: "HS256".into(),
             secret: Some("short".into()),
             public_key: None,
+            jwks_file: None,
             issuer: None,
             audience: None,
             user_header: DEFAULT_USER_HEADER.into(),

@@ -10,6 +10,7 @@
 //! check` runs it after `Config::load`, so a file that parses but does not
 //! build is reported with its key path as before.
 
+pub mod file_watch;
 pub mod filters;
 
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::observe::metrics::Metrics;
 use crate::overload::gate::Gate;
 use crate::pipeline::admission::limits::{Limiter, RouteLimits};
+use crate::pipeline::admission::bots::Bots;
 use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
 use crate::respond::Fallback;
@@ -35,6 +37,8 @@ pub struct Route {
     pub priority: Priority,
     /// `Upgrade` requests (WebSocket) are passed through.
     pub websocket: bool,
+    /// `identity = "required"`: 401 without a verified token.
+    pub identity_required: bool,
     /// Paths with `%2F` or `%5C` are forwarded, not refused.
     pub keep_escaped_slashes: bool,
     /// Request bodies are read in before an upstream slot is taken.
@@ -100,12 +104,15 @@ pub struct Runtime {
     /// The rate limits' shared state, when a route has `rate_limit`:
     /// carried over by reloads that keep `[rate_limit]` and `[redis]`.
     pub limiter: Option<Arc<Limiter>>,
+    /// `[[bot_rules]]`, built (see `pipeline::admission::bots`).
+    pub bots: Bots,
 }
 
 /// The parts of a runtime that can fail to build from a valid config.
 struct Fallible {
     filters: Vec<filters::Built>,
     jwt: Option<JwtVerifier>,
+    bots: Bots,
 }
 
 impl Fallible {
@@ -116,8 +123,13 @@ impl Fallible {
     ) -> Result<Fallible, ConfigError> {
         let previous = previous.map(|p| (&*p.config, &p.wasm[..]));
         let filters = filters::build_all(config, watch, previous)?;
-        let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
-        Ok(Fallible { filters, jwt })
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|j| JwtVerifier::build(j, watch == filters::Watch::AsConfigured))
+            .transpose()?;
+        let bots = Bots::build(config, watch == filters::Watch::AsConfigured)?;
+        Ok(Fallible { filters, jwt, bots })
     }
 }
 
@@ -147,7 +159,7 @@ impl Runtime {
         previous: Option<&Runtime>,
     ) -> Result<Runtime, ConfigError> {
         // What can fail first, so a refused config starts no health check.
-        let Fallible { filters, jwt } =
+        let Fallible { filters, jwt, bots } =
             Fallible::build(&config, filters::Watch::AsConfigured, previous)?;
         let clusters: Vec<Arc<Cluster>> = config
             .upstreams
@@ -261,6 +273,7 @@ impl Runtime {
                 path_prefix: r.path_prefix.clone(),
                 priority: r.priority,
                 websocket: r.websocket,
+                identity_required: r.identity == crate::config::route::Identity::Required,
                 keep_escaped_slashes: r.escaped_slashes == crate::config::EscapedSlashes::Keep,
                 buffer_requests: r.buffer_requests,
                 buffer_responses: r.buffer_responses,
@@ -280,6 +293,7 @@ impl Runtime {
         Ok(Runtime {
             limiter,
             spooler,
+            bots,
             jwt,
             config: Arc::new(config),
             router,
@@ -320,6 +334,9 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.path, "jwt.public_key");
         assert!(e.message.contains("/nonexistent/key.pem"), "{e}");
+        let e = check("[jwt]\nalgorithm = \"ES256\"\njwks_file = \"/nonexistent/jwks.json\"\n")
+            .unwrap_err();
+        assert_eq!(e.path, "jwt.jwks_file");
         let e = check(
             "[[listeners]]\nname = \"tls\"\nlisten = \"127.0.0.1:8443\"\n\
              [listeners.tls]\ncerts = [{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }]\n",
