@@ -116,6 +116,21 @@ pub fn capabilities(a: &Addrs) -> Vec<Capability> {
             "over_limit",
         ),
         cap(
+            "rate limit on checkout: 20 at once per client IP, then 1/s (429, retry-after, RateLimit fields)",
+            format!(
+                "for i in $(seq 1 25); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://{p}/checkout; done; echo; \
+                 curl -si -X POST http://{p}/checkout | grep -i '^ratelimit'"
+            ),
+            "ratelimit-policy: \"per_ip\"",
+        ),
+        cap(
+            "bot rule: a scripted user agent gets the proof-of-work challenge (JSON for API clients, a page for browsers)",
+            format!(
+                "curl -s -A 'python-requests/2.32' -H 'accept: application/json' http://{p}/products/1"
+            ),
+            "challenge_required",
+        ),
+        cap(
             "overload drill: force load level 2, recommendations degrade to a placeholder",
             format!(
                 "curl -s -X POST {auth} -d '{{\"level\": 2, \"for\": \"60s\"}}' http://{adm}/admin/load-level; \

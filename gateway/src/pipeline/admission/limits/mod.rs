@@ -409,6 +409,9 @@ impl RouteLimits {
     }
 
     /// Counts the verdict; a refusal becomes the 429 (or 503) answer.
+    // The refusal is the cold path and goes straight into the answer;
+    // boxing it would add an allocation to every 429 of a flood.
+    #[allow(clippy::result_large_err)]
     fn settle(&self, p: &Policy, v: Verdict) -> Result<(), Refusal> {
         match v {
             Verdict::Pass => {
