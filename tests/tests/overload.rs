@@ -341,8 +341,12 @@ async fn the_adaptive_limit_follows_a_step_in_upstream_latency() {
     let o = origin(1000, 5).await;
     let text = Cfg::new(&[o.up.addr])
         .upstream(
+            // A baseline window of a few seconds: the fall lasts until the
+            // slower latency becomes the baseline, long enough to be seen
+            // on a busy machine (where the "fast" latency is itself far
+            // above 5 ms).
             "max_concurrent_requests = 64\n\
-             adaptive = { initial_limit = 16, min_limit = 2, baseline_window = \"1s\" }",
+             adaptive = { initial_limit = 16, min_limit = 2, baseline_window = \"4s\" }",
         )
         // Only the limit is under test: the level stays calm.
         .section(
@@ -368,8 +372,9 @@ async fn the_adaptive_limit_follows_a_step_in_upstream_latency() {
         || async { limit(&gw).await >= 24 },
     )
     .await;
-    // Ten times slower: the limit falls ...
-    o.delay_ms.store(100, Ordering::SeqCst);
+    // Sixty times slower (and well above what a busy machine adds): the
+    // limit falls ...
+    o.delay_ms.store(300, Ordering::SeqCst);
     wait_until(Duration::from_secs(30), "the limit falls", || async {
         limit(&gw).await <= 12
     })
