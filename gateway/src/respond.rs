@@ -226,7 +226,8 @@ impl Canned {
             // without the quotes the template has.
             let quoted =
                 serde_json::to_string(request_id.to_str().unwrap_or("")).unwrap_or_default();
-            body.extend_from_slice(quoted[1..quoted.len() - 1].as_bytes());
+            let inner = quoted.as_bytes().get(1..quoted.len().saturating_sub(1));
+            body.extend_from_slice(inner.unwrap_or_default());
         } else {
             body.extend_from_slice(id);
         }
