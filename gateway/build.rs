@@ -1,10 +1,11 @@
-//! Builds the demo's guest filter (`wasm-plugins/add-headers`) for
-//! `wasm32-wasip1`, so `flashgate demo` shows a Wasm filter from a plain
-//! `cargo run`. The module is embedded with `include_bytes!`
-//! (`demo::wasm`); see docs/decisions.md ("The demo's Wasm filter").
+//! Builds the demo's guest filters (`wasm-plugins/add-headers` and
+//! `wasm-plugins/degrade-recommendations`) for `wasm32-wasip1`, so
+//! `flashgate demo` shows Wasm filters from a plain `cargo run`. The
+//! modules are embedded with `include_bytes!` (`demo::wasm`); see
+//! docs/decisions.md ("The demo's Wasm filter").
 //!
 //! The gateway build never fails because of this: without the target (or
-//! without `wasm-plugins/`, or if the guest build fails) an empty file is
+//! without `wasm-plugins/`, or if the guest build fails) empty files are
 //! embedded and the demo says how to add the target.
 //!
 //! The guests are built by a second cargo with its own target dir
@@ -17,36 +18,54 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUEST: &str = "add_headers";
-const GUEST_PACKAGE: &str = "add-headers";
+/// Each guest: its package, the module cargo writes, and the file in
+/// `OUT_DIR` that `demo::wasm` embeds. Built by one cargo call.
+const GUESTS: &[(&str, &str, &str)] = &[
+    ("add-headers", "add_headers", "demo-filter.wasm"),
+    (
+        "degrade-recommendations",
+        "degrade_recommendations",
+        "demo-degrade.wasm",
+    ),
+];
 const TARGET: &str = "wasm32-wasip1";
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let plugins = manifest.join("../wasm-plugins");
-    let dest = out.join("demo-filter.wasm");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=FLASHGATE_SKIP_WASM_BUILD");
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
-    for p in ["Cargo.toml", "Cargo.lock", GUEST_PACKAGE] {
+    for p in ["Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", plugins.join(p).display());
     }
-    let note = match build(&plugins, &out) {
-        Ok(wasm) => match std::fs::copy(&wasm, &dest) {
-            Ok(_) => "built".to_string(),
-            Err(e) => format!("copying {}: {e}", wasm.display()),
-        },
+    for (package, _, _) in GUESTS {
+        println!("cargo:rerun-if-changed={}", plugins.join(package).display());
+    }
+    let copy = |dir: &Path| -> Result<(), String> {
+        for (_, module, dest) in GUESTS {
+            let wasm = dir.join(format!("{module}.wasm"));
+            std::fs::copy(&wasm, out.join(dest))
+                .map_err(|e| format!("copying {}: {e}", wasm.display()))?;
+        }
+        Ok(())
+    };
+    let note = match build(&plugins, &out).and_then(|dir| copy(&dir)) {
+        Ok(()) => "built".to_string(),
         Err(why) => why,
     };
     if note != "built" {
-        println!("cargo:warning=the demo runs without its Wasm filter: {note}");
-        std::fs::write(&dest, b"").expect("writing to OUT_DIR");
+        println!("cargo:warning=the demo runs without its Wasm filters: {note}");
+        for (_, _, dest) in GUESTS {
+            std::fs::write(out.join(dest), b"").expect("writing to OUT_DIR");
+        }
     }
     println!("cargo:rustc-env=FLASHGATE_DEMO_WASM_NOTE={note}");
 }
 
-/// Builds the guest; the path of its `.wasm`, or why there is none.
+/// Builds the guests; the directory of their `.wasm` files, or why there
+/// are none.
 fn build(plugins: &Path, out: &Path) -> Result<PathBuf, String> {
     if env::var_os("FLASHGATE_SKIP_WASM_BUILD").is_some() {
         return Err("FLASHGATE_SKIP_WASM_BUILD is set".into());
@@ -74,8 +93,10 @@ fn build(plugins: &Path, out: &Path) -> Result<PathBuf, String> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(plugins)
-        .args(["build", "--release", "--locked", "--target", TARGET, "-p"])
-        .arg(GUEST_PACKAGE);
+        .args(["build", "--release", "--locked", "--target", TARGET]);
+    for (package, _, _) in GUESTS {
+        cmd.args(["-p", package]);
+    }
     // What the outer build set for the host must not reach the guest build
     // (clippy's wrapper, host rustflags, a forced target).
     for var in [
@@ -96,11 +117,11 @@ fn build(plugins: &Path, out: &Path) -> Result<PathBuf, String> {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
         return Err(format!(
-            "building wasm-plugins/{GUEST_PACKAGE} failed: {}",
+            "building the demo's guests in wasm-plugins/ failed: {}",
             last.unwrap_or("no output")
         ));
     }
-    Ok(target_dir.join(format!("{TARGET}/release/{GUEST}.wasm")))
+    Ok(target_dir.join(format!("{TARGET}/release")))
 }
 
 /// The caller's target dir (`CARGO_TARGET_DIR`, else the ancestor cargo

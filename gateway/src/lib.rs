@@ -290,6 +290,7 @@ impl Gateway {
                         &l.name,
                         loaded,
                         metrics.tls_cert_reloads.clone(),
+                        metrics.tls_cert_expiry.clone(),
                     );
                     store.watch(t.reload_interval.0);
                     certs.push(store.clone());

@@ -39,6 +39,9 @@ pub struct Refusal {
     /// proof-of-work challenge): same status and headers, `content-type:
     /// text/html`.
     pub page: Option<bytes::Bytes>,
+    /// The whole answer built beforehand ([`Canned`]): the fields above
+    /// are then only what it was built from.
+    pub canned: Option<std::sync::Arc<Canned>>,
 }
 
 impl Refusal {
@@ -49,6 +52,15 @@ impl Refusal {
             headers: HeaderMap::new(),
             details: None,
             page: None,
+            canned: None,
+        }
+    }
+
+    /// A refusal answered with `canned` as it was built.
+    pub fn canned(canned: std::sync::Arc<Canned>) -> Refusal {
+        Refusal {
+            canned: Some(canned.clone()),
+            ..Refusal::new(canned.error)
         }
     }
 
@@ -91,24 +103,34 @@ struct Body<'a> {
 
 /// Builds the answer for `refusal` (see the module docs for its shape).
 pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody> {
+    if let Some(c) = &refusal.canned {
+        return c.answer(request_id);
+    }
+    let (status, headers, body) = shape(refusal, request_id);
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// The status, header fields and body of the answer for `refusal`.
+fn shape(refusal: Refusal, request_id: &HeaderValue) -> (StatusCode, HeaderMap, bytes::Bytes) {
     let Refusal {
         error,
         retry_after,
         headers,
         details,
         page,
+        canned: _,
     } = refusal;
     let (body, content_type) = match page {
-        Some(html) => (
-            ProxyBody::full(html),
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        ),
+        Some(html) => (html, HeaderValue::from_static("text/html; charset=utf-8")),
         None => {
             let message = error.to_string();
             let request_id = request_id.to_str().unwrap_or("");
-            // Serialized from borrowed fields, not a `json!` map: refusals
-            // (a flood's 429s) are made at the rate the flood arrives. Only
-            // the few with details (a challenge) build a map.
+            // Serialized from borrowed fields, not a `json!` map; refusals
+            // a flood causes are canned ([`Canned`]). Only the few with
+            // details (a challenge) build a map.
             let body = match details {
                 None => serde_json::to_vec(&Body {
                     error: error.code(),
@@ -125,16 +147,10 @@ pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody
                 }
             }
             .unwrap_or_default();
-            (
-                ProxyBody::full(body),
-                HeaderValue::from_static("application/json"),
-            )
+            (body.into(), HeaderValue::from_static("application/json"))
         }
     };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = error.status();
-    let h = resp.headers_mut();
-    h.reserve(6 + headers.len());
+    let mut h = HeaderMap::with_capacity(7 + headers.len());
     h.insert(CONTENT_TYPE, content_type);
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-flashgate-error", HeaderValue::from_static(error.code()));
@@ -152,7 +168,77 @@ pub fn refusal(refusal: Refusal, request_id: &HeaderValue) -> Response<ProxyBody
             h.insert(name, value);
         }
     }
-    resp
+    (error.status(), h, body)
+}
+
+/// A refusal built once and answered many times (a rate limit's 429 for
+/// each `retry-after` second): the answer [`refusal`] makes, kept as its
+/// status, its header fields (with a place for `x-request-id`, so setting
+/// it later does not grow the map) and its JSON body split around the
+/// request id. An answer then costs a header-map clone and one copy of
+/// the body, no JSON formatting and no header value built: a flood's 429s
+/// must cost no more than cache hits (bench/rate-limits).
+#[derive(Debug)]
+pub struct Canned {
+    pub error: ProxyError,
+    status: StatusCode,
+    headers: HeaderMap,
+    /// The JSON body up to the request id's first character.
+    head: bytes::Bytes,
+    /// The JSON body after the request id's last character.
+    tail: bytes::Bytes,
+}
+
+/// Stands for the request id while a [`Canned`] answer is built: visible
+/// ASCII that needs no JSON escaping and appears nowhere else.
+const ID_MARK: &str = "@@flashgate-request-id@@";
+
+impl Canned {
+    /// Builds the answer for `r` once (no details, no page: those answers
+    /// are not canned).
+    pub fn new(r: Refusal) -> Canned {
+        let error = r.error;
+        let (status, mut headers, body) = shape(r, &HeaderValue::from_static(ID_MARK));
+        let (head, tail) = match memchr::memmem::find(&body, ID_MARK.as_bytes()) {
+            Some(at) => (body.slice(..at), body.slice(at + ID_MARK.len()..)),
+            None => (body, bytes::Bytes::new()),
+        };
+        headers.insert(
+            crate::headers::X_REQUEST_ID.clone(),
+            HeaderValue::from_static(ID_MARK),
+        );
+        Canned {
+            error,
+            status,
+            headers,
+            head,
+            tail,
+        }
+    }
+
+    /// The answer, carrying `request_id` in its body and header.
+    pub fn answer(&self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let id = request_id.as_bytes();
+        let mut body = Vec::with_capacity(self.head.len() + id.len() + self.tail.len() + 8);
+        body.extend_from_slice(&self.head);
+        if id.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20) {
+            // Rare (ids are the client's own when sane): escape as JSON,
+            // without the quotes the template has.
+            let quoted =
+                serde_json::to_string(request_id.to_str().unwrap_or("")).unwrap_or_default();
+            let inner = quoted.as_bytes().get(1..quoted.len().saturating_sub(1));
+            body.extend_from_slice(inner.unwrap_or_default());
+        } else {
+            body.extend_from_slice(id);
+        }
+        body.extend_from_slice(&self.tail);
+        let mut resp = Response::new(ProxyBody::full(body));
+        *resp.status_mut() = self.status;
+        let mut headers = self.headers.clone();
+        headers.insert(crate::headers::X_REQUEST_ID.clone(), request_id.clone());
+        *resp.headers_mut() = headers;
+        resp
+    }
 }
 
 /// An answer without a body that is not a refusal (a challenge answer
@@ -268,6 +354,33 @@ mod tests {
         assert_eq!(resp.headers()[http::header::WWW_AUTHENTICATE], "Bearer");
         let resp = error(ProxyError::BadBody, &id());
         assert_eq!(resp.headers()[CONNECTION], "close");
+    }
+
+    #[tokio::test]
+    async fn a_canned_answer_is_the_answer_refusal_makes() {
+        use http_body_util::BodyExt;
+        let make = || {
+            Refusal::new(ProxyError::RateLimited).retry_after(3).header(
+                HeaderName::from_static("ratelimit"),
+                HeaderValue::from_static("\"route\";r=0;t=3"),
+            )
+        };
+        let canned = std::sync::Arc::new(Canned::new(make()));
+        for id in ["req-1", "we\"ird\\id"] {
+            let id = HeaderValue::from_str(id).unwrap();
+            let fresh = refusal(make(), &id);
+            let again = refusal(Refusal::canned(canned.clone()), &id);
+            assert_eq!(fresh.status(), again.status());
+            let mut with_id = fresh.headers().clone();
+            with_id.insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
+            assert_eq!(&with_id, again.headers());
+            let a = fresh.into_body().collect().await.unwrap().to_bytes();
+            let b = again.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(a, b);
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["request_id"], id.to_str().unwrap());
+            assert_eq!(v["error"], "rate_limited");
+        }
     }
 
     #[test]

@@ -42,6 +42,28 @@ pub fn write_cert(dir: &Path, file: &str, names: &[&str]) -> TestCert {
     }
 }
 
+/// Like [`write_cert`], valid until midnight UTC of the given date.
+pub fn write_cert_until(dir: &Path, file: &str, names: &[&str], ymd: (i32, u8, u8)) -> TestCert {
+    std::fs::create_dir_all(dir).unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names).expect("rcgen params");
+    params.not_after = rcgen::date_time_ymd(ymd.0, ymd.1, ymd.2);
+    let key = rcgen::KeyPair::generate().expect("rcgen key");
+    let cert = params.self_signed(&key).expect("rcgen cert");
+    let cert_path = dir.join(format!("{file}.pem"));
+    let key_path = dir.join(format!("{file}.key"));
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, key.serialize_pem()).unwrap();
+    std::fs::rename(&tmp, &key_path).unwrap();
+    std::fs::write(&tmp, cert.pem()).unwrap();
+    std::fs::rename(&tmp, &cert_path).unwrap();
+    TestCert {
+        cert: cert_path,
+        key: key_path,
+        der: cert.der().to_vec(),
+    }
+}
+
 /// A fresh temporary directory for one test's files.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flashgate-test-{tag}-{}", std::process::id()));

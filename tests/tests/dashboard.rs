@@ -20,19 +20,25 @@ async fn demo(admin: &str) -> (Proc, SocketAddr, SocketAddr) {
 }
 
 /// Requests from a few tasks until the flag drops: catalog hits (cache,
-/// Wasm filter) and recommendations.
+/// Wasm filter), recommendations, checkouts past the per-IP limit (429s)
+/// and a scripted user agent (the bot rule's challenge).
 fn load(public: SocketAddr, stop: Arc<AtomicBool>) {
-    for i in 0..4 {
+    for i in 0..6 {
         let stop = stop.clone();
         tokio::spawn(async move {
             let c = client();
-            let path = if i == 0 {
-                "/recommendations?product=1"
-            } else {
-                "/products/1"
+            let (method, path, agent) = match i {
+                0 => ("GET", "/recommendations?product=1", "curl/8"),
+                4 => ("POST", "/checkout", "curl/8"),
+                5 => ("GET", "/products/1", "python-requests/2.32"),
+                _ => ("GET", "/products/1", "curl/8"),
             };
             while !stop.load(Ordering::Relaxed) {
-                let req = http::Request::get(format!("http://{public}{path}"))
+                let req = http::Request::builder()
+                    .method(method)
+                    .uri(format!("http://{public}{path}"))
+                    .header("user-agent", agent)
+                    .header("accept", "application/json")
                     .body(empty())
                     .unwrap();
                 if let Ok(resp) = c.request(req).await {
@@ -150,6 +156,59 @@ fn compare(page: &BTreeMap<String, String>, status: &Value) {
             );
         }
     }
+    for (k, v) in [
+        ("limited_per_s", &t["limited"]["per_s"]),
+        ("limited_total", &t["limited"]["total"]),
+        ("bot_per_s", &t["bot_matches"]["per_s"]),
+        ("bot_total", &t["bot_matches"]["total"]),
+    ] {
+        close(g(k), v.as_f64().unwrap(), k);
+    }
+    // Each configured limit, with its decisions in this sample.
+    let decided: BTreeMap<(&str, &str), &Value> = t["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                (l["route"].as_str().unwrap(), l["limit"].as_str().unwrap()),
+                l,
+            )
+        })
+        .collect();
+    let mut limits_shown = 0;
+    for r in status["routes"].as_array().unwrap() {
+        let name = r["name"].as_str().unwrap();
+        let Some(limits) = r["rate_limit"]["limits"].as_object() else {
+            continue;
+        };
+        for (limit, spec) in limits {
+            let k = format!("limit:{name}:{limit}:");
+            close(g(&format!("{k}burst")), spec["burst"].as_f64().unwrap(), &k);
+            let x = decided.get(&(name, limit.as_str()));
+            for f in ["limited_per_s", "allowed", "limited"] {
+                let want = x.map_or(0.0, |x| x[f].as_f64().unwrap());
+                close(g(&format!("{k}{f}")), want, &format!("{k}{f}"));
+            }
+            limits_shown += 1;
+        }
+    }
+    assert!(limits_shown > 0, "the demo limits checkout");
+    for b in t["bots"].as_array().unwrap() {
+        let k = format!(
+            "bot:{}:{}:{}:",
+            b["rule"].as_str().unwrap(),
+            b["route"].as_str().unwrap(),
+            b["outcome"].as_str().unwrap()
+        );
+        for f in ["per_s", "total"] {
+            close(
+                g(&format!("{k}{f}")),
+                b[f].as_f64().unwrap(),
+                &format!("{k}{f}"),
+            );
+        }
+    }
     let traffic: BTreeMap<&str, &Value> = t["routes"]
         .as_array()
         .unwrap()
@@ -235,6 +294,8 @@ async fn dashboard_in_chromium_shows_what_status_says_under_load() {
             let t = get(&url).await.json()["traffic"].clone();
             t["rps"].as_f64().unwrap_or(0.0) > 0.0
                 && t["wasm"][0]["calls"].as_u64().unwrap_or(0) > 0
+                && t["limited"]["total"].as_u64().unwrap_or(0) > 0
+                && t["bot_matches"]["total"].as_u64().unwrap_or(0) > 0
         }
     })
     .await;

@@ -257,6 +257,62 @@ async fn certificates_reload_from_disk_and_open_connections_stay() {
     assert_eq!(get_over_h1(&mut kept, "/").await.0, 200);
 }
 
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn certificate_expiry_is_exported_and_follows_a_reload() {
+    let dir = tls::temp_dir("expiry");
+    // notAfter 2030-01-01T00:00:00Z, then 2031-06-01T00:00:00Z.
+    const FIRST: i64 = 1_893_456_000;
+    const SECOND: i64 = 1_938_038_400;
+    let first = tls::write_cert_until(&dir, "site", &["expiry.test"], (2030, 1, 1));
+    let up = Upstream::fixed("ok").await;
+    let gw = gateway(&tls_config(
+        up.addr,
+        &pair(&first),
+        "reload_interval = \"100ms\"",
+    ))
+    .await;
+    let addr = gw.addr("tls").unwrap();
+    let admin = gw.admin_addr();
+    // Served over real TLS: the certificate the gauge describes.
+    let s = tls::connect(addr, &ClientOpts::sni("expiry.test"))
+        .await
+        .unwrap();
+    assert_eq!(tls::served_cert(&s), first.der);
+    let series = "flashgate_tls_cert_expiry_seconds{listener=\"tls\",name=\"expiry.test\"}";
+    let left = metric(admin, series).await as i64;
+    // Set at load and on every check since: within a minute of the truth
+    // (generous for a busy machine).
+    assert!(
+        (left - (FIRST - unix_now())).abs() <= 60,
+        "{left} s left, expected about {}",
+        FIRST - unix_now()
+    );
+
+    // A renewed certificate at the same paths: the gauge follows.
+    let second = tls::write_cert_until(&dir, "site", &["expiry.test"], (2031, 6, 1));
+    wait_until(
+        Duration::from_secs(20),
+        "the renewed certificate's expiry is exported",
+        || async {
+            let left = metric(admin, series).await as i64;
+            (left - (SECOND - unix_now())).abs() <= 60
+        },
+    )
+    .await;
+    let s = tls::connect(addr, &ClientOpts::sni("expiry.test"))
+        .await
+        .unwrap();
+    assert_eq!(tls::served_cert(&s), second.der);
+}
+
 /// What `flashgate check` reports for config text: validation, then
 /// building what the file names (`Runtime::check`).
 fn check(text: &str) -> Result<(), gateway::ConfigError> {

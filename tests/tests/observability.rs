@@ -4,7 +4,7 @@
 //! taken out, and each must be a sample name in the `/metrics` text of a
 //! gateway that has done what makes each series appear (cache lookups with
 //! Redis down, an ejection, shedding, a Wasm filter, a checkout the core
-//! answers 503). The order core exports no metrics of its own; its 503s are
+//! answers 503, a 429, a blocked and a challenged bot, a TLS listener). The order core exports no metrics of its own; its 503s are
 //! seen by the gateway (`flashgate_checkout_unavailable_retries_total`).
 //! `promtool check rules` runs where Debian's `prometheus` package gives it.
 
@@ -320,6 +320,8 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
     let nowhere = closed_port().await;
     let redis_nowhere = closed_port().await;
     let trap = wasm_plugin("test_trap");
+    let certs = tls::temp_dir("observability");
+    let cert = tls::write_cert(&certs, "site", &["views.test"]);
     let text = Cfg::new(&[origin.addr, nowhere])
         .upstream("[upstreams.outlier]\nconsecutive_failures = 1")
         .route("cache = { ttl = \"60s\" }")
@@ -337,6 +339,18 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
              [redis]\nurl = \"redis://{redis_nowhere}/\"\ntimeout = \"200ms\"\n",
             core.addr,
             trap.display()
+        ))
+        .section(
+            "[[routes]]\nname = \"limited\"\npath_prefix = \"/limited\"\nupstream = \"origin\"\n\
+             rate_limit = { per_ip = { rate = \"1/m\", burst = 1 } }\n\
+             [[bot_rules]]\nname = \"blocked\"\nuser_agent = [\"python-requests\"]\naction = \"block\"\n\
+             [[bot_rules]]\nname = \"challenged\"\nuser_agent = [\"scrapy\"]\naction = \"challenge\"\n",
+        )
+        .section(format!(
+            "[[listeners]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\n\
+             [listeners.tls]\ncerts = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+            cert.cert.display(),
+            cert.key.display()
         ))
         .build();
     let gw = gateway(&text).await;
@@ -390,6 +404,20 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
     let shed = get(&format!("{base}/reco")).await;
     assert_eq!(shed.status, 503, "shed at level 3");
     assert_eq!(force(r#"{"level": null}"#).await.status, 200);
+    // A 429 from a rate limit, a blocked and a challenged bot.
+    assert_eq!(get(&format!("{base}/limited")).await.status, 200);
+    assert_eq!(get(&format!("{base}/limited")).await.status, 429);
+    for (agent, status) in [("python-requests/2.32", 403), ("scrapy/2.11", 403)] {
+        let got = send(
+            Request::get(format!("{base}/p/1"))
+                .header("user-agent", agent)
+                .header("accept", "application/json")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, status, "{agent}");
+    }
     (gw, vec![origin, core])
 }
 

@@ -209,6 +209,52 @@ async fn refusals_carry_retry_after_and_ratelimit_fields() {
 }
 
 #[tokio::test]
+async fn headers_always_puts_the_fields_on_allowed_answers() {
+    let up = Upstream::fixed("ok").await;
+    // Two limits: the answer names the one with the fewest cells left.
+    let gw = gateway(&edge::config(
+        up.addr,
+        "",
+        "rate_limit = { per_ip = { rate = \"1/m\", burst = 3 }, route = { rate = \"1/m\", burst = 10 }, headers = \"always\" }",
+    ))
+    .await;
+    let addr = gw.addr("public").unwrap();
+    for left in [2, 1, 0] {
+        let ok = get_with(addr, "/", &[("x-request-id", "allowed-1")]).await;
+        assert_eq!(ok.status, 200);
+        let policy = parse_list(ok.header("ratelimit-policy").expect("on an allowed answer"));
+        assert_eq!(policy.len(), 1);
+        assert_eq!(policy[0].name, "per_ip");
+        assert_eq!(policy[0].param("q"), 3);
+        let now = parse_list(ok.header("ratelimit").unwrap());
+        assert_eq!(now[0].name, "per_ip");
+        assert_eq!(now[0].param("r"), left);
+        // The spent cells come back one a minute.
+        let t = now[0].param("t");
+        assert!((1..=180).contains(&t), "{t}");
+    }
+    let refused = get_with(addr, "/", &[("x-request-id", "refused-1")]).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        parse_list(refused.header("ratelimit").unwrap())[0].param("r"),
+        0
+    );
+    assert_eq!(refused.header("x-request-id"), Some("refused-1"));
+    assert_eq!(refused.json()["request_id"], "refused-1");
+
+    // Without `headers`, allowed answers stay bare.
+    let gw = gateway(&edge::config(
+        up.addr,
+        "",
+        "rate_limit = { per_ip = { rate = \"1/m\", burst = 3 }, headers = \"limited\" }",
+    ))
+    .await;
+    let ok = get_with(gw.addr("public").unwrap(), "/", &[]).await;
+    assert_eq!(ok.status, 200);
+    assert!(ok.header("ratelimit").is_none());
+}
+
+#[tokio::test]
 async fn per_header_and_route_budgets() {
     let up = Upstream::fixed("ok").await;
     let gw = gateway(&edge::config(
@@ -499,6 +545,11 @@ fn flashgate_check_names_rate_limit_keys() {
             base.clone()
                 .route("rate_limit = { hot = { body_field = \"sku\", rate = \"1/s\" } }"),
             "routes[0].rate_limit.hot.body_field",
+        ),
+        (
+            base.clone()
+                .route("rate_limit = { per_ip = \"5/s\", headers = \"sometimes\" }"),
+            "routes[0].rate_limit.headers",
         ),
         (
             base.clone().section("[rate_limit]\nmax_keys = 0"),

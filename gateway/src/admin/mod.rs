@@ -270,16 +270,58 @@ async fn cache_purge(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
     )
 }
 
+/// A route's `rate_limit` for the status: each limit as `rate` and
+/// `burst`, and the scope.
+fn rate_limit_view(l: &crate::config::RouteRateLimit) -> serde_json::Value {
+    let spec = |s: &crate::config::LimitSpec| {
+        let unit = match s.rate.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        json!({"rate": format!("{}/{unit}", s.rate.count), "burst": s.burst_or(l.burst)})
+    };
+    let mut limits = serde_json::Map::new();
+    for (name, s) in [
+        ("per_ip", &l.per_ip),
+        ("per_user", &l.per_user),
+        ("route", &l.route),
+    ] {
+        if let Some(s) = s {
+            limits.insert(name.into(), spec(s));
+        }
+    }
+    if let Some(h) = &l.per_header {
+        let s = crate::config::LimitSpec {
+            rate: h.rate,
+            burst: h.burst,
+        };
+        limits.insert("per_header".into(), spec(&s));
+    }
+    if let Some(h) = &l.hot {
+        limits.insert("hot".into(), spec(&h.spec()));
+    }
+    json!({"limits": limits, "scope": if l.scope == crate::config::Scope::Fleet { "fleet" } else { "local" }})
+}
+
 /// What `/admin/status` and the dashboard's data answer: the config in
 /// effect, the load level, the upstreams' endpoints and, under `traffic`,
 /// the latest second's sample with rates over the last ten seconds.
 fn status(shared: &Shared, traffic: &Traffic) -> serde_json::Value {
     let runtime = shared.runtime.load();
+    // Each route's limits as the config writes them, by route name.
+    let limits: std::collections::HashMap<String, serde_json::Value> = runtime
+        .config
+        .routes
+        .iter()
+        .filter_map(|r| Some((r.display_name(), rate_limit_view(r.rate_limit.as_ref()?))))
+        .collect();
     let routes: Vec<_> = runtime
         .routes
         .iter()
         .map(|r| {
             json!({
+                "rate_limit": limits.get(&*r.name),
                 "name": &*r.name,
                 "host": r.host,
                 "path_prefix": r.path_prefix,
@@ -317,6 +359,12 @@ fn status(shared: &Shared, traffic: &Traffic) -> serde_json::Value {
         "routes": routes,
         "clusters": clusters,
         "filters": runtime.config.filters.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        "bot_rules": runtime
+            .config
+            .bot_rules
+            .iter()
+            .map(|b| json!({"name": b.name, "action": b.action.as_str()}))
+            .collect::<Vec<_>>(),
         "traffic": traffic.snapshot(),
     })
 }

@@ -47,6 +47,12 @@ struct Sample {
     ejections: BTreeMap<(String, String), u64>,
     /// Per Wasm filter: calls, traps.
     wasm: BTreeMap<String, (u64, u64)>,
+    /// Rate limit decisions per (route, limit): allowed, limited.
+    limits: BTreeMap<(String, String), (u64, u64)>,
+    /// Bot rule matches per (route, rule, outcome).
+    bots: BTreeMap<(String, String, String), u64>,
+    /// Proof-of-work challenges by event (issued, passed, failed).
+    challenges: BTreeMap<String, u64>,
 }
 
 /// The samples of the last [`WINDOW`].
@@ -119,6 +125,31 @@ impl Traffic {
                 )
             })
             .collect();
+        let mut limits: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+        for m in family("flashgate_rate_limit_decisions_total") {
+            let e = limits
+                .entry((label(m, "route").to_string(), label(m, "limit").to_string()))
+                .or_default();
+            match label(m, "outcome") {
+                "allowed" => e.0 += counter(m),
+                _ => e.1 += counter(m),
+            }
+        }
+        let bots = family("flashgate_bot_decisions_total")
+            .iter()
+            .map(|m| {
+                let key = (
+                    label(m, "route").to_string(),
+                    label(m, "rule").to_string(),
+                    label(m, "outcome").to_string(),
+                );
+                (key, counter(m))
+            })
+            .collect();
+        let challenges = family("flashgate_challenges_total")
+            .iter()
+            .map(|m| (label(m, "event").to_string(), counter(m)))
+            .collect();
         let wasm = shared
             .runtime
             .load()
@@ -142,6 +173,9 @@ impl Traffic {
             shed,
             ejections,
             wasm,
+            limits,
+            bots,
+            challenges,
         });
         while samples
             .front()
@@ -156,7 +190,8 @@ impl Traffic {
     pub fn snapshot(&self) -> Value {
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         let (Some(old), Some(new)) = (samples.front(), samples.back()) else {
-            return json!({"seq": 0, "window_s": 0.0, "routes": [], "wasm": [], "ejections": []});
+            return json!({"seq": 0, "window_s": 0.0, "routes": [], "wasm": [], "ejections": [],
+                          "limits": [], "bots": []});
         };
         let secs = new.at.duration_since(old.at).as_secs_f64();
         let rate = |delta: u64| {
@@ -202,6 +237,32 @@ impl Traffic {
             .iter()
             .map(|((cluster, endpoint), n)| json!({"cluster": cluster, "endpoint": endpoint, "total": n}))
             .collect();
+        let limits: Vec<Value> = new
+            .limits
+            .iter()
+            .map(|((route, limit), (allowed, limited))| {
+                let (_, l0) = old
+                    .limits
+                    .get(&(route.clone(), limit.clone()))
+                    .copied()
+                    .unwrap_or((0, 0));
+                json!({"route": route, "limit": limit, "allowed": allowed, "limited": limited,
+                       "limited_per_s": rate(limited.saturating_sub(l0))})
+            })
+            .collect();
+        let limited_total: u64 = new.limits.values().map(|(_, l)| l).sum();
+        let limited_before: u64 = old.limits.values().map(|(_, l)| l).sum();
+        let bots: Vec<Value> = new
+            .bots
+            .iter()
+            .map(|(key, n)| {
+                let n0 = old.bots.get(key).copied().unwrap_or(0);
+                json!({"route": key.0, "rule": key.1, "outcome": key.2, "total": n,
+                       "per_s": rate(n.saturating_sub(n0))})
+            })
+            .collect();
+        let bots_total: u64 = new.bots.values().sum();
+        let bots_before: u64 = old.bots.values().sum();
         json!({
             "seq": new.seq,
             "window_s": (secs * 10.0).round() / 10.0,
@@ -215,6 +276,11 @@ impl Traffic {
             "shed": {"total": shed_total, "per_s": rate(shed_total.saturating_sub(shed_before))},
             "wasm": wasm,
             "ejections": ejections,
+            "limits": limits,
+            "limited": {"total": limited_total, "per_s": rate(limited_total.saturating_sub(limited_before))},
+            "bots": bots,
+            "bot_matches": {"total": bots_total, "per_s": rate(bots_total.saturating_sub(bots_before))},
+            "challenges": new.challenges,
         })
     }
 }

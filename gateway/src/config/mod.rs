@@ -52,7 +52,8 @@ pub use listener::{CertPair, ListenerConfig, TlsConfig};
 pub use otlp::TracingConfig;
 pub use overload::{AdaptiveConfig, BreakerConfig, FallbackConfig, OverloadConfig};
 pub use rate_limit::{
-    HeaderLimit, HotLimit, HotSource, LimitSpec, RateLimitConfig, RedisDown, RouteRateLimit, Scope,
+    HeaderLimit, HotLimit, HotSource, LimitHeaders, LimitSpec, RateLimitConfig, RedisDown,
+    RouteRateLimit, Scope,
 };
 pub use route::{CheckoutRouteConfig, EscapedSlashes, RouteConfig};
 pub use units::{Dur, Rate, Size};

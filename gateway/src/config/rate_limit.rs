@@ -172,6 +172,21 @@ pub struct RouteRateLimit {
     pub burst: Option<u32>,
     #[serde(default)]
     pub scope: Scope,
+    /// Whether allowed answers carry `RateLimit-Policy` / `RateLimit` too.
+    #[serde(default)]
+    pub headers: LimitHeaders,
+}
+
+/// `headers = "limited" | "always"`: which answers carry the
+/// `RateLimit-Policy` and `RateLimit` fields. 429s always do; allowed
+/// answers only when asked, since the fields cost a formatted header per
+/// answer and tell a scraper exactly how fast it may go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitHeaders {
+    #[default]
+    Limited,
+    Always,
 }
 
 impl RouteRateLimit {

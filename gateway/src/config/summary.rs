@@ -1,7 +1,8 @@
 //! The one line `flashgate check` prints for a valid file: what it sets
 //! up, so an operator sees at a glance that the file means what they think
 //! (the listeners and their addresses, the routes, the filters, and how
-//! many of the rest).
+//! many of the rest: rate-limited routes and which limits, bot rules and
+//! their actions).
 
 use super::Config;
 
@@ -54,6 +55,50 @@ impl Config {
             "WebSocket route",
             "WebSocket routes",
         ));
+        let limited: Vec<String> = self
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.display_name(), r.rate_limit.as_ref()?)))
+            .map(|(name, l)| {
+                let kinds: Vec<&str> = [
+                    ("per_ip", l.per_ip.is_some()),
+                    ("per_user", l.per_user.is_some()),
+                    ("per_header", l.per_header.is_some()),
+                    ("hot", l.hot.is_some()),
+                    ("route", l.route.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(k, on)| on.then_some(k))
+                .collect();
+                let fleet = if l.scope == super::Scope::Fleet {
+                    " fleet"
+                } else {
+                    ""
+                };
+                format!("{name} {}{fleet}", kinds.join("+"))
+            })
+            .collect();
+        rest.push(if limited.is_empty() {
+            "no rate limits".into()
+        } else {
+            format!(
+                "{} ({})",
+                plural(limited.len(), "rate-limited route", "rate-limited routes"),
+                limited.join(", ")
+            )
+        });
+        if !self.bot_rules.is_empty() {
+            let rules: Vec<String> = self
+                .bot_rules
+                .iter()
+                .map(|b| format!("{} {}", b.name, b.action.as_str()))
+                .collect();
+            rest.push(format!(
+                "{} ({})",
+                plural(self.bot_rules.len(), "bot rule", "bot rules"),
+                rules.join(", ")
+            ));
+        }
         rest.push(match &self.redis {
             Some(r) if !r.cluster.is_empty() => {
                 format!("Redis Cluster L2 ({} seeds)", r.cluster.len())
@@ -97,6 +142,8 @@ mod tests {
         for part in [
             "2 cached routes",
             "1 checkout route",
+            "1 rate-limited route (checkout per_ip)",
+            "1 bot rule (scrapers challenge)",
             "no Redis L2",
             "JWT HS256",
             "overload protection on",

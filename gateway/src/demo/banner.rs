@@ -130,14 +130,25 @@ pub fn capabilities(a: &Addrs) -> Vec<Capability> {
             ),
             "challenge_required",
         ),
-        cap(
-            "overload drill: force load level 2, recommendations degrade to a placeholder",
-            format!(
-                "curl -s -X POST {auth} -d '{{\"level\": 2, \"for\": \"60s\"}}' http://{adm}/admin/load-level; \
-                 curl -si 'http://{p}/recommendations?product=1'"
-            ),
-            "x-flashgate-degraded: fallback",
-        ),
+        if a.wasm {
+            cap(
+                "overload drill: force load level 2; the Wasm filter degrade-recommendations answers /recommendations at the edge with a placeholder",
+                format!(
+                    "curl -s -X POST {auth} -d '{{\"level\": 2, \"for\": \"60s\"}}' http://{adm}/admin/load-level; \
+                     curl -si 'http://{p}/recommendations?product=1'"
+                ),
+                format!("{}: 1", wasm::DEGRADED_HEADER),
+            )
+        } else {
+            cap(
+                "overload drill: force load level 2, recommendations degrade to the route's native fallback (with the wasm32-wasip1 target the Wasm filter degrade-recommendations does it)",
+                format!(
+                    "curl -s -X POST {auth} -d '{{\"level\": 2, \"for\": \"60s\"}}' http://{adm}/admin/load-level; \
+                     curl -si 'http://{p}/recommendations?product=1'"
+                ),
+                "x-flashgate-degraded: fallback",
+            )
+        },
         cap(
             "end the drill",
             format!("curl -s -X POST {auth} -d '{{\"level\": null}}' http://{adm}/admin/load-level"),

@@ -8,6 +8,7 @@
 //! back. That keeps the dependency one way: the pipeline uses the edge's
 //! types, the edge never calls into the pipeline by name.
 
+pub mod cert_time;
 pub mod conn_clock;
 pub mod framing;
 pub mod ja4;

@@ -13,6 +13,12 @@
 //! A config's pairs are loaded once, into [`Certs`], with errors at their
 //! key paths: at start (the store is made from them), by a config reload
 //! (which installs them, or is refused) and by `flashgate check`.
+//!
+//! Each leaf certificate's notAfter is read from its DER
+//! ([`super::cert_time`]: rustls and webpki do not expose it) and exported as `flashgate_tls_cert_expiry_seconds{listener,name}`,
+//! set again on every load and every reload check (each
+//! `reload_interval`), so the gauge counts down while nothing changes and
+//! an alert can fire before a forgotten renewal takes a listener down.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +26,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -59,6 +65,17 @@ fn provider() -> Arc<CryptoProvider> {
 struct Loaded {
     key: Arc<CertifiedKey>,
     names: Vec<String>,
+    expiry: Expiry,
+}
+
+/// When a leaf certificate stops being valid, and the name it is known by
+/// in the expiry gauge.
+#[derive(Debug, Clone)]
+struct Expiry {
+    /// Its first DNS name, else its file.
+    name: String,
+    /// notAfter, seconds since the Unix epoch.
+    not_after: i64,
 }
 
 fn load_pair(pair: &CertPair, provider: &CryptoProvider) -> Result<Loaded, TlsError> {
@@ -80,7 +97,7 @@ fn load_pair(pair: &CertPair, provider: &CryptoProvider) -> Result<Loaded, TlsEr
         path: key_path.clone(),
         message: e.to_string(),
     })?;
-    let names = webpki::EndEntityCert::try_from(&chain[0])
+    let names: Vec<String> = webpki::EndEntityCert::try_from(&chain[0])
         .map_err(|e| TlsError::Cert {
             path: cert_path.clone(),
             message: format!("not a valid X.509 certificate: {e}"),
@@ -88,6 +105,13 @@ fn load_pair(pair: &CertPair, provider: &CryptoProvider) -> Result<Loaded, TlsEr
         .valid_dns_names()
         .map(|n| n.to_ascii_lowercase())
         .collect();
+    let expiry = Expiry {
+        name: names.first().cloned().unwrap_or_else(|| cert_path.clone()),
+        not_after: super::cert_time::not_after(&chain[0]).map_err(|e| TlsError::Cert {
+            path: cert_path.clone(),
+            message: format!("cannot read its validity: {e}"),
+        })?,
+    };
     let key = CertifiedKey::from_der(chain, key, provider).map_err(|source| TlsError::Pair {
         cert: cert_path,
         key: key_path,
@@ -96,6 +120,7 @@ fn load_pair(pair: &CertPair, provider: &CryptoProvider) -> Result<Loaded, TlsEr
     Ok(Loaded {
         key: Arc::new(key),
         names,
+        expiry,
     })
 }
 
@@ -109,6 +134,8 @@ struct CertSet {
     /// more label (RFC 6125 section 6.4.3), so `a.b.example.com` does not
     /// match it.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// Every pair's leaf, in the file's order.
+    expiry: Vec<Expiry>,
 }
 
 /// Loads every pair; the first that fails comes back with its index.
@@ -149,11 +176,13 @@ impl CertSet {
                 message: "no certificate pair configured".into(),
             });
         }
+        let expiry = loaded.iter().map(|l| l.expiry.clone()).collect();
         let default = loaded.swap_remove(0).key;
         Ok(CertSet {
             default,
             exact,
             wildcard,
+            expiry,
         })
     }
 
@@ -228,6 +257,9 @@ pub struct CertStore {
     /// Modification times of every cert and key file at the last load.
     mtimes: Mutex<Vec<Option<SystemTime>>>,
     reloads: IntCounterVec,
+    expiry: IntGaugeVec,
+    /// The names the expiry gauge has series for now.
+    exported: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -247,16 +279,50 @@ fn mtimes(pairs: &[CertPair]) -> Vec<Option<SystemTime>> {
 }
 
 impl CertStore {
-    /// A store serving `certs` (loaded by [`Certs::load`]) for `listener`.
-    pub fn new(listener: &str, certs: Certs, reloads: IntCounterVec) -> Arc<CertStore> {
-        Arc::new(CertStore {
+    /// A store serving `certs` (loaded by [`Certs::load`]) for `listener`;
+    /// counts reloads in `reloads` and sets `expiry` (the
+    /// `tls_cert_expiry_seconds` gauge).
+    pub fn new(
+        listener: &str,
+        certs: Certs,
+        reloads: IntCounterVec,
+        expiry: IntGaugeVec,
+    ) -> Arc<CertStore> {
+        let store = Arc::new(CertStore {
             listener: listener.to_string(),
             pairs: certs.pairs,
             provider: provider(),
             current: ArcSwap::from_pointee(certs.set),
             mtimes: Mutex::new(certs.mtimes),
             reloads,
-        })
+            expiry,
+            exported: Mutex::new(Vec::new()),
+        });
+        store.export_expiry();
+        store
+    }
+
+    /// Sets the expiry gauge from the set in effect, now; drops the series
+    /// of certificates a reload took away.
+    pub fn export_expiry(&self) {
+        let set = self.current.load();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in exported
+            .iter()
+            .filter(|n| !set.expiry.iter().any(|e| e.name == **n))
+        {
+            let _ = self.expiry.remove_label_values(&[&self.listener, gone]);
+        }
+        exported.clear();
+        for e in &set.expiry {
+            self.expiry
+                .with_label_values(&[&self.listener, &e.name])
+                .set(e.not_after - now);
+            exported.push(e.name.clone());
+        }
     }
 
     /// Were `certs` loaded from the files this store serves? A config
@@ -271,6 +337,7 @@ impl CertStore {
     pub fn install(&self, certs: Certs) {
         *self.mtimes.lock().unwrap_or_else(|p| p.into_inner()) = certs.mtimes;
         self.current.store(Arc::new(certs.set));
+        self.export_expiry();
         self.reloads
             .with_label_values(&[&self.listener, "ok"])
             .inc();
@@ -285,6 +352,9 @@ impl CertStore {
         {
             let mut last = self.mtimes.lock().unwrap_or_else(|p| p.into_inner());
             if !force && *last == stamps {
+                drop(last);
+                // Nothing changed, but time passed: the gauge counts down.
+                self.export_expiry();
                 return Ok(false);
             }
             // Remember these times even when loading fails: a bad file is
@@ -294,6 +364,7 @@ impl CertStore {
         match CertSet::build(&self.pairs, &self.provider) {
             Ok(set) => {
                 self.current.store(Arc::new(set));
+                self.export_expiry();
                 self.reloads
                     .with_label_values(&[&self.listener, "ok"])
                     .inc();
@@ -456,6 +527,8 @@ mod tests {
                 &["listener", "result"],
             )
             .unwrap(),
+            prometheus::IntGaugeVec::new(prometheus::Opts::new("e", "e"), &["listener", "name"])
+                .unwrap(),
         );
         let again = Certs::load(&cfg(vec![a.clone()]), "listeners[0].tls").unwrap();
         assert!(!store.same_files(&again));

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Certificate reloads from disk, by listener and result.
     pub tls_cert_reloads: IntCounterVec,
+    /// Seconds until each loaded certificate's notAfter, by listener and
+    /// name (see `edge::tls`); negative once expired.
+    pub tls_cert_expiry: IntGaugeVec,
     /// Bodies read ahead of their reader (see `spool`), by direction
     /// (`request`, `response`) and where they went (`memory`, `file`).
     pub bodies_spooled: IntCounterVec,
@@ -223,6 +226,11 @@ impl Metrics {
                 "tls_cert_reloads_total",
                 "TLS certificate reloads from disk, by result (error: the old certificates keep serving).",
                 &["listener", "result"],
+            ),
+            tls_cert_expiry: gauge(
+                "tls_cert_expiry_seconds",
+                "Seconds until the notAfter of each loaded certificate (negative once expired), by listener and name (its first DNS name, else its file); updated on every load and reload check.",
+                &["listener", "name"],
             ),
             cache: crate::observe::cache_metrics::CacheMetrics::register(&registry),
             load_level: reg(

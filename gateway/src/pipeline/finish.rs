@@ -45,6 +45,9 @@ pub fn finish(
     };
     resp.headers_mut()
         .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if let Some(fields) = ctx.rate_limit_fields.take() {
+        fields.apply(resp.headers_mut());
+    }
     if ctx.debug_level {
         resp.headers_mut()
             .insert(LOAD_LEVEL_HEADER.clone(), u16::from(ctx.load_level).into());

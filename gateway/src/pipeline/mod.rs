@@ -117,6 +117,10 @@ pub struct RequestCtx<'a> {
     /// The client's JA4 TLS fingerprint, when known (from a trusted
     /// proxy's header).
     pub ja4: Option<Arc<str>>,
+    /// `RateLimit-Policy` / `RateLimit` for the answer, from a route with
+    /// `rate_limit.headers = "always"` (boxed: rarely set, and the
+    /// request's state stays small).
+    pub rate_limit_fields: Option<Box<admission::limits::Allowed>>,
 }
 
 impl<'a> RequestCtx<'a> {
@@ -152,6 +156,7 @@ impl<'a> RequestCtx<'a> {
             debug_level: false,
             bot_score: admission::bots::HUMAN,
             ja4: None,
+            rate_limit_fields: None,
         }
     }
 }

@@ -50,8 +50,9 @@ pub async fn admit(
         )));
     }
     if let Some(l) = &route.limits {
-        if let Err(refusal) = l.check(ctx.client_ip, ctx.user.as_deref(), head).await {
-            return Break(Stop::Refuse(refusal));
+        match l.check(ctx.client_ip, ctx.user.as_deref(), head).await {
+            Ok(fields) => ctx.rate_limit_fields = fields.map(Box::new),
+            Err(refusal) => return Break(Stop::Refuse(refusal)),
         }
     }
     shed::check(ctx, route, head)?;

@@ -7,8 +7,10 @@
 //! user, per header, hot item, route, so one client spent on its own limit
 //! does not eat the route's budget; the first that refuses answers 429
 //! with `retry-after` and the `RateLimit-Policy` / `RateLimit` fields of
-//! draft-ietf-httpapi-ratelimit-headers-11 ([`refusal`]). Allowed answers
-//! carry no fields (see the docs for why).
+//! draft-ietf-httpapi-ratelimit-headers-11 ([`refusal`]), an answer built
+//! once per limit and `retry-after` second ([`Canned`]). Allowed answers
+//! carry the fields only with `headers = "always"` ([`Allowed`]; see the
+//! docs for why that is not the default).
 //!
 //! - [`local`]: governor's GCRA in memory, with the key cap and sweeping.
 //! - [`fleet`]: `scope = "fleet"`, one GCRA script in Redis per decision.
@@ -22,7 +24,7 @@ pub mod hot;
 pub mod local;
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,17 +33,21 @@ use http::{HeaderName, HeaderValue};
 use prometheus::{IntCounter, IntGauge};
 
 use crate::config::{
-    Config, LimitSpec, RateLimitConfig, RedisConfig, RedisDown, RouteRateLimit, Scope,
+    Config, LimitHeaders, LimitSpec, RateLimitConfig, RedisConfig, RedisDown, RouteRateLimit, Scope,
 };
 use crate::error::ProxyError;
 use crate::observe::metrics::Metrics;
-use crate::respond::Refusal;
+use crate::respond::{Canned, Refusal};
 use fleet::Fleet;
 use hot::Hot;
 use local::{Decision, Direct, Key, KeyCount, Keyed};
 
 /// Most bytes of a header value used as a `per_header` key.
 const MAX_HEADER_KEY: usize = 256;
+
+/// The longest `retry-after` (seconds) whose 429 is canned; longer waits
+/// (a limit of a few an hour) are rare and built per answer.
+const MAX_CANNED_SECS: usize = 3600;
 
 /// `RateLimit-Policy`: the limit's quota and window.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -172,6 +178,14 @@ struct Policy {
     /// In Redis (`scope = "fleet"`): the rate's emission interval and the
     /// burst, for the script.
     fleet: Option<(Duration, u32)>,
+    /// The rate's emission interval (one cell) and the burst.
+    emission: Duration,
+    burst: u32,
+    /// The 429 for each `retry-after` second (index 0 unused), built the
+    /// first time a client is told to wait that long: up to the longest
+    /// wait the limit can give (one emission interval of a spent budget,
+    /// as the local GCRA says; a fleet limit's from Redis is the same).
+    canned: Box<[OnceLock<Arc<Canned>>]>,
 }
 
 impl Policy {
@@ -185,13 +199,49 @@ impl Policy {
     ) -> Policy {
         let burst = spec.burst_or(route_burst);
         let m = &metrics.rate_limit_decisions;
+        let emission = spec.rate.per / spec.rate.count;
+        // A local stand-in divided by the fleet size waits longer: room
+        // for a few times the interval, the rest built per answer.
+        let longest = (emission.as_secs_f64() * 4.0).ceil() as usize + 1;
         Policy {
             name,
             value: policy_value(name, spec, burst),
             allowed: m.with_label_values(&[route, name, "allowed"]),
             limited: m.with_label_values(&[route, name, "limited"]),
-            fleet: (scope == Scope::Fleet).then(|| (spec.rate.per / spec.rate.count, burst)),
+            fleet: (scope == Scope::Fleet).then_some((emission, burst)),
+            emission,
+            burst,
+            canned: (0..=longest.clamp(1, MAX_CANNED_SECS))
+                .map(|_| OnceLock::new())
+                .collect(),
         }
+    }
+
+    /// `RateLimit` for an answer this limit let through with `remaining`
+    /// cells left: `t` is when the burst is whole again (GCRA earns one
+    /// cell back per emission interval), in whole seconds rounded up.
+    fn fields(&self, remaining: u32) -> (HeaderValue, HeaderValue) {
+        let spent = self.burst.saturating_sub(remaining);
+        let t = (self.emission.as_secs_f64() * f64::from(spent)).ceil() as u64;
+        let now = HeaderValue::try_from(format!("\"{}\";r={remaining};t={t}", self.name))
+            .expect("a token name and numbers");
+        (self.value.clone(), now)
+    }
+}
+
+/// What allowed answers of a route with `headers = "always"` carry: the
+/// `RateLimit-Policy` and `RateLimit` of the limit with the fewest cells
+/// left (the one a client meets first).
+pub struct Allowed {
+    pub policy: HeaderValue,
+    pub ratelimit: HeaderValue,
+}
+
+impl Allowed {
+    /// Adds both fields to an answer.
+    pub fn apply(self, headers: &mut http::HeaderMap) {
+        headers.insert(RATELIMIT_POLICY.clone(), self.policy);
+        headers.insert(RATELIMIT.clone(), self.ratelimit);
     }
 }
 
@@ -233,11 +283,15 @@ pub struct RouteLimits {
     keyed: Vec<KeyedLimit>,
     whole: Option<RouteLimit>,
     hot: Option<Hot>,
+    /// `headers = "always"`: allowed answers carry the fields too.
+    always: bool,
 }
 
 /// What one limit said, fleet or local.
 enum Verdict {
-    Pass,
+    /// Let through, with the cells left when known (not when Redis is
+    /// down and `redis_down = "open"`).
+    Pass(Option<u32>),
     Limited(Duration),
     /// Redis is down and `redis_down = "closed"`.
     Unavailable,
@@ -299,17 +353,23 @@ impl RouteLimits {
             whole,
             hot,
             limiter,
+            always: c.headers == LimitHeaders::Always,
         }
     }
 
     /// Checks the request against the route's limits, but a hot limit on
-    /// the checkout body (see [`check_body`](Self::check_body)).
+    /// the checkout body (see [`check_body`](Self::check_body)). With
+    /// `headers = "always"`, what the allowed answer carries.
     pub async fn check(
         &self,
         client_ip: IpAddr,
         user: Option<&str>,
         head: &Parts,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<Allowed>, Refusal> {
+        // The limit with the fewest cells left, for `headers = "always"`.
+        let mut nearest: Option<(&Policy, u32)> = None;
+        let always = self.always;
+        let mut note = |p, left| nearer(&mut nearest, always, p, left);
         for k in &self.keyed {
             let key = match &k.source {
                 Source::Ip => Key::ip(client_ip),
@@ -327,36 +387,44 @@ impl RouteLimits {
                 },
             };
             let v = self.decide(&k.policy, &key, || k.local.check(&key)).await;
-            self.settle(&k.policy, v)?;
+            note(&k.policy, self.settle(&k.policy, v)?);
         }
         if let Some(h) = &self.hot {
             if let Some(value) = h.value_of(head) {
-                self.check_hot(h, &value).await?;
+                let (policy, left) = self.check_hot(h, &value).await?;
+                note(policy, left);
             }
         }
         if let Some(w) = &self.whole {
             let v = self
                 .decide(&w.policy, &Key::Ip(0), || w.local.check())
                 .await;
-            self.settle(&w.policy, v)?;
+            note(&w.policy, self.settle(&w.policy, v)?);
         }
-        Ok(())
+        Ok(nearest.map(|(p, left)| {
+            let (policy, ratelimit) = p.fields(left);
+            Allowed { policy, ratelimit }
+        }))
     }
 
     /// A hot limit on a field of the checkout body, read whole by then.
     pub async fn check_body(&self, body: &Bytes) -> Result<(), Refusal> {
         let Some(h) = &self.hot else { return Ok(()) };
         match h.value_of_body(body) {
-            Some(value) => self.check_hot(h, &value).await,
+            Some(value) => self.check_hot(h, &value).await.map(|_| ()),
             None => Ok(()),
         }
     }
 
-    async fn check_hot(&self, h: &Hot, value: &str) -> Result<(), Refusal> {
+    async fn check_hot<'h>(
+        &self,
+        h: &'h Hot,
+        value: &str,
+    ) -> Result<(&'h Policy, Option<u32>), Refusal> {
         let (policy, local) = h.limit_for(value);
         let key = Key::Text(value.into());
         let v = self.decide(policy, &key, || local.check()).await;
-        self.settle(policy, v)
+        Ok((policy, self.settle(policy, v)?))
     }
 
     /// The fleet's decision when the limit is a fleet limit and Redis
@@ -364,7 +432,7 @@ impl RouteLimits {
     /// divided by `fleet_size`), or `redis_down`'s.
     async fn decide(&self, p: &Policy, key: &Key, local: impl Fn() -> Decision) -> Verdict {
         let from_local = |d: Decision| match d {
-            Decision::Allowed { .. } => Verdict::Pass,
+            Decision::Allowed { remaining } => Verdict::Pass(Some(remaining)),
             Decision::Limited { retry_after } => Verdict::Limited(retry_after),
         };
         let Some((emission, burst)) = p.fleet else {
@@ -376,7 +444,7 @@ impl RouteLimits {
             // for the routes that never make it.
             if let Ok(g) = Box::pin(fleet.gcra(&redis_key, emission, burst)).await {
                 return if g.allowed {
-                    Verdict::Pass
+                    Verdict::Pass(Some(g.remaining))
                 } else {
                     Verdict::Limited(g.retry_after)
                 };
@@ -384,7 +452,7 @@ impl RouteLimits {
         }
         match self.limiter.config.redis_down {
             RedisDown::Local => from_local(local()),
-            RedisDown::Open => Verdict::Pass,
+            RedisDown::Open => Verdict::Pass(None),
             RedisDown::Closed => Verdict::Unavailable,
         }
     }
@@ -412,11 +480,11 @@ impl RouteLimits {
     // The refusal is the cold path and goes straight into the answer;
     // boxing it would add an allocation to every 429 of a flood.
     #[allow(clippy::result_large_err)]
-    fn settle(&self, p: &Policy, v: Verdict) -> Result<(), Refusal> {
+    fn settle(&self, p: &Policy, v: Verdict) -> Result<Option<u32>, Refusal> {
         match v {
-            Verdict::Pass => {
+            Verdict::Pass(left) => {
                 p.allowed.inc();
-                Ok(())
+                Ok(left)
             }
             Verdict::Limited(retry) => {
                 p.limited.inc();
@@ -426,6 +494,21 @@ impl RouteLimits {
                 p.limited.inc();
                 Err(Refusal::new(ProxyError::RateLimitUnavailable).retry_after(1))
             }
+        }
+    }
+}
+
+/// Keeps in `nearest` the limit with the fewest cells left (when the
+/// fields are wanted and the count is known).
+fn nearer<'p>(
+    nearest: &mut Option<(&'p Policy, u32)>,
+    always: bool,
+    p: &'p Policy,
+    left: Option<u32>,
+) {
+    if let Some(left) = left.filter(|_| always) {
+        if nearest.is_none_or(|(_, n)| left < n) {
+            *nearest = Some((p, left));
         }
     }
 }
@@ -442,9 +525,20 @@ fn push_escaped(out: &mut String, s: &str) {
 }
 
 /// The 429: `retry-after` in whole seconds (rounded up, at least 1), the
-/// limit's `RateLimit-Policy`, and `RateLimit` with nothing left until then.
+/// limit's `RateLimit-Policy`, and `RateLimit` with nothing left until
+/// then; canned per second ([`Policy::canned`]).
 fn refusal(p: &Policy, retry: Duration) -> Refusal {
     let secs = retry.as_secs_f64().ceil().max(1.0).min(f64::from(u32::MAX)) as u32;
+    match p.canned.get(secs as usize) {
+        Some(slot) => Refusal::canned(
+            slot.get_or_init(|| Arc::new(Canned::new(fresh_refusal(p, secs))))
+                .clone(),
+        ),
+        None => fresh_refusal(p, secs),
+    }
+}
+
+fn fresh_refusal(p: &Policy, secs: u32) -> Refusal {
     let now = HeaderValue::try_from(format!("\"{}\";r=0;t={secs}", p.name))
         .expect("a token name and numbers");
     Refusal::new(ProxyError::RateLimited)
@@ -478,11 +572,39 @@ mod tests {
         assert_eq!(policy_value("route", slow, 5), "\"route\";q=5;w=300");
         let m = Metrics::new();
         let p = Policy::new("per_user", slow, None, Scope::Local, "r", &m);
-        let r = refusal(&p, Duration::from_millis(1200));
-        assert_eq!(r.retry_after, Some(2));
-        assert_eq!(r.headers[&RATELIMIT], "\"per_user\";r=0;t=2");
-        assert_eq!(r.headers[&RATELIMIT_POLICY], "\"per_user\";q=5;w=300");
-        assert_eq!(r.error.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        let id = HeaderValue::from_static("req-1");
+        for (retry, t) in [(1200, "2"), (900, "1"), (60_000, "60")] {
+            let r = refusal(&p, Duration::from_millis(retry));
+            assert!(r.canned.is_some(), "a wait of {retry} ms is canned");
+            let a = crate::respond::refusal(r, &id);
+            assert_eq!(a.status(), http::StatusCode::TOO_MANY_REQUESTS);
+            let h = a.headers();
+            assert_eq!(h[http::header::RETRY_AFTER], t);
+            assert_eq!(h[&RATELIMIT], format!("\"per_user\";r=0;t={t}").as_str());
+            assert_eq!(h[&RATELIMIT_POLICY], "\"per_user\";q=5;w=300");
+        }
+        // Beyond the canned seconds: built per answer, the same shape.
+        let r = refusal(&p, Duration::from_secs(100_000));
+        assert!(r.canned.is_none());
+        assert_eq!(r.retry_after, Some(100_000));
+        assert_eq!(r.headers[&RATELIMIT], "\"per_user\";r=0;t=100000");
+    }
+
+    #[test]
+    fn allowed_fields_say_what_is_left() {
+        let spec = LimitSpec {
+            rate: Rate {
+                count: 2,
+                per: Duration::from_secs(1),
+            },
+            burst: Some(10),
+        };
+        let p = Policy::new("per_ip", spec, None, Scope::Local, "r", &Metrics::new());
+        let (policy, now) = p.fields(7);
+        assert_eq!(policy, "\"per_ip\";q=10;w=5");
+        // 3 cells spent, one back every 500 ms: whole again in 1.5 s.
+        assert_eq!(now, "\"per_ip\";r=7;t=2");
+        assert_eq!(p.fields(10).1, "\"per_ip\";r=10;t=0");
     }
 
     #[test]
