@@ -339,10 +339,13 @@ async fn slowloris_is_closed_while_others_are_served() {
 #[tokio::test]
 async fn connection_limits_per_listener_and_per_client_address() {
     let up = Upstream::fixed("ok").await;
+    // At its cap of 3 the listener would also raise the process's load
+    // level (`overload.connections`) and shed the route: this test is
+    // about the slots alone.
     let gw = gateway(&edge::config(
         up.addr,
         "max_connections = 3\nproxy_protocol = true\nmax_connections_per_ip = 2",
-        "",
+        "[overload]\nconnections = [2.0, 2.0, 2.0]",
     ))
     .await;
     let addr = gw.addr("public").unwrap();

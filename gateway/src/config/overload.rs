@@ -41,11 +41,12 @@ pub struct OverloadConfig {
     #[serde(default = "default_error_ratio")]
     pub error_ratio: [f64; 3],
     /// Open client connections over the listener's `max_connections` (the
-    /// fullest listener) that raise the process's own level to 1, 2, 3.
+    /// fullest listener) that raise the process's own level to 1, 2, 3;
+    /// above 1, never.
     #[serde(default = "default_near_cap")]
     pub connections: [f64; 3],
     /// Temp-file bytes of spooled bodies over `buffering.temp_max` that
-    /// raise the process's own level to 1, 2, 3.
+    /// raise the process's own level to 1, 2, 3; above 1, never.
     #[serde(default = "default_near_cap")]
     pub temp_space: [f64; 3],
     /// Shares of each cluster's limit kept for each priority when the
@@ -221,18 +222,6 @@ impl OverloadConfig {
                 return Err(ConfigError::at(
                     format!("{p}.{key}"),
                     "three thresholds above zero, in rising order",
-                ));
-            }
-        }
-        // Shares of a cap: a threshold above 1 could never be reached.
-        for (key, t) in [
-            ("connections", self.connections),
-            ("temp_space", self.temp_space),
-        ] {
-            if t[2] > 1.0 {
-                return Err(ConfigError::at(
-                    format!("{p}.{key}"),
-                    "shares of the cap: at most 1",
                 ));
             }
         }
@@ -553,7 +542,7 @@ mod tests {
         );
         assert_eq!(err("[overload]\nbogus = 1\n"), "overload.bogus");
         assert_eq!(
-            err("[overload]\nconnections = [0.8, 0.9, 1.5]\n"),
+            err("[overload]\nconnections = [0.8, 0.9, 0.0]\n"),
             "overload.connections"
         );
         assert_eq!(
