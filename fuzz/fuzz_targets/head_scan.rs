@@ -18,4 +18,5 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(whole.found_length(), pieces.found_length());
     assert_eq!(whole.done(), pieces.done());
+    assert_eq!(whole.absurd_length(), pieces.absurd_length());
 });

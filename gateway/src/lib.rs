@@ -220,9 +220,7 @@ async fn overload_ticks(shared: std::sync::Weak<Shared>) {
             return;
         };
         let runtime = shared.runtime.load();
-        shared
-            .overload
-            .tick(&runtime.config.overload, &runtime.gates);
+        shared.overload.tick(&runtime.config, &runtime.gates);
     }
 }
 

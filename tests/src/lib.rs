@@ -560,6 +560,32 @@ pub fn system_tool(names: &[&str], package: &str) -> Option<PathBuf> {
     }
 }
 
+/// Runs the built `flashgate check` on each config text of `cases` and
+/// asserts that it refuses it (exit code 1) with the expected text (the
+/// key path, and maybe the message) on stderr. The files are
+/// `bad{i}.toml` in a fresh temp dir named after `name`, returned so that
+/// a test may reuse one; the caller removes it.
+pub fn check_refuses(name: &str, cases: &[(String, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flashgate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let file = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&file, text).expect("writing the config");
+        let out = Command::new(flashgate_bin())
+            .arg("check")
+            .arg(&file)
+            .output()
+            .expect("running flashgate check");
+        assert_eq!(out.status.code(), Some(1), "{expected:?}: exit code");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr:?}"
+        );
+    }
+    dir
+}
+
 /// The cargo target dir this test binary was built in (for artifacts such
 /// as screenshots).
 pub fn target_dir() -> PathBuf {
@@ -581,8 +607,9 @@ pub struct Demo {
 
 impl Demo {
     /// Starts the demo with its admin listener on `admin` (e.g.
-    /// `127.0.0.1:0`) and waits for its banner.
-    pub async fn start(admin: &str) -> Demo {
+    /// `127.0.0.1:0`) and the further arguments `extra` (`--no-tls`,
+    /// `--core 127.0.0.1:0`, ...), and waits for its banner.
+    pub async fn start(admin: &str, extra: &[&str]) -> Demo {
         use std::io::{BufRead, BufReader};
         let mut proc = Proc::spawn(
             Command::new(flashgate_bin())
@@ -594,8 +621,8 @@ impl Demo {
                     admin,
                     "--origin",
                     "127.0.0.1:0",
-                    "--no-tls",
                 ])
+                .args(extra)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null()),
         );

@@ -3,14 +3,12 @@
 //! when an Idempotency-Key makes them safe, and `flashgate demo` selling a
 //! demo sneaker through the in-process order core.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashgate_tests::{client, flashgate_bin, full, gateway, reply, send, Got, Proc, Upstream};
+use flashgate_tests::{client, full, gateway, reply, send, Demo, Got, Upstream};
 use http::Request;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -219,32 +217,11 @@ async fn a_checkout_is_retried_after_a_reset_only_with_an_idempotency_key() {
 /// sneaker and the stock falls.
 #[tokio::test]
 async fn demo_sells_a_sneaker_through_the_in_process_core() {
-    let mut child = Proc::spawn(
-        Command::new(flashgate_bin())
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--origin",
-                "127.0.0.1:0",
-                "--core",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take_while(|l| !l.contains("Ctrl-C"))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let Demo {
+        proc: mut child,
+        banner: lines,
+        ..
+    } = Demo::start("127.0.0.1:0", &["--core", "127.0.0.1:0"]).await;
     let curl = lines
         .iter()
         .find(|l| l.contains("curl -i -X POST"))

@@ -1,7 +1,6 @@
 //! The `flashgate` binary as operators run it: `check`, `demo`, `run`,
 //! signals, and memory while streaming large bodies.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -59,8 +58,6 @@ fn check_accepts_every_shipped_config() {
 
 #[test]
 fn check_prints_the_key_path_of_the_first_error() {
-    let dir = std::env::temp_dir().join(format!("flashgate-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         (
             Cfg::new(&["127.0.0.1:1".parse().unwrap()])
@@ -101,21 +98,7 @@ fn check_prints_the_key_path_of_the_first_error() {
             "listeners[0].tls.certs[0]: cannot read certificates from /nonexistent/c.pem",
         ),
     ];
-    for (i, (text, expected)) in cases.iter().enumerate() {
-        let file = dir.join(format!("bad{i}.toml"));
-        std::fs::write(&file, text).unwrap();
-        let out = Command::new(flashgate_bin())
-            .arg("check")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains(expected),
-            "expected {expected:?} in {stderr:?}"
-        );
-    }
+    let dir = check_refuses("check", &cases);
     // `run` refuses the same file before listening.
     let out = Command::new(flashgate_bin())
         .args(["run", "--config"])
@@ -133,32 +116,11 @@ fn check_prints_the_key_path_of_the_first_error() {
 /// its output must contain what the banner says. Then it stops on SIGTERM.
 #[tokio::test]
 async fn demo_banner_commands_answer_as_printed() {
-    let mut child = Proc::spawn(
-        Command::new(flashgate_bin())
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--origin",
-                "127.0.0.1:0",
-                "--tls-listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take_while(|l| !l.contains("Ctrl-C"))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let Demo {
+        proc: mut child,
+        banner: lines,
+        ..
+    } = Demo::start("127.0.0.1:0", &["--tls-listen", "127.0.0.1:0"]).await;
     let url_of = |label: &str| {
         lines
             .iter()

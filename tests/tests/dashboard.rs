@@ -15,7 +15,7 @@ use flashgate_tests::*;
 use serde_json::Value;
 
 async fn demo(admin: &str) -> (Proc, SocketAddr, SocketAddr) {
-    let d = Demo::start(admin).await;
+    let d = Demo::start(admin, &["--no-tls"]).await;
     (d.proc, d.public, d.admin)
 }
 

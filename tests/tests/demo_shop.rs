@@ -34,7 +34,7 @@ async fn buy(public: std::net::SocketAddr, token: &str, sku: &str, key: &str) ->
 
 #[tokio::test]
 async fn the_shop_sells_from_its_drop_page() {
-    let demo = Demo::start("127.0.0.1:0").await;
+    let demo = Demo::start("127.0.0.1:0", &["--no-tls"]).await;
     let p = demo.public;
     let home = get(&format!("http://{p}/")).await;
     assert_eq!(home.status, 200);
@@ -198,7 +198,7 @@ async fn a_click_on_buy_in_chromium_places_an_order() {
     let Some(bin) = system_tool(&["chromium", "chromium-browser"], "chromium") else {
         return;
     };
-    let demo = Demo::start("127.0.0.1:0").await;
+    let demo = Demo::start("127.0.0.1:0", &["--no-tls"]).await;
     let url = format!("http://{}/drop/demo-sneaker", demo.public);
     let dir = target_dir().join(format!("demo-shop-{}", std::process::id()));
     let d = dir.clone();

@@ -230,6 +230,57 @@ async fn malformed_and_smuggling_shapes_are_refused_never_forwarded() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A `Content-Length` past hyper's largest body (2^64 - 3) gets 400 and
+/// a closed connection, like any other unreadable length, not hyper's
+/// `431 Request Header Fields Too Large`; also when the value arrives in
+/// pieces, and on a keep-alive connection's second request.
+#[tokio::test]
+async fn an_absurd_content_length_gets_400_not_431() {
+    let up = Upstream::echo().await;
+    let gw = gateway(&edge::config(up.addr, "", "")).await;
+    let addr = gw.addr("public").unwrap();
+    for value in [
+        "18446744073709551615",
+        "18446744073709551614",
+        "000018446744073709551614",
+    ] {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {value}\r\n\r\nabc");
+        let text = raw::exchange(addr, head.as_bytes()).await;
+        assert_eq!(raw::status(&text), Some(400), "{value}: {text:?}");
+        // In pieces, split inside the value.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let (a, b) = head.split_at(head.find(value).unwrap() + value.len() - 3);
+        s.write_all(a.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(b.as_bytes()).await.unwrap();
+        let text = raw::read_to_close(&mut s, Duration::from_secs(30)).await;
+        assert_eq!(raw::status(&text), Some(400), "{value} in pieces: {text:?}");
+    }
+    // After a first request on the same connection.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .unwrap();
+    let first = raw::read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("first answer");
+    assert_eq!(raw::status(&first), Some(200), "{first}");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n")
+        .await
+        .unwrap();
+    let second = raw::read_to_close(&mut s, Duration::from_secs(30)).await;
+    assert_eq!(raw::status(&second), Some(400), "{second:?}");
+    // The largest length hyper reads is a length: the listener's
+    // `max_body` refuses it with 413 before a byte of body is read.
+    let text = raw::exchange(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551613\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw::status(&text), Some(413), "{text:?}");
+    assert_eq!(up.hits(), 1, "only the first request reached the upstream");
+}
+
 #[tokio::test]
 async fn slowloris_is_closed_while_others_are_served() {
     let up = Upstream::fixed("ok").await;
@@ -288,10 +339,13 @@ async fn slowloris_is_closed_while_others_are_served() {
 #[tokio::test]
 async fn connection_limits_per_listener_and_per_client_address() {
     let up = Upstream::fixed("ok").await;
+    // At its cap of 3 the listener would also raise the process's load
+    // level (`overload.connections`) and shed the route: this test is
+    // about the slots alone.
     let gw = gateway(&edge::config(
         up.addr,
         "max_connections = 3\nproxy_protocol = true\nmax_connections_per_ip = 2",
-        "",
+        "[overload]\nconnections = [2.0, 2.0, 2.0]",
     ))
     .await;
     let addr = gw.addr("public").unwrap();

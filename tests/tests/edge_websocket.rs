@@ -124,10 +124,13 @@ const TUNNELS: &str = "flashgate_websocket_tunnels_active{cluster=\"origin\"}";
 #[tokio::test]
 async fn a_tunnel_holds_its_connection_slot() {
     let (upstream, _task) = ws::echo_server().await;
+    // A full listener would also raise the process's load level
+    // (`overload.connections`) and shed the route: this test is about the
+    // slot alone.
     let gw = gateway(&edge::config(
         upstream,
         "max_connections = 1",
-        "websocket = true",
+        "websocket = true\n[overload]\nconnections = [2.0, 2.0, 2.0]",
     ))
     .await;
     let addr = gw.addr("public").unwrap();

@@ -1,7 +1,8 @@
 //! Overload protection end to end: the load level (forced for drills, or
 //! driven by a saturated origin), shedding by priority (stale copy,
-//! fallback, 503), checkout's reserved share, readiness coupling, the
-//! adaptive limit, the breaker, and the load level as filters see it.
+//! fallback, 503), checkout's reserved share, levels per cluster and the
+//! process's own, readiness coupling, the adaptive limit, the breaker,
+//! and the load level as filters see it.
 //!
 //! No assertion here depends on timing a race could win: levels are
 //! forced or driven by a deliberately slow origin and polled with
@@ -293,29 +294,23 @@ async fn a_saturated_origin_raises_the_level_checkout_keeps_its_share_and_all_re
     assert_eq!(ok, 20, "checkout answered 200 at its reserved share");
     let browse = get(&url(&gw, "/browse")).await;
     assert_eq!(browse.status, 503, "browse is shed: {}", browse.text());
-    // Steady load, steady level: sample it for a while.
-    let first = level(&gw).await;
-    let mut changes = 0;
-    let mut last = first;
+    // Steady load, steady level: shedding relieves the origin, but the
+    // shed requests still count as demand, so the level does not fall back
+    // while the flood lasts. (On a busy machine the demand read per tick
+    // jitters around a threshold, so the level may move between 2 and 3;
+    // what must not happen is a fall below what sheds browse.)
+    let mut seen = Vec::new();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let l = level(&gw).await;
-        if l != last {
-            changes += 1;
-            last = l;
-        }
+        seen.push(level(&gw).await);
     }
     assert!(
-        changes <= 1,
-        "the level flapped {changes} times under steady load"
+        seen.iter().all(|&l| l >= 2),
+        "the level fell under steady load: {seen:?}"
     );
-    // Critical for longer than unready_after: readiness off, liveness on.
-    if last == 3 {
-        wait_until(Duration::from_secs(20), "readyz fails", || async {
-            get(&format!("http://{admin}/readyz")).await.status == 503
-        })
-        .await;
-    }
+    // A cluster's level leaves readiness alone (the process's own level
+    // drives it: see the tests below); liveness never fails for slowness.
+    assert_eq!(get(&format!("http://{admin}/readyz")).await.status, 200);
     assert_eq!(get(&format!("http://{admin}/healthz")).await.status, 200);
 
     stop.store(true, Ordering::SeqCst);
@@ -333,6 +328,174 @@ async fn a_saturated_origin_raises_the_level_checkout_keeps_its_share_and_all_re
     })
     .await;
     assert_eq!(get(&url(&gw, "/browse")).await.status, 200);
+}
+
+/// The level of one cluster and of another, by `/admin/status`.
+async fn cluster_level(gw: &Gateway, cluster: &str) -> (u64, u64) {
+    let s = status(gw).await;
+    let c = s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster)
+        .unwrap_or_else(|| panic!("no cluster {cluster} in {s}"))
+        .clone();
+    (
+        c["overload"]["own_level"].as_u64().unwrap(),
+        c["overload"]["level"].as_u64().unwrap(),
+    )
+}
+
+/// Levels are per cluster: a saturated origin (2 slots x 50 ms) behind
+/// cluster `origin` takes its level to 3 and sheds its own routes, while
+/// routes of the same priorities on cluster `other` keep answering 200;
+/// the process's own level stays 0, and so does readiness. (Latency is
+/// taken out of the level here, `latency_ratio` far up, so that a busy
+/// machine's slow calls cannot move `other`: what is tested is which level
+/// a route follows.)
+#[tokio::test]
+async fn one_saturated_cluster_sheds_its_own_routes_and_not_another_clusters() {
+    let slow = origin(2, 50).await;
+    let fast = Upstream::fixed("fast").await;
+    let cfg = Cfg::new(&[slow.up.addr])
+        .route("priority = \"normal\"")
+        .section(format!(
+            "[[routes]]\nname = \"browse\"\npath_prefix = \"/browse\"\nupstream = \"origin\"\n\
+             priority = \"sheddable\"\n\
+             [[routes]]\nname = \"other-normal\"\npath_prefix = \"/other/n\"\nupstream = \"other\"\n\
+             priority = \"normal\"\n\
+             [[routes]]\nname = \"other-sheddable\"\npath_prefix = \"/other/s\"\nupstream = \"other\"\n\
+             priority = \"sheddable\"\n\
+             [[upstreams]]\nname = \"other\"\nendpoints = [\"{}\"]\n\
+             [overload]\nunready_after = \"1s\"\nlatency_ratio = [1000.0, 2000.0, 4000.0]\n",
+            fast.addr
+        ))
+        .build();
+    let gw = gateway(&cfg).await;
+    let admin = gw.admin_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = flood(&gw, "/browse", 24, stop.clone());
+    wait_until(
+        Duration::from_secs(30),
+        "the saturated cluster's level reaches 3",
+        || async { cluster_level(&gw, "origin").await.1 == 3 },
+    )
+    .await;
+    for path in ["/other/n", "/other/s"] {
+        for i in 0..20 {
+            let got = get(&url(&gw, path)).await;
+            assert_eq!(
+                got.status,
+                200,
+                "{path} #{i} on the calm cluster: {}",
+                got.text()
+            );
+        }
+    }
+    assert_eq!(cluster_level(&gw, "other").await, (0, 0));
+    let s = status(&gw).await;
+    assert_eq!(s["overload"]["process"]["level"], 0, "{s}");
+    assert_eq!(s["load_level"], 3, "the highest level anywhere: {s}");
+    let shed = get(&url(&gw, "/")).await;
+    assert_eq!(
+        shed.status,
+        503,
+        "a normal route at level 3: {}",
+        shed.text()
+    );
+    assert_eq!(shed.header("x-flashgate-error"), Some("overloaded"));
+    let m = get(&format!("http://{admin}/metrics")).await.text();
+    assert!(
+        m.contains("flashgate_cluster_load_level{cluster=\"origin\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("flashgate_cluster_load_level{cluster=\"other\"} 0"),
+        "{m}"
+    );
+    assert!(m.contains("flashgate_load_level 3"), "{m}");
+    // Longer than unready_after at 3, but only a cluster: still ready.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(&format!("http://{admin}/readyz")).await.status, 200);
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The process's own level follows what every cluster shares: client
+/// connections near the listener's `max_connections` shed sheddable
+/// routes on any cluster, and the level falls once they close.
+#[tokio::test]
+async fn connections_near_the_cap_raise_the_process_level_for_every_cluster() {
+    let up = Upstream::fixed("ok").await;
+    let cfg = Cfg::new(&[up.addr])
+        .route("priority = \"sheddable\"")
+        .section("[overload]\ncool_down = \"1s\"\n")
+        .build()
+        .replace(
+            "name = \"public\"\nlisten = \"127.0.0.1:0\"\n",
+            "name = \"public\"\nlisten = \"127.0.0.1:0\"\nmax_connections = 20\n",
+        );
+    assert!(cfg.contains("max_connections = 20"), "{cfg}");
+    let gw = gateway(&cfg).await;
+    let addr = gw.addr("public").unwrap();
+    // 18 keep-alive connections (0.9 of the cap), each after one answered
+    // request.
+    let mut held = Vec::new();
+    for _ in 0..18 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = raw::read_response(&mut s, Duration::from_secs(10)).await;
+        assert!(answer.is_some_and(|a| raw::status(&a) == Some(200)));
+        held.push(s);
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the process level rises (18 of 20 connections)",
+        || async { status(&gw).await["overload"]["process"]["level"].as_u64() >= Some(2) },
+    )
+    .await;
+    let shed = get(&url(&gw, "/")).await;
+    assert_eq!(shed.status, 503, "{}", shed.text());
+    let (own, seen) = cluster_level(&gw, "origin").await;
+    assert_eq!(own, 0, "the cluster itself is calm");
+    assert!(seen >= 2, "its routes see the process's level: {seen}");
+    drop(held);
+    wait_until(
+        Duration::from_secs(30),
+        "the process level falls once the connections close",
+        || async { status(&gw).await["overload"]["process"]["level"] == 0 },
+    )
+    .await;
+    assert_eq!(get(&url(&gw, "/")).await.status, 200);
+}
+
+/// Readiness follows the process's level: a forced critical level (a
+/// drill) held for `unready_after` takes it off, and it comes back
+/// `ready_after` after the level is cleared.
+#[tokio::test]
+async fn a_critical_process_level_takes_readiness_off_and_back() {
+    let o = origin(4, 0).await;
+    let gw = gateway(&shop(
+        o.up.addr,
+        "allow_forced_level = true\nunready_after = \"1s\"\nready_after = \"1s\"",
+    ))
+    .await;
+    let readyz = format!("http://{}/readyz", gw.admin_addr());
+    assert_eq!(get(&readyz).await.status, 200);
+    force(&gw, r#"{"level": 3, "for": "60s"}"#, true).await;
+    wait_until(Duration::from_secs(20), "readyz fails", || async {
+        get(&readyz).await.status == 503
+    })
+    .await;
+    force(&gw, r#"{"level": null}"#, true).await;
+    wait_until(Duration::from_secs(20), "readyz recovers", || async {
+        get(&readyz).await.status == 200
+    })
+    .await;
 }
 
 #[tokio::test]

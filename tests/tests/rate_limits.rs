@@ -527,8 +527,6 @@ async fn limits_reload_with_the_config_and_keep_state_when_unchanged() {
 /// their key paths.
 #[test]
 fn flashgate_check_names_rate_limit_keys() {
-    let dir = std::env::temp_dir().join(format!("flashgate-rl-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let base = Cfg::new(&["127.0.0.1:9".parse().unwrap()]);
     let cases = [
         (
@@ -556,20 +554,7 @@ fn flashgate_check_names_rate_limit_keys() {
             "rate_limit.max_keys",
         ),
     ];
-    for (i, (cfg, expected)) in cases.iter().enumerate() {
-        let file = dir.join(format!("bad{i}.toml"));
-        std::fs::write(&file, cfg.build()).unwrap();
-        let out = std::process::Command::new(flashgate_tests::flashgate_bin())
-            .arg("check")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains(expected),
-            "expected {expected:?} in {stderr:?}"
-        );
-    }
+    let cases = cases.map(|(cfg, expected)| (cfg.build(), expected));
+    let dir = flashgate_tests::check_refuses("rl-check", &cases);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -40,6 +40,15 @@ pub struct OverloadConfig {
     /// raises the level to 1, 2, 3.
     #[serde(default = "default_error_ratio")]
     pub error_ratio: [f64; 3],
+    /// Open client connections over the listener's `max_connections` (the
+    /// fullest listener) that raise the process's own level to 1, 2, 3;
+    /// above 1, never.
+    #[serde(default = "default_near_cap")]
+    pub connections: [f64; 3],
+    /// Temp-file bytes of spooled bodies over `buffering.temp_max` that
+    /// raise the process's own level to 1, 2, 3; above 1, never.
+    #[serde(default = "default_near_cap")]
+    pub temp_space: [f64; 3],
     /// Shares of each cluster's limit kept for each priority when the
     /// cluster is full; below its limit any priority borrows what the
     /// others do not use.
@@ -96,6 +105,9 @@ fn default_latency_ratio() -> [f64; 3] {
 fn default_error_ratio() -> [f64; 3] {
     [0.1, 0.25, 0.5]
 }
+fn default_near_cap() -> [f64; 3] {
+    [0.8, 0.9, 0.97]
+}
 fn default_lifo_after() -> Dur {
     Dur(Duration::from_millis(50))
 }
@@ -121,6 +133,8 @@ impl Default for OverloadConfig {
             queue_delay: default_queue_delay(),
             latency_ratio: default_latency_ratio(),
             error_ratio: default_error_ratio(),
+            connections: default_near_cap(),
+            temp_space: default_near_cap(),
             shares: Shares::default(),
             max_wait: MaxWait::default(),
             lifo_after: default_lifo_after(),
@@ -201,6 +215,8 @@ impl OverloadConfig {
             ("utilization", self.utilization),
             ("latency_ratio", self.latency_ratio),
             ("error_ratio", self.error_ratio),
+            ("connections", self.connections),
+            ("temp_space", self.temp_space),
         ] {
             if !(t[0] > 0.0 && t[0] <= t[1] && t[1] <= t[2] && t[2].is_finite()) {
                 return Err(ConfigError::at(
@@ -525,6 +541,14 @@ mod tests {
             "overload.debug_header"
         );
         assert_eq!(err("[overload]\nbogus = 1\n"), "overload.bogus");
+        assert_eq!(
+            err("[overload]\nconnections = [0.8, 0.9, 0.0]\n"),
+            "overload.connections"
+        );
+        assert_eq!(
+            err("[overload]\ntemp_space = [0.9, 0.8, 0.95]\n"),
+            "overload.temp_space"
+        );
         let route = "[[routes]]\npath_prefix = \"/r\"\nupstream = \"catalog\"\n";
         assert_eq!(
             err(&format!("{route}fallback = {{ status = 100 }}\n")),

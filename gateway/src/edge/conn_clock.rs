@@ -214,7 +214,8 @@ impl Drop for ActiveRequest {
 /// A connection's IO, noting for the header read clock when bytes arrive
 /// between requests (HTTP/1.1 only: `heads`), and for the send clock when
 /// writes wait for the client. It also scans each head for a
-/// `Content-Length` field ([`HeadScan`]).
+/// `Content-Length` field, and makes one past hyper's largest length
+/// invalid so that hyper answers 400, not 431 ([`HeadScan`]).
 pub struct HeadWatch<I> {
     inner: I,
     clock: Option<Arc<ConnClock>>,
@@ -290,7 +291,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadWatch<I> {
                         *scan = HeadScan::new();
                     }
                     if !scan.done() {
-                        scan.feed(&buf.filled()[before..]);
+                        if let Some(i) = scan.feed(&buf.filled()[before..]) {
+                            // A length hyper would answer 431: one it
+                            // reads as invalid gets its 400 instead
+                            // (`edge::framing`).
+                            buf.filled_mut()[before + i] = b'x';
+                        }
                         if scan.found_length() {
                             clock.length_head.store(mark, Ordering::Relaxed);
                         }

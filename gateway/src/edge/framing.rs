@@ -12,14 +12,27 @@
 //! field line; the pipeline refuses a request that has one *and* still
 //! carries `Transfer-Encoding` ([`ProxyError::AmbiguousLength`](crate::error::ProxyError)).
 //!
+//! The same scan reads the `Content-Length` value: hyper answers a length
+//! above its largest body (2^64 - 3) with `431 Request Header Fields Too
+//! Large`, which names the wrong problem. [`HeadScan::feed`] points at the
+//! digit that takes the value past that bound, and `HeadWatch` turns it
+//! into a non-digit before hyper reads it: hyper then refuses the length
+//! as invalid, `400` with the connection closed, as it does any other
+//! malformed `Content-Length` (a value with more digits than a `u64` holds
+//! already got that `400`).
+//!
 //! Only heads that arrive while no request is in flight are scanned (the
 //! connection clock's notion of a head starting). A head pipelined behind
-//! a request still in flight is not; hyper's rule (chunked, then close)
-//! still applies to it.
+//! a request still in flight is not; hyper's rules (chunked, then close;
+//! `431` for a length past 2^64 - 3) still apply to it.
 
 /// The field name, lowercase, with its colon: hyper refuses whitespace
 /// before the colon, so a field line that counts starts with exactly this.
 const NAME: &[u8] = b"content-length:";
+
+/// hyper's largest body length (`DecodedLength::MAX_LEN`); it answers a
+/// larger `Content-Length` with 431.
+const MAX_LEN: u64 = u64::MAX - 2;
 
 /// Where the scan is in the head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +43,9 @@ enum At {
     Cr,
     /// `n` bytes of the line match [`NAME`] so far.
     Name(usize),
+    /// In a `Content-Length` value: its number so far, `None` before its
+    /// first digit.
+    Value(Option<u64>),
     /// In a line that cannot be a `Content-Length` field line.
     Skip,
     /// Past the head's empty line.
@@ -42,6 +58,7 @@ enum At {
 pub struct HeadScan {
     at: At,
     found: bool,
+    absurd: bool,
 }
 
 impl Default for HeadScan {
@@ -55,40 +72,73 @@ impl HeadScan {
         HeadScan {
             at: At::LineStart,
             found: false,
+            absurd: false,
         }
     }
 
     /// Feeds the next bytes of the head; bytes after its end are ignored.
     /// Cheap on ordinary heads: the bytes of a line past its first few are
     /// skipped with `memchr`.
-    pub fn feed(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
+    ///
+    /// Returns where in `bytes` a `Content-Length` value passed hyper's
+    /// largest length (its digit that did), if it did in these bytes.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut absurd = None;
+        let mut i = 0;
+        while i < bytes.len() {
             if self.at == At::Skip {
-                match memchr::memchr(b'\n', bytes) {
-                    Some(i) => {
-                        bytes = &bytes[i + 1..];
+                match memchr::memchr(b'\n', &bytes[i..]) {
+                    Some(j) => {
+                        i += j + 1;
                         self.at = At::LineStart;
                         continue;
                     }
-                    None => return,
+                    None => break,
                 }
             }
-            let b = bytes[0];
-            bytes = &bytes[1..];
+            let b = bytes[i];
             self.at = match self.at {
-                At::Done => return,
+                At::Done => break,
                 At::LineStart | At::Cr if b == b'\n' => At::Done,
                 At::LineStart if b == b'\r' => At::Cr,
                 At::LineStart => Self::name(0, b),
                 At::Name(n) => Self::name(n, b),
+                At::Value(v) => match Self::value(v, b) {
+                    Some(at) => at,
+                    None => {
+                        self.absurd = true;
+                        absurd = absurd.or(Some(i));
+                        At::Skip
+                    }
+                },
                 // A bare `\r` in a head: hyper refuses it; nothing to note.
                 At::Cr | At::Skip => At::Skip,
             };
             if self.at == At::Name(NAME.len()) {
                 self.found = true;
-                self.at = At::Skip;
+                self.at = At::Value(None);
             }
+            i += 1;
         }
+        absurd
+    }
+
+    /// The next state in a `Content-Length` value; `None` when `b` is the
+    /// digit that takes it past [`MAX_LEN`] (or past a `u64`).
+    fn value(v: Option<u64>, b: u8) -> Option<At> {
+        Some(match (v, b) {
+            (None, b' ' | b'\t') => At::Value(None),
+            (_, b'0'..=b'9') => {
+                let n = v
+                    .unwrap_or(0)
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                    .filter(|&n| n <= MAX_LEN)?;
+                At::Value(Some(n))
+            }
+            (_, b'\n') => At::LineStart,
+            _ => At::Skip,
+        })
     }
 
     fn name(matched: usize, b: u8) -> At {
@@ -104,6 +154,11 @@ impl HeadScan {
     /// The head had a `Content-Length` field line (so far).
     pub fn found_length(&self) -> bool {
         self.found
+    }
+
+    /// A `Content-Length` value of the head passed hyper's largest length.
+    pub fn absurd_length(&self) -> bool {
+        self.absurd
     }
 
     /// The head's empty line has been seen.
@@ -158,5 +213,33 @@ mod tests {
         }
         let s = scan(&[b"GET / HTTP/1.1\r\nHost: x\r\n"]);
         assert!(!s.done(), "no empty line yet");
+    }
+
+    #[test]
+    fn points_at_the_digit_that_makes_a_length_absurd() {
+        // 2^64 - 3 is hyper's largest length; 2^64 - 2 is past it.
+        let fine = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551613\r\n\r\n";
+        let s = scan(&[fine]);
+        assert!(s.found_length() && !s.absurd_length() && s.done());
+        for value in [
+            "18446744073709551614",
+            "18446744073709551615",
+            "99999999999999999999999",
+        ] {
+            let head = format!("POST / HTTP/1.1\r\nHost: x\r\ncontent-length:\t {value}\r\n\r\n");
+            let head = head.as_bytes();
+            let digit = head.iter().position(|&b| b == b'\t').unwrap() + 2 + 19;
+            for split in 0..head.len() {
+                let mut s = HeadScan::new();
+                let first = s.feed(&head[..split]);
+                let second = s.feed(&head[split..]);
+                let at = first.or(second.map(|i| i + split));
+                assert_eq!(at, Some(digit), "{value} split at {split}");
+                assert!(s.absurd_length() && s.done(), "{value} split at {split}");
+            }
+        }
+        // Not a length hyper reads as a number at all: left to hyper's 400.
+        let s = scan(&[b"POST / HTTP/1.1\r\nContent-Length: 1x99999999999999999999\r\n\r\n"]);
+        assert!(s.found_length() && !s.absurd_length());
     }
 }

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub cache: crate::observe::cache_metrics::CacheMetrics,
     /// The load level in effect (0 calm .. 3 critical).
     pub load_level: IntGauge,
+    /// The load level requests to each cluster see: the cluster's own or
+    /// the process's, the higher (or the forced one).
+    pub cluster_load_level: IntGaugeVec,
     /// Requests shed by overload, by route, priority and reason.
     pub shed: IntCounterVec,
     /// Each cluster's concurrency limit in effect (learned or the hard cap).
@@ -237,6 +240,11 @@ impl Metrics {
                 &registry,
                 IntGauge::new("load_level", "The load level in effect: 0 calm, 1 elevated, 2 high, 3 critical.")
                     .expect("valid metric"),
+            ),
+            cluster_load_level: gauge(
+                "cluster_load_level",
+                "The load level requests to the cluster see: the higher of the cluster's own and the process's (or the forced level).",
+                &["cluster"],
             ),
             shed: counter(
                 "shed_total",

@@ -17,6 +17,7 @@
 //!   (`upstream_overflow`, from the cluster itself).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use tokio::sync::oneshot;
 
 use super::adaptive::{Adaptive, Latencies, Sample};
 use super::breaker::{self, Breaker};
+use super::level::Tracker;
 use crate::config::{OverloadConfig, UpstreamConfig};
 use crate::observe::metrics::Metrics;
 
@@ -117,6 +119,13 @@ pub struct Gate {
     limit_gauge: IntGauge,
     breaker_gauge: IntGauge,
     queue_time: Histogram,
+    /// The cluster's own level, computed from what this gate saw
+    /// ([`Gate::step_level`]); read by every request to the cluster.
+    own_level: AtomicU8,
+    tracker: Mutex<Tracker>,
+    /// The level its requests see (own or the process's, the higher, or
+    /// forced): `flashgate_cluster_load_level{cluster}`.
+    level_gauge: IntGauge,
 }
 
 /// One upstream slot, held until the response ends (it rides on the
@@ -235,6 +244,9 @@ impl Gate {
             limit_gauge: metrics.adaptive_limit.with_label_values(&[name]),
             breaker_gauge: metrics.breaker_state.with_label_values(&[name]),
             queue_time: metrics.queue_seconds.with_label_values(&[name]),
+            own_level: AtomicU8::new(0),
+            tracker: Mutex::new(Tracker::default()),
+            level_gauge: metrics.cluster_load_level.with_label_values(&[name]),
         };
         gate.limit_gauge.set(gate.limit() as i64);
         gate.breaker_gauge.set(0);
@@ -457,10 +469,31 @@ impl Gate {
         }
     }
 
+    /// The cluster's own level, 0 (calm) to 3 (critical).
+    pub fn own_level(&self) -> u8 {
+        self.own_level.load(Ordering::Relaxed)
+    }
+
+    /// Moves the cluster's own level by one tick's signals (with its
+    /// hysteresis); returns it.
+    pub fn step_level(&self, cfg: &OverloadConfig, signals: Signals, tick: Duration) -> u8 {
+        let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        let level = t.step(cfg, signals, tick, Instant::now());
+        self.own_level.store(level, Ordering::Relaxed);
+        level
+    }
+
+    /// Shows the level this cluster's requests see in its gauge.
+    pub fn show_level(&self, in_effect: u8) {
+        self.level_gauge.set(i64::from(in_effect));
+    }
+
     /// For `/admin/status`.
     pub fn status(&self) -> serde_json::Value {
         let s = self.lock();
         serde_json::json!({
+            "level": self.level_gauge.get(),
+            "own_level": self.own_level(),
             "limit": self.limit_of(&s),
             "adaptive": s.adaptive.is_some(),
             "baseline_ms": s.adaptive.as_ref().and_then(Adaptive::baseline).map(|b| b.as_secs_f64() * 1000.0),

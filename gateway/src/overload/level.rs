@@ -4,6 +4,13 @@
 //! hysteresis: up at once, down one step only after the target stayed
 //! below the level for `cool_down`.
 //!
+//! There is one level per cluster ([`Tracker`], from what its gate saw:
+//! utilization, queueing, latency, errors) and one for the process itself
+//! ([`process_target`], from what every cluster shares: client
+//! connections and temp-file space). A request sees the higher of its
+//! cluster's and the process's, so one drowning origin sheds its own
+//! routes, not the others'.
+//!
 //! The utilization signal counts every request that wanted a cluster,
 //! including those the level itself shed: shedding does not make the
 //! demand go away, so under steady overload the level stays where it is
@@ -18,12 +25,16 @@ use crate::config::OverloadConfig;
 /// of failures is an origin problem for outlier detection, not overload.
 const MIN_CALLS_PER_SECOND: f64 = 20.0;
 
+/// The level `value` reaches against thresholds `t`.
+fn reached(value: f64, t: [f64; 3]) -> u8 {
+    t.iter().take_while(|&&x| value >= x).count() as u8
+}
+
 /// The highest level each signal reaches this tick.
 pub fn target(cfg: &OverloadConfig, gates: &[Signals], errors: f64) -> u8 {
     let mut level = 0;
     let mut at = |value: f64, t: [f64; 3]| {
-        let l = t.iter().take_while(|&&x| value >= x).count() as u8;
-        level = level.max(l);
+        level = level.max(reached(value, t));
     };
     for s in gates {
         at(s.utilization, cfg.utilization);
@@ -35,6 +46,38 @@ pub fn target(cfg: &OverloadConfig, gates: &[Signals], errors: f64) -> u8 {
     }
     at(errors, cfg.error_ratio);
     level
+}
+
+/// What the process as a whole is short of, each as a share of its cap.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessSignals {
+    /// Open client connections over `max_connections`, the fullest
+    /// listener.
+    pub connections: f64,
+    /// Temp-file bytes of spooled bodies over `buffering.temp_max`.
+    pub temp_space: f64,
+}
+
+/// The process's own target level: what no cluster's shedding would
+/// relieve alone.
+pub fn process_target(cfg: &OverloadConfig, s: &ProcessSignals) -> u8 {
+    reached(s.connections, cfg.connections).max(reached(s.temp_space, cfg.temp_space))
+}
+
+/// One cluster's level as it moves: its hysteresis and its error ratio.
+#[derive(Default)]
+pub struct Tracker {
+    hysteresis: Hysteresis,
+    errors: ErrorRatio,
+}
+
+impl Tracker {
+    /// Reads one tick's signals; returns the level after it.
+    pub fn step(&mut self, cfg: &OverloadConfig, s: Signals, tick: Duration, now: Instant) -> u8 {
+        let errors = self.errors.update(&[s], tick);
+        self.hysteresis
+            .step(target(cfg, &[s], errors), cfg.cool_down.0, now)
+    }
 }
 
 /// The error ratio, smoothed over about a second of calls.
@@ -142,6 +185,39 @@ mod tests {
             ..calm
         };
         assert_eq!(target(&cfg, &[busy], 0.0), 1);
+    }
+
+    #[test]
+    fn the_process_level_reads_its_own_caps() {
+        let cfg = OverloadConfig::default();
+        let s = |connections, temp_space| ProcessSignals {
+            connections,
+            temp_space,
+        };
+        assert_eq!(process_target(&cfg, &s(0.1, 0.0)), 0);
+        assert_eq!(process_target(&cfg, &s(0.85, 0.0)), 1);
+        assert_eq!(process_target(&cfg, &s(0.85, 0.95)), 2);
+        assert_eq!(process_target(&cfg, &s(1.0, 0.0)), 3);
+    }
+
+    #[test]
+    fn a_tracker_follows_its_own_cluster_only() {
+        let cfg = OverloadConfig::default();
+        let (mut a, mut b) = (Tracker::default(), Tracker::default());
+        let tick = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let queued = Signals {
+            queue_delay: Duration::from_millis(600),
+            ..Signals::default()
+        };
+        assert_eq!(a.step(&cfg, queued, tick, t0), 3);
+        assert_eq!(b.step(&cfg, Signals::default(), tick, t0), 0);
+        // Down one step per cool_down once the queue is gone.
+        assert_eq!(a.step(&cfg, Signals::default(), tick, t0 + tick), 3);
+        assert_eq!(
+            a.step(&cfg, Signals::default(), tick, t0 + cfg.cool_down.0 + tick),
+            2
+        );
     }
 
     #[test]

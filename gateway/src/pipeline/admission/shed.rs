@@ -17,15 +17,16 @@ use crate::overload::gate::{Permit, Refused};
 use crate::overload::shed::{decide, Action};
 use crate::respond::{self, Refusal, DEGRADED};
 
-/// Reads the level for this request and sheds or degrades it when the
-/// level says so: a cached copy first, then the route's fallback, then
-/// (shed only) 503 with `retry-after`.
+/// Reads the level for this request (its cluster's or the process's, the
+/// higher: [`crate::overload::Overload::level_for`]) and sheds or
+/// degrades it when the level says so: a cached copy first, then the
+/// route's fallback, then (shed only) 503 with `retry-after`.
 pub fn check(ctx: &mut RequestCtx<'_>, route: &Route, head: &Parts) -> ControlFlow<Stop> {
     let cfg = &ctx.runtime.config.overload;
     if !cfg.enabled {
         return Continue(());
     }
-    ctx.load_level = ctx.shared.overload.level();
+    ctx.load_level = ctx.shared.overload.level_for(route.gate.as_deref());
     if let Some(h) = &cfg.debug_header {
         ctx.debug_level = head.headers.contains_key(h.as_str());
     }
