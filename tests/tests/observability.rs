@@ -336,14 +336,14 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
              filters = [\"trap\"]\n\
              [[routes]]\nname = \"room\"\npath_prefix = \"/room\"\nupstream = \"origin\"\n\
              waiting_room = \"drop\"\n\
-             [[waiting_rooms]]\nname = \"drop\"\nnew_users = \"5/s\"\nactive_users = 5\nkey_file = \"{}\"\n\
+             [[waiting_rooms]]\nname = \"drop\"\nnew_users = \"5/s\"\nactive_users = 5\nkey_file = \"{room_key}\"\n\
              [[filters]]\nname = \"trap\"\nwasm = \"{}\"\nconfig = \"panic\"\n\
              [jwt]\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n\
              [overload]\nallow_forced_level = true\n\
              [redis]\nurl = \"redis://{redis_nowhere}/\"\ntimeout = \"200ms\"\n",
             core.addr,
             trap.display(),
-            room_key.display()
+            room_key = room_key.display()
         ))
         .build();
     let gw = gateway(&text).await;
