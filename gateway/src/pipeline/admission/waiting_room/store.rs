@@ -145,17 +145,25 @@ pub struct LocalStore {
     state: Mutex<Line>,
 }
 
-/// One room's state: the same pieces the script keeps in Redis.
+/// One room's state: the same pieces the script keeps in Redis. A
+/// waiting visitor's position is counted by walking the line ahead of
+/// them (`BTreeSet::range`): O(position) per poll, where Redis's
+/// `ZCOUNT` is O(log n); a newcomer's in FIFO is the line's length.
 #[derive(Default)]
 struct Line {
     /// (score, number): the line in order.
     order: BTreeSet<(Score, u64)>,
     /// number -> (score, poll deadline ms, network).
     waiting: HashMap<u64, (Score, u64, String)>,
+    /// (poll deadline, number): the waiting by deadline, so a decision
+    /// reaps only the expired (as the script's `beats` ZSET).
+    beats: BTreeSet<(u64, u64)>,
     /// Tickets waiting per network.
     per_prefix: HashMap<String, u64>,
     /// number -> (expiry ms, claimed): reserved slots and sessions.
     active: HashMap<u64, (u64, bool)>,
+    /// (expiry, number) of `active`.
+    expiries: BTreeSet<(u64, u64)>,
     issued: u64,
     serving: u64,
     admitted: u64,
@@ -187,8 +195,9 @@ impl Ord for Score {
 
 impl Line {
     fn leave(&mut self, number: u64) {
-        if let Some((score, _, prefix)) = self.waiting.remove(&number) {
+        if let Some((score, deadline, prefix)) = self.waiting.remove(&number) {
             self.order.remove(&(score, number));
+            self.beats.remove(&(deadline, number));
             if let Some(c) = self.per_prefix.get_mut(&prefix) {
                 *c = c.saturating_sub(1);
                 if *c == 0 {
@@ -198,19 +207,44 @@ impl Line {
         }
     }
 
+    /// Sets (or adds) an active slot's expiry and whether it is claimed.
+    fn set_active(&mut self, number: u64, expiry: u64, claimed: bool) {
+        if let Some((old, _)) = self.active.insert(number, (expiry, claimed)) {
+            self.expiries.remove(&(old, number));
+        }
+        self.expiries.insert((expiry, number));
+    }
+
+    fn remove_active(&mut self, number: u64) {
+        if let Some((old, _)) = self.active.remove(&number) {
+            self.expiries.remove(&(old, number));
+        }
+    }
+
+    /// A waiting visitor polled: their deadline moves on.
+    fn beat(&mut self, number: u64, deadline: u64) {
+        if let Some(w) = self.waiting.get_mut(&number) {
+            self.beats.remove(&(w.1, number));
+            w.1 = deadline;
+            self.beats.insert((deadline, number));
+        }
+    }
+
     fn decide(&mut self, p: &Params, ask: Ask, prefix: &str) -> Outcome {
         let now = p.now_ms;
         // 1. Reap.
-        let gone: Vec<u64> = self
-            .waiting
-            .iter()
-            .filter(|(_, (_, deadline, _))| *deadline < now)
-            .map(|(n, _)| *n)
-            .collect();
-        for n in gone {
+        while let Some(&(deadline, n)) = self.beats.first() {
+            if deadline >= now {
+                break;
+            }
             self.leave(n);
         }
-        self.active.retain(|_, (expiry, _)| *expiry >= now);
+        while let Some(&(expiry, n)) = self.expiries.first() {
+            if expiry >= now {
+                break;
+            }
+            self.remove_active(n);
+        }
         // 2. Shuffle once.
         if p.shuffle_at_ms > 0 && now >= p.shuffle_at_ms && !self.shuffled {
             self.shuffled = true;
@@ -241,7 +275,7 @@ impl Line {
                 };
                 self.order.remove(&(s, n));
                 self.leave(n);
-                self.active.insert(n, (now + p.grace_ms, false));
+                self.set_active(n, now + p.grace_ms, false);
                 self.tokens -= 1.0;
                 self.admitted += 1;
                 self.serving = self.serving.max(n);
@@ -251,29 +285,30 @@ impl Line {
         let verdict = match ask {
             Ask::Status => Verdict::Done,
             Ask::Release(n) => {
-                self.active.remove(&n);
+                self.remove_active(n);
                 Verdict::Done
             }
-            Ask::Session(n) => match self.active.get_mut(&n) {
-                Some(slot) if slot.1 => {
-                    slot.0 = now + p.session_ms;
+            Ask::Session(n) => match self.active.get(&n) {
+                Some(&(_, true)) => {
+                    self.set_active(n, now + p.session_ms, true);
                     Verdict::Renewed
                 }
                 _ => self.join(p, hold, prefix),
             },
             Ask::Poll(n) => {
-                if let Some(w) = self.waiting.get_mut(&n) {
-                    w.1 = now + p.grace_ms;
-                    let score = w.0;
+                if let Some(&(score, _, _)) = self.waiting.get(&n) {
+                    self.beat(n, now + p.grace_ms);
                     Verdict::Waiting {
                         number: n,
                         position: self.order.range(..(score, n)).count() as u64 + 1,
                         rejoined: false,
                     }
-                } else if let Some(slot) = self.active.get_mut(&n) {
-                    let fresh = !slot.1;
-                    *slot = (now + p.session_ms, true);
-                    Verdict::Admitted { number: n, fresh }
+                } else if let Some(&(_, claimed)) = self.active.get(&n) {
+                    self.set_active(n, now + p.session_ms, true);
+                    Verdict::Admitted {
+                        number: n,
+                        fresh: !claimed,
+                    }
                 } else {
                     self.join(p, hold, prefix)
                 }
@@ -301,7 +336,7 @@ impl Line {
             self.tokens -= 1.0;
             self.issued += 1;
             let n = self.issued;
-            self.active.insert(n, (now + p.session_ms, true));
+            self.set_active(n, now + p.session_ms, true);
             self.admitted += 1;
             self.serving = self.serving.max(n);
             return Verdict::Admitted {
@@ -321,10 +356,17 @@ impl Line {
         self.order.insert((score, n));
         self.waiting
             .insert(n, (score, now + p.grace_ms, prefix.to_string()));
+        self.beats.insert((now + p.grace_ms, n));
         *self.per_prefix.entry(prefix.to_string()).or_default() += 1;
+        // In FIFO the newcomer is last (counting would walk the line).
+        let position = if p.random {
+            self.order.range(..(score, n)).count() as u64 + 1
+        } else {
+            self.order.len() as u64
+        };
         Verdict::Waiting {
             number: n,
-            position: self.order.range(..(score, n)).count() as u64 + 1,
+            position,
             rejoined: true,
         }
     }

@@ -218,7 +218,10 @@ mod tests {
     fn keys(lines: &str) -> Keys {
         let dir = std::env::temp_dir().join(format!("wr-keys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join(format!("k{}", lines.len()));
+        // One file per call: the tests run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let f = dir.join(format!("k{n}"));
         std::fs::write(&f, lines).unwrap();
         Keys::load(Some(&f), "waiting_rooms[0]").unwrap()
     }
