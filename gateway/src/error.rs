@@ -83,6 +83,12 @@ pub enum ProxyError {
     ChallengeRequired,
     #[error("the challenge answer is wrong, expired or for another client")]
     ChallengeFailed,
+    #[error(
+        "the waiting room is full and does not queue (queueing = \"reject\"); try again later"
+    )]
+    WaitingRoomFull,
+    #[error("too many waiting-room tickets are waiting from this network")]
+    WaitingRoomPrefixCap,
 }
 
 impl ProxyError {
@@ -101,9 +107,10 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::SoldOut => StatusCode::CONFLICT,
-            ProxyError::ClientShare | ProxyError::RateLimited | ProxyError::BotTarpit => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ProxyError::ClientShare
+            | ProxyError::RateLimited
+            | ProxyError::BotTarpit
+            | ProxyError::WaitingRoomPrefixCap => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BotBlocked
             | ProxyError::ChallengeRequired
             | ProxyError::ChallengeFailed => StatusCode::FORBIDDEN,
@@ -114,7 +121,8 @@ impl ProxyError {
             | ProxyError::QueueTimeout
             | ProxyError::QueueFull
             | ProxyError::BreakerOpen
-            | ProxyError::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::RateLimitUnavailable
+            | ProxyError::WaitingRoomFull => StatusCode::SERVICE_UNAVAILABLE,
             // As Envoy answers a response past a buffering filter's limit.
             ProxyError::ResponseTooLarge | ProxyError::SpoolFailed => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -165,6 +173,8 @@ impl ProxyError {
             ProxyError::BotTarpit => "bot_tarpit",
             ProxyError::ChallengeRequired => "challenge_required",
             ProxyError::ChallengeFailed => "challenge_failed",
+            ProxyError::WaitingRoomFull => "waiting_room_full",
+            ProxyError::WaitingRoomPrefixCap => "waiting_room_prefix_cap",
         }
     }
 

@@ -253,6 +253,22 @@ pub fn empty(status: StatusCode, headers: HeaderMap) -> Response<ProxyBody> {
     resp
 }
 
+/// An answer with a body that is not a refusal (the waiting room's page
+/// or its JSON): `status`, `headers`, the body's `content-type`, and
+/// `cache-control: no-store` (it is about one visitor).
+pub fn content(
+    status: StatusCode,
+    headers: HeaderMap,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<ProxyBody> {
+    let mut resp = empty(status, headers);
+    *resp.body_mut() = ProxyBody::full(body.into());
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
 /// The answer for a bare cause (no extra headers).
 pub fn error(error: ProxyError, request_id: &HeaderValue) -> Response<ProxyBody> {
     refusal(Refusal::new(error), request_id)

@@ -45,7 +45,8 @@ fn check_accepts_every_shipped_config() {
         .unwrap_or_else(|| panic!("{stdout}"));
     for part in [
         "1 listener (public 127.0.0.1:8080)",
-        "5 routes (recommendations, catalog, product-pages, storefront, checkout)",
+        "6 routes (recommendations, catalog, product-pages, storefront, drop, checkout)",
+        "1 waiting room (drop)",
         "1 filter (security-headers native headers)",
         "2 upstreams with 2 endpoints",
         "2 cached routes",

@@ -250,6 +250,23 @@ fn compare(page: &BTreeMap<String, String>, status: &Value) {
             )
         })
         .collect();
+    // The demo's waiting room (no traffic reaches it here: its numbers
+    // hold still between the page's poll and this status).
+    for r in status["waiting_rooms"].as_array().unwrap() {
+        let k = format!("room:{}:", r["name"].as_str().unwrap());
+        for f in [
+            "queue_length",
+            "active_users",
+            "active_users_cap",
+            "admitted_total",
+        ] {
+            close(
+                g(&format!("{k}{f}")),
+                r[f].as_f64().unwrap(),
+                &format!("{k}{f}"),
+            );
+        }
+    }
     for c in status["clusters"].as_array().unwrap() {
         let cluster = c["name"].as_str().unwrap();
         for e in c["endpoints"].as_array().unwrap() {

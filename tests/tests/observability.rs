@@ -322,6 +322,9 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
     let trap = wasm_plugin("test_trap");
     let certs = tls::temp_dir("observability");
     let cert = tls::write_cert(&certs, "site", &["views.test"]);
+    let room_key =
+        std::env::temp_dir().join(format!("flashgate-obs-room-{}.key", std::process::id()));
+    std::fs::write(&room_key, "observability-room-key-0123456789abcdef\n").unwrap();
     let text = Cfg::new(&[origin.addr, nowhere])
         .upstream("[upstreams.outlier]\nconsecutive_failures = 1")
         .route("cache = { ttl = \"60s\" }")
@@ -333,12 +336,16 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
              priority = \"sheddable\"\n\
              [[routes]]\nname = \"trap\"\npath_prefix = \"/trap\"\nupstream = \"origin\"\n\
              filters = [\"trap\"]\n\
+             [[routes]]\nname = \"room\"\npath_prefix = \"/room\"\nupstream = \"origin\"\n\
+             waiting_room = \"drop\"\n\
+             [[waiting_rooms]]\nname = \"drop\"\nnew_users = \"5/s\"\nactive_users = 5\nkey_file = \"{room_key}\"\n\
              [[filters]]\nname = \"trap\"\nwasm = \"{}\"\nconfig = \"panic\"\n\
              [jwt]\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n\
              [overload]\nallow_forced_level = true\n\
              [redis]\nurl = \"redis://{redis_nowhere}/\"\ntimeout = \"200ms\"\n",
             core.addr,
-            trap.display()
+            trap.display(),
+            room_key = room_key.display()
         ))
         .section(
             "[[routes]]\nname = \"limited\"\npath_prefix = \"/limited\"\nupstream = \"origin\"\n\
@@ -368,6 +375,19 @@ async fn exercised_gateway() -> (Gateway, Vec<Upstream>) {
             .unwrap(),
     )
     .await;
+    // A forged waiting-room ticket (refused by reason; Redis is down, so
+    // the room holds).
+    let room = send(
+        Request::get(format!("{base}/room"))
+            .header(
+                "cookie",
+                "flashgate_wr_drop=v1.1.0.9999999999.abcdefabcdef.00",
+            )
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(room.status, 200, "{}", room.text());
     // A checkout the core answers 503 unavailable until the retries end.
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

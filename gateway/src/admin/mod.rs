@@ -24,6 +24,7 @@ use crate::Shared;
 mod load_level;
 pub mod traffic;
 mod ui;
+mod waiting_rooms;
 
 use traffic::Traffic;
 
@@ -174,13 +175,19 @@ async fn handle(
             text.extend_from_slice(crate::observe::metrics::render_wasm(&runtime.wasm).as_bytes());
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
-        (&Method::GET, "/admin/status") => json_reply(StatusCode::OK, status(&shared, &traffic)),
+        (&Method::GET, "/admin/status") => {
+            waiting_rooms::refresh(&shared).await;
+            json_reply(StatusCode::OK, status(&shared, &traffic))
+        }
         // The page holds no data (it is the same for everyone); the data
         // it polls is the status above.
         (&Method::GET, "/admin/ui") => ui::page(),
         (&Method::GET, "/admin/ui/data") => match view_refusal(&shared, peer, &req) {
             Some(resp) => resp,
-            None => json_reply(StatusCode::OK, status(&shared, &traffic)),
+            None => {
+                waiting_rooms::refresh(&shared).await;
+                json_reply(StatusCode::OK, status(&shared, &traffic))
+            }
         },
         (&Method::POST, "/admin/reload") => match refusal(&shared, &req) {
             Some(resp) => resp,
@@ -203,6 +210,15 @@ async fn handle(
             Some(resp) => resp,
             None => load_level::force(&shared, req).await,
         },
+        (&Method::POST, p) if p.starts_with(waiting_rooms::PREFIX) => {
+            match refusal(&shared, &req) {
+                Some(resp) => resp,
+                None => {
+                    let name = p[waiting_rooms::PREFIX.len()..].to_string();
+                    waiting_rooms::set(&shared, &name, req).await
+                }
+            }
+        }
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/reload"
@@ -365,6 +381,7 @@ fn status(shared: &Shared, traffic: &Traffic) -> serde_json::Value {
             .iter()
             .map(|b| json!({"name": b.name, "action": b.action.as_str()}))
             .collect::<Vec<_>>(),
+        "waiting_rooms": runtime.rooms.iter().map(|r| r.status()).collect::<Vec<_>>(),
         "traffic": traffic.snapshot(),
     })
 }

@@ -36,6 +36,7 @@ pub mod route;
 mod summary;
 pub mod units;
 pub mod upstream;
+pub mod waiting_room;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -58,6 +59,7 @@ pub use rate_limit::{
 pub use route::{CheckoutRouteConfig, EscapedSlashes, RouteConfig};
 pub use units::{Dur, Rate, Size};
 pub use upstream::{HealthConfig, LbPolicy, OutlierConfig, UpstreamConfig};
+pub use waiting_room::{EventConfig, Queueing, RoomRedisDown, UtcTime, WaitingRoomConfig};
 
 /// A config error: where (key path) and what.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +124,9 @@ pub struct Config {
     /// The proof-of-work challenge of `action = "challenge"` rules.
     #[serde(default)]
     pub challenge: ChallengeConfig,
+    /// Virtual waiting rooms that routes name (see `docs/waiting-room.md`).
+    #[serde(default)]
+    pub waiting_rooms: Vec<WaitingRoomConfig>,
 }
 
 impl Config {
@@ -222,6 +227,31 @@ impl Config {
             }
         }
 
+        let mut room_names = HashSet::new();
+        for (i, w) in self.waiting_rooms.iter().enumerate() {
+            let p = format!("waiting_rooms[{i}]");
+            w.validate(&p)?;
+            if !room_names.insert(w.name.as_str()) {
+                return Err(ConfigError::at(
+                    format!("{p}.name"),
+                    format!("duplicate waiting room name {:?}", w.name),
+                ));
+            }
+            // Every gateway of the fleet must verify the others' tickets.
+            if self.redis.is_some() && w.key_file.is_none() {
+                return Err(ConfigError::at(
+                    format!("{p}.key_file"),
+                    "required with [redis]: every gateway must sign tickets with the same key",
+                ));
+            }
+            if w.require_challenge && self.challenge.key_file.is_none() && self.redis.is_some() {
+                return Err(ConfigError::at(
+                    format!("{p}.require_challenge"),
+                    "with [redis], needs challenge.key_file (the fleet's clearance cookies)",
+                ));
+            }
+        }
+
         let mut route_names = HashSet::new();
         let mut matches = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -248,6 +278,14 @@ impl Config {
                     format!("{p}.upstream"),
                     format!("unknown upstream {:?}", r.upstream),
                 ));
+            }
+            if let Some(room) = &r.waiting_room {
+                if !room_names.contains(room.as_str()) {
+                    return Err(ConfigError::at(
+                        format!("{p}.waiting_room"),
+                        format!("unknown waiting room {room:?}"),
+                    ));
+                }
             }
             for (j, f) in r.filters.iter().enumerate() {
                 if !filter_names.contains(f.as_str()) {
@@ -611,6 +649,64 @@ mod tests {
             .unwrap_err();
             assert_eq!(e.path, format!("listeners[0].{key}"));
         }
+    }
+
+    #[test]
+    fn waiting_rooms_are_checked_at_their_keys() {
+        let room = "[[waiting_rooms]]\nname = \"drop\"\nnew_users = \"50/s\"\nactive_users = 100\n";
+        let c = Config::parse(&format!("{BASE}{room}")).unwrap();
+        let w = &c.waiting_rooms[0];
+        assert_eq!(w.queueing, Queueing::Fifo);
+        assert_eq!(w.status, 200);
+        assert_eq!(w.session, Dur(std::time::Duration::from_secs(300)));
+        let e = Config::parse(&BASE.replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nwaiting_room = \"dorp\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].waiting_room");
+        assert!(e.message.contains("dorp"), "{e}");
+        let ok = Config::parse(&format!("{BASE}{room}").replace(
+            "upstream = \"catalog\"",
+            "upstream = \"catalog\"\nwaiting_room = \"drop\"",
+        ))
+        .unwrap();
+        assert_eq!(ok.routes[0].waiting_room.as_deref(), Some("drop"));
+        for (extra, path) in [
+            ("active_users = 0", "waiting_rooms[0].active_users"),
+            ("queueing = \"lifo\"", "waiting_rooms[0].queueing"),
+            ("status = 302", "waiting_rooms[0].status"),
+            ("grace = \"5s\"", "waiting_rooms[0].grace"),
+            ("refresh = \"0s\"", "waiting_rooms[0].refresh"),
+            ("session = \"2d\"", "waiting_rooms[0].session"),
+            (
+                "tickets_per_prefix = 0",
+                "waiting_rooms[0].tickets_per_prefix",
+            ),
+            ("colour = 1", "waiting_rooms[0].colour"),
+            (
+                "event = { prequeue = \"2026-12-04T09:00:00Z\", start = \"2026-12-04T08:00:00Z\" }",
+                "waiting_rooms[0].event.start",
+            ),
+            (
+                "event = { prequeue = \"yesterday\", start = \"2026-12-04T08:00:00Z\" }",
+                "waiting_rooms[0].event.prequeue",
+            ),
+        ] {
+            let text = if extra.starts_with("active_users") {
+                format!("{}{extra}\n", room.replace("active_users = 100\n", ""))
+            } else {
+                format!("{room}{extra}\n")
+            };
+            assert_eq!(err(&text).path, path, "{extra}");
+        }
+        let e = err("[[waiting_rooms]]\nname = \"a b\"\nnew_users = \"5/s\"\nactive_users = 1\n");
+        assert_eq!(e.path, "waiting_rooms[0].name");
+        assert_eq!(err(&format!("{room}{room}")).path, "waiting_rooms[1].name");
+        let e = err(&format!(
+            "{room}[redis]\nurl = \"redis://127.0.0.1:6379\"\n"
+        ));
+        assert_eq!(e.path, "waiting_rooms[0].key_file");
     }
 
     #[test]

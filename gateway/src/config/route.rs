@@ -69,6 +69,10 @@ pub struct RouteConfig {
     /// refused. Checkout routes always require one.
     #[serde(default)]
     pub identity: Identity,
+    /// The `[[waiting_rooms]]` entry (by name) visitors of this route
+    /// wait in (see `docs/waiting-room.md`).
+    #[serde(default)]
+    pub waiting_room: Option<String>,
 }
 
 /// `routes[].identity`.

@@ -109,6 +109,14 @@ impl Config {
         if let Some(j) = &self.jwt {
             rest.push(format!("JWT {}", j.algorithm));
         }
+        if !self.waiting_rooms.is_empty() {
+            let names: Vec<&str> = self.waiting_rooms.iter().map(|w| w.name.as_str()).collect();
+            rest.push(format!(
+                "{} ({})",
+                plural(self.waiting_rooms.len(), "waiting room", "waiting rooms"),
+                names.join(", ")
+            ));
+        }
         rest.push(if self.overload.enabled {
             "overload protection on".into()
         } else {
@@ -138,7 +146,7 @@ mod tests {
         let c = crate::config::Config::parse(include_str!("../../../config/demo.toml")).unwrap();
         let s = c.summary();
         assert!(!s.contains('\n'), "{s}");
-        assert!(s.starts_with("1 listener (public 127.0.0.1:8080); 5 routes (recommendations, catalog, product-pages, storefront, checkout); 1 filter (security-headers native headers); 2 upstreams with 2 endpoints"), "{s}");
+        assert!(s.starts_with("1 listener (public 127.0.0.1:8080); 6 routes (recommendations, catalog, product-pages, storefront, drop, checkout); 1 filter (security-headers native headers); 2 upstreams with 2 endpoints"), "{s}");
         for part in [
             "2 cached routes",
             "1 checkout route",

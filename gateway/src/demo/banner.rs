@@ -101,6 +101,14 @@ pub fn capabilities(a: &Addrs) -> Vec<Capability> {
             "id=\"buy\"",
         ),
         cap(
+            "waiting room on the drop: 5 visitors/s, 5 in at once for 20 s; cookie-less requests are new visitors, so the 7th waits (JSON here; a browser opened now gets the page and walks in by itself)",
+            format!(
+                "for i in $(seq 1 6); do curl -s -o /dev/null http://{p}/drop/demo-sneaker; done; \
+                 curl -s -H 'accept: application/json' http://{p}/drop/demo-sneaker"
+            ),
+            "\"in_queue\":true",
+        ),
+        cap(
             "checkout through the gateway (JWT checked at the edge; in-process order core, NOT durable)",
             checkout::buy_command(p),
             "201 Created",

@@ -94,6 +94,21 @@ pub struct Metrics {
     pub bot_decisions: IntCounterVec,
     /// Proof-of-work challenges by event (`issued`, `passed`, `failed`).
     pub challenges: IntCounterVec,
+    /// Waiting rooms: visitors waiting in line, by room (as the store
+    /// said at its last decision on this gateway; fleet-wide with Redis).
+    pub waiting_room_queue: IntGaugeVec,
+    /// Admitted sessions and reserved slots, by room.
+    pub waiting_room_active: IntGaugeVec,
+    /// Visitors let in by this gateway, by room (`rate()` is admitted/s).
+    pub waiting_room_admitted: IntCounterVec,
+    /// Time in line of the visitors let in, by room.
+    pub waiting_room_wait: HistogramVec,
+    /// New tickets given out, by room.
+    pub waiting_room_tickets: IntCounterVec,
+    /// Tickets and sessions refused, by room and reason.
+    pub waiting_room_refused: IntCounterVec,
+    /// 1 while the room reaches Redis, 0 while it follows `redis_down`.
+    pub waiting_room_redis_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -301,6 +316,50 @@ impl Metrics {
                 "challenges_total",
                 "Proof-of-work challenges, by event (issued, passed: exchanged for a clearance cookie, failed: a wrong or stale answer).",
                 &["event"],
+            ),
+            waiting_room_queue: gauge(
+                "waiting_room_queue_length",
+                "Visitors waiting in line, by room (fleet-wide with [redis], as of this gateway's last decision).",
+                &["room"],
+            ),
+            waiting_room_active: gauge(
+                "waiting_room_active_users",
+                "Admitted sessions and reserved slots, by room (capped by active_users).",
+                &["room"],
+            ),
+            waiting_room_admitted: counter(
+                "waiting_room_admitted_total",
+                "Visitors let in (a session started) by this gateway, by room.",
+                &["room"],
+            ),
+            waiting_room_wait: {
+                let opts = HistogramOpts::new(
+                    "waiting_room_wait_seconds",
+                    "Time in line of the visitors let in, from their ticket to their session, by room.",
+                )
+                .buckets(vec![
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
+                    3600.0,
+                ]);
+                reg(
+                    &registry,
+                    HistogramVec::new(opts, &["room"]).expect("valid metric"),
+                )
+            },
+            waiting_room_tickets: counter(
+                "waiting_room_tickets_issued_total",
+                "New places in line given out by this gateway, by room.",
+                &["room"],
+            ),
+            waiting_room_refused: counter(
+                "waiting_room_tickets_refused_total",
+                "Tickets and sessions refused, by room and reason (bad_signature, moved, expired, malformed, prefix_cap, full, challenge).",
+                &["room", "reason"],
+            ),
+            waiting_room_redis_up: gauge(
+                "waiting_room_redis_up",
+                "1 while the room reaches Redis, 0 while it follows its redis_down.",
+                &["room"],
             ),
             registry,
         }

@@ -121,6 +121,9 @@ pub struct RequestCtx<'a> {
     /// `rate_limit.headers = "always"` (boxed: rarely set, and the
     /// request's state stays small).
     pub rate_limit_fields: Option<Box<admission::limits::Allowed>>,
+    /// Set when a waiting room let the request in: its session, for the
+    /// cookie and the origin's release on the answer.
+    pub waiting_room: Option<admission::waiting_room::Admitted>,
 }
 
 impl<'a> RequestCtx<'a> {
@@ -157,6 +160,7 @@ impl<'a> RequestCtx<'a> {
             bot_score: admission::bots::HUMAN,
             ja4: None,
             rate_limit_fields: None,
+            waiting_room: None,
         }
     }
 }
@@ -194,7 +198,7 @@ pub async fn handle(
         // time and no upstream slot.
         let body = phase!(admission::admit(ctx, route, head, body).await);
         // Filters may rewrite the head, answer locally, pause or reset.
-        let resp = match phase!(filters::on_request(ctx, route, head, body).await) {
+        let mut resp = match phase!(filters::on_request(ctx, route, head, body).await) {
             filters::Next::Answered(resp) => resp,
             // Upgrades get a connection of their own and are never cached.
             filters::Next::Upstream(_) if route.websocket && upgrade::is_upgrade(head) => {
@@ -207,7 +211,7 @@ pub async fn handle(
                 None => forward::send(ctx, route, head, body).await,
             },
         };
-        admission::learn(ctx, route, &resp);
+        admission::learn(ctx, route, &mut resp);
         // The response filters see every answer that passed the request
         // filters.
         let resp = phase!(filters::on_response(ctx, resp).await);

@@ -76,11 +76,12 @@ impl Bots {
         for (i, r) in config.bot_rules.iter().enumerate() {
             rules.push(Rule::build(r, &format!("bot_rules[{i}]"), watch)?);
         }
-        let challenger = rules
-            .iter()
-            .any(|r| r.action == BotAction::Challenge)
-            .then(|| Challenger::new(&config.challenge))
-            .transpose()?;
+        // A waiting room that requires the challenge uses the same
+        // challenger (and its answer exchange, below).
+        let challenger = (rules.iter().any(|r| r.action == BotAction::Challenge)
+            || config.waiting_rooms.iter().any(|w| w.require_challenge))
+        .then(|| Challenger::new(&config.challenge))
+        .transpose()?;
         let shapes = rules.iter().any(|r| r.shape.is_some());
         Ok(Bots {
             rules,
@@ -91,6 +92,11 @@ impl Bots {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The proof-of-work challenger, when a rule or a waiting room uses it.
+    pub fn challenger(&self) -> Option<&Challenger> {
+        self.challenger.as_ref()
     }
 }
 
@@ -200,7 +206,7 @@ static SEC_CH_UA: HeaderName = HeaderName::from_static("sec-ch-ua");
 /// Runs the bot rules for a request (see the module docs).
 pub async fn check(ctx: &mut RequestCtx<'_>, route: &Route, head: &Parts) -> ControlFlow<Stop> {
     let bots = &ctx.runtime.bots;
-    if bots.is_empty() {
+    if bots.is_empty() && bots.challenger.is_none() {
         return Continue(());
     }
     let now = SystemTime::now();
@@ -352,7 +358,7 @@ fn exchange(ctx: &RequestCtx<'_>, c: &Challenger, head: &Parts, now: SystemTime)
 }
 
 /// `x-forwarded-proto: https` from a trusted proxy (TLS ended there).
-fn forwarded_https(ctx: &RequestCtx<'_>, headers: &HeaderMap) -> bool {
+pub(crate) fn forwarded_https(ctx: &RequestCtx<'_>, headers: &HeaderMap) -> bool {
     crate::pipeline::identity::client_ip::is_trusted(
         ctx.conn.peer.ip(),
         &ctx.listener.trusted_proxies,

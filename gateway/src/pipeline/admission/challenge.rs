@@ -64,7 +64,17 @@ impl Challenger {
     pub fn new(c: &ChallengeConfig) -> Result<Challenger, ConfigError> {
         let secret = match &c.key_file {
             Some(path) => read_key(path)?,
-            None => process_key().to_vec(),
+            None => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "[challenge] key_file is not set: this process signs challenges and clearance \
+                         cookies with a key of its own, so other gateways will not accept them and a \
+                         restart invalidates them; set key_file to the same file on every gateway"
+                    )
+                });
+                process_key().to_vec()
+            }
         };
         Ok(Challenger {
             key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
@@ -209,6 +219,18 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// The client's network (`203.0.113.0/24`, `2001:db8:1:2::/64`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A short tag of the whole binding (network and user agent), for a
+    /// signed value that says whose it was in clear.
+    pub fn tag(&self) -> String {
+        let text = format!("{}|{}", self.prefix, self.agent);
+        hex(&digest::digest(&digest::SHA256, text.as_bytes()).as_ref()[..6])
+    }
+
     pub fn of(ip: IpAddr, headers: &HeaderMap) -> Binding {
         let prefix = match ip {
             IpAddr::V4(v4) => {
@@ -233,7 +255,7 @@ impl Binding {
 }
 
 /// Whether the client takes an HTML page (a browser's `accept`).
-fn wants_html(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_html(headers: &HeaderMap) -> bool {
     headers
         .get_all(ACCEPT)
         .iter()
@@ -241,7 +263,7 @@ fn wants_html(headers: &HeaderMap) -> bool {
 }
 
 /// The value of cookie `name` in the request's `cookie` fields.
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -271,11 +293,11 @@ pub fn leading_zero_bits(hash: &[u8]) -> u32 {
     bits
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for &b in bytes {
@@ -285,7 +307,7 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -314,9 +336,10 @@ fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(bytes)
 }
 
-/// This process's own key when `[challenge] key_file` is not set: made
-/// once, so reloads keep the cookies it signed.
-fn process_key() -> &'static [u8; 32] {
+/// This process's own key when a `key_file` is not set (`[challenge]`,
+/// a waiting room): made once, so reloads keep the cookies it signed.
+/// Whoever uses it says so in the log.
+pub(crate) fn process_key() -> &'static [u8; 32] {
     static KEY: OnceLock<[u8; 32]> = OnceLock::new();
     KEY.get_or_init(|| {
         let mut key = [0u8; 32];
@@ -327,11 +350,6 @@ fn process_key() -> &'static [u8; 32] {
             let seed = format!("{:?}{:p}", SystemTime::now(), &key);
             key.copy_from_slice(digest::digest(&digest::SHA256, seed.as_bytes()).as_ref());
         }
-        tracing::warn!(
-            "[challenge] key_file is not set: this process signs challenges and clearance \
-             cookies with a key of its own, so other gateways will not accept them and a \
-             restart invalidates them; set key_file to the same file on every gateway"
-        );
         key
     })
 }

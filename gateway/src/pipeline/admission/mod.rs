@@ -11,13 +11,17 @@
 //! both before shedding: the cheapest and most certain refusals first (a
 //! hot limit on a checkout body field waits for the body; a bot rule's
 //! `deprioritize` sets `RequestCtx::deprioritized`, which shedding reads).
-//! The waiting room takes its place there too.
+//! The waiting room ([`waiting_room`]) comes after the rate limits and
+//! before shedding: a flood of polls is cut by the in-memory limits
+//! before it costs a store round trip, and a waiting visitor's poll,
+//! answered by the gateway, is never shed.
 
 pub mod bots;
 pub mod challenge;
 pub mod checkout;
 pub mod limits;
 pub mod shed;
+pub mod waiting_room;
 
 use std::ops::ControlFlow::{self, Break, Continue};
 
@@ -55,6 +59,10 @@ pub async fn admit(
             Err(refusal) => return Break(Stop::Refuse(refusal)),
         }
     }
+    if let Some(room) = &route.waiting_room {
+        // Boxed: only routes behind a room wait here.
+        Box::pin(waiting_room::check(ctx, room, head)).await?;
+    }
     shed::check(ctx, route, head)?;
     let Some(checkout) = &route.checkout else {
         return Continue(Either::Left(body));
@@ -78,8 +86,13 @@ pub async fn admit(
 }
 
 /// Learns from the upstream's answer to an admitted request: a checkout
-/// answered 409 flags its SKU sold out at the edge, a 201 clears it.
-pub fn learn(ctx: &RequestCtx<'_>, route: &Route, resp: &Response<ProxyBody>) {
+/// answered 409 flags its SKU sold out at the edge, a 201 clears it; a
+/// waiting room's session gets its cookie, or ends on the origin's
+/// `flashgate-waiting-room: release`.
+pub fn learn(ctx: &mut RequestCtx<'_>, route: &Route, resp: &mut Response<ProxyBody>) {
+    if let Some(room) = &route.waiting_room {
+        waiting_room::on_response(ctx, room, resp);
+    }
     if let (Some(c), Some(_)) = (&route.checkout, &ctx.endpoint) {
         c.observe(ctx.sku.as_deref(), resp.status());
     }

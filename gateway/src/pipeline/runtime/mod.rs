@@ -25,6 +25,7 @@ use crate::observe::metrics::Metrics;
 use crate::overload::gate::Gate;
 use crate::pipeline::admission::bots::Bots;
 use crate::pipeline::admission::limits::{Limiter, RouteLimits};
+use crate::pipeline::admission::waiting_room::{self, Room};
 use crate::pipeline::identity::jwt::JwtVerifier;
 use crate::pipeline::route::router::{HostMatch, Router};
 use crate::respond::Fallback;
@@ -57,6 +58,8 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     /// Set on routes with `rate_limit = {...}`.
     pub limits: Option<Arc<RouteLimits>>,
+    /// Set on routes with `waiting_room = "..."`.
+    pub waiting_room: Option<Arc<Room>>,
     pub latency: Histogram,
     /// `flashgate_requests_total{route, status}` handles by status code,
     /// resolved on first use: a request does not hash label values.
@@ -106,6 +109,9 @@ pub struct Runtime {
     pub limiter: Option<Arc<Limiter>>,
     /// `[[bot_rules]]`, built (see `pipeline::admission::bots`).
     pub bots: Bots,
+    /// `[[waiting_rooms]]`, built; their lines carried over by reloads
+    /// that keep `[redis]`.
+    pub rooms: Vec<Arc<Room>>,
 }
 
 /// The parts of a runtime that can fail to build from a valid config.
@@ -129,6 +135,9 @@ impl Fallible {
             .map(|j| JwtVerifier::build(j, watch == filters::Watch::AsConfigured))
             .transpose()?;
         let bots = Bots::build(config, watch == filters::Watch::AsConfigured)?;
+        for (i, w) in config.waiting_rooms.iter().enumerate() {
+            Room::check(w, &format!("waiting_rooms[{i}]"))?;
+        }
         Ok(Fallible { filters, jwt, bots })
     }
 }
@@ -218,6 +227,8 @@ impl Runtime {
         } else {
             None
         };
+        let rooms =
+            waiting_room::build_all(&config, metrics, previous.map_or(&[][..], |p| &p.rooms[..]))?;
         let mut factories: Vec<(String, Arc<dyn FilterFactory>)> = Vec::new();
         let mut wasm = Vec::new();
         for built in filters {
@@ -260,7 +271,15 @@ impl Runtime {
                 }
                 _ => None,
             };
+            let waiting_room = r.waiting_room.as_ref().map(|w| {
+                rooms
+                    .iter()
+                    .find(|room| *room.name == **w)
+                    .expect("validated: route waiting rooms exist")
+                    .clone()
+            });
             routes.push(Route {
+                waiting_room,
                 limits,
                 gate,
                 fallback: r.fallback.as_ref().map(Fallback::new),
@@ -291,6 +310,7 @@ impl Runtime {
         }));
         let spooler = Arc::new(crate::spool::Spooler::new(&config.buffering, metrics));
         Ok(Runtime {
+            rooms,
             limiter,
             spooler,
             bots,
