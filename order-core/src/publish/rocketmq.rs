@@ -105,17 +105,16 @@ impl MqRuntime {
 /// The client calls `execute_local_transaction` on its metadata lane, one
 /// blocking call per open transaction, for as long as the checkout script
 /// takes. The lane's defaults (sized to the core count: 4 running and 16
-/// queued on a 2-core box) made it the tightest bound on durable checkouts:
-/// with `max_in_flight = 32` only 4 scripts ran at once, the other 28
-/// transactions waited there with their half message already on the
-/// broker, and throughput was 4 divided by one script's latency (an fsync
-/// with `appendfsync always`). So the lane runs as many listeners as the
-/// core has transaction slots (the threads only wait on a channel; the
-/// Redis call runs on the service's runtime), up to the client's own ceiling
-/// on blocking threads; and its queue is at least
-/// [`MAX_IN_FLIGHT_CEILING`] deep, because a listener refused there leaves
-/// the transaction unknown (503, settled by the check-back). The core's
-/// own slot gate is the bound meant to apply.
+/// queued on a 2-core box) let only 4 of the 32 open transactions run their
+/// script at once; the others waited there with their half message already
+/// on the broker. So the lane runs as many listeners as the core has
+/// transaction slots (the threads only wait on a channel; the Redis call
+/// runs on the service's runtime), up to the client's own ceiling on
+/// blocking threads, and its queue is at least [`MAX_IN_FLIGHT_CEILING`]
+/// deep, because a listener refused there leaves the transaction unknown
+/// (503, settled by the check-back). The core's own slot gate is the bound
+/// meant to apply. (Measured: no throughput change on a 2-core box, where
+/// CPU is the bound; see docs/checkout.md, "Durable checkout throughput".)
 fn size_listener_lane(config: &mut RuntimeConfig, in_flight: usize) -> Result<(), CoreError> {
     let lane = &mut config.blocking_lane_policies.metadata_io;
     lane.max_queue_depth = lane.max_queue_depth.max(MAX_IN_FLIGHT_CEILING);
