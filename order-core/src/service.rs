@@ -364,6 +364,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_phase_of_a_transaction_is_timed_and_a_sold_out_only_prechecked() {
+        use crate::timing::Phase;
+        let (core, _, sku) = core(1).await;
+        assert!(matches!(
+            core.checkout(req(&sku, "a", "ka")).await.unwrap(),
+            Outcome::Created(_)
+        ));
+        assert_eq!(
+            core.checkout(req(&sku, "b", "kb")).await.unwrap(),
+            Outcome::SoldOut
+        );
+        let t = core.timings().snapshot();
+        let count = |p| t.phase(p).count;
+        assert_eq!(count(Phase::Checkout), 2);
+        assert_eq!(count(Phase::Precheck), 2);
+        for p in [
+            Phase::SlotWait,
+            Phase::Half,
+            Phase::Local,
+            Phase::End,
+            Phase::Transaction,
+        ] {
+            assert_eq!(count(p), 1, "{p:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn replay_and_limit_and_key_reuse() {
         let (core, queue, sku) = core(5).await;
         let Outcome::Created(o) = core.checkout(req(&sku, "u", "k1")).await.unwrap() else {
