@@ -59,8 +59,8 @@ function done(summary, latency, requests)
     if t:get("other_status") ~= 0 then os = t:get("other_status") end
   end
   io.write(string.format(
-    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"created":%d,"replay":%d,"sold_out":%d,"over_limit":%d,"other":%d,"other_status":%d,"socket_errors":%d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"mean_us":%d,"created":%d,"replay":%d,"sold_out":%d,"over_limit":%d,"other":%d,"other_status":%d,"socket_errors":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.mean,
     c, r, s, l, o, os,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end

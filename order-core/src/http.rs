@@ -2,8 +2,9 @@
 //!
 //! - `POST /checkout` `{"sku", "qty"}` with `Idempotency-Key` and `x-user-id`
 //! - `GET /orders/{id}`, `POST /orders/{id}/pay`
-//! - `PUT /admin/stock/{sku}` `{"stock": N}`, `GET /admin/stock/{sku}`
-//!   (`authorization: Bearer <admin_token>`)
+//! - `PUT /admin/stock/{sku}` `{"stock": N}`, `GET /admin/stock/{sku}`,
+//!   `GET /admin/timings` (where checkouts spend their time, see
+//!   [`crate::timing`]) (`authorization: Bearer <admin_token>`)
 //! - `GET /healthz`
 //!
 //! Errors become answers in one place, [`error_response`].
@@ -107,6 +108,13 @@ impl Api {
             },
             (&Method::GET, ["admin", "stock", sku]) => match self.admin(&req) {
                 Ok(()) => self.get_stock(sku).await,
+                Err(r) => Ok(r),
+            },
+            (&Method::GET, ["admin", "timings"]) => match self.admin(&req) {
+                Ok(()) => Ok(json_response(
+                    StatusCode::OK,
+                    &json!(self.core.timings().snapshot()),
+                )),
                 Err(r) => Ok(r),
             },
             (&Method::GET, ["healthz"]) => Ok(json_response(

@@ -24,6 +24,7 @@ pub mod publish;
 pub mod service;
 pub mod sink;
 pub mod store;
+pub mod timing;
 
 #[cfg(feature = "rocketmq")]
 pub mod consumer;

@@ -217,7 +217,7 @@ async fn run(c: Config) -> Result<()> {
                     producer_group: m.producer_group.clone(),
                 },
                 store.clone(),
-                Arc::new(MqRuntime::new("producer")?),
+                Arc::new(MqRuntime::producer(c.limits.max_in_flight)?),
             )
             .await?,
         ),

@@ -8,8 +8,8 @@
 //!
 //! plus the expiry sweep that cancels unpaid orders.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::error::CoreError;
 use crate::model::{
@@ -18,6 +18,7 @@ use crate::model::{
 };
 use crate::publish::Publisher;
 use crate::store::{Precheck, Released, Store};
+use crate::timing::{Phase, Timings};
 
 /// The most [`Limits::max_in_flight`] may be (config validation enforces
 /// it): the broker client's listener queue is made at least this deep.
@@ -55,6 +56,14 @@ impl Default for Limits {
     }
 }
 
+/// When the publisher started a checkout's local transaction and when the
+/// script answered (each set once; unset if it never ran).
+#[derive(Default)]
+struct LocalMarks {
+    started: OnceLock<Instant>,
+    answered: OnceLock<Instant>,
+}
+
 /// A checkout as the HTTP layer hands it over (not yet validated).
 #[derive(Clone, Debug)]
 pub struct CheckoutRequest {
@@ -71,6 +80,8 @@ pub struct Core {
     limits: Limits,
     /// Transaction slots (see [`Limits::max_in_flight`]).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Where checkouts spend their time (`GET /admin/timings`).
+    timings: Arc<Timings>,
 }
 
 impl Core {
@@ -80,7 +91,13 @@ impl Core {
             publisher,
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight.max(1))),
             limits,
+            timings: Arc::default(),
         }
+    }
+
+    /// The running per-phase totals (see [`crate::timing`]).
+    pub fn timings(&self) -> &Timings {
+        &self.timings
     }
 
     pub fn limits(&self) -> &Limits {
@@ -108,6 +125,13 @@ impl Core {
                 self.limits.max_qty
             )));
         }
+        let started = Instant::now();
+        let outcome = self.checkout_validated(req).await;
+        self.timings.record(Phase::Checkout, started.elapsed());
+        outcome
+    }
+
+    async fn checkout_validated(&self, req: CheckoutRequest) -> Result<Outcome, CoreError> {
         // Read-only fast path: the losers of a sale and the retries of
         // winners never reach the broker or a write.
         if let Some(done) = self.precheck(&req).await? {
@@ -116,8 +140,12 @@ impl Core {
         // A slot for the transaction; whoever had to wait looks again,
         // since the buyers ahead may have taken the last unit meanwhile.
         let _slot = match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
+            Ok(slot) => {
+                self.timings.record(Phase::SlotWait, Duration::ZERO);
+                slot
+            }
             Err(_) => {
+                let asked = Instant::now();
                 let slot = tokio::time::timeout(
                     self.limits.queue_wait,
                     self.slots.clone().acquire_owned(),
@@ -130,6 +158,7 @@ impl Core {
                     ))
                 })?
                 .map_err(|_| CoreError::Busy("shutting down".into()))?;
+                self.timings.record(Phase::SlotWait, asked.elapsed());
                 if let Some(done) = self.precheck(&req).await? {
                     return done;
                 }
@@ -148,17 +177,49 @@ impl Core {
             now_ms: now,
             expires_ms: now + self.limits.expiry.as_millis() as u64,
         };
-        let store = self.store.clone();
         let event = cmd.event();
-        let local = cmd.clone();
-        let outcome = self
-            .publisher
-            .transact(event, Box::new(move || store.checkout(local)))
-            .await?;
+        let outcome = self.transact(event, cmd.clone()).await?;
         match outcome {
             Outcome::Replay(order) => self.replay(order, cmd.qty),
             other => Ok(other),
         }
+    }
+
+    /// The publisher's transaction around the checkout script, timed
+    /// phase by phase (see [`crate::timing`]) from the core's side: when
+    /// the publisher starts the script and when the script has answered.
+    async fn transact(
+        &self,
+        event: crate::model::OrderEvent,
+        cmd: CheckoutCmd,
+    ) -> Result<Outcome, CoreError> {
+        let store = self.store.clone();
+        let marks = Arc::new(LocalMarks::default());
+        let local_marks = marks.clone();
+        let started = Instant::now();
+        let outcome = self
+            .publisher
+            .transact(
+                event,
+                Box::new(move || {
+                    let _ = local_marks.started.set(Instant::now());
+                    Box::pin(async move {
+                        let outcome = store.checkout(cmd).await;
+                        let _ = local_marks.answered.set(Instant::now());
+                        outcome
+                    })
+                }),
+            )
+            .await;
+        let done = Instant::now();
+        self.timings.record(Phase::Transaction, done - started);
+        if let (Some(&local), Some(&answered)) = (marks.started.get(), marks.answered.get()) {
+            self.timings.record(Phase::Half, local - started);
+            self.timings.record(Phase::Local, answered - local);
+            self.timings
+                .record(Phase::End, done.saturating_duration_since(answered));
+        }
+        outcome
     }
 
     /// The read-only fast path: `Some` when the answer is known without a
@@ -167,17 +228,17 @@ impl Core {
         &self,
         req: &CheckoutRequest,
     ) -> Result<Option<Result<Outcome, CoreError>>, CoreError> {
-        Ok(
-            match self
-                .store
-                .precheck(&req.sku, req.qty, &req.user, &req.idempotency_key)
-                .await?
-            {
-                Precheck::Replay(order) => Some(self.replay(order, req.qty)),
-                Precheck::SoldOut => Some(Ok(Outcome::SoldOut)),
-                Precheck::Proceed => None,
-            },
-        )
+        let asked = Instant::now();
+        let answer = self
+            .store
+            .precheck(&req.sku, req.qty, &req.user, &req.idempotency_key)
+            .await;
+        self.timings.record(Phase::Precheck, asked.elapsed());
+        Ok(match answer? {
+            Precheck::Replay(order) => Some(self.replay(order, req.qty)),
+            Precheck::SoldOut => Some(Ok(Outcome::SoldOut)),
+            Precheck::Proceed => None,
+        })
     }
 
     /// A replay must be the same request; a key reused for another
@@ -300,6 +361,33 @@ mod tests {
                 orders: 3
             }
         );
+    }
+
+    #[tokio::test]
+    async fn every_phase_of_a_transaction_is_timed_and_a_sold_out_only_prechecked() {
+        use crate::timing::Phase;
+        let (core, _, sku) = core(1).await;
+        assert!(matches!(
+            core.checkout(req(&sku, "a", "ka")).await.unwrap(),
+            Outcome::Created(_)
+        ));
+        assert_eq!(
+            core.checkout(req(&sku, "b", "kb")).await.unwrap(),
+            Outcome::SoldOut
+        );
+        let t = core.timings().snapshot();
+        let count = |p| t.phase(p).count;
+        assert_eq!(count(Phase::Checkout), 2);
+        assert_eq!(count(Phase::Precheck), 2);
+        for p in [
+            Phase::SlotWait,
+            Phase::Half,
+            Phase::Local,
+            Phase::End,
+            Phase::Transaction,
+        ] {
+            assert_eq!(count(p), 1, "{p:?}");
+        }
     }
 
     #[tokio::test]

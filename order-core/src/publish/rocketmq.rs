@@ -43,6 +43,10 @@ use crate::store::{BoxFut, Store};
 /// broker then asks again through the check-back).
 const LOCAL_WAIT: Duration = Duration::from_secs(5);
 
+/// The client runtime's ceiling on blocking threads (`rocketmq-runtime`'s
+/// `MAX_ENTRYPOINT_BLOCKING_THREADS`, not exported): more is refused.
+const MAX_BLOCKING_THREADS: usize = 512;
+
 /// The RocketMQ client's own runtime and telemetry; dropped last.
 pub struct MqRuntime {
     // Kept alive: the client runtime's tasks run on it.
@@ -52,19 +56,23 @@ pub struct MqRuntime {
 }
 
 impl MqRuntime {
+    /// The runtime of a consumer or a tool: the client's default lanes.
     pub fn new(scope: &str) -> Result<MqRuntime, CoreError> {
+        MqRuntime::build(scope, 0)
+    }
+
+    /// The runtime of a transactional producer that has up to
+    /// `in_flight` transactions (`limits.max_in_flight`) open at once.
+    pub fn producer(in_flight: usize) -> Result<MqRuntime, CoreError> {
+        MqRuntime::build("producer", in_flight)
+    }
+
+    fn build(scope: &str, in_flight: usize) -> Result<MqRuntime, CoreError> {
         let mut config = RuntimeConfig {
             thread_name: format!("rocketmq-{scope}"),
             ..Default::default()
         };
-        // Transaction listeners run on the client's metadata lane, one per
-        // checkout in flight. Its default queue is sized to the core count
-        // (16 on a 2-core box) and a listener refused there leaves the
-        // transaction unknown (503, settled by the check-back). The core's
-        // own slot gate (`limits.max_in_flight`) is the bound meant to
-        // apply, so the lane's queue must never be the tighter one.
-        let lane = &mut config.blocking_lane_policies.metadata_io;
-        lane.max_queue_depth = lane.max_queue_depth.max(MAX_IN_FLIGHT_CEILING);
+        size_listener_lane(&mut config, in_flight)?;
         let owner = RuntimeOwner::plan(config)
             .map_err(|e| CoreError::broker("plan RocketMQ client runtime", e.to_string()))?
             .build()
@@ -89,6 +97,38 @@ impl MqRuntime {
     pub fn client(&self) -> Arc<ClientRuntime> {
         self.client.clone()
     }
+}
+
+/// Sizes the client's lane that runs transaction listeners for `in_flight`
+/// transactions at once.
+///
+/// The client calls `execute_local_transaction` on its metadata lane, one
+/// blocking call per open transaction, for as long as the checkout script
+/// takes. The lane's defaults (sized to the core count: 4 running and 16
+/// queued on a 2-core box) let only 4 of the 32 open transactions run their
+/// script at once; the others waited there with their half message already
+/// on the broker. So the lane runs as many listeners as the core has
+/// transaction slots (the threads only wait on a channel; the Redis call
+/// runs on the service's runtime), up to the client's own ceiling on
+/// blocking threads, and its queue is at least [`MAX_IN_FLIGHT_CEILING`]
+/// deep, because a listener refused there leaves the transaction unknown
+/// (503, settled by the check-back). The core's own slot gate is the bound
+/// meant to apply. (Measured: no throughput change on a 2-core box, where
+/// CPU is the bound; see docs/checkout.md, "Durable checkout throughput".)
+fn size_listener_lane(config: &mut RuntimeConfig, in_flight: usize) -> Result<(), CoreError> {
+    let lane = &mut config.blocking_lane_policies.metadata_io;
+    lane.max_queue_depth = lane.max_queue_depth.max(MAX_IN_FLIGHT_CEILING);
+    if in_flight > lane.max_concurrency {
+        // Room for the listeners next to what the other lanes may hold.
+        let threads = (config.max_blocking_threads + in_flight).min(MAX_BLOCKING_THREADS);
+        lane.max_concurrency = in_flight.min(threads - 2);
+        let sized = config
+            .clone()
+            .with_max_blocking_threads(threads)
+            .map_err(|e| CoreError::broker("size the RocketMQ listener lane", format!("{e:?}")))?;
+        *config = sized;
+    }
+    Ok(())
 }
 
 /// Runs `fut` on `rt` and waits for it from synchronous code (see the
@@ -267,5 +307,43 @@ impl Publisher for RocketMqPublisher {
 
     fn durable(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(in_flight: usize) -> RuntimeConfig {
+        let mut config = RuntimeConfig::for_parallelism("t", 2);
+        size_listener_lane(&mut config, in_flight).unwrap();
+        config.validate().unwrap();
+        config
+    }
+
+    #[test]
+    fn the_listener_lane_runs_every_open_transaction() {
+        let default = RuntimeConfig::for_parallelism("t", 2);
+        let lane = |c: &RuntimeConfig| c.blocking_lane_policies.metadata_io.clone();
+        // A consumer keeps the client's defaults, with the deep queue.
+        let consumer = sized(0);
+        assert_eq!(
+            lane(&consumer).max_concurrency,
+            lane(&default).max_concurrency
+        );
+        assert_eq!(lane(&consumer).max_queue_depth, MAX_IN_FLIGHT_CEILING);
+        // The default core: all 32 transactions run their script at once,
+        // next to the other lanes' threads.
+        let core = sized(32);
+        assert_eq!(lane(&core).max_concurrency, 32);
+        assert!(core.max_blocking_threads >= 32 + 2);
+        assert_eq!(
+            core.blocking_lane_policies.storage_io.max_concurrency,
+            default.blocking_lane_policies.storage_io.max_concurrency
+        );
+        // The most the config allows stays within the client's ceiling.
+        let most = sized(MAX_IN_FLIGHT_CEILING);
+        assert_eq!(most.max_blocking_threads, MAX_BLOCKING_THREADS);
+        assert_eq!(lane(&most).max_concurrency, MAX_BLOCKING_THREADS - 2);
     }
 }
