@@ -146,6 +146,19 @@ deserialize_from_str!(Dur, "a duration string such as \"250ms\"");
 deserialize_from_str!(Size, "a size such as \"64KiB\"");
 deserialize_from_str!(Rate, "a rate such as \"20/s\"");
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`): the one calendar sum behind the RFC 3339 times of
+/// the config and the certificate dates read at the edge.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,8 @@
 //! has already been parsed by webpki when a pair loads; every read here is
 //! bounds-checked anyway and answers an error, never a panic.
 
+use crate::config::units::days_from_civil;
+
 /// Why the validity could not be read.
 pub type Error = &'static str;
 
@@ -104,18 +106,6 @@ fn parse_time(tag: u8, t: &[u8]) -> Result<i64, Error> {
         return Err("notAfter is not a valid date and time");
     }
     Ok(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

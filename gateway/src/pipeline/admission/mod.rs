@@ -20,6 +20,7 @@ pub mod bots;
 pub mod challenge;
 pub mod checkout;
 pub mod limits;
+pub mod redis_link;
 pub mod shed;
 pub mod waiting_room;
 

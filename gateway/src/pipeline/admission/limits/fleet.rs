@@ -19,13 +19,13 @@
 //! change between reachable and not is logged once and shown by
 //! `flashgate_rate_limit_redis_up`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use flashgate_redis::{RedisClient, Settings, Target};
-use prometheus::{IntCounter, IntGauge};
+use flashgate_redis::RedisClient;
+use prometheus::IntCounter;
 
 use crate::config::{RedisConfig, RedisDown};
+use crate::pipeline::admission::redis_link::{self, Outage};
 
 /// The script's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,15 +42,10 @@ pub struct FleetDown;
 pub struct Fleet {
     client: RedisClient,
     script: redis::Script,
-    retry_interval: Duration,
-    /// Since `epoch`, in ms: Redis is not asked before then.
-    down_until_ms: AtomicU64,
-    epoch: Instant,
-    up: AtomicBool,
+    outage: Outage,
     mode: RedisDown,
     timeouts: IntCounter,
     errors: IntCounter,
-    up_gauge: IntGauge,
 }
 
 impl Fleet {
@@ -59,40 +54,21 @@ impl Fleet {
         mode: RedisDown,
         metrics: &crate::observe::metrics::Metrics,
     ) -> Result<Fleet, String> {
-        let timeout = c.timeout.0;
-        let (target, path) = match &c.url {
-            Some(url) => (Target::Single(url.clone()), "redis.url"),
-            None => (Target::Cluster(c.cluster.clone()), "redis.cluster"),
-        };
-        let settings = Settings {
-            timeout,
-            budget: timeout,
-            lanes: 1,
-        };
-        let client = RedisClient::lazy(&target, settings).map_err(|e| format!("{path}: {e}"))?;
+        let client = redis_link::client(c)?;
         let errors = &metrics.rate_limit_redis_errors;
-        metrics.rate_limit_redis_up.set(1);
         Ok(Fleet {
             client,
             script: redis::Script::new(include_str!("gcra.lua")),
-            retry_interval: c.retry_interval.0,
-            down_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            up: AtomicBool::new(true),
+            outage: Outage::new(c.retry_interval.0, metrics.rate_limit_redis_up.clone()),
             mode,
             timeouts: errors.with_label_values(&["timeout"]),
             errors: errors.with_label_values(&["error"]),
-            up_gauge: metrics.rate_limit_redis_up.clone(),
         })
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
     }
 
     /// False while Redis is skipped after a failure.
     pub fn available(&self) -> bool {
-        self.now_ms() >= self.down_until_ms.load(Ordering::Relaxed)
+        self.outage.available()
     }
 
     /// One GCRA decision for `key` (already prefixed and hash-tagged):
@@ -134,20 +110,14 @@ impl Fleet {
     }
 
     fn failed(&self, err: &dyn std::fmt::Display) {
-        self.down_until_ms.store(
-            self.now_ms() + self.retry_interval.as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        if self.up.swap(false, Ordering::Relaxed) {
-            self.up_gauge.set(0);
-            tracing::warn!(error = %err, redis_down = ?self.mode, retry_in = ?self.retry_interval,
+        if self.outage.failed() {
+            tracing::warn!(error = %err, redis_down = ?self.mode, retry_in = ?self.outage.retry_interval(),
                 "redis unavailable: fleet rate limits follow rate_limit.redis_down until it answers again");
         }
     }
 
     fn succeeded(&self) {
-        if !self.up.load(Ordering::Relaxed) && !self.up.swap(true, Ordering::Relaxed) {
-            self.up_gauge.set(1);
+        if self.outage.succeeded() {
             tracing::info!("redis is back: fleet rate limits are shared again");
         }
     }

@@ -10,26 +10,19 @@
 //! change between reachable and not is logged once and shown by
 //! `flashgate_waiting_room_redis_up{room}`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
-use flashgate_redis::{RedisClient, Settings, Target};
+use flashgate_redis::RedisClient;
 use prometheus::IntGauge;
 
 use super::store::{Ask, BoxFuture, Live, Outcome, Params, Store, StoreDown, Verdict};
 use crate::config::RedisConfig;
+use crate::pipeline::admission::redis_link::{self, Outage};
 
 pub struct RedisStore {
     client: RedisClient,
     script: redis::Script,
     keys: [String; 6],
     room: String,
-    retry_interval: Duration,
-    /// Since `epoch`, in ms: Redis is not asked before then.
-    down_until_ms: AtomicU64,
-    epoch: Instant,
-    up: AtomicBool,
-    up_gauge: IntGauge,
+    outage: Outage,
 }
 
 /// The script's answer.
@@ -37,17 +30,7 @@ type Reply = (i64, i64, i64, i64, i64, i64, i64, i64, i64, String, String);
 
 impl RedisStore {
     pub fn new(c: &RedisConfig, room: &str, up_gauge: IntGauge) -> Result<RedisStore, String> {
-        let (target, path) = match &c.url {
-            Some(url) => (Target::Single(url.clone()), "redis.url"),
-            None => (Target::Cluster(c.cluster.clone()), "redis.cluster"),
-        };
-        let settings = Settings {
-            timeout: c.timeout.0,
-            budget: c.timeout.0,
-            lanes: 1,
-        };
-        let client = RedisClient::lazy(&target, settings).map_err(|e| format!("{path}: {e}"))?;
-        up_gauge.set(1);
+        let client: RedisClient = redis_link::client(c)?;
         let key = |what: &str| format!("flashgate:wr:{{{room}}}:{what}");
         Ok(RedisStore {
             client,
@@ -61,39 +44,25 @@ impl RedisStore {
                 key("pfx"),
             ],
             room: room.to_string(),
-            retry_interval: c.retry_interval.0,
-            down_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            up: AtomicBool::new(true),
-            up_gauge,
+            outage: Outage::new(c.retry_interval.0, up_gauge),
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     fn failed(&self, err: &dyn std::fmt::Display) {
-        self.down_until_ms.store(
-            self.now_ms() + self.retry_interval.as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        if self.up.swap(false, Ordering::Relaxed) {
-            self.up_gauge.set(0);
-            tracing::warn!(room = %self.room, error = %err, retry_in = ?self.retry_interval,
+        if self.outage.failed() {
+            tracing::warn!(room = %self.room, error = %err, retry_in = ?self.outage.retry_interval(),
                 "redis unavailable: the waiting room follows its redis_down until it answers again");
         }
     }
 
     fn succeeded(&self) {
-        if !self.up.load(Ordering::Relaxed) && !self.up.swap(true, Ordering::Relaxed) {
-            self.up_gauge.set(1);
+        if self.outage.succeeded() {
             tracing::info!(room = %self.room, "redis answers again: the waiting room uses it");
         }
     }
 
     async fn call(&self, p: &Params, ask: Ask, prefix: &str) -> Result<Outcome, StoreDown> {
-        if self.now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
+        if !self.outage.available() {
             return Err(StoreDown);
         }
         let (kind, number) = match ask {
