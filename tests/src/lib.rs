@@ -586,6 +586,30 @@ pub fn check_refuses(name: &str, cases: &[(String, &str)]) -> PathBuf {
     dir
 }
 
+/// The leading zero bits of SHA-256(challenge ‖ nonce): what the
+/// gateway's proof-of-work challenge counts.
+pub fn challenge_bits(challenge: &str, nonce: &str) -> u32 {
+    let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+    c.update(challenge.as_bytes());
+    c.update(nonce.as_bytes());
+    let mut bits = 0;
+    for &b in c.finish().as_ref() {
+        if b != 0 {
+            return bits + b.leading_zeros();
+        }
+        bits += 8;
+    }
+    bits
+}
+
+/// Finds the proof-of-work nonce as the challenge page's script does.
+pub fn solve_challenge(challenge: &str, difficulty: u32) -> String {
+    (0u64..)
+        .map(|n| n.to_string())
+        .find(|n| challenge_bits(challenge, n) >= difficulty)
+        .expect("some nonce has enough zero bits")
+}
+
 /// The cargo target dir this test binary was built in (for artifacts such
 /// as screenshots).
 pub fn target_dir() -> PathBuf {

@@ -244,31 +244,6 @@ async fn ja4_from_a_trusted_proxy_only() {
     assert!(got.json()["headers"]["cloudfront-viewer-ja4-fingerprint"].is_null());
 }
 
-/// Finds the nonce as the page's script does: SHA-256(challenge ‖ nonce)
-/// with `difficulty` leading zero bits.
-fn solve(challenge: &str, difficulty: u32) -> String {
-    (0u64..)
-        .map(|n| n.to_string())
-        .find(|n| {
-            let mut c = ring::digest::Context::new(&ring::digest::SHA256);
-            c.update(challenge.as_bytes());
-            c.update(n.as_bytes());
-            zero_bits(c.finish().as_ref()) >= difficulty
-        })
-        .unwrap()
-}
-
-fn zero_bits(h: &[u8]) -> u32 {
-    let mut bits = 0;
-    for &b in h {
-        if b != 0 {
-            return bits + b.leading_zeros();
-        }
-        bits += 8;
-    }
-    bits
-}
-
 /// Asks as an API client, solves, exchanges: the clearance cookie pair.
 async fn clear(gw: &Gateway, ip: &str, ua: &str) -> String {
     let got = get_as(
@@ -287,7 +262,7 @@ async fn clear(gw: &Gateway, ip: &str, ua: &str) -> String {
         got.header("x-flashgate-challenge"),
         Some(challenge.as_str())
     );
-    let nonce = solve(&challenge, difficulty);
+    let nonce = solve_challenge(&challenge, difficulty);
     let got = get_as(
         gw,
         "/p",
@@ -350,15 +325,10 @@ async fn the_challenge_solved_by_a_script_lets_it_through_and_nothing_else_does(
         .as_str()
         .unwrap()
         .to_string();
-    let good = solve(&challenge, 12);
+    let good = solve_challenge(&challenge, 12);
     let wrong = (0u64..)
         .map(|n| n.to_string())
-        .find(|n| {
-            let mut c = ring::digest::Context::new(&ring::digest::SHA256);
-            c.update(challenge.as_bytes());
-            c.update(n.as_bytes());
-            zero_bits(c.finish().as_ref()) < 12
-        })
+        .find(|n| challenge_bits(&challenge, n) < 12)
         .unwrap();
     let got = get_as(
         &gw,

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flashgate_tests::redis::{RedisCluster, RedisServer, TempDir};
 use flashgate_tests::{
-    empty, gateway, metric, reply, send, system_tool, wait_until, Cfg, Gateway, Got, Upstream,
+    empty, gateway, metric, reply, send, solve_challenge, system_tool, wait_until, Cfg, Gateway,
+    Got, Upstream,
 };
 use http::Request;
 
@@ -678,26 +679,6 @@ async fn prefix_cap_and_the_challenge_keep_bots_out_of_the_line() {
     assert_eq!(got.status, 403);
     assert_eq!(got.json()["error"], "challenge_required");
     // Solve it on the same URL, then take tickets: two per network.
-    let solve = |challenge: &str, difficulty: u32| {
-        (0u64..)
-            .map(|n| n.to_string())
-            .find(|n| {
-                let mut c = ring::digest::Context::new(&ring::digest::SHA256);
-                c.update(challenge.as_bytes());
-                c.update(n.as_bytes());
-                let h = c.finish();
-                let mut bits = 0;
-                for &b in h.as_ref() {
-                    if b != 0 {
-                        bits += b.leading_zeros();
-                        break;
-                    }
-                    bits += 8;
-                }
-                bits >= difficulty
-            })
-            .unwrap()
-    };
     let mut statuses = Vec::new();
     for i in 0..3 {
         let mut v = Visitor::new(10 + i);
@@ -707,7 +688,7 @@ async fn prefix_cap_and_the_challenge_keep_bots_out_of_the_line() {
             .as_str()
             .unwrap()
             .to_string();
-        let nonce = solve(&ch, 4);
+        let nonce = solve_challenge(&ch, 4);
         let got = send(
             Request::get(format!("http://{addr}/"))
                 .header("user-agent", &v.ua)
