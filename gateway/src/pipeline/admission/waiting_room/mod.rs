@@ -427,8 +427,22 @@ pub async fn check(ctx: &mut RequestCtx<'_>, room: &Arc<Room>, head: &Parts) -> 
                 position: Some(position),
                 wait_seconds: room.estimate(&p, &outcome, position),
             };
-            let t = Ticket { number, joined_ms };
-            let mut stop = waiting(room, h, view, Some(t), &binding, now_s, secure);
+            // The cookie is re-signed only when it is new or past half its
+            // grace: most polls answer without an HMAC or a `set-cookie`
+            // (a poll every `refresh` keeps it fresh, grace >= 2 refresh).
+            let grace_s = c.grace.0.as_secs();
+            let fresh_enough = |t: &Ticket| {
+                !rejoined && t.number == number && t.expiry_s.saturating_sub(now_s) * 2 > grace_s
+            };
+            let renew = match ticket {
+                Some(t) if fresh_enough(&t) => None,
+                _ => Some(Ticket {
+                    number,
+                    joined_ms,
+                    expiry_s: now_s + grace_s,
+                }),
+            };
+            let mut stop = waiting(room, h, view, renew, &binding, now_s, secure);
             // A lapsed session goes back in line: its cookie goes too, or
             // every request would ask for a new place.
             if let (Ask::Session(_), Stop::Answer(resp)) = (ask, &mut stop) {
@@ -458,7 +472,8 @@ pub async fn check(ctx: &mut RequestCtx<'_>, room: &Arc<Room>, head: &Parts) -> 
     }
 }
 
-/// The waiting answer, with the ticket (re-signed: a poll renews it).
+/// The waiting answer, with `ticket` signed into its cookie when given
+/// (a new or renewed place in line).
 fn waiting(
     room: &Room,
     h: &HeaderMap,
@@ -470,11 +485,15 @@ fn waiting(
 ) -> Stop {
     let mut cookies = HeaderMap::new();
     if let Some(t) = ticket {
-        let grace_s = room.config.grace.0.as_secs();
-        let value = room.keys.ticket(&room.name, t, now_s + grace_s, binding);
+        let value = room.keys.ticket(&room.name, t, binding);
         cookies.append(
             SET_COOKIE,
-            ticket::set_cookie(&room.ticket_cookie, &value, grace_s, secure),
+            ticket::set_cookie(
+                &room.ticket_cookie,
+                &value,
+                t.expiry_s.saturating_sub(now_s),
+                secure,
+            ),
         );
     }
     Stop::Answer(Box::new(room.page.answer(h, view, cookies)))
@@ -509,7 +528,12 @@ fn store_down(
                 position: None,
                 wait_seconds: None,
             };
-            Break(waiting(room, h, view, ticket, binding, now_s, secure))
+            // Renewed, so nobody loses a place while Redis is away.
+            let renew = ticket.map(|t| Ticket {
+                expiry_s: now_s + room.config.grace.0.as_secs(),
+                ..t
+            });
+            Break(waiting(room, h, view, renew, binding, now_s, secure))
         }
     }
 }

@@ -23,10 +23,19 @@ pub struct View {
 
 /// A room's page, built once per config.
 pub struct Page {
-    room: String,
     status: StatusCode,
     refresh_s: u64,
-    template: String,
+    /// The template cut at its per-visitor placeholders, with the room and
+    /// the refresh already filled in: a poll only writes two numbers.
+    html: Vec<Piece>,
+    /// `"room":"<name>"` as JSON, escaped once.
+    json_room: String,
+}
+
+enum Piece {
+    Text(String),
+    Position,
+    Wait,
 }
 
 impl Page {
@@ -47,11 +56,14 @@ impl Page {
             })?,
             None => DEFAULT.to_string(),
         };
+        let filled = template
+            .replace("{{room}}", &escape(room))
+            .replace("{{refresh_seconds}}", &refresh_s.to_string());
         Ok(Page {
-            room: room.to_string(),
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
             refresh_s,
-            template,
+            html: pieces(&filled),
+            json_room: format!("\"room\":{}", serde_json::Value::from(room)),
         })
     }
 
@@ -65,35 +77,76 @@ impl Page {
         let mut headers = cookies;
         headers.insert(RETRY_AFTER, HeaderValue::from(self.refresh_s));
         if wants_json(request) {
-            let body = serde_json::json!({
-                "in_queue": true,
-                "room": self.room,
-                "position": view.position,
-                "wait_seconds": view.wait_seconds,
-                "wait_known": view.wait_seconds.is_some(),
-                "refresh_seconds": self.refresh_s,
-                "queue_full": false,
-            });
-            return respond::content(self.status, headers, "application/json", body.to_string());
+            let body = self.json(view);
+            return respond::content(self.status, headers, "application/json", body);
         }
-        let unknown = || "unknown".to_string();
-        let html = self
-            .template
-            .replace("{{room}}", &escape(&self.room))
-            .replace(
-                "{{position}}",
-                &view.position.map_or_else(unknown, |p| p.to_string()),
-            )
-            .replace(
-                "{{wait_seconds}}",
-                &view.wait_seconds.map_or_else(unknown, |w| w.to_string()),
-            )
-            .replace("{{refresh_seconds}}", &self.refresh_s.to_string());
+        let html = self.html(view);
         respond::content(self.status, headers, "text/html; charset=utf-8", html)
+    }
+
+    fn json(&self, view: View) -> String {
+        format!(
+            "{{\"in_queue\":true,{},\"position\":{},\"wait_seconds\":{},\"wait_known\":{},\"refresh_seconds\":{},\"queue_full\":false}}",
+            self.json_room,
+            number(view.position, "null"),
+            number(view.wait_seconds, "null"),
+            view.wait_seconds.is_some(),
+            self.refresh_s,
+        )
+    }
+
+    fn html(&self, view: View) -> String {
+        let mut html = String::with_capacity(
+            self.html
+                .iter()
+                .map(|p| match p {
+                    Piece::Text(t) => t.len(),
+                    _ => 20,
+                })
+                .sum(),
+        );
+        for p in &self.html {
+            match p {
+                Piece::Text(t) => html.push_str(t),
+                Piece::Position => html.push_str(&number(view.position, "unknown")),
+                Piece::Wait => html.push_str(&number(view.wait_seconds, "unknown")),
+            }
+        }
+        html
     }
 }
 
 /// An API client: JSON asked for, HTML not.
+fn number(n: Option<u64>, none: &str) -> String {
+    n.map_or_else(|| none.to_string(), |n| n.to_string())
+}
+
+/// Cuts the template at `{{position}}` and `{{wait_seconds}}`.
+fn pieces(template: &str) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    loop {
+        let next = [
+            ("{{position}}", Piece::Position),
+            ("{{wait_seconds}}", Piece::Wait),
+        ]
+        .into_iter()
+        .filter_map(|(mark, piece)| rest.find(mark).map(|at| (at, mark.len(), piece)))
+        .min_by_key(|(at, _, _)| *at);
+        let Some((at, len, piece)) = next else {
+            if !rest.is_empty() {
+                out.push(Piece::Text(rest.to_string()));
+            }
+            return out;
+        };
+        if at > 0 {
+            out.push(Piece::Text(rest[..at].to_string()));
+        }
+        out.push(piece);
+        rest = &rest[at + len..];
+    }
+}
+
 fn wants_json(headers: &HeaderMap) -> bool {
     let mut json = false;
     for v in headers
@@ -152,5 +205,31 @@ mod tests {
         let r = page.answer(&h, view, HeaderMap::new());
         assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
         assert_eq!(r.headers()["retry-after"], "5");
+    }
+
+    #[test]
+    fn the_filled_page_and_json_say_the_visitors_place() {
+        let page = Page::new("d\"rop<", 200, 5, None, "waiting_rooms[0]").unwrap();
+        let view = View {
+            position: Some(7),
+            wait_seconds: None,
+        };
+        let json: serde_json::Value = serde_json::from_str(&page.json(view)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"in_queue": true, "room": "d\"rop<", "position": 7,
+                "wait_seconds": null, "wait_known": false, "refresh_seconds": 5, "queue_full": false})
+        );
+        let html = page.html(view);
+        assert!(html.contains(r#"data-room="d&quot;rop&lt;""#), "{html}");
+        assert!(html.contains(r#"<b id="position">7</b>"#));
+        assert!(html.contains(r#"<span id="wait">unknown</span>"#));
+        assert!(html.contains(r#"content="5""#));
+        assert!(!html.contains("{{"));
+        let p = pieces("{{wait_seconds}}a{{position}}{{position}}");
+        assert!(matches!(
+            &p[..],
+            [Piece::Wait, Piece::Text(t), Piece::Position, Piece::Position] if t == "a"
+        ));
     }
 }

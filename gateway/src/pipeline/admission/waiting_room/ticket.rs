@@ -55,6 +55,8 @@ impl Refused {
 pub struct Ticket {
     pub number: u64,
     pub joined_ms: u64,
+    /// Unix seconds after which the ticket no longer verifies.
+    pub expiry_s: u64,
 }
 
 /// A verified session.
@@ -116,11 +118,12 @@ impl Keys {
     }
 
     /// A ticket's cookie value.
-    pub fn ticket(&self, room: &str, t: Ticket, expiry_s: u64, binding: &Binding) -> String {
+    pub fn ticket(&self, room: &str, t: Ticket, binding: &Binding) -> String {
         let head = format!(
-            "v1.{}.{}.{expiry_s}.{}",
+            "v1.{}.{}.{}.{}",
             t.number,
             t.joined_ms,
+            t.expiry_s,
             binding.tag()
         );
         let sig = self.sign(&format!("flashgate/wr-ticket|{room}|{head}"));
@@ -153,7 +156,11 @@ impl Keys {
         if challenge::unix(now) > expiry {
             return Err(Refused::Expired);
         }
-        Ok(Ticket { number, joined_ms })
+        Ok(Ticket {
+            number,
+            joined_ms,
+            expiry_s: expiry,
+        })
     }
 
     /// A session's cookie value.
@@ -235,8 +242,9 @@ mod tests {
         let t = Ticket {
             number: 42,
             joined_ms: 1000,
+            expiry_s: exp,
         };
-        let v = k.ticket("drop", t, exp, &b);
+        let v = k.ticket("drop", t, &b);
         assert_eq!(k.check_ticket("drop", &v, &b, now), Ok(t));
         // Same network, other address: still theirs.
         assert_eq!(
@@ -291,10 +299,11 @@ mod tests {
         let t = Ticket {
             number: 1,
             joined_ms: 1,
+            expiry_s: challenge::unix(now) + 30,
         };
-        let by_old = old.ticket("r", t, challenge::unix(now) + 30, &b);
+        let by_old = old.ticket("r", t, &b);
         assert!(both.check_ticket("r", &by_old, &b, now).is_ok());
-        let by_both = both.ticket("r", t, challenge::unix(now) + 30, &b);
+        let by_both = both.ticket("r", t, &b);
         assert!(new.check_ticket("r", &by_both, &b, now).is_ok());
         assert!(old.check_ticket("r", &by_both, &b, now).is_err());
     }
