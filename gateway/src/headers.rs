@@ -57,6 +57,13 @@ fn never_hop_by_hop(name: &HeaderName) -> bool {
 /// proxy by naming it there), except those that are never hop-by-hop
 /// ([`never_hop_by_hop`]).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names (compared,
+    // not hashed) is far cheaper than nine lookups, on every request and
+    // every response.
+    let fixed = fixed_hop_headers();
+    if !headers.keys().any(|k| fixed.contains(&k)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -69,29 +76,103 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(&name);
         }
     }
-    for name in fixed_hop_headers() {
+    for name in fixed {
         headers.remove(name);
+    }
+}
+
+/// An IP address as text, written without `core::fmt` for IPv4: its
+/// `Display` costs over a thousand instructions per address, and every
+/// proxied request writes the client's address three times.
+pub struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    pub fn new(ip: IpAddr) -> IpText {
+        let mut t = IpText {
+            buf: [0; 45],
+            len: 0,
+        };
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    if octet >= 100 {
+                        t.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        t.push(b'0' + octet / 10 % 10);
+                    }
+                    t.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write;
+                // 45 bytes hold the longest IPv6 text.
+                let mut out = std::io::Cursor::new(&mut t.buf[..]);
+                let _ = write!(out, "{v6}");
+                t.len = out.position() as usize;
+            }
+        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+
+    /// The address as a header value.
+    pub fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.buf[..self.len])
+            .expect("an IP address is a valid header value")
+    }
+}
+
+/// `prev, next` as a header value (or `next` alone after an empty `prev`).
+fn appended(prev: Option<&HeaderValue>, next: &str) -> Option<HeaderValue> {
+    match prev.and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let mut s = String::with_capacity(prev.len() + 2 + next.len());
+            s.push_str(prev);
+            s.push_str(", ");
+            s.push_str(next);
+            HeaderValue::try_from(s).ok()
+        }
+        _ => HeaderValue::from_str(next).ok(),
     }
 }
 
 /// Sets `x-forwarded-for` (appending the client), `x-forwarded-proto` and
 /// an RFC 7239 `forwarded` element for the hop from the client to us.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, host: &str) {
-    let ip = client.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    let ip = IpText::new(client);
+    let ip = ip.as_str();
+    if let Some(v) = appended(headers.get(&X_FORWARDED_FOR), ip) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 
-    let node = match client {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(_) => format!("\"[{ip}]\""),
-    };
-    let mut element = format!("for={node};proto={proto}");
+    let mut element = String::with_capacity(32 + ip.len() + host.len());
+    element.push_str("for=");
+    match client {
+        IpAddr::V4(_) => element.push_str(ip),
+        IpAddr::V6(_) => {
+            element.push_str("\"[");
+            element.push_str(ip);
+            element.push_str("]\"");
+        }
+    }
+    element.push_str(";proto=");
+    element.push_str(proto);
     if !host.is_empty()
         && host
             .bytes()
@@ -100,11 +181,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
         element.push_str(";host=");
         element.push_str(host);
     }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
-    if let Ok(v) = HeaderValue::try_from(forwarded) {
+    if let Some(v) = appended(headers.get(header::FORWARDED), &element) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -307,6 +384,38 @@ mod tests {
         let mut h = HeaderMap::new();
         set_forwarded(&mut h, "::1".parse().unwrap(), "https", "bad host\"");
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=https");
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "127.0.0.1",
+            "192.168.100.255",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::new(ip).as_str(), ip.to_string());
+            assert_eq!(IpText::new(ip).header_value(), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn no_hop_by_hop_headers_leaves_the_map_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "shop.example".parse().unwrap());
+        h.insert("x-kept", "yes".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        // One hop-by-hop header is enough for the full rules.
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
     }
 
     #[test]

@@ -207,6 +207,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start worker thread {worker}")]
+    Worker {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Updates the load level and the clusters' learned limits every
@@ -231,17 +237,36 @@ pub struct Gateway {
     admin: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Per-core serving: resolves when a worker thread has drained.
+    worker_threads: Vec<tokio::sync::oneshot::Receiver<()>>,
     admin_shutdown: watch::Sender<bool>,
     admin_task: tokio::task::JoinHandle<()>,
 }
 
 impl Gateway {
-    /// Binds every listener and the admin port, then serves. Nothing is
-    /// served unless everything could be bound.
+    /// Binds every listener and the admin port, then serves on the
+    /// calling runtime. Nothing is served unless everything could be bound.
     pub async fn start(
         config: Config,
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
+        Gateway::start_workers(config, config_path, 1).await
+    }
+
+    /// [`Gateway::start`] with the listeners served by `workers` event
+    /// loops (per-core serving, `edge::workers`): the calling runtime is
+    /// worker 0 and also runs the admin listener and the background tasks;
+    /// each other worker is a thread with a current-thread runtime. With
+    /// more than one worker every listener is bound once per worker with
+    /// `SO_REUSEPORT`. Call it from a current-thread runtime.
+    pub async fn start_workers(
+        config: Config,
+        config_path: Option<PathBuf>,
+        workers: usize,
+    ) -> Result<Gateway, StartError> {
+        let workers = workers.max(1);
+        // Before anything builds upstream pools: one stack per worker.
+        edge::workers::set_count(workers);
         let metrics = Arc::new(Metrics::new());
         let bound_config = Bound {
             listeners: config.listeners.clone(),
@@ -255,15 +280,17 @@ impl Gateway {
         let runtime = Runtime::build(config, &metrics, None)?;
         let mut bound = Vec::new();
         for l in &bound_config.listeners {
-            let listener =
-                TcpListener::bind(l.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        what: format!("listener {:?}", l.name),
-                        addr: l.listen,
-                        source,
-                    })?;
-            bound.push((l.clone(), listener));
+            let sockets = if workers == 1 {
+                TcpListener::bind(l.listen).await.map(|s| (s, Vec::new()))
+            } else {
+                edge::workers::bind_group(l.listen, workers)
+            };
+            let (listener, others) = sockets.map_err(|source| StartError::Bind {
+                what: format!("listener {:?}", l.name),
+                addr: l.listen,
+                source,
+            })?;
+            bound.push((l.clone(), listener, others));
         }
         let admin_listener = TcpListener::bind(bound_config.admin)
             .await
@@ -323,20 +350,55 @@ impl Gateway {
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
-        for ((cfg, listener), certs) in bound.into_iter().zip(listener_certs) {
+        // Per worker 1.., the sockets it serves.
+        let mut per_worker: Vec<Vec<_>> = (1..workers).map(|_| Vec::new()).collect();
+        for ((cfg, listener, others), certs) in bound.into_iter().zip(listener_certs) {
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 what: format!("listener {:?}", cfg.name),
                 addr: cfg.listen,
                 source,
             })?;
             listeners.push((cfg.name.clone(), addr));
-            tasks.push(tokio::spawn(edge::server::serve(
+            let Some(group) = edge::server::ListenerGroup::new(&cfg, certs) else {
+                continue;
+            };
+            for (socket, sockets) in others.into_iter().zip(per_worker.iter_mut()) {
+                sockets.push((socket, cfg.clone(), group.clone()));
+            }
+            tasks.push(tokio::spawn(edge::server::serve_socket(
                 shared.clone(),
                 listener,
                 cfg,
                 rx.clone(),
-                certs,
+                group,
             )));
+        }
+        let mut worker_threads = Vec::new();
+        for (i, sockets) in per_worker.into_iter().enumerate() {
+            let (shared, rx) = (shared.clone(), rx.clone());
+            let serve = move || async move {
+                let mut tasks = Vec::new();
+                for (socket, cfg, group) in sockets {
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => tasks.push(tokio::spawn(edge::server::serve_socket(
+                            shared.clone(),
+                            l,
+                            cfg,
+                            rx.clone(),
+                            group,
+                        ))),
+                        Err(e) => tracing::error!(error = %e, "a worker cannot serve its socket"),
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            };
+            let done = edge::workers::spawn(i + 1, serve).map_err(|source| StartError::Worker {
+                worker: i + 1,
+                source,
+            })?;
+            worker_threads.push(done);
         }
         let (admin_shutdown, admin_rx) = watch::channel(false);
         let admin_task = tokio::spawn(admin::serve(shared.clone(), admin_listener, admin_rx));
@@ -346,6 +408,7 @@ impl Gateway {
             admin,
             shutdown,
             tasks,
+            worker_threads,
             admin_shutdown,
             admin_task,
         })
@@ -385,6 +448,9 @@ impl Gateway {
         }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
+            let _ = t.await;
+        }
+        for t in self.worker_threads {
             let _ = t.await;
         }
         let _ = self.admin_shutdown.send(true);

@@ -31,6 +31,11 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// How the threads serve: `per-core` (an event loop per thread,
+        /// each with its own listening socket and upstream pools) or
+        /// `work-stealing` (one tokio multi-thread runtime).
+        #[arg(long, value_enum, default_value_t = RuntimeModel::PerCore)]
+        runtime: RuntimeModel,
     },
     /// Validate config files; prints the first error with its key path.
     Check {
@@ -60,16 +65,34 @@ enum Command {
         no_tls: bool,
         #[arg(long)]
         threads: Option<usize>,
+        #[arg(long, value_enum, default_value_t = RuntimeModel::PerCore)]
+        runtime: RuntimeModel,
     },
+}
+
+/// See `gateway::edge::workers` and docs/decisions.md.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeModel {
+    PerCore,
+    WorkStealing,
+}
+
+/// How a command's gateway runs: the runtime to block on and the number
+/// of per-core workers to give [`Gateway::start_workers`].
+struct Serving {
+    runtime: tokio::runtime::Runtime,
+    workers: usize,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files } => check(&files),
-        Command::Run { config, threads } => {
-            exit(runtime(threads).and_then(|rt| rt.block_on(run(config))))
-        }
+        Command::Run {
+            config,
+            threads,
+            runtime: model,
+        } => exit(serving(threads, model).and_then(|s| s.runtime.block_on(run(config, s.workers)))),
         Command::Demo {
             listen,
             admin,
@@ -78,12 +101,13 @@ fn main() -> ExitCode {
             tls_listen,
             no_tls,
             threads,
+            runtime: model,
         } => {
             let tls = (!no_tls).then_some(tls_listen);
-            exit(
-                runtime(threads)
-                    .and_then(|rt| rt.block_on(run_demo(listen, admin, origin, core, tls))),
-            )
+            exit(serving(threads, model).and_then(|s| {
+                s.runtime
+                    .block_on(run_demo(listen, admin, origin, core, tls, s.workers))
+            }))
         }
     }
 }
@@ -120,20 +144,30 @@ fn check(files: &[PathBuf]) -> ExitCode {
     }
 }
 
-/// One worker thread per core by default. With `--threads 1` the runtime is
-/// tokio's current-thread scheduler: the same event loop an nginx worker
-/// runs, without the work-stealing machinery one thread cannot use.
-fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+/// One worker per core by default. Per-core (the default): the main
+/// thread's current-thread runtime is worker 0, and the gateway starts the
+/// other workers itself (`Gateway::start_workers`). Work-stealing: one
+/// tokio multi-thread runtime with `threads` workers; with `--threads 1`
+/// that is tokio's current-thread scheduler, the same event loop as one
+/// per-core worker.
+fn serving(threads: Option<usize>, model: RuntimeModel) -> anyhow::Result<Serving> {
+    let n = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let (mut b, workers) = match model {
+        RuntimeModel::PerCore => (tokio::runtime::Builder::new_current_thread(), n),
+        RuntimeModel::WorkStealing if n == 1 => (tokio::runtime::Builder::new_current_thread(), 1),
+        RuntimeModel::WorkStealing => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
-            b
+            b.worker_threads(n);
+            (b, 1)
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
-    b.enable_all().build().context("starting the tokio runtime")
+    let runtime = b
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    Ok(Serving { runtime, workers })
 }
 
 fn init_logging(cfg: &LogConfig) {
@@ -148,10 +182,10 @@ fn init_logging(cfg: &LogConfig) {
     }
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
+async fn run(path: PathBuf, workers: usize) -> anyhow::Result<()> {
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     init_logging(&config.log);
-    let gw = Gateway::start(config, Some(path)).await?;
+    let gw = Gateway::start_workers(config, Some(path), workers).await?;
     for (name, addr) in gw.listeners() {
         tracing::info!(listener = %name, %addr, "listening");
     }
@@ -165,6 +199,7 @@ async fn run_demo(
     origin: SocketAddr,
     core: SocketAddr,
     tls: Option<SocketAddr>,
+    workers: usize,
 ) -> anyhow::Result<()> {
     let origin_listener = TcpListener::bind(origin)
         .await
@@ -186,7 +221,7 @@ async fn run_demo(
     let wasm = demo::wasm::install(&mut config, &demo_tmp_dir())?;
     init_logging(&config.log);
     let admin_token = config.admin.token.clone().unwrap_or_default();
-    let gw = Gateway::start(config, None).await?;
+    let gw = Gateway::start_workers(config, None, workers).await?;
     let public = gw
         .addr("public")
         .context("demo config has a public listener")?;

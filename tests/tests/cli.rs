@@ -370,3 +370,144 @@ async fn large_bodies_stream_in_bounded_memory() {
     );
     std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
+
+/// One keep-alive connection of its own to `addr`, with `n` `GET /` on it
+/// one after the other; the statuses, or the error of the first that
+/// failed (a connection the gateway refused).
+async fn requests_on_one_connection(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<Vec<u16>, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let resp = tx
+            .send_request(
+                Request::get("/")
+                    .header("host", "shop.example")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        statuses.push(resp.status().as_u16());
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(statuses)
+}
+
+/// The default runtime (per-core: one event loop per thread, a socket
+/// per worker with `SO_REUSEPORT`): with `--threads 3` two worker threads
+/// join the main one, every connection is answered whichever worker the
+/// kernel gives it to, upstream connections are reused (at most one per
+/// client connection, whatever the number of requests), the listener's
+/// `max_connections` counts the connections of all workers together, and
+/// SIGTERM drains every worker.
+#[tokio::test]
+async fn per_core_workers_serve_share_limits_and_drain() {
+    let up = Upstream::fixed("ok").await;
+    let (text, public, admin) = binary_config(up.addr, "");
+    let path = write_config("per-core", &text);
+    let mut gw = Proc::spawn(
+        Command::new(flashgate_bin())
+            .args(["run", "--threads", "3", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_listening(public, Duration::from_secs(10)).await);
+    let workers = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("flashgate-worke"))
+        .count();
+    assert_eq!(workers, 2, "two worker threads besides the main one");
+
+    // 24 connections, two waves of 5 requests each.
+    const CONNS: usize = 24;
+    for _wave in 0..2 {
+        let clients: Vec<_> = (0..CONNS)
+            .map(|_| tokio::spawn(requests_on_one_connection(public, 5)))
+            .collect();
+        for c in clients {
+            assert_eq!(c.await.unwrap(), Ok(vec![200; 5]));
+        }
+    }
+    let answered = metric(
+        admin,
+        "flashgate_requests_total{route=\"default\",status=\"200\"}",
+    )
+    .await;
+    assert_eq!(answered, (2 * CONNS * 5) as f64);
+    let opened = metric(admin, "flashgate_upstream_connections_total").await;
+    assert!(
+        (1.0..=(2 * CONNS) as f64).contains(&opened),
+        "{opened} upstream connections for {CONNS} client connections in two waves"
+    );
+
+    // max_connections = 6 for the whole listener, not per worker: six
+    // open connections (each answered once, so each was accepted), then
+    // every further one is refused, whichever worker takes it.
+    std::fs::write(
+        &path,
+        text.replacen(
+            "name = \"public\"",
+            "name = \"public\"\nmax_connections = 6",
+            1,
+        ),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    wait_until(Duration::from_secs(10), "the reload applied", || async {
+        metric(admin, "flashgate_config_reloads_total{result=\"ok\"}").await >= 1.0
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let stream = tokio::net::TcpStream::connect(public).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = tx
+            .send_request(
+                Request::get("/")
+                    .header("host", "shop.example")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(tx);
+    }
+    for _ in 0..6 {
+        let refused = requests_on_one_connection(public, 1).await;
+        assert!(refused.is_err(), "a 7th connection was served: {refused:?}");
+    }
+    let refused = metric(
+        admin,
+        "flashgate_connections_refused_total{listener=\"public\",reason=\"max_connections\"}",
+    )
+    .await;
+    assert_eq!(refused, 6.0);
+    drop(held);
+
+    gw.signal("TERM");
+    let exit = gw
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("every worker drains and the process exits");
+    assert!(exit.success(), "{exit:?}");
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}

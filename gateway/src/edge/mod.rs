@@ -19,6 +19,7 @@ pub mod server;
 pub mod stream_idle;
 pub mod tls;
 pub mod tunnel;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;

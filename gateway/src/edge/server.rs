@@ -638,6 +638,42 @@ impl<T: Parkable> Parkable for Rewind<T> {
     }
 }
 
+/// What every socket of one listener shares, however many workers serve
+/// it (`edge::workers`): the connection limits count the listener's
+/// connections, not a socket's, and one TLS config means one session
+/// ticket key, so a client resumes on whichever worker it lands.
+#[derive(Clone)]
+pub struct ListenerGroup {
+    limits: Arc<ConnLimits>,
+    tls: Option<(TlsAcceptor, Duration)>,
+}
+
+impl ListenerGroup {
+    /// `None` when the listener has TLS but its config failed to build
+    /// (logged): it does not serve.
+    pub fn new(cfg: &ListenerConfig, certs: Option<Arc<CertStore>>) -> Option<ListenerGroup> {
+        let tls = certs.and_then(|store| match store.server_config() {
+            Ok(config) => {
+                let timeout = cfg.tls.as_ref().map_or(Duration::from_secs(10), |t| {
+                    t.handshake_timeout.0
+                });
+                Some((TlsAcceptor::from(config), timeout))
+            }
+            Err(e) => {
+                tracing::error!(listener = %cfg.name, error = %e, "TLS config failed; listener not serving");
+                None
+            }
+        });
+        if cfg.tls.is_some() && tls.is_none() {
+            return None;
+        }
+        Some(ListenerGroup {
+            limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+            tls,
+        })
+    }
+}
+
 /// Serves one listener until `shutdown` flips, then stops accepting, lets
 /// open connections finish (HTTP/1 gets `connection: close`, HTTP/2 a
 /// GOAWAY; WebSocket tunnels run on) for at most `shutdown.drain_timeout`,
@@ -646,27 +682,26 @@ pub async fn serve<A: App>(
     app: Arc<A>,
     listener: TcpListener,
     cfg: ListenerConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     certs: Option<Arc<CertStore>>,
 ) {
-    let name: Arc<str> = cfg.name.as_str().into();
-    let tls = certs.and_then(|store| match store.server_config() {
-        Ok(config) => {
-            let timeout = cfg.tls.as_ref().map_or(Duration::from_secs(10), |t| {
-                t.handshake_timeout.0
-            });
-            Some((TlsAcceptor::from(config), timeout))
-        }
-        Err(e) => {
-            tracing::error!(listener = %name, error = %e, "TLS config failed; listener not serving");
-            None
-        }
-    });
-    if cfg.tls.is_some() && tls.is_none() {
-        return;
+    if let Some(group) = ListenerGroup::new(&cfg, certs) {
+        serve_socket(app, listener, cfg, shutdown, group).await
     }
+}
+
+/// [`serve`] for one of the sockets of a listener `group`.
+pub async fn serve_socket<A: App>(
+    app: Arc<A>,
+    listener: TcpListener,
+    cfg: ListenerConfig,
+    mut shutdown: watch::Receiver<bool>,
+    group: ListenerGroup,
+) {
+    let name: Arc<str> = cfg.name.as_str().into();
+    let ListenerGroup { limits, tls } = group;
     let this = Arc::new(Listener {
-        limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+        limits,
         parked: app.metrics().connections_parked.with_label_values(&[&name]),
         settings: ArcSwap::from_pointee(Settings::new(
             app.config(),

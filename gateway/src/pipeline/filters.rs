@@ -155,5 +155,7 @@ async fn filter_request_body(
     let mut filtered = chain.request_body(body, info);
     filtered.prime().await?;
     filtered.set_length(&mut head.headers);
-    Ok(Either::Right(Either::Right(Either::Left(filtered))))
+    Ok(Either::Right(Either::Right(Either::Left(Box::new(
+        filtered,
+    )))))
 }

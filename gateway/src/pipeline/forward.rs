@@ -168,9 +168,10 @@ pub fn head_for_upstream(ctx: &RequestCtx<'_>, head: &mut Parts) -> UpstreamHead
     // address); x-real-ip the resolved client, replacing whatever the
     // client sent, so origins have one header they can believe.
     headers::set_forwarded(&mut headers, conn.peer.ip(), conn.scheme, &ctx.host);
-    if let Ok(v) = HeaderValue::try_from(ctx.client_ip.to_string()) {
-        headers.insert(headers::X_REAL_IP.clone(), v);
-    }
+    headers.insert(
+        headers::X_REAL_IP.clone(),
+        headers::IpText::new(ctx.client_ip).header_value(),
+    );
     // The span's context when an exporter is on (decided when the request
     // arrived), else the client's trace continued now.
     match ctx.span.as_ref().map(|s| s.context) {

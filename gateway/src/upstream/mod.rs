@@ -27,13 +27,15 @@ use crate::observe::metrics::Metrics;
 /// (empty on retries, or produced by a filter).
 /// What goes upstream: the client's body as it is (with `max_body`
 /// enforced), a complete body (retries, callouts), or the client's body
-/// through the route's body filters.
+/// through the route's body filters (boxed: several times the size of
+/// the others, and every request moves this type several times, into
+/// hyper's dispatch channel and back).
 pub type UpstreamBody = Either<
     crate::edge::request_body::LimitedBody,
     Either<
         Full<Bytes>,
         Either<
-            filters::FilteredBody<crate::edge::request_body::LimitedBody>,
+            Box<filters::FilteredBody<crate::edge::request_body::LimitedBody>>,
             crate::spool::SpoolReader,
         >,
     >,

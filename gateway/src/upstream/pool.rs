@@ -10,6 +10,11 @@
 //! request was written. Here the connect is a separate step, and a request
 //! sent on a pooled connection that turned out to be dead comes back
 //! unsent, so it can go out again on a fresh connection without copying it.
+//!
+//! With per-core serving (`edge::workers`) each worker has a stack of its
+//! own: an upstream connection's task runs on the worker that opened it,
+//! so a connection taken by another worker would bounce every request and
+//! response between two threads.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,30 +22,43 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::http1;
 
 use super::UpstreamBody;
+use crate::edge::workers;
 
 pub type Sender = http1::SendRequest<UpstreamBody>;
 
-/// The idle connections of one endpoint.
+/// Idle connections, most recently used last, with when each was put back.
+type Stack = Vec<(Sender, Instant)>;
+
+/// The idle connections of one endpoint: one stack per worker.
 pub struct Idle {
-    stack: Mutex<Vec<(Sender, Instant)>>,
+    stacks: Box<[Mutex<Stack>]>,
+    /// Per stack: `max_idle_per_endpoint` split over the workers.
     max: usize,
     timeout: Duration,
 }
 
 impl Idle {
     pub fn new(max: usize, timeout: Duration) -> Idle {
+        let workers = workers::count();
         Idle {
-            stack: Mutex::new(Vec::new()),
-            max,
+            stacks: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            max: max.div_ceil(workers),
             timeout,
         }
+    }
+
+    /// The calling worker's stack.
+    fn stack(&self) -> std::sync::MutexGuard<'_, Stack> {
+        self.stacks[workers::current() % self.stacks.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most recently used live connection, ready for a request. LIFO
     /// keeps the hot connections hot and lets the others age out.
     pub async fn take(&self) -> Option<Sender> {
         loop {
-            let (mut sender, since) = self.stack.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let (mut sender, since) = self.stack().pop()?;
             if since.elapsed() > self.timeout || sender.is_closed() {
                 continue;
             }
@@ -60,7 +78,7 @@ impl Idle {
         if sender.is_closed() {
             return;
         }
-        let mut stack = self.stack.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stack = self.stack();
         // Expired connections sink to the bottom; drop them as they surface.
         while stack
             .first()
