@@ -277,6 +277,63 @@ async fn order_of_admission_across_two_gateways_on_redis_cluster() {
     .await;
 }
 
+/// `queueing = "random"`: a place in line is a draw, so the wait is not
+/// told and a position is only the current draw's, the line is let in in
+/// an order other than arrival, and still everyone gets in exactly once.
+#[tokio::test]
+async fn a_random_line_draws_the_order_and_lets_everyone_in_once() {
+    let up = origin().await;
+    let gw = gateway(&config(
+        &up,
+        "new_users = \"8/s\"\nactive_users = 1000\nrefresh = \"1s\"\ngrace = \"60s\"\nqueueing = \"random\"\nqueue_all = true",
+        "",
+    ))
+    .await;
+    let addr = public(&gw);
+    let visitors = 16;
+    let mut vs: Vec<Visitor> = (0..visitors).map(Visitor::new).collect();
+    for (i, v) in vs.iter_mut().enumerate() {
+        let got = v.get(addr, "/", true).await;
+        assert!(waiting(&got), "{}", got.text());
+        let position = got.json()["position"].as_u64().unwrap();
+        assert!((1..=i as u64 + 1).contains(&position), "{}", got.text());
+        assert_eq!(got.json()["wait_known"], false, "{}", got.text());
+    }
+    let got = admin_post(&gw, "/admin/waiting-rooms/drop", r#"{"queue_all": false}"#).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    // Poll in rounds, in arrival order, until everyone is in.
+    let mut round_in: Vec<Option<usize>> = vec![None; visitors];
+    let mut round = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while round_in.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "not all admitted: {round_in:?}");
+        round += 1;
+        for (i, v) in vs.iter_mut().enumerate() {
+            if round_in[i].is_some() {
+                continue;
+            }
+            let got = v.get(addr, "/", true).await;
+            if admitted(&got) {
+                round_in[i] = Some(round);
+            } else {
+                assert!(waiting(&got), "{}", got.text());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Out of arrival order somewhere (a FIFO line never lets a later
+    // visitor in more than one round before an earlier one; for 16
+    // drawn places that all hold is next to impossible).
+    let rounds: Vec<usize> = round_in.iter().map(|r| r.unwrap()).collect();
+    let overtaken = (0..visitors)
+        .flat_map(|i| (i + 1..visitors).map(move |j| (i, j)))
+        .filter(|&(i, j)| rounds[i] > rounds[j] + 1)
+        .count();
+    assert!(overtaken > 0, "admitted in arrival order: {rounds:?}");
+    let admitted_total = metric(gw.admin_addr(), "flashgate_waiting_room_admitted_total").await;
+    assert_eq!(admitted_total, visitors as f64, "each let in once");
+}
+
 #[tokio::test]
 async fn active_users_frees_on_release_header_and_on_expiry() {
     let up = origin().await;
