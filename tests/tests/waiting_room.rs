@@ -181,6 +181,37 @@ async fn room_status(gw: &Gateway) -> serde_json::Value {
     got.json()["waiting_rooms"][0].clone()
 }
 
+/// Polls every visitor not yet in, once per round (visitor `i` at
+/// `at(i, round)`), until all are let in (120 s at most); `after_round`
+/// sees who is in after each round. The round each visitor got in.
+async fn rounds_until_all_in(
+    vs: &mut [Visitor],
+    at: impl Fn(usize, usize) -> SocketAddr,
+    mut after_round: impl FnMut(&[Option<usize>]),
+) -> Vec<usize> {
+    let mut round_in: Vec<Option<usize>> = vec![None; vs.len()];
+    let mut round = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while round_in.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "not all admitted: {round_in:?}");
+        round += 1;
+        for (i, v) in vs.iter_mut().enumerate() {
+            if round_in[i].is_some() {
+                continue;
+            }
+            let got = v.get(at(i, round), "/", true).await;
+            if admitted(&got) {
+                round_in[i] = Some(round);
+            } else {
+                assert!(waiting(&got), "{}", got.text());
+            }
+        }
+        after_round(&round_in);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    round_in.into_iter().map(Option::unwrap).collect()
+}
+
 /// Visitors take tickets alternately at two gateways while the room holds
 /// everyone; the line then moves at `new_users`. Their numbers follow
 /// their arrival (one counter for the fleet), they are let in in that
@@ -215,34 +246,21 @@ async fn fleet_order(redis_section: &str, visitors: usize) {
     .await;
     assert_eq!(got.status, 200, "{}", got.text());
     // Poll in rounds, each visitor at the other gateway each round.
-    let mut round_in: Vec<Option<usize>> = vec![None; visitors];
-    let mut round = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while round_in.iter().any(Option::is_none) {
-        assert!(Instant::now() < deadline, "not all admitted: {round_in:?}");
-        round += 1;
-        for (i, v) in vs.iter_mut().enumerate() {
-            if round_in[i].is_some() {
-                continue;
-            }
-            let got = v.get(public(&gws[(i + round) % 2]), "/", true).await;
-            if admitted(&got) {
-                round_in[i] = Some(round);
-            } else {
-                assert!(waiting(&got), "{}", got.text());
-            }
-        }
-        // Never more than the bound: one second's worth at once, then
-        // new_users per second.
-        let let_in = round_in.iter().filter(|r| r.is_some()).count() as f64;
-        let bound = 4.0 + 4.0 * opened.elapsed().as_secs_f64();
-        assert!(let_in <= bound, "{let_in} let in, bound {bound}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rounds = rounds_until_all_in(
+        &mut vs,
+        |i, round| public(&gws[(i + round) % 2]),
+        |round_in| {
+            // Never more than the bound: one second's worth at once, then
+            // new_users per second.
+            let let_in = round_in.iter().filter(|r| r.is_some()).count() as f64;
+            let bound = 4.0 + 4.0 * opened.elapsed().as_secs_f64();
+            assert!(let_in <= bound, "{let_in} let in, bound {bound}");
+        },
+    )
+    .await;
     // In arrival order: an earlier visitor is let in no later than one
     // round after a later one (a slot can open between two polls of the
     // same round).
-    let rounds: Vec<usize> = round_in.iter().map(|r| r.unwrap()).collect();
     for i in 0..visitors {
         for j in i + 1..visitors {
             assert!(
@@ -302,29 +320,10 @@ async fn a_random_line_draws_the_order_and_lets_everyone_in_once() {
     let got = admin_post(&gw, "/admin/waiting-rooms/drop", r#"{"queue_all": false}"#).await;
     assert_eq!(got.status, 200, "{}", got.text());
     // Poll in rounds, in arrival order, until everyone is in.
-    let mut round_in: Vec<Option<usize>> = vec![None; visitors];
-    let mut round = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while round_in.iter().any(Option::is_none) {
-        assert!(Instant::now() < deadline, "not all admitted: {round_in:?}");
-        round += 1;
-        for (i, v) in vs.iter_mut().enumerate() {
-            if round_in[i].is_some() {
-                continue;
-            }
-            let got = v.get(addr, "/", true).await;
-            if admitted(&got) {
-                round_in[i] = Some(round);
-            } else {
-                assert!(waiting(&got), "{}", got.text());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rounds = rounds_until_all_in(&mut vs, |_, _| addr, |_| {}).await;
     // Out of arrival order somewhere (a FIFO line never lets a later
     // visitor in more than one round before an earlier one; for 16
     // drawn places that all hold is next to impossible).
-    let rounds: Vec<usize> = round_in.iter().map(|r| r.unwrap()).collect();
     let overtaken = (0..visitors)
         .flat_map(|i| (i + 1..visitors).map(move |j| (i, j)))
         .filter(|&(i, j)| rounds[i] > rounds[j] + 1)
