@@ -371,6 +371,39 @@ async fn large_bodies_stream_in_bounded_memory() {
     std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
+type Conn = hyper::client::conn::http1::SendRequest<flashgate_tests::Body>;
+
+/// A keep-alive connection of its own to `addr`.
+async fn connect(addr: std::net::SocketAddr) -> Result<Conn, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(tx)
+}
+
+/// `GET /` for `shop.example` on `tx`, its body read: the status.
+async fn get_on(tx: &mut Conn) -> Result<u16, String> {
+    let resp = tx
+        .send_request(
+            Request::get("/")
+                .header("host", "shop.example")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
 /// One keep-alive connection of its own to `addr`, with `n` `GET /` on it
 /// one after the other; the statuses, or the error of the first that
 /// failed (a connection the gateway refused).
@@ -378,30 +411,10 @@ async fn requests_on_one_connection(
     addr: std::net::SocketAddr,
     n: usize,
 ) -> Result<Vec<u16>, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut tx, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut tx = connect(addr).await?;
     let mut statuses = Vec::new();
     for _ in 0..n {
-        let resp = tx
-            .send_request(
-                Request::get("/")
-                    .header("host", "shop.example")
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        statuses.push(resp.status().as_u16());
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
+        statuses.push(get_on(&mut tx).await?);
     }
     Ok(statuses)
 }
@@ -473,22 +486,8 @@ async fn per_core_workers_serve_share_limits_and_drain() {
     .await;
     let mut held = Vec::new();
     for _ in 0..6 {
-        let stream = tokio::net::TcpStream::connect(public).await.unwrap();
-        let (mut tx, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let resp = tx
-            .send_request(
-                Request::get("/")
-                    .header("host", "shop.example")
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+        let mut tx = connect(public).await.unwrap();
+        assert_eq!(get_on(&mut tx).await.unwrap(), 200);
         held.push(tx);
     }
     for _ in 0..6 {
